@@ -1,0 +1,41 @@
+"""Prometheus metrics of the aggregator, in a registry of its own (several may run in-process)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+class AggregatorMetrics:
+    """Counters and gauges the aggregator updates; served over HTTP if a port is configured."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.accepted = Counter("fededge_updates_accepted", "Updates folded into a version", registry=r)
+        self.duplicates = Counter(
+            "fededge_updates_duplicate", "Redelivered updates answered again", registry=r
+        )
+        self.rejected = Counter(
+            "fededge_updates_rejected", "Updates rejected, by reason", ["reason"], registry=r
+        )
+        self.bytes_in = Counter("fededge_update_bytes", "Bytes of update payloads", registry=r)
+        self.versions = Counter("fededge_versions_published", "Model versions published", registry=r)
+        self.kernel_seconds = Counter(
+            "fededge_kernel_seconds", "Seconds spent in validation and fold kernels", registry=r
+        )
+        self.commit_seconds = Counter(
+            "fededge_wal_commit_seconds", "Seconds spent in WAL group commits", registry=r
+        )
+        self.bad_control = Counter(
+            "fededge_control_messages_rejected", "Bad model/plan/graph messages", registry=r
+        )
+        self.version = Gauge("fededge_model_version", "Current model version", registry=r)
+        self.pending = Gauge("fededge_pending_updates", "Updates in the pending version", registry=r)
+        self.pending_examples = Gauge(
+            "fededge_pending_examples", "Examples in the pending version", registry=r
+        )
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint; return the bound port (``port=0`` picks a free one)."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        return int(server.server_port)

@@ -1,0 +1,110 @@
+"""Acceptance rules for updates and their weights: pure functions of an update and the state."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from fededge import kernels
+from fededge.errors import ValidationError
+from fededge.protocol import Plan, Update
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Names, shapes and offsets of the model's tensors in one flat float64 accumulator."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    offsets: tuple[int, ...]
+    size: int
+
+    @classmethod
+    def of(cls, weights: Mapping[str, np.ndarray]) -> Layout:
+        names = tuple(sorted(weights))
+        shapes = tuple(tuple(int(d) for d in weights[n].shape) for n in names)
+        offsets, pos = [], 0
+        for shape in shapes:
+            offsets.append(pos)
+            pos += math.prod(shape)
+        return cls(names, shapes, tuple(offsets), pos)
+
+    def slices(self) -> list[tuple[str, slice]]:
+        return [
+            (n, slice(o, o + math.prod(s)))
+            for n, s, o in zip(self.names, self.shapes, self.offsets, strict=True)
+        ]
+
+
+def norm_bound(plan: Plan, size: int) -> float:
+    """Largest L2 norm an honest update can have: the clip norm plus the noise's tail.
+
+    A device clips its delta to ``clip_norm`` and then adds N(0, s^2) noise to each of the ``d``
+    coordinates; the noise norm follows a chi distribution with mean ~ s*sqrt(d) and standard
+    deviation ~ s/sqrt(2), so s*(sqrt(d) + 10) is exceeded with negligible probability.
+    """
+    return plan.clip_norm * (1 + 1e-5) + plan.noise_stddev * (math.sqrt(size) + 10.0)
+
+
+def check_update(
+    update: Update,
+    *,
+    task: str,
+    device: str,
+    current_version: int,
+    plan: Plan,
+    layout: Layout,
+) -> tuple[float, float]:
+    """Validate an update for the pending version; return (weight, L2 norm) or raise.
+
+    Raises ValidationError with one of the reasons documented in docs/protocol.md.
+    """
+    if update.task != task:
+        raise ValidationError("wrong_task", f"update is for task {update.task!r}, not {task!r}")
+    if update.device != device:
+        raise ValidationError(
+            "wrong_device", f"update names device {update.device!r} but came from {device!r}"
+        )
+    if update.base_version > current_version:
+        raise ValidationError(
+            "unknown_version",
+            f"base version {update.base_version} is newer than the current {current_version}",
+        )
+    staleness = current_version - update.base_version
+    if staleness > plan.max_staleness:
+        raise ValidationError(
+            "stale",
+            f"base version {update.base_version} is {staleness} behind {current_version}; "
+            f"max_staleness is {plan.max_staleness}",
+        )
+    names = set(update.delta)
+    if names != set(layout.names):
+        missing = sorted(set(layout.names) - names)[:5]
+        extra = sorted(names - set(layout.names))[:5]
+        raise ValidationError("wrong_names", f"missing tensors {missing}, unexpected {extra}")
+    sq = 0.0
+    for name, shape in zip(layout.names, layout.shapes, strict=True):
+        arr = update.delta[name]
+        if arr.dtype != np.float32:
+            raise ValidationError("wrong_dtype", f"tensor {name!r} is {arr.dtype}, not float32")
+        if tuple(arr.shape) != shape:
+            raise ValidationError(
+                "wrong_shape", f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}"
+            )
+        n = kernels.l2_norm(arr.reshape(-1))
+        if not math.isfinite(n):
+            raise ValidationError("non_finite", f"tensor {name!r} contains NaN or Inf")
+        sq += n * n
+    norm = math.sqrt(sq)
+    bound = norm_bound(plan, layout.size)
+    if norm > bound:
+        raise ValidationError(
+            "norm_too_large", f"update norm {norm:.6g} exceeds the bound {bound:.6g}"
+        )
+    weight = float(min(update.num_examples, plan.max_examples_weight))
+    if staleness:
+        weight *= (1.0 + staleness) ** (-plan.staleness_exponent)
+    return weight, norm

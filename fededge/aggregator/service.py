@@ -1,0 +1,466 @@
+"""The aggregator service: MQTT in, validated durable folds, retained model versions out."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import queue
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from pathlib import Path
+
+from fededge import kernels
+from fededge.aggregator.metrics import AggregatorMetrics
+from fededge.aggregator.pending import PendingVersion
+from fededge.aggregator.policy import check_update
+from fededge.aggregator.store import Store
+from fededge.errors import FededgeError, ProtocolError, StateError
+from fededge.mqtt import Message, MqttClient, Will
+from fededge.protocol import (
+    AggregatorStatus,
+    Graph,
+    ModelVersion,
+    Plan,
+    Receipt,
+    Topics,
+    Update,
+    VersionMetrics,
+    decode_json,
+)
+from fededge.settings import Settings
+
+log = logging.getLogger(__name__)
+NO_GRAPH = "0" * 64
+NewVersionCallback = Callable[[ModelVersion, int, int], None]
+
+
+class Aggregator:
+    """Asynchronous buffered FedAvg over MQTT (the seed's server, durable and validated).
+
+    ``start()`` connects and restores state, ``step()`` processes one batch of messages,
+    ``run(stop)`` loops until ``stop`` is set. Callbacks registered with ``on_new_version``
+    run on the aggregator's thread after each version is durable and published.
+    """
+
+    def __init__(self, settings: Settings, *, client_id: str | None = None) -> None:
+        self.settings = settings
+        self.cfg = settings.aggregator
+        self.topics = Topics(settings.topic_prefix, settings.task)
+        root = Path(settings.state_dir) / "aggregator" / settings.task
+        self.store = Store(root, fsync=self.cfg.fsync)
+        self.metrics = AggregatorMetrics()
+        self.metrics_port: int | None = None
+        self.plan = Plan()
+        self.graph: Graph | None = None
+        self.model: ModelVersion | None = None
+        self._model_sha = ""
+        self.pending: PendingVersion | None = None
+        self._recent: OrderedDict[str, int] = OrderedDict()  # update id -> version it went into
+        self._callbacks: list[NewVersionCallback] = []
+        self._deferred: list[Message] = []
+        self._published: deque[str] = deque(maxlen=8)  # sha256 of model payloads we published
+        self._last_status = 0.0
+        self._version_started = time.time()
+        self.accepted_total = 0
+        self.rejected_total = 0
+        self.client = MqttClient(
+            settings.broker,
+            client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}",
+            persistent=True,
+            manual_ack=True,
+            will=Will(self.topics.aggregator_status, self._status("offline").to_bytes()),
+            name="aggregator",
+        )
+
+    # -- public API -------------------------------------------------------------------------
+    def on_new_version(self, callback: NewVersionCallback) -> None:
+        """Call ``callback(model, old_version, new_version)`` after each new version."""
+        self._callbacks.append(callback)
+
+    @property
+    def version(self) -> int | None:
+        return self.model.version if self.model else None
+
+    def start(self, *, wait_for_model: float | None = None, tick: Callable[[], None] = lambda: None) -> None:
+        """Restore state, connect, and (without local state) adopt the retained model.
+
+        ``wait_for_model`` bounds the wait for ``fededge model init`` (None waits forever);
+        ``tick`` is called while waiting (the systemd watchdog).
+        """
+        kernels.warmup(parallel=self.cfg.parallel_kernels)
+        self._load_local()
+        if self.cfg.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+        self.client.connect()
+        for t in (self.topics.plan, self.topics.graph, self.topics.model):
+            self.client.subscribe(t, qos=1)
+        deadline = None if wait_for_model is None else time.monotonic() + wait_for_model
+        if self.model is None:
+            log.info("no local state for task %s: waiting for `fededge model init`", self.settings.task)
+        # Take in the retained plan/graph/model first, so that republishing ours below never
+        # overwrites something newer an operator published while we were down.
+        quiet_until = time.monotonic() + 0.3
+        while self.model is None or time.monotonic() < quiet_until:
+            tick()
+            if deadline is not None and time.monotonic() > deadline:
+                raise StateError(f"no model for task {self.settings.task!r}: run `fededge model init`")
+            if self._handle_control_batch(timeout=0.1):
+                quiet_until = time.monotonic() + 0.3
+        # Retained copies on the broker are ours: restore any the broker lost.
+        self._publish_current(startup=True)
+        self.client.subscribe(self.topics.updates_filter, qos=1)
+        log.info(
+            "aggregator ready: task=%s version=%s pending=%d/%d",
+            self.settings.task,
+            self.version,
+            self.pending.sums.count if self.pending else 0,
+            self.plan.min_updates_per_version,
+        )
+
+    def run(self, should_stop: Callable[[], bool], *, tick: Callable[[], None] = lambda: None) -> None:
+        """Process messages until ``should_stop()``; ``tick`` runs every loop (the watchdog)."""
+        while not should_stop():
+            tick()
+            self.step(timeout=0.2)
+
+    def close(self) -> None:
+        """Publish the offline status and disconnect; on-disk state is always consistent."""
+        try:
+            if self.client.connected:
+                self.client.publish(
+                    self.topics.aggregator_status,
+                    self._status("offline").to_bytes(),
+                    retain=True,
+                    wait=True,
+                    timeout=2,
+                )
+        except FededgeError as e:
+            log.warning("could not publish offline status: %s", e)
+        if self.pending is not None:
+            self.pending.close()
+        self.client.close()
+
+    # -- main loop --------------------------------------------------------------------------
+    def step(self, timeout: float) -> int:
+        """Process one batch (at most ``group_commit_max`` messages); return how many."""
+        batch = self._deferred[: self.cfg.group_commit_max]
+        del self._deferred[: len(batch)]
+        if not batch:
+            try:
+                batch.append(self.client.messages.get(timeout=timeout))
+            except queue.Empty:
+                self._maybe_status()
+                return 0
+        while len(batch) < self.cfg.group_commit_max:
+            try:
+                batch.append(self.client.messages.get_nowait())
+            except queue.Empty:
+                break
+        staged: list[Message] = []
+        for msg in batch:
+            if self.topics.device_of(msg.topic, "updates") is not None:
+                if self._ingest(msg):
+                    staged.append(msg)
+            else:
+                self._control(msg)
+                self.client.ack(msg)
+        if staged:
+            self._commit(staged)
+        self._maybe_status()
+        return len(batch)
+
+    def _ingest(self, msg: Message) -> bool:
+        """Validate one update; stage it (True) or answer it now (False)."""
+        assert self.model is not None and self.pending is not None
+        device = self.topics.device_of(msg.topic, "updates") or "?"
+        self.metrics.bytes_in.inc(len(msg.payload))
+        t0 = time.perf_counter()
+        update: Update | None = None
+        try:
+            if len(msg.payload) > self.cfg.max_update_bytes:
+                raise ProtocolError(
+                    f"{len(msg.payload)} bytes exceed max_update_bytes={self.cfg.max_update_bytes}",
+                    "oversize",
+                )
+            update = Update.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
+            uid = update.update_id
+            if uid in self._recent or self.pending.has(uid):
+                self.metrics.duplicates.inc()
+                log.info("duplicate update device=%s update_id=%s: answered again", device, uid)
+                self._answer(msg, device, uid, "duplicate")
+                return False
+            weight, norm = check_update(
+                update,
+                task=self.settings.task,
+                device=device,
+                current_version=self.model.version,
+                plan=self.plan,
+                layout=self.pending.layout,
+            )
+        except ProtocolError as e:
+            self.rejected_total += 1
+            self.metrics.rejected.labels(e.reason).inc()
+            uid = update.update_id if update is not None else None
+            log.warning(
+                "rejected update device=%s topic=%s reason=%s: %s", device, msg.topic, e.reason, e.detail
+            )
+            self._answer(msg, device, uid, "rejected", e.reason, e.detail)
+            return False
+        finally:
+            self.metrics.kernel_seconds.inc(time.perf_counter() - t0)
+        self.pending.stage(update, msg.payload, weight, norm)
+        return True
+
+    def _commit(self, staged: list[Message]) -> None:
+        assert self.pending is not None and self.model is not None
+        t0 = time.perf_counter()
+        updates = self.pending.commit()
+        self.metrics.commit_seconds.inc(time.perf_counter() - t0)
+        target = self.model.version + 1
+        for msg, update in zip(staged, updates, strict=True):
+            self.accepted_total += 1
+            self.metrics.accepted.inc()
+            self._answer(msg, update.device, update.update_id, "accepted", pending=target)
+        self.metrics.pending.set(self.pending.sums.count)
+        self.metrics.pending_examples.set(self.pending.sums.examples)
+        if self.pending.sums.count >= self.plan.min_updates_per_version:
+            self._complete_version()
+
+    def _answer(
+        self,
+        msg: Message,
+        device: str,
+        update_id: str | None,
+        status: str,
+        reason: str | None = None,
+        detail: str | None = None,
+        pending: int | None = None,
+    ) -> None:
+        """Send the receipt (if the update can be named), then acknowledge the MQTT message."""
+        assert self.model is not None
+        if update_id is not None and device != "?":
+            receipt = Receipt(
+                task=self.settings.task,
+                device=device,
+                update_id=update_id,
+                status=status,  # type: ignore[arg-type]
+                reason=reason,
+                detail=detail[:1024] if detail else None,
+                version=self.model.version,
+                pending=pending,
+            )
+            try:
+                self.client.publish(self.topics.receipt(device), receipt.to_bytes(), qos=1)
+            except FededgeError as e:
+                # The device resends after its receipt timeout and gets a "duplicate" receipt.
+                log.warning("receipt to device=%s not sent: %s", device, e)
+        self.client.ack(msg)
+
+    # -- versions ---------------------------------------------------------------------------
+    def _complete_version(self) -> None:
+        assert self.pending is not None and self.model is not None
+        old = self.model
+        new_version = old.version + 1
+        t0 = time.perf_counter()
+        weights = self.pending.finalize(self.plan.server_learning_rate)
+        self.metrics.kernel_seconds.inc(time.perf_counter() - t0)
+        now = time.time()
+        metrics = self.pending.metrics()
+        model = ModelVersion(
+            task=self.settings.task,
+            version=new_version,
+            weights=weights,
+            graph_sha256=self.graph.sha256 if self.graph else NO_GRAPH,
+            parent=old.version,
+            updates=metrics["updates"],
+            examples=metrics["examples"],
+            time=now,
+        )
+        payload = model.to_bytes()
+        seconds = now - self._version_started
+        info = {"metrics": metrics, "seconds": seconds, "update_ids": self.pending.sums.ids}
+        self.store.write_version(payload, new_version, info, keep=self.cfg.versions_kept)
+        for uid in self.pending.sums.ids:
+            self._remember(uid, new_version)
+        self.pending.close()
+        self._set_model(model, payload)
+        self.store.discard_pending(keep_base=new_version)
+        self._version_started = now
+        self.metrics.versions.inc()
+        log.info(
+            "published version %d: updates=%d examples=%d train_loss=%s",
+            new_version,
+            metrics["updates"],
+            metrics["examples"],
+            metrics["train_loss"],
+        )
+        self._publish_model(payload)
+        vm = VersionMetrics(task=self.settings.task, version=new_version, seconds=seconds, time=now, **metrics)
+        self.client.publish(self.topics.version_metrics(new_version), vm.to_bytes(), retain=True)
+        expired = new_version - self.cfg.versions_kept
+        if expired >= 0:  # keep the broker's retained store bounded
+            self.client.publish(self.topics.version_metrics(expired), b"", retain=True)
+        self._publish_status()
+        for cb in self._callbacks:
+            try:
+                cb(model, old.version, new_version)
+            except Exception:
+                log.exception("on_new_version callback %r failed", cb)
+                raise
+
+    def _set_model(self, model: ModelVersion, payload: bytes) -> None:
+        self.model = model
+        self._model_sha = hashlib.sha256(payload).hexdigest()
+        self.pending = PendingVersion(
+            self.store,
+            model,
+            checkpoint_every=self.cfg.checkpoint_every,
+            parallel=self.cfg.parallel_kernels,
+            max_update_bytes=self.cfg.max_update_bytes,
+        )
+        self.metrics.version.set(model.version)
+        self.metrics.pending.set(0)
+        self.metrics.pending_examples.set(0)
+
+    def _remember(self, update_id: str, version: int) -> None:
+        self._recent[update_id] = version
+        while len(self._recent) > self.cfg.recent_update_ids:
+            self._recent.popitem(last=False)
+
+    # -- state on disk ----------------------------------------------------------------------
+    def _load_local(self) -> None:
+        if (raw := self.store.read_blob("plan.json")) is not None:
+            self.plan = decode_json(raw, Plan)
+        if (raw := self.store.read_blob("graph.bin")) is not None:
+            self.graph = Graph.from_bytes(raw, max_bytes=1 << 31)
+        versions = self.store.version_numbers()
+        if not versions:
+            return
+        for v in versions:
+            for uid in self.store.version_info(v).get("update_ids", []):
+                self._remember(uid, v)
+        latest = versions[-1]
+        self._set_model(self.store.load_version(latest), self.store.read_version_bytes(latest))
+        assert self.pending is not None
+        replayed = self.pending.recover()
+        self._version_started = self.model.time if self.model and self.model.time else time.time()
+        log.info(
+            "restored version %d with %d pending updates (%d replayed from the WAL)",
+            latest,
+            self.pending.sums.count,
+            replayed,
+        )
+
+    # -- control topics (model, plan, graph) ------------------------------------------------
+    def _handle_control_batch(self, timeout: float) -> bool:
+        try:
+            msg = self.client.messages.get(timeout=timeout)
+        except queue.Empty:
+            return False
+        if self.topics.device_of(msg.topic, "updates") is not None:
+            self._deferred.append(msg)  # a persistent session delivers early; keep for later
+        else:
+            self._control(msg)
+            self.client.ack(msg)
+        return True
+
+    def _control(self, msg: Message) -> None:
+        try:
+            if msg.topic == self.topics.plan:
+                self._on_plan(msg)
+            elif msg.topic == self.topics.graph:
+                self._on_graph(msg)
+            elif msg.topic == self.topics.model:
+                self._on_model(msg)
+            else:
+                log.debug("ignoring message on %s", msg.topic)
+        except ProtocolError as e:
+            self.metrics.bad_control.inc()
+            log.warning("rejected message on %s reason=%s: %s", msg.topic, e.reason, e.detail)
+
+    def _on_plan(self, msg: Message) -> None:
+        if not msg.payload:
+            return
+        plan = decode_json(msg.payload, Plan)
+        if plan != self.plan:
+            log.info("adopting new plan: %s", plan.model_dump_json())
+            self.plan = plan
+            self.store.write_blob("plan.json", plan.to_bytes())
+            if self.pending is not None and self.pending.sums.count >= plan.min_updates_per_version:
+                self._complete_version()
+
+    def _on_graph(self, msg: Message) -> None:
+        if not msg.payload:
+            return
+        graph = Graph.from_bytes(msg.payload, max_bytes=1 << 31)
+        if graph.task != self.settings.task:
+            raise ProtocolError(f"graph is for task {graph.task!r}", "wrong_task")
+        if self.graph is None or graph.sha256 != self.graph.sha256:
+            log.info("adopting graph sha256=%s (%d bytes)", graph.sha256, len(graph.tflite))
+            self.graph = graph
+            self.store.write_blob("graph.bin", msg.payload)
+
+    def _on_model(self, msg: Message) -> None:
+        if not msg.payload:
+            if self.model is not None:
+                self._publish_model(self.store.read_version_bytes(self.model.version))
+            return
+        if self.model is not None:
+            # Our own publications come back to us (we subscribe to the topic); only a payload
+            # we never published is foreign.
+            if hashlib.sha256(msg.payload).hexdigest() not in self._published:
+                log.warning("a foreign model message was published on %s; restoring ours", msg.topic)
+                self._publish_model(self.store.read_version_bytes(self.model.version))
+            return
+        model = ModelVersion.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
+        if model.task != self.settings.task:
+            raise ProtocolError(f"model is for task {model.task!r}", "wrong_task")
+        log.info("adopting model version %d from the broker", model.version)
+        self.store.write_version(
+            msg.payload, model.version, {"adopted": True}, keep=self.cfg.versions_kept
+        )
+        if (raw := self.store.read_blob("plan.json")) is None:
+            self.store.write_blob("plan.json", self.plan.to_bytes())
+        self._set_model(model, msg.payload)
+        self._version_started = time.time()
+
+    # -- publishing -------------------------------------------------------------------------
+    def _publish_model(self, payload: bytes) -> None:
+        self._published.append(hashlib.sha256(payload).hexdigest())
+        self.client.publish(self.topics.model, payload, qos=1, retain=True)
+
+    def _publish_current(self, *, startup: bool) -> None:
+        assert self.model is not None
+        self.client.publish(self.topics.plan, self.plan.to_bytes(), qos=1, retain=True)
+        if self.graph is not None:
+            self.client.publish(self.topics.graph, self.graph.to_bytes(), qos=1, retain=True)
+        self._publish_model(self.store.read_version_bytes(self.model.version))
+        self._publish_status()
+
+    def _status(self, state: str) -> AggregatorStatus:
+        return AggregatorStatus(
+            task=self.settings.task,
+            state=state,  # type: ignore[arg-type]
+            version=self.version,
+            pending_updates=self.pending.sums.count if self.pending else 0,
+            pending_examples=self.pending.sums.examples if self.pending else 0,
+            min_updates_per_version=self.plan.min_updates_per_version,
+            accepted_total=self.accepted_total,
+            rejected_total=self.rejected_total,
+            time=time.time(),
+        )
+
+    def _publish_status(self) -> None:
+        self._last_status = time.monotonic()
+        try:
+            self.client.publish(
+                self.topics.aggregator_status, self._status("online").to_bytes(), retain=True
+            )
+        except FededgeError as e:
+            log.warning("status not published: %s", e)
+
+    def _maybe_status(self) -> None:
+        if time.monotonic() - self._last_status > self.cfg.status_interval:
+            self._publish_status()

@@ -1,0 +1,162 @@
+"""The aggregator's on-disk state: model versions, the plan, the graph, checkpoints and the WAL.
+
+Layout under ``{state_dir}/aggregator/{task}/``::
+
+    graph.bin                      the task's graph message, as published
+    plan.json                      the current plan, as published
+    versions/00000042.json         metadata of version 42 (metrics, update ids folded into it)
+    versions/00000042.safetensors  the model-version message, byte for byte as published
+    pending/checkpoint.safetensors accumulator of the pending version after segment N
+    pending/00000042-000003.wal    write-ahead log segments of the pending version
+
+A version is complete once its ``.safetensors`` exists (written last, atomically). Everything in
+``pending/`` that belongs to an older base version is discarded at start.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fededge.aggregator.wal import atomic_write, fsync_dir
+from fededge.errors import ProtocolError, StateError
+from fededge.protocol import ModelVersion
+from fededge.protocol.tensors import decode_tensors, encode_tensors
+
+log = logging.getLogger(__name__)
+_MAX_FILE = 1 << 34
+
+
+class Store:
+    """Durable state of one task; every write is atomic, every read is validated."""
+
+    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+        self.root = root
+        self.fsync = fsync
+        self.versions_dir = root / "versions"
+        self.pending_dir = root / "pending"
+        for d in (root, self.versions_dir, self.pending_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        for stale in list(root.rglob("*.tmp")):
+            stale.unlink()
+
+    # -- versions ---------------------------------------------------------------------------
+    def version_numbers(self) -> list[int]:
+        out = []
+        for p in self.versions_dir.glob("*.safetensors"):
+            if p.stem.isdigit():
+                out.append(int(p.stem))
+        return sorted(out)
+
+    def latest_version(self) -> int | None:
+        nums = self.version_numbers()
+        return nums[-1] if nums else None
+
+    def version_path(self, version: int) -> Path:
+        return self.versions_dir / f"{version:08d}.safetensors"
+
+    def read_version_bytes(self, version: int) -> bytes:
+        return self.version_path(version).read_bytes()
+
+    def load_version(self, version: int) -> ModelVersion:
+        path = self.version_path(version)
+        try:
+            return ModelVersion.from_bytes(path.read_bytes(), max_bytes=_MAX_FILE)
+        except (OSError, ProtocolError) as e:
+            raise StateError(f"stored version {path} is unreadable: {e}") from None
+
+    def version_info(self, version: int) -> dict[str, Any]:
+        path = self.versions_dir / f"{version:08d}.json"
+        try:
+            data = json.loads(path.read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, json.JSONDecodeError) as e:
+            raise StateError(f"stored version metadata {path} is unreadable: {e}") from None
+        return data if isinstance(data, dict) else {}
+
+    def write_version(self, payload: bytes, version: int, info: dict[str, Any], keep: int) -> None:
+        """Store a complete version (metadata first, weights last) and prune old versions."""
+        atomic_write(
+            self.versions_dir / f"{version:08d}.json",
+            json.dumps(info, sort_keys=True).encode(),
+            fsync=self.fsync,
+        )
+        atomic_write(self.version_path(version), payload, fsync=self.fsync)
+        for old in self.version_numbers()[:-keep]:
+            for suffix in (".safetensors", ".json"):
+                (self.versions_dir / f"{old:08d}{suffix}").unlink(missing_ok=True)
+
+    # -- plan and graph ---------------------------------------------------------------------
+    def write_blob(self, name: str, data: bytes) -> None:
+        atomic_write(self.root / name, data, fsync=self.fsync)
+
+    def read_blob(self, name: str) -> bytes | None:
+        try:
+            return (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    # -- pending version: checkpoint and WAL segments ---------------------------------------
+    def segments(self, base_version: int) -> list[tuple[int, Path]]:
+        out = []
+        for p in self.pending_dir.glob("*.wal"):
+            v, _, seg = p.stem.partition("-")
+            if v.isdigit() and seg.isdigit() and int(v) == base_version:
+                out.append((int(seg), p))
+        return sorted(out)
+
+    def segment_path(self, base_version: int, seg: int) -> Path:
+        return self.pending_dir / f"{base_version:08d}-{seg:06d}.wal"
+
+    def write_checkpoint(
+        self, base_version: int, seg: int, acc: NDArray[np.float64], meta: dict[str, Any]
+    ) -> None:
+        """Checkpoint the accumulator after segment ``seg``; older segments become garbage."""
+        header = {"base_version": str(base_version), "segment": str(seg), "state": json.dumps(meta)}
+        atomic_write(
+            self.pending_dir / "checkpoint.safetensors",
+            encode_tensors({"acc": acc}, header),
+            fsync=self.fsync,
+        )
+        for s, p in self.segments(base_version):
+            if s <= seg:
+                p.unlink()
+
+    def load_checkpoint(
+        self, base_version: int
+    ) -> tuple[int, NDArray[np.float64], dict[str, Any]] | None:
+        path = self.pending_dir / "checkpoint.safetensors"
+        try:
+            payload = decode_tensors(path.read_bytes(), max_bytes=_MAX_FILE)
+            meta = payload.metadata
+            if int(meta["base_version"]) != base_version:
+                return None
+            acc = np.array(payload.tensors["acc"], dtype=np.float64)  # writable copy
+            return int(meta["segment"]), acc, json.loads(meta["state"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ProtocolError, KeyError, ValueError) as e:
+            raise StateError(f"checkpoint {path} is unreadable: {e}") from None
+
+    def discard_pending(self, keep_base: int | None = None) -> None:
+        """Remove WAL segments and the checkpoint of every base version but ``keep_base``."""
+        for p in self.pending_dir.iterdir():
+            if p.suffix == ".wal":
+                v = p.stem.partition("-")[0]
+                if keep_base is None or not v.isdigit() or int(v) != keep_base:
+                    p.unlink()
+        ck = self.pending_dir / "checkpoint.safetensors"
+        if ck.exists() and (keep_base is None or self.load_checkpoint(keep_base) is None):
+            ck.unlink()
+        if self.fsync:
+            fsync_dir(self.pending_dir)
+
+    def disk_bytes(self) -> int:
+        return sum(os.path.getsize(p) for p in self.root.rglob("*") if p.is_file())

@@ -1,0 +1,1 @@
+"""fededge.device."""

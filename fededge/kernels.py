@@ -1,0 +1,209 @@
+"""Checked entry points to the Numba aggregation kernels in ``fededge.native``.
+
+Each function validates dtype, dimensions, shape agreement, C-contiguity, writability and scalar
+arguments, raising ``ValueError`` that names the argument and the problem, then runs the kernel.
+1-D contiguous slices of a larger array are fine (the aggregator keeps one flat float64
+accumulator and folds each tensor into its slice). Importing this module needs Numba (the
+``aggregator`` extra) but compiles nothing; call :func:`warmup` at service start.
+
+Non-finite values are reported through norms, never silently: :func:`l2_norm` returns ``nan`` if
+any element is NaN, otherwise ``inf`` if any element is +-inf, otherwise a finite float.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from fededge.native import accumulate as _acc
+from fededge.native import norm as _norm
+
+__all__ = [
+    "accumulate",
+    "accumulate_many",
+    "all_finite",
+    "clip_by_norm",
+    "finalize",
+    "l2_norm",
+    "mean",
+    "warmup",
+]
+
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def _check_array(
+    name: str, a: object, dtype: np.dtype[Any], ndim: int, *, writable: bool = False
+) -> None:
+    """Raise ValueError unless ``a`` is a C-contiguous ndarray of ``dtype`` with ``ndim`` dims."""
+    if not isinstance(a, np.ndarray):
+        raise ValueError(f"{name}: expected a numpy.ndarray, got {type(a).__name__}")
+    if a.dtype != dtype:
+        # Also catches non-native byte order ('>f4' != float32 on little-endian hosts).
+        raise ValueError(f"{name}: dtype is {a.dtype.str} ({a.dtype}), expected {dtype} (native)")
+    if a.ndim != ndim:
+        raise ValueError(f"{name}: has {a.ndim} dimensions (shape {a.shape}), expected {ndim}")
+    if not a.flags.c_contiguous:
+        raise ValueError(
+            f"{name}: not C-contiguous (strides {a.strides}); pass np.ascontiguousarray({name})"
+        )
+    if writable and not a.flags.writeable:
+        raise ValueError(f"{name}: array is read-only but is written in place")
+
+
+def _check_scalar(name: str, value: object, *, allow_zero: bool) -> float:
+    """Return ``value`` as a float, or raise ValueError unless it is finite and > 0 (or >= 0)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(
+        value, (int, float, np.integer, np.floating)
+    ):
+        raise ValueError(f"{name}: expected a real number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise ValueError(f"{name}: must be finite, got {v}")
+    if v < 0.0 or (v == 0.0 and not allow_zero):
+        raise ValueError(f"{name}: must be {'>= 0' if allow_zero else '> 0'}, got {v}")
+    return v
+
+
+def _check_same_length(name: str, a: NDArray[Any], ref_name: str, ref: NDArray[Any]) -> None:
+    if a.shape[-1] != ref.shape[0]:
+        raise ValueError(
+            f"{name}: length {a.shape[-1]} (shape {a.shape}) does not match "
+            f"{ref_name} length {ref.shape[0]}"
+        )
+
+
+def accumulate(
+    acc: NDArray[np.float64],
+    update: NDArray[np.float32],
+    weight: float,
+    *,
+    parallel: bool = False,
+) -> None:
+    """Fold one update into the accumulator in place: ``acc += weight * update`` in float64.
+
+    ``weight`` must be finite and >= 0. ``parallel=True`` splits the pass over Numba's thread
+    pool (``NUMBA_NUM_THREADS``); the result is bitwise the same as the serial pass.
+    """
+    _check_array("acc", acc, _F64, 1, writable=True)
+    _check_array("update", update, _F32, 1)
+    _check_same_length("update", update, "acc", acc)
+    w = _check_scalar("weight", weight, allow_zero=True)
+    if parallel:
+        _acc.accumulate_parallel(acc, update, w)
+    else:
+        _acc.accumulate_serial(acc, update, w)
+
+
+def accumulate_many(
+    acc: NDArray[np.float64], updates: NDArray[np.float32], weights: NDArray[np.float64]
+) -> None:
+    """Fold k buffered updates in one pass: ``acc += sum_j weights[j] * updates[j]``.
+
+    ``updates`` is float32 (k, d) C-contiguous, ``weights`` float64 (k,), all finite and >= 0.
+    Reads and writes ``acc`` once per 8 updates; bitwise equal to k calls of :func:`accumulate`.
+    """
+    _check_array("acc", acc, _F64, 1, writable=True)
+    _check_array("updates", updates, _F32, 2)
+    _check_array("weights", weights, _F64, 1)
+    _check_same_length("updates", updates, "acc", acc)
+    if weights.shape[0] != updates.shape[0]:
+        raise ValueError(
+            f"weights: has {weights.shape[0]} entries but updates has {updates.shape[0]} rows"
+        )
+    bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0.0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"weights[{i}]: must be finite and >= 0, got {weights[i]}")
+    _acc.accumulate_rows(acc, updates, weights)
+
+
+def finalize(
+    base: NDArray[np.float32],
+    acc: NDArray[np.float64],
+    total_weight: float,
+    server_lr: float,
+) -> NDArray[np.float32]:
+    """Return the next model: ``float32(base + server_lr * acc / total_weight)``, float64 maths.
+
+    ``total_weight`` (sum of the folded weights) and ``server_lr`` must be finite and > 0.
+    """
+    _check_array("base", base, _F32, 1)
+    _check_array("acc", acc, _F64, 1)
+    _check_same_length("acc", acc, "base", base)
+    tw = _check_scalar("total_weight", total_weight, allow_zero=False)
+    lr = _check_scalar("server_lr", server_lr, allow_zero=False)
+    out = np.empty(base.shape[0], dtype=np.float32)
+    _acc.finalize_into(out, base, acc, tw, lr)
+    return out
+
+
+def mean(acc: NDArray[np.float64], total_weight: float) -> NDArray[np.float64]:
+    """Return the weighted mean of the folded updates, ``acc / total_weight``, as float64."""
+    _check_array("acc", acc, _F64, 1)
+    tw = _check_scalar("total_weight", total_weight, allow_zero=False)
+    out = np.empty(acc.shape[0], dtype=np.float64)
+    _acc.mean_into(out, acc, tw)
+    return out
+
+
+def l2_norm(x: NDArray[np.float32]) -> float:
+    """L2 norm of a float32 vector, summed in float64.
+
+    Returns ``nan`` if any element is NaN, otherwise ``inf`` if any element is +-inf, otherwise
+    a finite value, so ``math.isfinite(l2_norm(x))`` is the one-pass finiteness check.
+    """
+    _check_array("x", x, _F32, 1)
+    return float(_norm.l2_norm(x))
+
+
+def all_finite(x: NDArray[np.float32]) -> bool:
+    """True if no element of x is NaN or +-inf (one pass, via :func:`l2_norm`)."""
+    return math.isfinite(l2_norm(x))
+
+
+def clip_by_norm(x: NDArray[np.float32], max_norm: float) -> float:
+    """Scale x in place so ``l2_norm(x) <= max_norm`` holds exactly; return the original norm.
+
+    x within the bound is left untouched. ``max_norm`` must be finite and > 0. Raises
+    ``ValueError`` (leaving x unchanged) if x holds NaN or +-inf, since no scale fixes that.
+    """
+    _check_array("x", x, _F32, 1, writable=True)
+    bound = _check_scalar("max_norm", max_norm, allow_zero=False)
+    norm = float(_norm.clip_by_norm_inplace(x, bound))
+    if not math.isfinite(norm):
+        raise ValueError(f"x: contains NaN or Inf (norm {norm}); it cannot be clipped")
+    return norm
+
+
+def warmup(*, parallel: bool = True) -> None:
+    """Compile (or load from the Numba cache) every kernel for the array types services use.
+
+    Read-only inputs get their own specialisation (``np.frombuffer`` over a received payload
+    is read-only), so both are compiled. ``parallel=False`` skips the threaded kernel.
+    """
+    acc = np.zeros(9, dtype=np.float64)
+    x = np.ones(9, dtype=np.float32)
+    xs = np.ones((3, 9), dtype=np.float32)
+    w = np.ones(3, dtype=np.float64)
+    x_ro = x.copy()
+    x_ro.flags.writeable = False
+    xs_ro = xs.copy()
+    xs_ro.flags.writeable = False
+    acc_ro = acc.copy()
+    acc_ro.flags.writeable = False
+    for update, rows in ((x, xs), (x_ro, xs_ro)):
+        accumulate(acc, update, 1.0)
+        if parallel:
+            accumulate(acc, update, 1.0, parallel=True)
+        accumulate_many(acc, rows, w)
+        l2_norm(update)
+        finalize(update, acc, 1.0, 1.0)
+        finalize(update, acc_ro, 1.0, 1.0)
+    mean(acc, 1.0)
+    mean(acc_ro, 1.0)
+    clip_by_norm(x, 1.0)

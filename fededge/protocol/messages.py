@@ -1,0 +1,344 @@
+"""Protocol v1 messages: JSON control messages and safetensors tensor messages (no I/O)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, TypeVar
+
+import numpy as np
+import pydantic
+from numpy.typing import NDArray
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from fededge.errors import ProtocolError
+from fededge.protocol.tensors import decode_tensors, encode_tensors
+
+PROTOCOL_VERSION = 1
+MAX_JSON_BYTES = 256 * 1024
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
+Version = Annotated[int, Field(ge=0, lt=1 << 53)]
+
+
+class _Json(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    v: Literal[1] = 1
+
+    def to_bytes(self) -> bytes:
+        """Compact UTF-8 JSON with keys in declaration order (what the test vectors fix)."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+class Plan(_Json):
+    """Hyperparameters of a task, published retained; seed names in comments."""
+
+    kind: Literal["plan"] = "plan"
+    epochs: int = Field(1, ge=1, le=1000)
+    batch_size: int = Field(32, ge=1, le=65536)
+    learning_rate: float = Field(0.1, gt=0, le=100)
+    examples_per_update: int = Field(32, ge=1, le=10_000_000)  # seed: examplesPerUpdate
+    min_updates_per_version: int = Field(5, ge=1, le=1_000_000)  # seed: minUpdatesPerVersion
+    clip_norm: float = Field(1.0, gt=0, le=1e9)
+    noise_stddev: float = Field(0.0, ge=0, le=1e6)  # seed: weightNoiseStddev, on the clipped delta
+    max_staleness: int = Field(0, ge=0, le=1000)
+    staleness_exponent: float = Field(0.5, ge=0, le=10)
+    server_learning_rate: float = Field(1.0, gt=0, le=100)
+    max_examples_weight: int = Field(10_000, ge=1)
+    evaluate: bool = True
+
+
+class Receipt(_Json):
+    """The aggregator's answer to one update: the only proof a device may trust."""
+
+    kind: Literal["receipt"] = "receipt"
+    task: Name
+    device: Name
+    update_id: Name
+    status: Literal["accepted", "duplicate", "rejected"]
+    reason: str | None = Field(None, max_length=64)
+    detail: str | None = Field(None, max_length=1024)
+    version: Version  # the aggregator's current version when it answered
+    pending: Version | None = None  # the version this update will contribute to
+
+
+class DeviceStatus(_Json):
+    """Retained per-device status; the Last Will publishes ``state="offline"``."""
+
+    kind: Literal["device_status"] = "device_status"
+    device: Name
+    state: Literal["online", "training", "offline"]
+    version: Version | None = None
+    examples: int = Field(0, ge=0)
+    outbox: int = Field(0, ge=0)
+    updates_sent: int = Field(0, ge=0)
+    software: str = Field("", max_length=64)
+    time: float = Field(0.0, ge=0)
+
+
+class AggregatorStatus(_Json):
+    """Retained aggregator status: where the pending version stands."""
+
+    kind: Literal["aggregator_status"] = "aggregator_status"
+    task: Name
+    state: Literal["online", "offline"]
+    version: Version | None = None
+    pending_updates: int = Field(0, ge=0)
+    pending_examples: int = Field(0, ge=0)
+    min_updates_per_version: int = Field(0, ge=0)
+    accepted_total: int = Field(0, ge=0)
+    rejected_total: int = Field(0, ge=0)
+    time: float = Field(0.0, ge=0)
+
+
+class VersionMetrics(_Json):
+    """What the aggregator knows about one version: what went in and the devices' own metrics."""
+
+    kind: Literal["version_metrics"] = "version_metrics"
+    task: Name
+    version: Version
+    updates: int = Field(ge=0)
+    examples: int = Field(ge=0)
+    train_loss: float | None = None  # weighted mean of the devices' reported training losses
+    eval_loss: float | None = None  # weighted mean of pre-training local evaluation
+    eval_accuracy: float | None = None
+    mean_update_norm: float | None = None
+    seconds: float = Field(0.0, ge=0)  # since the previous version
+    time: float = Field(0.0, ge=0)
+
+
+M = TypeVar("M", bound=_Json)
+
+
+def decode_json(payload: bytes, model: type[M], *, max_bytes: int = MAX_JSON_BYTES) -> M:
+    """Parse and validate an untrusted JSON control message; ProtocolError says what is wrong."""
+    if len(payload) > max_bytes:
+        raise ProtocolError(f"JSON message of {len(payload)} bytes exceeds {max_bytes}")
+    try:
+        obj = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ProtocolError("message is not a JSON object")
+    if obj.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            f"unsupported protocol version {obj.get('v')!r} (this is v1)", "unsupported_version"
+        )
+    try:
+        return model.model_validate(obj)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"]) or "(root)"
+        raise ProtocolError(f"{model.__name__}.{loc}: {first['msg']}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Tensor messages: safetensors whose __metadata__ carries the protocol fields (all strings).
+
+Weights = dict[str, NDArray[np.float32]]
+
+
+def _meta_int(meta: Mapping[str, str], key: str, lo: int = 0, hi: int = 1 << 53) -> int:
+    raw = meta.get(key)
+    if raw is None or not raw.isdigit() or len(raw) > 16 or not lo <= int(raw) < hi:
+        raise ProtocolError(f"metadata {key!r} must be an integer in [{lo}, {hi}), got {raw!r}")
+    return int(raw)
+
+
+def _meta_name(meta: Mapping[str, str], key: str) -> str:
+    raw = meta.get(key, "")
+    if not (1 <= len(raw) <= 64 and all(c.isalnum() or c in "_.-" for c in raw) and raw.isascii()):
+        raise ProtocolError(f"metadata {key!r} must be a name of 1-64 [A-Za-z0-9_.-], got {raw!r}")
+    return raw
+
+
+def _meta_float(meta: Mapping[str, str], key: str) -> float | None:
+    raw = meta.get(key)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ProtocolError(f"metadata {key!r} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ProtocolError(f"metadata {key!r} must be finite, got {raw!r}")
+    return value
+
+
+def _check_header(meta: Mapping[str, str], kind: str) -> None:
+    if meta.get("fededge") != str(PROTOCOL_VERSION):
+        raise ProtocolError(
+            f"unsupported protocol version {meta.get('fededge')!r} (this is v1)",
+            "unsupported_version",
+        )
+    if meta.get("kind") != kind:
+        raise ProtocolError(f"expected a {kind!r} message, got kind {meta.get('kind')!r}")
+    for reserved in ("chunk", "signature"):
+        if reserved in meta:
+            raise ProtocolError(f"metadata {reserved!r} is reserved and not supported in v1")
+
+
+def _float32(tensors: Mapping[str, NDArray[np.generic]], what: str) -> Weights:
+    out: Weights = {}
+    for name, arr in tensors.items():
+        if arr.dtype != np.float32:
+            raise ProtocolError(f"{what} tensor {name!r} has dtype {arr.dtype}, expected float32")
+        out[name] = arr  # type: ignore[assignment]
+    if not out:
+        raise ProtocolError(f"{what} carries no tensors")
+    return out
+
+
+def _any_tensors(tensors: Mapping[str, NDArray[np.generic]]) -> Weights:
+    # Dtypes of updates are checked by the aggregator's policy, which rejects with its own
+    # reason ("wrong_dtype"); here only emptiness is a decoding error.
+    if not tensors:
+        raise ProtocolError("update carries no tensors")
+    return dict(tensors)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """One model version: the weights plus what a device needs to trust and use them."""
+
+    task: str
+    version: int
+    weights: Weights
+    graph_sha256: str
+    parent: int | None = None
+    updates: int = 0
+    examples: int = 0
+    time: float = 0.0
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "fededge": str(PROTOCOL_VERSION),
+            "kind": "model",
+            "task": self.task,
+            "version": str(self.version),
+            "graph_sha256": self.graph_sha256,
+            "updates": str(self.updates),
+            "examples": str(self.examples),
+            "time": repr(float(self.time)),
+        }
+        if self.parent is not None:
+            meta["parent"] = str(self.parent)
+        return encode_tensors(self.weights, meta)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, max_bytes: int) -> ModelVersion:
+        p = decode_tensors(payload, max_bytes=max_bytes)
+        m = p.metadata
+        _check_header(m, "model")
+        sha = m.get("graph_sha256", "")
+        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise ProtocolError(f"metadata 'graph_sha256' is not a sha256 hex digest: {sha!r}")
+        return cls(
+            task=_meta_name(m, "task"),
+            version=_meta_int(m, "version"),
+            weights=_float32(p.tensors, "model"),
+            graph_sha256=sha,
+            parent=_meta_int(m, "parent") if "parent" in m else None,
+            updates=_meta_int(m, "updates") if "updates" in m else 0,
+            examples=_meta_int(m, "examples") if "examples" in m else 0,
+            time=_meta_float(m, "time") or 0.0,
+        )
+
+
+@dataclass(frozen=True)
+class Update:
+    """One device's clipped, noised weight delta against a base version."""
+
+    task: str
+    device: str
+    update_id: str
+    base_version: int
+    num_examples: int
+    delta: Weights
+    train_loss: float | None = None
+    eval_loss: float | None = None
+    eval_accuracy: float | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "fededge": str(PROTOCOL_VERSION),
+            "kind": "update",
+            "task": self.task,
+            "device": self.device,
+            "update_id": self.update_id,
+            "base_version": str(self.base_version),
+            "num_examples": str(self.num_examples),
+        }
+        for key in ("train_loss", "eval_loss", "eval_accuracy"):
+            value = getattr(self, key)
+            if value is not None:
+                meta[key] = repr(float(value))
+        return encode_tensors(self.delta, meta)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, max_bytes: int) -> Update:
+        p = decode_tensors(payload, max_bytes=max_bytes)
+        m = p.metadata
+        _check_header(m, "update")
+        return cls(
+            task=_meta_name(m, "task"),
+            device=_meta_name(m, "device"),
+            update_id=_meta_name(m, "update_id"),
+            base_version=_meta_int(m, "base_version"),
+            num_examples=_meta_int(m, "num_examples", 1, 1 << 40),
+            delta=_any_tensors(p.tensors),
+            train_loss=_meta_float(m, "train_loss"),
+            eval_loss=_meta_float(m, "eval_loss"),
+            eval_accuracy=_meta_float(m, "eval_accuracy"),
+        )
+
+
+@dataclass(frozen=True)
+class Graph:
+    """The task's .tflite graph and its bundle spec, published retained once per task."""
+
+    task: str
+    tflite: bytes
+    spec: dict[str, Any]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.tflite).hexdigest()
+
+    def to_bytes(self) -> bytes:
+        meta = {
+            "fededge": str(PROTOCOL_VERSION),
+            "kind": "graph",
+            "task": self.task,
+            "sha256": self.sha256,
+            "spec": json.dumps(self.spec, sort_keys=True, separators=(",", ":")),
+        }
+        return encode_tensors({"tflite": np.frombuffer(self.tflite, dtype=np.uint8)}, meta)
+
+    @classmethod
+    def from_bytes(cls, payload: bytes, *, max_bytes: int) -> Graph:
+        p = decode_tensors(payload, max_bytes=max_bytes)
+        m = p.metadata
+        _check_header(m, "graph")
+        arr = p.tensors.get("tflite")
+        if arr is None or arr.dtype != np.uint8 or arr.ndim != 1 or len(p.tensors) != 1:
+            raise ProtocolError("graph message must hold exactly one uint8 tensor 'tflite'")
+        tflite = arr.tobytes()
+        if hashlib.sha256(tflite).hexdigest() != m.get("sha256"):
+            raise ProtocolError("graph sha256 in metadata does not match the graph bytes")
+        try:
+            spec = json.loads(m.get("spec", ""))
+        except json.JSONDecodeError as e:
+            raise ProtocolError(f"graph metadata 'spec' is not JSON: {e}") from None
+        if not isinstance(spec, dict):
+            raise ProtocolError("graph metadata 'spec' is not a JSON object")
+        return cls(task=_meta_name(m, "task"), tflite=tflite, spec=spec)
+
+
+def flat_size(weights: Mapping[str, NDArray[Any]]) -> int:
+    """Number of parameters in a set of named tensors."""
+    return int(sum(a.size for a in weights.values()))

@@ -1,0 +1,130 @@
+"""Safetensors payloads: encode with the library, decode untrusted bytes strictly and zero-copy."""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+from numpy.typing import NDArray
+from safetensors.numpy import save as _st_save
+
+from fededge.errors import ProtocolError
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 4096
+_DTYPES: dict[str, np.dtype[np.generic]] = {
+    "F32": np.dtype("<f4"),
+    "F64": np.dtype("<f8"),
+    "U8": np.dtype("u1"),
+    "I32": np.dtype("<i4"),
+    "U32": np.dtype("<u4"),
+    "I64": np.dtype("<i8"),
+}
+
+
+@dataclass(frozen=True)
+class TensorPayload:
+    """A decoded safetensors payload: named read-only arrays plus string metadata."""
+
+    tensors: dict[str, NDArray[np.generic]]
+    metadata: dict[str, str]
+
+
+def encode_tensors(
+    tensors: Mapping[str, NDArray[np.generic]], metadata: Mapping[str, str]
+) -> bytes:
+    """Serialise named arrays and string metadata to safetensors bytes (deterministic)."""
+    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    for name, arr in arrays.items():
+        if arr.dtype.newbyteorder("<") not in _DTYPES.values():
+            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} is not allowed on the wire")
+    for k, v in metadata.items():
+        if not isinstance(k, str) or not isinstance(v, str):
+            raise TypeError(f"metadata {k!r}: keys and values must be str")
+    return bytes(_st_save(arrays, metadata=dict(metadata)))
+
+
+def decode_tensors(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> TensorPayload:
+    """Parse untrusted safetensors bytes; arrays are zero-copy read-only views of ``payload``.
+
+    Every rule of the format is checked (header bound, JSON object, known dtypes, shapes
+    matching byte lengths, offsets contiguous from 0 and covering the whole data section), so a
+    hostile payload raises ProtocolError and never an IndexError or a huge allocation.
+    """
+    buf = memoryview(payload).cast("B")
+    if len(buf) > max_bytes:
+        raise ProtocolError(
+            f"payload of {len(buf)} bytes exceeds the limit of {max_bytes}", "oversize"
+        )
+    if len(buf) < 8:
+        raise ProtocolError(f"payload of {len(buf)} bytes is too short for safetensors")
+    (hlen,) = struct.unpack_from("<Q", buf, 0)
+    if hlen > MAX_HEADER_BYTES or hlen > len(buf) - 8:
+        raise ProtocolError(f"safetensors header length {hlen} is out of bounds")
+    try:
+        header = json.loads(bytes(buf[8 : 8 + hlen]).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise ProtocolError(f"safetensors header is not valid JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("safetensors header is not a JSON object")
+    meta = header.pop("__metadata__", {})
+    if not isinstance(meta, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
+    ):
+        raise ProtocolError("safetensors __metadata__ must map strings to strings")
+    if len(header) > MAX_TENSORS:
+        raise ProtocolError(f"{len(header)} tensors exceed the limit of {MAX_TENSORS}")
+    data = buf[8 + hlen :]
+    entries = []
+    for name, info in header.items():
+        entries.append((_offsets(name, info), name, info))
+    entries.sort(key=lambda e: e[0])
+    tensors: dict[str, NDArray[np.generic]] = {}
+    pos = 0
+    for (start, end), name, info in entries:
+        if start != pos:
+            raise ProtocolError(f"tensor {name!r}: data offsets leave a gap or overlap")
+        dtype = _DTYPES.get(str(info.get("dtype")))
+        if dtype is None:
+            raise ProtocolError(f"tensor {name!r}: dtype {info.get('dtype')!r} is not allowed")
+        shape = info.get("shape")
+        if (
+            not isinstance(shape, list)
+            or len(shape) > 8
+            or not all(
+                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape
+            )
+        ):
+            raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
+        count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+        if count * dtype.itemsize != end - start:
+            raise ProtocolError(
+                f"tensor {name!r}: shape {shape} of {info['dtype']} needs "
+                f"{count * dtype.itemsize} bytes, offsets give {end - start}"
+            )
+        arr = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
+        arr.flags.writeable = False
+        tensors[name] = arr
+        pos = end
+    if pos != len(data):
+        raise ProtocolError(f"data section has {len(data) - pos} trailing bytes not in any tensor")
+    return TensorPayload(tensors=dict(sorted(tensors.items())), metadata=dict(meta))
+
+
+def _offsets(name: object, info: object) -> tuple[int, int]:
+    if not isinstance(name, str) or not name or len(name) > 256:
+        raise ProtocolError(f"tensor name {name!r} is not a string of 1-256 characters")
+    if not isinstance(info, dict):
+        raise ProtocolError(f"tensor {name!r}: entry is not an object")
+    offs = info.get("data_offsets")
+    if (
+        not isinstance(offs, list)
+        or len(offs) != 2
+        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        or not 0 <= offs[0] <= offs[1]
+    ):
+        raise ProtocolError(f"tensor {name!r}: bad data_offsets {offs!r}")
+    return offs[0], offs[1]

@@ -1,0 +1,227 @@
+"""Cryptographic primitives of SecAgg+: key agreement, key derivation, share encryption, Shamir
+sharing and the mask PRG, all from `cryptography`, with randomness passed in."""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from fededge.errors import SecAggError
+
+RandomSource = Callable[[int], bytes]
+"""A source of random bytes: ``rng(n)`` returns ``n`` bytes (``os.urandom`` in production)."""
+
+KEY_BYTES = 32
+SEED_BYTES = 32
+NONCE_BYTES = 12
+TAG_BYTES = 16
+# Shamir field: the Mersenne prime 2^521 - 1 holds a whole 32-byte secret in one element, so a
+# share is one field element; splitting secrets over a smaller field would only add code.
+PRIME = (1 << 521) - 1
+FIELD_BYTES = 66
+SHARE_BYTES = 2 + FIELD_BYTES
+_DOMAIN = b"fededge-secagg-v1"
+
+
+def system_random(n: int) -> bytes:
+    """The production random source: the kernel CSPRNG."""
+    return os.urandom(n)
+
+
+def deterministic_random(seed: bytes) -> RandomSource:
+    """A reproducible random source (AES-CTR keystream of ``seed``) for tests and simulations only."""
+    key = _hkdf(seed, b"test-rng", 32)
+    encryptor = Cipher(algorithms.AES(key[:16]), modes.CTR(key[16:])).encryptor()
+
+    def draw(n: int) -> bytes:
+        return encryptor.update(bytes(n))
+
+    return draw
+
+
+@dataclass(frozen=True)
+class KeyPair:
+    """An X25519 key pair as raw 32-byte strings."""
+
+    private: bytes
+    public: bytes
+
+
+def generate_keypair(rng: RandomSource) -> KeyPair:
+    """A fresh X25519 key pair drawn from ``rng``."""
+    private = rng(KEY_BYTES)
+    return KeyPair(private, public_key_of(private))
+
+
+def public_key_of(private: bytes) -> bytes:
+    """The X25519 public key of a raw 32-byte private key."""
+    if len(private) != KEY_BYTES:
+        raise SecAggError(f"private key must be {KEY_BYTES} bytes, got {len(private)}")
+    return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
+
+
+def agree(private: bytes, peer_public: bytes) -> bytes:
+    """The X25519 shared secret of ``private`` and ``peer_public``; rejects low-order points."""
+    if len(peer_public) != KEY_BYTES:
+        raise SecAggError(f"public key must be {KEY_BYTES} bytes, got {len(peer_public)}")
+    try:
+        peer = X25519PublicKey.from_public_bytes(peer_public)
+        return X25519PrivateKey.from_private_bytes(private).exchange(peer)
+    except ValueError as exc:  # cryptography refuses an all-zero (low-order) result
+        raise SecAggError(f"key agreement failed: {exc}") from exc
+
+
+def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
+    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+
+
+def _context(purpose: bytes, round_id: str, *parties: str) -> bytes:
+    """An unambiguous HKDF info / AAD string: length-prefixed fields after a domain tag."""
+    parts = [_DOMAIN, purpose, round_id.encode(), *(p.encode() for p in parties)]
+    return b"".join(struct.pack(">H", len(p)) + p for p in parts)
+
+
+def share_key(shared: bytes, round_id: str, sender: str, recipient: str) -> bytes:
+    """The AES-256-GCM key for shares sent from ``sender`` to ``recipient`` in one round."""
+    return _hkdf(shared, _context(b"share-enc", round_id, sender, recipient), KEY_BYTES)
+
+
+def pair_seed(shared: bytes, round_id: str, a: str, b: str) -> bytes:
+    """The pairwise mask seed of devices ``a`` and ``b`` (symmetric in a and b)."""
+    lo, hi = sorted((a, b))
+    return _hkdf(shared, _context(b"pair-mask", round_id, lo, hi), SEED_BYTES)
+
+
+def encrypt_bundle(
+    key: bytes, round_id: str, sender: str, recipient: str, plaintext: bytes, rng: RandomSource
+) -> bytes:
+    """``nonce || AES-GCM(plaintext)`` with (round, from, to) bound as associated data."""
+    nonce = rng(NONCE_BYTES)
+    aad = _context(b"share-aad", round_id, sender, recipient)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def decrypt_bundle(
+    key: bytes, round_id: str, sender: str, recipient: str, ciphertext: bytes
+) -> bytes:
+    """Inverse of :func:`encrypt_bundle`; a wrong key, context or any altered byte raises."""
+    if len(ciphertext) < NONCE_BYTES + TAG_BYTES:
+        raise SecAggError(f"ciphertext from {sender!r} too short ({len(ciphertext)} bytes)")
+    aad = _context(b"share-aad", round_id, sender, recipient)
+    try:
+        return AESGCM(key).decrypt(ciphertext[:NONCE_BYTES], ciphertext[NONCE_BYTES:], aad)
+    except InvalidTag as exc:
+        raise SecAggError(
+            f"ciphertext from {sender!r} to {recipient!r} fails authentication"
+        ) from exc
+
+
+def _random_field_element(rng: RandomSource) -> int:
+    # Rejection sampling keeps coefficients exactly uniform (a reduction mod p would bias them).
+    while True:
+        value = int.from_bytes(rng(FIELD_BYTES), "big") & PRIME
+        if value < PRIME:
+            return value
+
+
+def encode_share(x: int, y: int) -> bytes:
+    """A share as 2 bytes of x then 66 bytes of y, big-endian."""
+    return struct.pack(">H", x) + y.to_bytes(FIELD_BYTES, "big")
+
+
+def decode_share(data: bytes) -> tuple[int, int]:
+    """Inverse of :func:`encode_share`, with range checks."""
+    if len(data) != SHARE_BYTES:
+        raise SecAggError(f"a share must be {SHARE_BYTES} bytes, got {len(data)}")
+    x = struct.unpack(">H", data[:2])[0]
+    y = int.from_bytes(data[2:], "big")
+    if x == 0 or y >= PRIME:
+        raise SecAggError("share out of range")
+    return x, y
+
+
+def split_secret(
+    secret: bytes, xs: Sequence[int], threshold: int, rng: RandomSource
+) -> list[bytes]:
+    """Shamir shares of a 32-byte ``secret`` at the points ``xs``; any ``threshold`` recover it."""
+    if len(secret) != SEED_BYTES:
+        raise SecAggError(f"secret must be {SEED_BYTES} bytes")
+    if not 1 <= threshold <= len(xs):
+        raise SecAggError(f"threshold {threshold} impossible with {len(xs)} shares")
+    if len(set(xs)) != len(xs) or any(not 0 < x < 1 << 16 for x in xs):
+        raise SecAggError("share points must be distinct and in 1..65535")
+    coefficients = [int.from_bytes(secret, "big")]
+    coefficients += [_random_field_element(rng) for _ in range(threshold - 1)]
+    shares = []
+    for x in xs:
+        y = 0
+        for c in reversed(coefficients):  # Horner
+            y = (y * x + c) % PRIME
+        shares.append(encode_share(x, y))
+    return shares
+
+
+def combine_shares(shares: Sequence[bytes]) -> bytes:
+    """The 32-byte secret from shares (Lagrange interpolation at 0); at least threshold of them."""
+    points = [decode_share(s) for s in shares]
+    xs = [x for x, _ in points]
+    if not points or len(set(xs)) != len(xs):
+        raise SecAggError("need at least one share, with distinct points")
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, xj in enumerate(xs):
+            if j != i:
+                num = num * xj % PRIME
+                den = den * (xj - xi) % PRIME
+        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    if secret >= 1 << (8 * SEED_BYTES):
+        raise SecAggError("shares are inconsistent (reconstruction out of range)")
+    return secret.to_bytes(SEED_BYTES, "big")
+
+
+class MaskPRG:
+    """Expands 32-byte seeds into uint32 mask words with AES-128-CTR, reusing one buffer.
+
+    Key = seed[:16], initial counter block = seed[16:]. The keystream is written in place into a
+    zeroed buffer with ``update_into`` (cryptography's fast path; ``update`` on large buffers is
+    several times slower). Not thread-safe: one instance per thread.
+    """
+
+    def __init__(self, n_words: int) -> None:
+        if n_words <= 0:
+            raise ValueError(f"n_words must be positive, got {n_words}")
+        self.n_words = n_words
+        # update_into wants room for one extra block; the tail is never read.
+        self._buffer = np.zeros(n_words + 4, dtype=np.uint32)
+        self._bytes = memoryview(self._buffer).cast("B")
+
+    def expand(self, seed: bytes) -> npt.NDArray[np.uint32]:
+        """The mask of ``seed``: ``n_words`` uniform uint32 words, a view valid until the next call."""
+        if len(seed) != SEED_BYTES:
+            raise SecAggError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
+        n_bytes = 4 * self.n_words
+        self._buffer[: self.n_words] = 0
+        encryptor = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
+        encryptor.update_into(self._bytes[:n_bytes], self._bytes)
+        words = self._buffer[: self.n_words]
+        if sys.byteorder == "big":  # the keystream is defined as little-endian words
+            words.byteswap(inplace=True)
+        return words
+
+
+def expand_mask(seed: bytes, n_words: int) -> npt.NDArray[np.uint32]:
+    """A fresh copy of the mask of ``seed`` (convenience; hot paths keep a :class:`MaskPRG`)."""
+    return MaskPRG(n_words).expand(seed).copy()

@@ -1,0 +1,99 @@
+"""The round stages, their guard, and the SecAgg+ neighbour graph shared by both roles."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from collections.abc import Collection, Mapping, Sequence
+
+from fededge.errors import SecAggError
+from fededge.secagg.crypto import deterministic_random
+
+if sys.version_info >= (3, 11):
+    from enum import StrEnum
+else:  # pragma: no cover - Python 3.10
+    from enum import Enum
+
+    class StrEnum(str, Enum):
+        """StrEnum for Python 3.10."""
+
+
+class Stage(StrEnum):
+    """Stages of a SecAgg+ round; the device->server topic of a stage uses its value."""
+
+    ADVERTISE = "advertise"
+    SHARE = "share"
+    MASKED = "masked"
+    UNMASK = "unmask"
+    DONE = "done"
+    ABORTED = "aborted"
+
+
+TERMINAL = frozenset({Stage.DONE, Stage.ABORTED})
+
+
+def check_stage(current: Stage, *allowed: Stage, what: str) -> None:
+    """The guard before every transition: raise SecAggError unless ``current`` is allowed."""
+    if current not in allowed:
+        names = ", ".join(a.value for a in allowed)
+        raise SecAggError(f"{what} not allowed in stage {current.value!r} (only in {names})")
+
+
+def neighbour_graph(round_id: str, cohort: Sequence[str], k: int) -> dict[str, frozenset[str]]:
+    """The SecAgg+ graph: a Harary graph of degree k over a permutation of the cohort.
+
+    The permutation comes from SHA-256 of the round id and the sorted cohort, so every party
+    derives the same graph and nobody (the server included) chooses who neighbours whom. With
+    k >= n - 1 it is the complete graph of the original SecAgg.
+    """
+    members = sorted(cohort)
+    n = len(members)
+    if k >= n - 1:
+        return {m: frozenset(x for x in members if x != m) for m in members}
+    if k < 1 or k % 2:
+        raise SecAggError(f"neighbour count must be even and positive, got {k}")
+    digest = hashlib.sha256(("\x00".join([round_id, *members])).encode()).digest()
+    draw = deterministic_random(b"graph" + digest)
+    order = list(members)
+    for i in range(n - 1, 0, -1):  # Fisher-Yates with rejection sampling: exactly uniform
+        bound = (1 << 32) - (1 << 32) % (i + 1)
+        while (r := int.from_bytes(draw(4), "big")) >= bound:
+            pass
+        j = r % (i + 1)
+        order[i], order[j] = order[j], order[i]
+    graph: dict[str, set[str]] = {m: set() for m in members}
+    for p, m in enumerate(order):
+        for step in range(1, k // 2 + 1):
+            other = order[(p + step) % n]
+            graph[m].add(other)
+            graph[other].add(m)
+    return {m: frozenset(v) for m, v in graph.items()}
+
+
+def connected(graph: Mapping[str, Collection[str]], nodes: Collection[str]) -> bool:
+    """Whether the subgraph induced on ``nodes`` is connected (masks cancel only within a part)."""
+    node_set = set(nodes)
+    if not node_set:
+        return False
+    start = next(iter(node_set))
+    seen, todo = {start}, [start]
+    while todo:
+        for nb in graph[todo.pop()]:
+            if nb in node_set and nb not in seen:
+                seen.add(nb)
+                todo.append(nb)
+    return seen == node_set
+
+
+def prune(graph: Mapping[str, Collection[str]], live: Collection[str], threshold: int) -> set[str]:
+    """The live devices left after repeatedly removing those with fewer than ``threshold`` live
+    neighbours (their secrets could never be reconstructed)."""
+    alive = set(live)
+    changed = True
+    while changed:
+        changed = False
+        for m in sorted(alive):
+            if sum(1 for nb in graph[m] if nb in alive) < threshold:
+                alive.discard(m)
+                changed = True
+    return alive

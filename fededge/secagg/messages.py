@@ -1,0 +1,466 @@
+"""SecAgg+ round messages: frozen dataclasses with strict JSON (and safetensors) encodings.
+
+Every control message is a JSON object with ``"v": 1`` and a ``"type"``; bytes travel as standard
+base64. Decoding is strict: unknown, missing or duplicated fields, wrong types, out-of-range values
+and wrong byte lengths raise ProtocolError naming the field. A masked input travels as safetensors
+(one little-endian ``U32`` tensor ``"y"`` plus ``__metadata__``), so it is inspectable and zero-copy.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import math
+import re
+import struct
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+from safetensors import SafetensorError
+from safetensors.numpy import load as st_load
+from safetensors.numpy import save as st_save
+
+from fededge.errors import ProtocolError
+from fededge.secagg.crypto import KEY_BYTES, NONCE_BYTES, SHARE_BYTES, TAG_BYTES
+
+PROTOCOL_VERSION = 1
+TO_SERVER = "@server"
+TO_ALL = "@all"
+MAX_JSON_BYTES = 4 << 20
+MAX_COHORT = 10_000
+MAX_VECTOR_LENGTH = 1 << 28
+ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+BUNDLE_BYTES = 2 * SHARE_BYTES  # plaintext of one share bundle: mask-key share, self-mask share
+CIPHERTEXT_BYTES = NONCE_BYTES + BUNDLE_BYTES + TAG_BYTES
+
+
+# ---------------------------------------------------------------------------------- field checks
+def _id(name: str, value: object) -> str:
+    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
+        raise ProtocolError(f"field {name!r}: expected an id matching {ID_PATTERN.pattern}")
+    return value
+
+
+def _int(name: str, value: object, lo: int, hi: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise ProtocolError(f"field {name!r}: expected an integer in {lo}..{hi}, got {value!r}")
+    return value
+
+
+def _float(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ProtocolError(f"field {name!r}: expected a number, got {type(value).__name__}")
+    result = float(value)
+    if not math.isfinite(result) or result <= 0:
+        raise ProtocolError(f"field {name!r}: expected a positive finite number, got {value!r}")
+    return result
+
+
+def _b64(name: str, value: object, length: int) -> bytes:
+    if not isinstance(value, str) or len(value) > 4 * (length + 2) // 3 + 4:
+        raise ProtocolError(f"field {name!r}: expected base64 of {length} bytes")
+    try:
+        raw = base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise ProtocolError(f"field {name!r}: invalid base64") from exc
+    if len(raw) != length:
+        raise ProtocolError(f"field {name!r}: expected {length} bytes, got {len(raw)}")
+    return raw
+
+
+def _ids(name: str, value: object, min_len: int = 0) -> tuple[str, ...]:
+    if not isinstance(value, list) or not min_len <= len(value) <= MAX_COHORT:
+        raise ProtocolError(f"field {name!r}: expected a list of {min_len}..{MAX_COHORT} ids")
+    ids = tuple(_id(f"{name}[]", v) for v in value)
+    if list(ids) != sorted(set(ids)):
+        raise ProtocolError(f"field {name!r}: ids must be unique and sorted")
+    return ids
+
+
+def _b64_map(name: str, value: object, length: int) -> dict[str, bytes]:
+    if not isinstance(value, dict) or len(value) > MAX_COHORT:
+        raise ProtocolError(f"field {name!r}: expected an object of at most {MAX_COHORT} entries")
+    return {_id(f"{name} key", k): _b64(f"{name}[{k}]", v, length) for k, v in value.items()}
+
+
+def _enc(raw: bytes) -> str:
+    return base64.b64encode(raw).decode("ascii")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ProtocolError("duplicate field in JSON object")
+    return result
+
+
+def parse_json(data: bytes | str) -> dict[str, Any]:
+    """A size-bounded, strict JSON object with a known protocol version."""
+    if len(data) > MAX_JSON_BYTES:
+        raise ProtocolError(f"message of {len(data)} bytes exceeds {MAX_JSON_BYTES}")
+    try:
+        obj = json.loads(data, object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, UnicodeDecodeError, big ints
+        raise ProtocolError(f"not valid JSON: {exc}") from exc
+    if not isinstance(obj, dict):
+        raise ProtocolError("message must be a JSON object")
+    if obj.get("v") != PROTOCOL_VERSION or isinstance(obj.get("v"), bool):
+        raise ProtocolError(f"field 'v': unsupported protocol version {obj.get('v')!r}")
+    if not isinstance(obj.get("type"), str):
+        raise ProtocolError("field 'type': missing or not a string")
+    return obj
+
+
+def _fields(obj: dict[str, Any], type_: str, names: tuple[str, ...]) -> dict[str, Any]:
+    if obj.get("type") != type_:
+        raise ProtocolError(f"field 'type': expected {type_!r}, got {obj.get('type')!r}")
+    expected = {"v", "type", *names}
+    if set(obj) != expected:
+        extra, missing = sorted(set(obj) - expected), sorted(expected - set(obj))
+        raise ProtocolError(f"fields: unexpected {extra}, missing {missing}")
+    return obj
+
+
+def _dump(type_: str, body: dict[str, Any]) -> bytes:
+    return json.dumps(
+        {"v": PROTOCOL_VERSION, "type": type_, **body}, sort_keys=True, separators=(",", ":")
+    ).encode()
+
+
+# -------------------------------------------------------------------------------------- messages
+@dataclass(frozen=True)
+class RoundConfig:
+    """Server -> all: the round's cohort and parameters (stage 0)."""
+
+    TYPE: ClassVar[str] = "config"
+    round_id: str
+    cohort: tuple[str, ...]
+    threshold: int
+    neighbours: int
+    bits: int
+    clip: float
+    scale: float
+    max_weight: float
+    vector_length: int
+    timeout_s: float
+
+    def __post_init__(self) -> None:
+        _id("round_id", self.round_id)
+        _ids("cohort", list(self.cohort), min_len=2)
+        _int("threshold", self.threshold, 2, len(self.cohort))
+        _int("neighbours", self.neighbours, 1, MAX_COHORT)
+        if self.neighbours < len(self.cohort) - 1 and self.neighbours % 2:
+            raise ProtocolError("field 'neighbours': must be even unless >= cohort size - 1")
+        if self.threshold > min(self.neighbours, len(self.cohort) - 1):
+            raise ProtocolError("field 'threshold': exceeds the number of neighbours")
+        _int("bits", self.bits, 8, 32)
+        _int("vector_length", self.vector_length, 1, MAX_VECTOR_LENGTH)
+        for name in ("clip", "scale", "max_weight", "timeout_s"):
+            _float(name, getattr(self, name))
+        from fededge.secagg.quantize import no_wrap  # local: quantize imports numpy kernels
+
+        try:
+            ok = no_wrap(len(self.cohort), self.clip, self.scale, self.bits)
+        except Exception as exc:  # ConfigError: bits too small for the cohort
+            raise ProtocolError(f"field 'scale': {exc}") from exc
+        if not ok:
+            raise ProtocolError("field 'scale': the sum of the cohort's updates could wrap")
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        body = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "cohort"}
+        return _dump(self.TYPE, {**body, "cohort": list(self.cohort)})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> RoundConfig:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        names = tuple(cls.__dataclass_fields__)
+        o = _fields(parse_json(data), cls.TYPE, names)
+        for name in ("threshold", "neighbours", "bits", "vector_length"):
+            _int(name, o[name], 0, MAX_VECTOR_LENGTH)
+        cohort = _ids("cohort", o["cohort"], min_len=2)
+        floats = {n: _float(n, o[n]) for n in ("clip", "scale", "max_weight", "timeout_s")}
+        return cls(
+            round_id=_id("round_id", o["round_id"]),
+            cohort=cohort,
+            threshold=o["threshold"],
+            neighbours=o["neighbours"],
+            bits=o["bits"],
+            vector_length=o["vector_length"],
+            **floats,
+        )
+
+
+@dataclass(frozen=True)
+class AdvertiseKeys:
+    """Device -> server: the device's two X25519 public keys (stage 1)."""
+
+    TYPE: ClassVar[str] = "advertise"
+    round_id: str
+    device: str
+    enc_key: bytes
+    mask_key: bytes
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        body = {"round_id": self.round_id, "device": self.device}
+        return _dump(self.TYPE, {**body, "enc_key": _enc(self.enc_key), "mask_key": _enc(self.mask_key)})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> AdvertiseKeys:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "device", "enc_key", "mask_key"))
+        return cls(
+            _id("round_id", o["round_id"]),
+            _id("device", o["device"]),
+            _b64("enc_key", o["enc_key"], KEY_BYTES),
+            _b64("mask_key", o["mask_key"], KEY_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class PeerKeys:
+    """Server -> one device: the public keys (enc, mask) of its neighbours that advertised."""
+
+    TYPE: ClassVar[str] = "keys"
+    round_id: str
+    device: str
+    keys: Mapping[str, tuple[bytes, bytes]]
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        keys = {d: [_enc(c), _enc(s)] for d, (c, s) in self.keys.items()}
+        return _dump(self.TYPE, {"round_id": self.round_id, "device": self.device, "keys": keys})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> PeerKeys:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "device", "keys"))
+        raw = o["keys"]
+        if not isinstance(raw, dict) or len(raw) > MAX_COHORT:
+            raise ProtocolError("field 'keys': expected an object of device -> [enc, mask]")
+        keys: dict[str, tuple[bytes, bytes]] = {}
+        for d, pair in raw.items():
+            _id("keys key", d)
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise ProtocolError(f"field 'keys[{d}]': expected [enc_key, mask_key]")
+            keys[d] = (_b64(f"keys[{d}][0]", pair[0], KEY_BYTES), _b64(f"keys[{d}][1]", pair[1], KEY_BYTES))
+        return cls(_id("round_id", o["round_id"]), _id("device", o["device"]), keys)
+
+
+@dataclass(frozen=True)
+class ShareKeys:
+    """Device -> server: one encrypted share bundle per neighbour, keyed by recipient (stage 2)."""
+
+    TYPE: ClassVar[str] = "share"
+    round_id: str
+    device: str
+    ciphertexts: Mapping[str, bytes]
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        cts = {d: _enc(c) for d, c in self.ciphertexts.items()}
+        return _dump(self.TYPE, {"round_id": self.round_id, "device": self.device, "ciphertexts": cts})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ShareKeys:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "device", "ciphertexts"))
+        cts = _b64_map("ciphertexts", o["ciphertexts"], CIPHERTEXT_BYTES)
+        return cls(_id("round_id", o["round_id"]), _id("device", o["device"]), cts)
+
+
+@dataclass(frozen=True)
+class RelayedShares:
+    """Server -> one device: the bundles its live neighbours encrypted to it, keyed by sender."""
+
+    TYPE: ClassVar[str] = "relay"
+    round_id: str
+    device: str
+    ciphertexts: Mapping[str, bytes]
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        cts = {d: _enc(c) for d, c in self.ciphertexts.items()}
+        return _dump(self.TYPE, {"round_id": self.round_id, "device": self.device, "ciphertexts": cts})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> RelayedShares:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "device", "ciphertexts"))
+        cts = _b64_map("ciphertexts", o["ciphertexts"], CIPHERTEXT_BYTES)
+        return cls(_id("round_id", o["round_id"]), _id("device", o["device"]), cts)
+
+
+@dataclass(frozen=True)
+class UnmaskRequest:
+    """Server -> all: who survived (send self-mask shares) and who dropped (send key shares)."""
+
+    TYPE: ClassVar[str] = "unmask_request"
+    round_id: str
+    survivors: tuple[str, ...]
+    dropped: tuple[str, ...]
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        body = {"survivors": list(self.survivors), "dropped": list(self.dropped)}
+        return _dump(self.TYPE, {"round_id": self.round_id, **body})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> UnmaskRequest:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "survivors", "dropped"))
+        return cls(
+            _id("round_id", o["round_id"]), _ids("survivors", o["survivors"]), _ids("dropped", o["dropped"])
+        )
+
+
+@dataclass(frozen=True)
+class UnmaskShares:
+    """Device -> server: self-mask shares of survivors and mask-key shares of dropped devices."""
+
+    TYPE: ClassVar[str] = "unmask"
+    round_id: str
+    device: str
+    self_mask_shares: Mapping[str, bytes]
+    key_shares: Mapping[str, bytes]
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        b = {d: _enc(s) for d, s in self.self_mask_shares.items()}
+        s = {d: _enc(x) for d, x in self.key_shares.items()}
+        body = {"round_id": self.round_id, "device": self.device}
+        return _dump(self.TYPE, {**body, "self_mask_shares": b, "key_shares": s})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> UnmaskShares:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        names = ("round_id", "device", "self_mask_shares", "key_shares")
+        o = _fields(parse_json(data), cls.TYPE, names)
+        return cls(
+            _id("round_id", o["round_id"]),
+            _id("device", o["device"]),
+            _b64_map("self_mask_shares", o["self_mask_shares"], SHARE_BYTES),
+            _b64_map("key_shares", o["key_shares"], SHARE_BYTES),
+        )
+
+
+@dataclass(frozen=True)
+class RoundStatus:
+    """Server -> all: the round finished (``done``) or was abandoned (``aborted``, with reason)."""
+
+    TYPE: ClassVar[str] = "status"
+    round_id: str
+    status: str
+    reason: str
+    survivors: int
+
+    def __post_init__(self) -> None:
+        if self.status not in ("done", "aborted"):
+            raise ProtocolError(f"field 'status': expected 'done' or 'aborted', got {self.status!r}")
+        if not isinstance(self.reason, str) or len(self.reason) > 500:
+            raise ProtocolError("field 'reason': expected a string of at most 500 characters")
+        _int("survivors", self.survivors, 0, MAX_COHORT)
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        body = {"status": self.status, "reason": self.reason, "survivors": self.survivors}
+        return _dump(self.TYPE, {"round_id": self.round_id, **body})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> RoundStatus:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "status", "reason", "survivors"))
+        return cls(_id("round_id", o["round_id"]), o["status"], o["reason"], o["survivors"])
+
+
+@dataclass(frozen=True, eq=False)
+class MaskedInput:
+    """Device -> server: the masked fixed-point vector [w~, w~*delta] + masks mod 2^k (stage 3)."""
+
+    TYPE: ClassVar[str] = "masked"
+    round_id: str
+    device: str
+    vector: npt.NDArray[np.uint32]
+
+    def to_bytes(self) -> bytes:
+        """safetensors bytes: tensor ``y`` (U32, little-endian) and the ids in ``__metadata__``."""
+        meta = {"v": str(PROTOCOL_VERSION), "type": self.TYPE, "round_id": self.round_id, "device": self.device}
+        return bytes(st_save({"y": np.ascontiguousarray(self.vector, dtype="<u4")}, metadata=meta))
+
+    @classmethod
+    def from_bytes(cls, data: bytes, max_length: int = MAX_VECTOR_LENGTH + 1) -> MaskedInput:
+        """Strictly decode safetensors bytes; raises ProtocolError naming the problem."""
+        if not isinstance(data, bytes | bytearray | memoryview) or len(data) < 8:
+            raise ProtocolError("masked input: too short for a safetensors header")
+        (header_len,) = struct.unpack("<Q", bytes(data[:8]))
+        if header_len > 4096 or 8 + header_len > len(data):
+            raise ProtocolError(f"masked input: bad header length {header_len}")
+        try:
+            header = json.loads(bytes(data[8 : 8 + header_len]), object_pairs_hook=_no_duplicates)
+        except (ValueError, RecursionError) as exc:
+            raise ProtocolError(f"masked input: header is not JSON: {exc}") from exc
+        if not isinstance(header, dict) or set(header) != {"__metadata__", "y"}:
+            raise ProtocolError("masked input: header must hold exactly __metadata__ and tensor 'y'")
+        meta, spec = header["__metadata__"], header["y"]
+        if not isinstance(meta, dict) or set(meta) != {"v", "type", "round_id", "device"}:
+            raise ProtocolError("masked input: __metadata__ must hold v, type, round_id, device")
+        if meta["v"] != str(PROTOCOL_VERSION) or meta["type"] != cls.TYPE:
+            raise ProtocolError(f"masked input: unsupported version/type {meta['v']!r}/{meta['type']!r}")
+        if not isinstance(spec, dict) or spec.get("dtype") != "U32":
+            raise ProtocolError("masked input: tensor 'y' must have dtype U32")
+        shape = spec.get("shape")
+        if not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int):
+            raise ProtocolError("masked input: tensor 'y' must be 1-D")
+        n = shape[0]
+        if not 1 <= n <= max_length or len(data) != 8 + header_len + 4 * n:
+            raise ProtocolError(f"masked input: bad length {n} for {len(data)} bytes")
+        try:
+            vector = st_load(bytes(data))["y"]
+        except (SafetensorError, ValueError, KeyError) as exc:
+            raise ProtocolError(f"masked input: {exc}") from exc
+        return cls(_id("round_id", meta["round_id"]), _id("device", meta["device"]), vector)
+
+
+JsonMessage: TypeAlias = (
+    RoundConfig | AdvertiseKeys | PeerKeys | ShareKeys | RelayedShares | UnmaskRequest | UnmaskShares | RoundStatus
+)
+Message: TypeAlias = JsonMessage | MaskedInput
+_BY_TYPE: dict[str, Any] = {
+    c.TYPE: c
+    for c in (RoundConfig, AdvertiseKeys, PeerKeys, ShareKeys, RelayedShares, UnmaskRequest, UnmaskShares, RoundStatus)
+}
+
+
+def decode_json(data: bytes | str) -> JsonMessage:
+    """Any JSON round message, dispatched on its ``type``."""
+    obj = parse_json(data)
+    cls = _BY_TYPE.get(obj["type"])
+    if cls is None:
+        raise ProtocolError(f"field 'type': unknown message type {obj['type']!r}")
+    message: JsonMessage = cls.from_json(data)
+    return message
+
+
+def encode(message: Message) -> bytes:
+    """The wire bytes of any round message (JSON, or safetensors for a masked input).
+
+    There is no generic decoder on purpose: a safetensors header length can start with ``{``, so
+    the topic (``.../masked/...``) decides between :func:`decode_json` and
+    :meth:`MaskedInput.from_bytes`.
+    """
+    if isinstance(message, MaskedInput):
+        return message.to_bytes()
+    return message.to_json()
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message to send: ``to`` is a device id, :data:`TO_SERVER` or :data:`TO_ALL`."""
+
+    to: str
+    message: Message

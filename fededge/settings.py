@@ -1,0 +1,274 @@
+"""Configuration of every fededge process: arguments > FEDEDGE_* env > TOML file > defaults."""
+
+from __future__ import annotations
+
+import contextvars
+import os
+import re
+import socket
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from fededge.errors import ConfigError
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+# The TOML file of the Settings being built; a context variable so that no global state leaks
+# between two Settings built in one process (tests build many).
+_TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)
+
+
+def check_name(value: str, what: str) -> str:
+    """Validate a task/device/client name used inside MQTT topics (no wildcards, no slashes)."""
+    if not _NAME_RE.match(value):
+        raise ValueError(f"{what} must be 1-64 characters of A-Z a-z 0-9 _ . -, got {value!r}")
+    return value
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BrokerSettings(_Section):
+    """How to reach the MQTT broker."""
+
+    url: str = Field("mqtt://127.0.0.1:1883", description="mqtt://host:port or mqtts://host:port")
+    protocol: Literal["3.1.1", "5"] = "5"
+    client_id: str | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    tls_insecure: bool = Field(False, description="skip hostname verification (testing only)")
+    keepalive: int = Field(30, ge=5, le=3600)
+    session_expiry: int = Field(7 * 24 * 3600, ge=0, description="MQTT 5 session expiry, s")
+    connect_timeout: float = Field(15.0, gt=0)
+    reconnect_min_delay: float = Field(0.5, gt=0)
+    reconnect_max_delay: float = Field(30.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        parts = urlsplit(v)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ValueError(f"expected mqtt://host[:port] or mqtts://host[:port], got {v!r}")
+        try:
+            _ = parts.port
+        except ValueError as e:
+            raise ValueError(f"bad port in {v!r}: {e}") from None
+        if parts.path not in ("", "/"):
+            raise ValueError(f"broker URL takes no path, got {v!r}")
+        return v
+
+    @field_validator("client_id")
+    @classmethod
+    def _client_id(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "client_id")
+
+    @property
+    def host(self) -> str:
+        return urlsplit(self.url).hostname or "127.0.0.1"
+
+    @property
+    def port(self) -> int:
+        parts = urlsplit(self.url)
+        return parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+
+    @property
+    def tls(self) -> bool:
+        return urlsplit(self.url).scheme == "mqtts"
+
+
+class AggregatorSettings(_Section):
+    """Operational settings of the aggregator service (learning parameters live in the plan)."""
+
+    max_update_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest update payload")
+    versions_kept: int = Field(10, ge=1, description="model versions kept on disk")
+    checkpoint_every: int = Field(32, ge=1, description="accumulator checkpoint every N updates")
+    fsync: bool = Field(True, description="fsync the write-ahead log before acknowledging")
+    group_commit_max: int = Field(20, ge=1, le=1000, description="updates per WAL group commit")
+    parallel_kernels: bool = Field(False, description="use the multi-threaded accumulate kernel")
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus; None = off")
+    recent_update_ids: int = Field(100_000, ge=100, description="update ids remembered for dedup")
+    status_interval: float = Field(10.0, gt=0, description="seconds between status publications")
+
+
+class DeviceSettings(_Section):
+    """Settings of the device daemon."""
+
+    device_id: str = Field(default_factory=lambda: _default_device_id())
+    socket_path: Path | None = Field(
+        None, description="API socket path; default: state_dir/api.sock"
+    )
+    socket_group: str | None = None
+    socket_mode: int = Field(0o660, ge=0, le=0o777)
+    max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_examples: int = Field(100_000, ge=1, description="examples kept in the store")
+    max_example_age: float = Field(30 * 24 * 3600.0, gt=0, description="seconds an example is kept")
+    receipt_timeout: float = Field(60.0, gt=0, description="resend an update after this many s")
+    evaluate_before_training: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int | None = Field(9465, ge=0, le=65535)
+    seed: int | None = Field(None, description="RNG seed for shuffling/noise (None = OS entropy)")
+
+    @field_validator("device_id")
+    @classmethod
+    def _device_id(cls, v: str) -> str:
+        return check_name(v, "device_id")
+
+
+def _default_device_id() -> str:
+    host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
+    return host or "device"
+
+
+def _default_state_dir() -> Path:
+    # systemd's StateDirectory= sets STATE_DIRECTORY; otherwise follow the XDG layout.
+    if env := os.environ.get("STATE_DIRECTORY"):
+        return Path(env.split(":")[0])
+    xdg = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(xdg) / "fededge"
+
+
+class Settings(BaseSettings):
+    """Everything a fededge process is configured with."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FEDEDGE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    task: str = "digits"
+    topic_prefix: str = "fededge"
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["text", "json"] = "text"
+    aggregator: AggregatorSettings = Field(default_factory=AggregatorSettings)
+    device: DeviceSettings = Field(default_factory=DeviceSettings)
+
+    @field_validator("task")
+    @classmethod
+    def _task(cls, v: str) -> str:
+        return check_name(v, "task")
+
+    @field_validator("topic_prefix")
+    @classmethod
+    def _prefix(cls, v: str) -> str:
+        if not v or any(c in v for c in "#+\0") or v.startswith("/") or v.endswith("/"):
+            raise ValueError(
+                f"topic_prefix must be a plain topic path without wildcards, got {v!r}"
+            )
+        return v
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if (path := _TOML_FILE.get()) is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
+        return tuple(sources)
+
+
+def load_settings(
+    config: Path | str | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the effective settings; every problem becomes a ConfigError naming key and value.
+
+    ``overrides`` are nested dicts from command-line arguments; ``None`` values are ignored so
+    an option that was not given does not shadow the environment or the file.
+    """
+    path = Path(config) if config is not None else None
+    if path is not None:
+        _check_toml(path)
+    _check_env()
+    kwargs = _drop_none(overrides or {})
+    token = _TOML_FILE.set(path)
+    try:
+        return Settings(**kwargs)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_describe(e, path)) from None
+    finally:
+        _TOML_FILE.reset(token)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            if sub := _drop_none(v):
+                out[k] = sub
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def _check_toml(path: Path) -> None:
+    try:
+        with path.open("rb") as f:
+            tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path} cannot be read: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _check_env() -> None:
+    # pydantic-settings ignores FEDEDGE_* variables that match no field; a typo there would
+    # silently do nothing, so reject them like unknown TOML keys.
+    known = {name.upper() for name in Settings.model_fields}
+    for key in os.environ:
+        if key.startswith("FEDEDGE_"):
+            top = key[len("FEDEDGE_") :].split("__", 1)[0]
+            if top not in known:
+                raise ConfigError(
+                    f"environment variable {key}: unknown setting {top.lower()!r}; "
+                    f"expected one of {sorted(k.lower() for k in known)}"
+                )
+
+
+def _describe(e: pydantic.ValidationError, path: Path | None) -> str:
+    lines = []
+    for err in e.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(root)"
+        value = err.get("input")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not a fededge setting)"
+        elif err["type"] == "missing":
+            msg = "required but not set"
+        else:
+            msg = err["msg"]
+        shown = "***" if "password" in key else repr(value)
+        lines.append(f"{key} = {shown}: {msg}")
+    where = f" (config file {path}, FEDEDGE_* environment or arguments)" if path else ""
+    return "invalid configuration" + where + ":\n  " + "\n  ".join(lines)
+
+
+def settings_as_toml_dict(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain TOML-able data (secrets masked, None dropped)."""
+    data = settings.model_dump(mode="json")
+    if settings.broker.password is not None:
+        data["broker"]["password"] = "***"
+    return _drop_none(data)
