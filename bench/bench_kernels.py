@@ -88,6 +88,76 @@ def peak_extra(fn: Callable[[], object]) -> int:
     return peak
 
 
+Fold = Callable[[NDArray[np.float64], NDArray[np.float32], NDArray[np.float64]], None]
+
+
+def fold_serial(acc: NDArray[np.float64], xs: NDArray[np.float32], w: NDArray[np.float64]) -> None:
+    """One fused pass per update."""
+    for i in range(xs.shape[0]):
+        kernels.accumulate(acc, xs[i], float(w[i]))
+
+
+def fold_buffered(
+    acc: NDArray[np.float64], xs: NDArray[np.float32], w: NDArray[np.float64]
+) -> None:
+    """One pass per 8 updates, as an aggregator decoding into an (8, d) buffer would."""
+    for j in range(0, xs.shape[0], 8):
+        kernels.accumulate_many(acc, xs[j : j + 8], w[j : j + 8])
+
+
+def fold_parallel(
+    acc: NDArray[np.float64], xs: NDArray[np.float32], w: NDArray[np.float64]
+) -> None:
+    """One fused pass per update, split over Numba's threads."""
+    for i in range(xs.shape[0]):
+        kernels.accumulate(acc, xs[i], float(w[i]), parallel=True)
+
+
+def fold_numpy(acc: NDArray[np.float64], xs: NDArray[np.float32], w: NDArray[np.float64]) -> None:
+    """The textbook numpy loop; a float64 weight makes the temporary float64 too."""
+    for i in range(xs.shape[0]):
+        acc += w[i] * xs[i]
+
+
+def triad_gbs(nbytes: int, repeats: int) -> float:
+    """Triad GB/s over float64 arrays that move ``nbytes`` per pass (24 B/element)."""
+    m = nbytes // 24
+    a, b, c = np.zeros(m), np.ones(m), np.full(m, 2.0)
+    return 24 * m / timed(lambda: None, lambda: triad(a, b, c, 3.0), repeats) / 1e9
+
+
+def measure_fold(
+    fold: Fold, xs: NDArray[np.float32], w: NDArray[np.float64], repeats: int, memory: bool
+) -> tuple[float, int | None, NDArray[np.float64]]:
+    """Median time into a zeroed long-lived accumulator, and peak memory with a fresh one."""
+    acc = np.zeros(xs.shape[1])
+    t = timed(lambda: acc.fill(0.0), lambda: fold(acc, xs, w), repeats)
+    mem = peak_extra(lambda: fold(np.zeros(xs.shape[1]), xs, w)) if memory else None
+    return t, mem, acc
+
+
+def measure_flower(
+    xs: NDArray[np.float32], examples: NDArray[np.int64], repeats: int
+) -> tuple[float, int, NDArray[np.float32]]:
+    """Flower's ``aggregate`` over the same updates, one layer each."""
+    results = [([xs[i]], int(examples[i])) for i in range(xs.shape[0])]
+    t = timed(lambda: None, lambda: aggregate(results), repeats)
+    mem = peak_extra(lambda: aggregate(results))
+    return t, mem, aggregate(results)[0]
+
+
+def measure_flower_inplace(fit: list[tuple[Any, Any]], repeats: int) -> tuple[float, int, float]:
+    """Flower's ``aggregate_inplace`` over FitRes objects; also times the decoding alone."""
+    t = timed(lambda: None, lambda: aggregate_inplace(fit), repeats)
+    mem = peak_extra(lambda: aggregate_inplace(fit))
+
+    def decode_all() -> None:
+        for _, f in fit:  # one at a time, as aggregate_inplace holds only one decoded update
+            parameters_to_ndarrays(f.parameters)
+
+    return t, mem, timed(lambda: None, decode_all, repeats)
+
+
 def run_size(d: int, n: int, repeats: int) -> dict[str, Any]:
     """Measure every method at one model size; returns rows and the triad figure."""
     rng = np.random.default_rng(d)
@@ -96,96 +166,46 @@ def run_size(d: int, n: int, repeats: int) -> dict[str, Any]:
         rng.standard_normal(d, dtype=np.float32, out=updates[i])
     examples = rng.integers(10, 1000, n)
     weights = examples.astype(np.float64)
-    acc = np.zeros(d)
-    update_bytes = 4 * d * n
     acc_cached = 8 * d <= l3_bytes() // 2  # leave room for the update stream
+    tri = triad_gbs(4 * d * n, repeats)
 
-    # Triad over float64 arrays moving as many bytes as the n updates hold (24 B/element).
-    m = update_bytes // 24
-    a, b, c = np.zeros(m), np.ones(m), np.full(m, 2.0)
-    t_triad = timed(lambda: None, lambda: triad(a, b, c, 3.0), repeats)
-    triad_gbs = 24 * m / t_triad / 1e9
-    del a, b, c
-
-    def reset() -> None:
-        acc.fill(0.0)
-
-    def serial() -> None:
-        for i in range(n):
-            kernels.accumulate(acc, updates[i], weights[i])
-
-    def buffered() -> None:
-        for j in range(0, n, 8):
-            kernels.accumulate_many(acc, updates[j : j + 8], weights[j : j + 8])
-
-    def parallel() -> None:
-        for i in range(n):
-            kernels.accumulate(acc, updates[i], weights[i], parallel=True)
-
-    def numpy_axpy() -> None:
-        a = acc  # the closure cannot rebind acc with +=
-        for i in range(n):
-            a += weights[i] * updates[i]  # float64 weight: the temporary is float64 too
-
-    def fresh(fold: Callable[[], None]) -> Callable[[], object]:
-        """The same fold into a newly allocated accumulator, for the memory measurement."""
-
-        def run() -> object:
-            nonlocal acc
-            acc = np.zeros(d)
-            fold()
-            return acc
-
-        return run
-
-    results = [([updates[i]], int(examples[i])) for i in range(n)]
-    ours = {
-        "fededge serial (fused)": (serial, 4 + (0 if acc_cached else 16)),
-        "fededge buffered (k=8)": (buffered, 4 + (0 if acc_cached else 16 / 8)),
-        "numpy `acc += w * x`": (numpy_axpy, None),
-    }
     rows: list[dict[str, Any]] = []
-    for name, (fold, traffic) in ours.items():
-        t = timed(reset, fold, repeats)
-        rows.append({"name": name, "t": t, "mem": peak_extra(fresh(fold)), "traffic": traffic})
-    reference = acc.copy()  # weighted sum from the numpy run
-
+    ours: list[tuple[str, Fold, float | None]] = [
+        ("fededge serial (fused)", fold_serial, 4 + (0 if acc_cached else 16)),
+        ("fededge buffered (k=8)", fold_buffered, 4 + (0 if acc_cached else 16 / 8)),
+        ("numpy `acc += w * x`", fold_numpy, None),
+    ]
+    for name, fold, traffic in ours:
+        t, mem, acc = measure_fold(fold, updates, weights, repeats, memory=True)
+        rows.append({"name": name, "t": t, "mem": mem, "traffic": traffic})
     numba.set_num_threads(2)
-    t = timed(reset, parallel, repeats)
-    rows.append({"name": "fededge parallel (2 threads)", "t": t, "mem": None, "traffic": None})
+    t, _, _ = measure_fold(fold_parallel, updates, weights, repeats, memory=False)
     numba.set_num_threads(1)
+    rows.append({"name": "fededge parallel (2 threads)", "t": t, "mem": None, "traffic": None})
 
-    t = timed(lambda: None, lambda: aggregate(results), repeats)
-    flwr_mem = peak_extra(lambda: aggregate(results))
-    flwr_out = aggregate(results)[0]
-    rows.append({"name": "Flower `aggregate`", "t": t, "mem": flwr_mem, "traffic": None})
-    max_err = float(np.max(np.abs(flwr_out - reference / weights.sum()), initial=0.0))
-    del results, flwr_out
+    t, mem, flwr_mean = measure_flower(updates, examples, repeats)
+    rows.append({"name": "Flower `aggregate`", "t": t, "mem": mem, "traffic": None})
+    flwr_err = float(np.max(np.abs(flwr_mean - acc / weights.sum()), initial=0.0))
+    del flwr_mean
 
-    status = Status(code=Code.OK, message="")
     # aggregate_inplace never looks at the ClientProxy, so None stands in for it.
+    status = Status(code=Code.OK, message="")
     fit: list[tuple[Any, Any]] = [
         (None, FitRes(status, ndarrays_to_parameters([updates[i]]), int(examples[i]), {}))
         for i in range(n)
     ]
-    del updates
+    del updates  # only the serialised copies are needed from here on
     gc.collect()
-    t = timed(lambda: None, lambda: aggregate_inplace(fit), repeats)
-    mem = peak_extra(lambda: aggregate_inplace(fit))
+    t, mem, t_decode = measure_flower_inplace(fit, repeats)
     rows.append({"name": "Flower `aggregate_inplace`", "t": t, "mem": mem, "traffic": None})
-    t_decode = timed(
-        lambda: None, lambda: [parameters_to_ndarrays(f.parameters) for _, f in fit], repeats
-    )
-    del fit
-    gc.collect()
     return {
         "d": d,
         "n": n,
-        "triad": triad_gbs,
+        "triad": tri,
         "rows": rows,
         "decode_ms": t_decode / n * 1e3,
         "acc_cached": acc_cached,
-        "flwr_err": max_err,
+        "flwr_err": flwr_err,
     }
 
 
@@ -253,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats-large", type=int, default=3, help="runs per method at d > 1M")
     p.add_argument("--no-write", action="store_true", help="print only, keep docs untouched")
     args = p.parse_args(argv)
-    if numba.config.NUMBA_NUM_THREADS < 2:
+    if int(os.environ["NUMBA_NUM_THREADS"]) < 2:
         sys.exit("the parallel row needs NUMBA_NUM_THREADS >= 2")
     kernels.warmup()
     triad(np.zeros(3), np.ones(3), np.ones(3), 1.0)

@@ -123,6 +123,7 @@ class MqttClient:
         self._started = False
         self._closing = False
         self._last_error = ""
+        self._net_thread: int | None = None
 
         self._client = paho.Client(
             CallbackAPIVersion.VERSION2,
@@ -325,6 +326,7 @@ class MqttClient:
 
     def subscribe(self, topic_filter: str, qos: int = 1) -> None:
         """Subscribe and wait for SUBACK; the subscription is renewed after session loss."""
+        self._not_on_network_thread("subscribe")
         with self._lock:
             self._subscriptions[topic_filter] = qos
         try:
@@ -341,12 +343,19 @@ class MqttClient:
 
     def unsubscribe(self, topic_filter: str) -> None:
         """Unsubscribe and wait for UNSUBACK."""
+        self._not_on_network_thread("unsubscribe")
         with self._lock:
             self._subscriptions.pop(topic_filter, None)
         rc, mid = self._client.unsubscribe(topic_filter)
         codes = self._wait_suback(rc, mid, f"unsubscribe from {topic_filter!r}")
         if self._v5 and codes and codes[0].is_failure:
             raise TransportError(f"broker {self._addr} refused unsubscribe: {codes[0]}")
+
+    def _not_on_network_thread(self, what: str) -> None:
+        # Waiting for an answer inside a callback or connect listener would wait forever: the
+        # answer is read by the very thread that is waiting.
+        if threading.get_ident() == self._net_thread:
+            raise StateError(f"cannot {what} and wait from a connect listener or callback")
 
     def _wait_suback(self, rc: MQTTErrorCode, mid: int | None, what: str) -> list[ReasonCode]:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:
@@ -381,6 +390,8 @@ class MqttClient:
         data = payload.encode() if isinstance(payload, str) else payload
         if len(data) > MAX_PAYLOAD:
             raise TransportError(f"payload of {len(data)} bytes for {topic!r} exceeds MQTT's limit")
+        if wait:
+            self._not_on_network_thread("publish")
         if wait and not self.connected:
             raise TransportError(f"cannot publish to {topic!r}: not connected to {self._addr}")
         info = self._client.publish(topic, data, qos=qos, retain=retain)
@@ -459,6 +470,7 @@ class MqttClient:
                         self._cond.notify_all()
                 return
             session = bool(flags.session_present)
+            self._net_thread = threading.get_ident()
             with self._cond:
                 self._conn += 1
                 self._unacked.clear()
@@ -497,8 +509,12 @@ class MqttClient:
         why = reason.getName()
         if flags.is_disconnect_packet_from_server:
             why = f"broker sent DISCONNECT: {why}"
+        elif why == "Unspecified error":
+            # paho reports every lost socket as "Unspecified error"; its last error log line,
+            # if any, says more (e.g. the TLS alert).
+            why = "connection lost" + (f" ({self._last_error})" if self._last_error else "")
         elif self._last_error:
-            why = f"{why}; {self._last_error}"
+            why = f"{why} ({self._last_error})"
         self._last_error = ""
         with self._cond:
             first_pending = self._first is None

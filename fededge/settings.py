@@ -99,8 +99,9 @@ class AggregatorSettings(_Section):
     fsync: bool = Field(True, description="fsync the write-ahead log before acknowledging")
     group_commit_max: int = Field(20, ge=1, le=1000, description="updates per WAL group commit")
     parallel_kernels: bool = Field(False, description="use the multi-threaded accumulate kernel")
+    metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(9464, ge=0, le=65535, description="Prometheus; None = off")
+    metrics_port: int = Field(9464, ge=0, le=65535, description="0 picks a free port")
     recent_update_ids: int = Field(100_000, ge=100, description="update ids remembered for dedup")
     status_interval: float = Field(10.0, gt=0, description="seconds between status publications")
 
@@ -119,8 +120,9 @@ class DeviceSettings(_Section):
     max_example_age: float = Field(30 * 24 * 3600.0, gt=0, description="seconds an example is kept")
     receipt_timeout: float = Field(60.0, gt=0, description="resend an update after this many s")
     evaluate_before_training: bool = True
+    metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
     metrics_host: str = "127.0.0.1"
-    metrics_port: int | None = Field(9465, ge=0, le=65535)
+    metrics_port: int = Field(9465, ge=0, le=65535, description="0 picks a free port")
     seed: int | None = Field(None, description="RNG seed for shuffling/noise (None = OS entropy)")
 
     @field_validator("device_id")

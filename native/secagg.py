@@ -21,7 +21,7 @@ INT32_MIN = -2147483648.0
 INT32_MAX = 2147483647.0
 
 
-@njit(inline="always", cache=True)  # type: ignore[misc]  # numba decorators are untyped
+@njit(inline="always", cache=True)
 def _hash32(x: np.uint32) -> np.uint32:
     x = np.uint32(x ^ (x >> np.uint32(16)))
     x = np.uint32(x * HASH1)
@@ -30,7 +30,8 @@ def _hash32(x: np.uint32) -> np.uint32:
     return np.uint32(x ^ (x >> np.uint32(16)))
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]  # numba decorators are untyped
+# "reassoc" only: SIMD partial sums, NaN/inf still propagate (as in native/norm.py).
+@njit(cache=True, nogil=True, fastmath={"reassoc"})
 def sum_squares(x: np.ndarray) -> float:
     """Sum of squares of ``x`` in float64 (NaN/inf propagate, so callers can reject them)."""
     acc = 0.0
@@ -40,7 +41,7 @@ def sum_squares(x: np.ndarray) -> float:
     return acc
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]  # numba decorators are untyped
+@njit(cache=True, nogil=True)
 def quantize(
     x: np.ndarray,
     factor: float,
@@ -62,7 +63,7 @@ def quantize(
         out[i] = np.uint32(np.int32(np.floor(v))) & mask
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]  # numba decorators are untyped
+@njit(cache=True, nogil=True)
 def dequantize(acc: np.ndarray, bits: np.int64, inv_scale: float, out: np.ndarray) -> None:
     """out[i] = signed(acc[i] mod 2^k) * inv_scale, the two's-complement reading of a sum."""
     half = np.int64(1) << (bits - 1)
@@ -74,14 +75,14 @@ def dequantize(acc: np.ndarray, bits: np.int64, inv_scale: float, out: np.ndarra
         out[i] = np.float64(v) * inv_scale
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]  # numba decorators are untyped
+@njit(cache=True, nogil=True)
 def add_mod(acc: np.ndarray, x: np.ndarray, mask: np.int64) -> None:
     """acc = (acc + x) mod 2^k in place: folding a masked input or adding a mask."""
     for i in range(acc.shape[0]):
         acc[i] = np.uint32((np.int64(acc[i]) + np.int64(x[i])) & mask)
 
 
-@njit(cache=True, nogil=True)  # type: ignore[misc]  # numba decorators are untyped
+@njit(cache=True, nogil=True)
 def sub_mod(acc: np.ndarray, x: np.ndarray, mask: np.int64) -> None:
     """acc = (acc - x) mod 2^k in place: removing a mask."""
     for i in range(acc.shape[0]):

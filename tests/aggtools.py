@@ -23,7 +23,7 @@ NO_GRAPH = "0" * 64
 
 
 def make_settings(url: str, state_dir: Path, task: str | None = None, **aggregator: Any) -> Settings:
-    agg = {"metrics_port": None, "status_interval": 1.0, **aggregator}
+    agg = {"metrics": False, "status_interval": 1.0, **aggregator}
     return load_settings(
         None,
         {

@@ -113,7 +113,11 @@ class Mosquitto:
         lines.extend(extra_config)
         self.config_path.write_text("\n".join(lines) + "\n")
         # Every listener must be up before a test may use it.
-        self.ports = [int(ln.split()[1]) for ln in lines if ln.startswith("listener ")]
+        self.listeners = [
+            (ln.split()[2] if len(ln.split()) > 2 else "127.0.0.1", int(ln.split()[1]))
+            for ln in lines
+            if ln.startswith("listener ")
+        ]
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -148,8 +152,8 @@ class Mosquitto:
                 stderr=err,
             )
         deadline = time.monotonic() + START_TIMEOUT
-        for port in self.ports:
-            while not wait_port(port, 0.2):
+        for host, port in self.listeners:
+            while not wait_port(port, 0.2, host):
                 if self.proc.poll() is not None or time.monotonic() > deadline:
                     self.kill()
                     raise RuntimeError(
@@ -214,10 +218,12 @@ class TlsFiles:
     client_cert: Path
     client_key: Path
 
-    def listener(self, port: int, *, require_certificate: bool = True) -> list[str]:
-        """Mosquitto config lines for a TLS listener on ``port`` using these files."""
+    def listener(
+        self, port: int, *, host: str = "127.0.0.1", require_certificate: bool = True
+    ) -> list[str]:
+        """Mosquitto config lines for a TLS listener on host:port using these files."""
         return [
-            f"listener {port} 127.0.0.1",
+            f"listener {port} {host}",
             f"cafile {self.ca_cert}",
             f"certfile {self.server_cert}",
             f"keyfile {self.server_key}",

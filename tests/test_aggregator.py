@@ -17,12 +17,15 @@ def _weights() -> dict[str, np.ndarray]:
 
 def test_exact_weighted_mean(broker, tmp_path) -> None:
     s = make_settings(broker.url, tmp_path)
-    plan = Plan(min_updates_per_version=3, clip_norm=100.0, server_learning_rate=0.5,
-                max_examples_weight=40)
+    plan = Plan(
+        min_updates_per_version=3, clip_norm=100.0, server_learning_rate=0.5, max_examples_weight=40
+    )
     base = init_task(s, _weights(), plan)
     rng = np.random.default_rng(0)
-    deltas = [{k: rng.normal(size=v.shape).astype(np.float32) for k, v in base.weights.items()}
-              for _ in range(3)]
+    deltas = [
+        {k: rng.normal(size=v.shape).astype(np.float32) for k, v in base.weights.items()}
+        for _ in range(3)
+    ]
     counts = [10, 30, 100]  # the last is capped at 40 examples
     with running_aggregator(s):
         dev = Sender(s)
@@ -34,7 +37,114 @@ def test_exact_weighted_mean(broker, tmp_path) -> None:
         dev.close()
     w = np.array([10, 30, 40], dtype=np.float64)
     for name, b in base.weights.items():
-        mean = sum(wi * d[name].astype(np.float64) for wi, d in zip(w, deltas, strict=True)) / w.sum()
+        mean = (
+            sum(wi * d[name].astype(np.float64) for wi, d in zip(w, deltas, strict=True)) / w.sum()
+        )
         expected = (b.astype(np.float64) + 0.5 * mean).astype(np.float32)
         np.testing.assert_array_equal(v1.weights[name], expected)
     assert v1.parent == 0 and v1.updates == 3 and v1.examples == 140
+
+
+def test_staleness_window_and_weighting(broker, tmp_path) -> None:
+    s = make_settings(broker.url, tmp_path)
+    plan = Plan(min_updates_per_version=1, max_staleness=1, staleness_exponent=1.0, clip_norm=100.0)
+    base = init_task(s, _weights(), plan)
+    ones = {k: np.ones_like(v) for k, v in base.weights.items()}
+    with running_aggregator(s):
+        dev = Sender(s)
+        assert dev.receipt(dev.update(ones, base=0)).status == "accepted"  # makes version 1
+        dev.model(1)
+        # Based on version 0 while 1 is current: staleness 1, weight 10 / (1 + 1).
+        r = dev.receipt(dev.update(ones, base=0, n=10))
+        assert (r.status, r.version, r.pending) == ("accepted", 1, 2)
+        v2 = dev.model(2)
+        r = dev.receipt(dev.update(ones, base=0))  # now 2 behind
+        assert (r.status, r.reason) == ("rejected", "stale")
+        r = dev.receipt(dev.update(ones, base=7))
+        assert (r.status, r.reason) == ("rejected", "unknown_version")
+        dev.close()
+    # One update per version: the mean is the update itself whatever its weight.
+    np.testing.assert_array_equal(v2.weights["b"], base.weights["b"] + 2)
+
+
+def test_hostile_updates_rejected_and_state_intact(broker, tmp_path) -> None:
+    s = make_settings(broker.url, tmp_path, max_update_bytes=1 << 20)
+    plan = Plan(min_updates_per_version=2, clip_norm=1.0)
+    base = init_task(s, _weights(), plan)
+    good = {k: np.full(v.shape, 0.1, np.float32) for k, v in base.weights.items()}
+    with running_aggregator(s) as agg:
+        dev = Sender(s)
+        first = dev.update(good)
+        assert dev.receipt(first).status == "accepted"
+        cases = {
+            "wrong_shape": {"b": np.zeros(4, np.float32), "w": good["w"]},
+            "wrong_names": {"b": good["b"], "x": good["w"]},
+            "wrong_dtype": {"b": good["b"].astype(np.float64), "w": good["w"]},
+            "non_finite": {"b": np.array([0, np.nan, 0], np.float32), "w": good["w"]},
+            "norm_too_large": {k: v * 100 for k, v in good.items()},
+        }
+        for reason, delta in cases.items():
+            r = dev.receipt(dev.update(delta))
+            assert (r.status, r.reason) == ("rejected", reason), r
+        r = dev.receipt(dev.update(good, task="other"))
+        assert r.reason == "wrong_task"
+        # A device may only speak for itself: the payload's device must match the topic's.
+        r = dev.receipt(dev.update(good, device="someone-else"))
+        assert (r.status, r.reason) == ("rejected", "wrong_device")
+        del dev.receipts[first]
+        dev.update(good, uid=first)  # a resend of an acknowledged update
+        assert dev.receipt(first).status == "duplicate"
+        # Undecodable payloads carry no update id: no receipt, but counted and acknowledged.
+        for junk in (
+            b"",
+            b"\x00" * 7,
+            b"not safetensors at all",
+            np.random.default_rng(1).bytes(5000),
+            good_bytes(s, good)[:-3],
+            b"\x10" + b"\x00" * 7 + b"{" * 16,
+            b"\xff" * (2 << 20),
+        ):
+            dev.raw(junk)
+        wait_for(lambda: _rejected(agg) >= 6 + 7)
+        assert agg.pending is not None and agg.pending.sums.count == 1
+        assert agg.version == 0
+        # ... and the service still works: a valid update completes version 1.
+        second = dev.update(good)
+        assert dev.receipt(second).status == "accepted"
+        v1 = dev.model(1)
+        dev.close()
+    np.testing.assert_allclose(v1.weights["b"], base.weights["b"] + 0.1, rtol=1e-6)
+    assert agg.metrics.duplicates._value.get() == 1
+    reasons = {
+        s.labels["reason"]: s.value
+        for m in agg.metrics.rejected.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    }
+    assert reasons["oversize"] == 1 and reasons["malformed"] >= 5
+
+
+def good_bytes(s, delta) -> bytes:
+    from fededge.protocol import Update
+
+    return Update(
+        task=s.task, device="dev1", update_id="x", base_version=0, num_examples=1, delta=delta
+    ).to_bytes()
+
+
+def _rejected(agg) -> float:
+    return sum(
+        s.value
+        for m in agg.metrics.rejected.collect()
+        for s in m.samples
+        if s.name.endswith("_total")
+    )
+
+
+def wait_for(cond, timeout: float = 20) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)

@@ -98,7 +98,7 @@ def test_random_bytes_with_identifier(bundle_dir: Path) -> None:
     junk = bytearray(np.random.default_rng(2).bytes(20_000))
     junk[0:8] = b"\x20\x00\x00\x00TFL3"
     _write_graph(bundle_dir, bytes(junk))
-    with pytest.raises(ModelError, match="runtime cannot load"):
+    with pytest.raises(ModelError, match=r"runtime cannot load|runtime crashed"):
         load_bundle(bundle_dir)
 
 
@@ -125,7 +125,9 @@ def test_spec_shapes_disagree_with_graph(bundle_dir: Path) -> None:
     spec = _spec(bundle_dir)
     spec["input_shape"] = [63]
     (bundle_dir / SPEC_FILE).write_text(json.dumps(spec))
-    with pytest.raises(ModelError, match=r"tensor 'x' has shape \[-1, 64\], spec implies \[-1, 63\]"):
+    with pytest.raises(
+        ModelError, match=r"tensor 'x' has shape \[-1, 64\], spec implies \[-1, 63\]"
+    ):
         load_bundle(bundle_dir)
 
 
@@ -133,7 +135,7 @@ def test_spec_weight_names_disagree_with_graph(bundle_dir: Path) -> None:
     spec = _spec(bundle_dir)
     spec["weights"][0]["name"] = "renamed"
     (bundle_dir / SPEC_FILE).write_text(json.dumps(spec))
-    with pytest.raises(ModelError, match="inputs .* spec implies"):
+    with pytest.raises(ModelError, match=r"inputs .* spec implies"):
         load_bundle(bundle_dir)
 
 
@@ -144,7 +146,10 @@ def _weights(d: Path) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        (lambda w: w.update(dense1_bias=np.zeros(31, np.float32)), "shape \\[31\\], spec says \\[32\\]"),
+        (
+            lambda w: w.update(dense1_bias=np.zeros(31, np.float32)),
+            "shape \\[31\\], spec says \\[32\\]",
+        ),
         (lambda w: w.pop("dense2_bias"), "missing weights \\['dense2_bias'\\]"),
         (lambda w: w.update(extra=np.zeros(3, np.float32)), "unexpected weights \\['extra'\\]"),
         (lambda w: w.update(dense2_bias=np.full(10, np.nan, np.float32)), "non-finite"),

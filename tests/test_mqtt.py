@@ -227,7 +227,7 @@ def test_broker_crash_reconnect_and_resubscribe(
         pub.publish("crash/x", b"", qos=0)
     fresh_broker.start()
     assert sub.wait_connected(10) and pub.wait_connected(10)
-    assert sessions == [False]
+    assert until(lambda: sessions == [False], 5)
     # The resubscription is not awaited; wait for the broker to log it before publishing.
     assert until(lambda: fresh_broker.log_text().count("crash/#") >= 2, 5)
     pub.publish("crash/x", b"back", wait=True, timeout=5)
@@ -273,8 +273,9 @@ def test_tls_with_client_certificate(
     protocol: str,
 ) -> None:
     tls = make_tls_files(tmp_path / "tls")
-    port = free_port()
-    mosquitto_factory(tls.listener(port))
+    port, port2 = free_port(), free_port()
+    # A second listener on 127.0.0.2, a name the server certificate does not carry.
+    mosquitto_factory(tls.listener(port) + tls.listener(port2, host="127.0.0.2"))
     url = f"mqtts://localhost:{port}"
     good = BrokerSettings(
         url=url,
@@ -299,9 +300,10 @@ def test_tls_with_client_certificate(
     with pytest.raises(TransportError, match="TLS failure.*certificate"):
         MqttClient(wrong_ca, _id("wrongca")).connect()
 
-    wrong_name = good.model_copy(update={"url": f"mqtts://127.0.0.2:{port}"})
-    with pytest.raises(TransportError, match="TLS failure"):
+    wrong_name = good.model_copy(update={"url": f"mqtts://127.0.0.2:{port2}"})
+    with pytest.raises(TransportError, match="TLS failure.*(IP address mismatch|hostname)"):
         MqttClient(wrong_name, _id("name")).connect()
+    clients(wrong_name.model_copy(update={"tls_insecure": True})).publish("tls/t", b"", wait=True)
 
 
 def test_tls_settings_errors(tmp_path: Path) -> None:
@@ -338,16 +340,16 @@ def test_username_password(
         MqttClient(m.settings(protocol=protocol), _id("anon")).connect()
 
 
-def test_acl_refusals_are_errors_on_mqtt5(
+def test_acl_refused_publish_is_an_error_on_mqtt5(
     mosquitto_factory: Callable[..., Mosquitto], clients: Callable[..., MqttClient], tmp_path: Path
 ) -> None:
+    # MQTT 3.1.1 cannot report it (PUBACK has no reason code); Mosquitto 2.0 grants every
+    # subscription and filters by ACL at delivery, so only the publish side is testable.
     acl = tmp_path / "acl"
     acl.write_text("topic readwrite open/#\n")
     m = mosquitto_factory([f"acl_file {acl}"])
     c = clients(m.settings(protocol="5"))
     c.subscribe("open/x")
-    with pytest.raises(TransportError, match="refused subscription.*Not authorized"):
-        c.subscribe("closed/x")
     with pytest.raises(TransportError, match="refused publish.*Not authorized"):
         c.publish("closed/x", b"x", wait=True, timeout=5)
     c.publish("open/x", b"fine", wait=True, timeout=5)

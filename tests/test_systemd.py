@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import itertools
 import os
 import queue
@@ -14,6 +15,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -488,3 +490,37 @@ def test_a_main_loop_reports_ready_pings_and_stops_on_sigterm(
     assert min(gaps) >= 0.19 and max(gaps) < 0.6, gaps
     assert run.terminate() == 0
     assert "STOPPING=1\nSTATUS=SIGTERM" in [m for _, m in run.messages]
+
+
+def _daemon_cmd(role: str, *args: str) -> list[str]:
+    if importlib.util.find_spec(f"fededge.cli.{role}") is None:
+        pytest.skip(f"`fededge {role}` does not exist yet")
+    return [sys.executable, "-m", "fededge.cli", role, *args]
+
+
+@pytest.mark.broker
+def test_aggregator_daemon_speaks_sd_notify(
+    notified: Callable[..., NotifyCapture], broker: Any, tmp_path: Path
+) -> None:
+    import numpy as np
+    from aggtools import init_task, make_settings
+
+    from fededge.protocol import Plan
+
+    state = tmp_path / "state"
+    settings = make_settings(broker.url, state)
+    init_task(settings, {"w": np.zeros(64, np.float32)}, Plan())
+    cmd = _daemon_cmd(
+        "aggregator",
+        *("--broker", broker.url, "--task", settings.task, "--state-dir", str(state)),
+        *("--wait-for-model", "60"),
+    )
+    run = notified(cmd, watchdog_usec=1_500_000, env={"FEDEDGE_AGGREGATOR__METRICS": "false"})
+    ready_at = run.wait_for("READY=1", timeout=120)  # a cold Numba cache compiles first
+    run.collect(time.monotonic() + 2.5)
+    pings = [t for t in run.times("WATCHDOG=1") if t >= ready_at]
+    assert len(pings) >= 3, run.messages
+    # Pinged from the running main loop, never further apart than the watchdog timeout.
+    assert max(b - a for a, b in itertools.pairwise(pings)) < 1.5, pings
+    assert run.terminate() == 0
+    assert any(m.startswith("STOPPING=1") for _, m in run.messages), run.messages

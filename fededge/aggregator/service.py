@@ -16,7 +16,7 @@ from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.policy import check_update
 from fededge.aggregator.store import Store
-from fededge.errors import FededgeError, ProtocolError, StateError
+from fededge.errors import ConfigError, FededgeError, ProtocolError, StateError
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import (
     AggregatorStatus,
@@ -91,8 +91,14 @@ class Aggregator:
         """
         kernels.warmup(parallel=self.cfg.parallel_kernels)
         self._load_local()
-        if self.cfg.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+        if self.cfg.metrics:
+            try:
+                self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+            except OSError as e:
+                raise ConfigError(
+                    f"aggregator.metrics_port={self.cfg.metrics_port}: cannot listen on "
+                    f"{self.cfg.metrics_host}: {e.strerror}"
+                ) from None
         self.client.connect()
         for t in (self.topics.plan, self.topics.graph, self.topics.model):
             self.client.subscribe(t, qos=1)
@@ -160,11 +166,21 @@ class Aggregator:
                 break
         staged: list[Message] = []
         for msg in batch:
-            if self.topics.device_of(msg.topic, "updates") is not None:
-                if self._ingest(msg):
-                    staged.append(msg)
-            else:
-                self._control(msg)
+            try:
+                if self.topics.device_of(msg.topic, "updates") is not None:
+                    if self._ingest(msg):
+                        staged.append(msg)
+                else:
+                    self._control(msg)
+                    self.client.ack(msg)
+            except (StateError, OSError):
+                raise  # the disk failed: stop rather than acknowledge what is not durable
+            except Exception:
+                # A bug in validation must not take the service down or wedge the message:
+                # count it, log it with the traceback, acknowledge and go on.
+                self.rejected_total += 1
+                self.metrics.rejected.labels("internal_error").inc()
+                log.exception("internal error on a message on %s; dropped", msg.topic)
                 self.client.ack(msg)
         if staged:
             self._commit(staged)

@@ -118,7 +118,7 @@ def _make_module(model: str) -> Any:
         # tf.nn.relu's gradient (ReluGrad) is not a builtin op; Maximum's gradient is.
         return tf.maximum(h, 0.0)
 
-    @tf.custom_gradient  # type: ignore[misc]
+    @tf.custom_gradient  # type: ignore[untyped-decorator]  # tf has no type stubs
     def pool_max(a: Any, b: Any) -> Any:
         # Maximum's own gradient needs BroadcastGradientArgs (a Flex op) when the batch is dynamic.
         take_a = tf.greater_equal(a, b)
@@ -147,7 +147,7 @@ def _make_module(model: str) -> Any:
         return tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(onehot, logits))
 
     class Digits(tf.Module):  # type: ignore[misc]  # tf has no type stubs
-        @tf.function(input_signature=[x_spec, y_spec, lr_spec, *w_specs])  # type: ignore[misc]
+        @tf.function(input_signature=[x_spec, y_spec, lr_spec, *w_specs])  # type: ignore[untyped-decorator]
         def train(self, x: Any, y: Any, lr: Any, *w: Any) -> dict[str, Any]:
             with tf.GradientTape() as tape:
                 tape.watch(w)
@@ -158,11 +158,11 @@ def _make_module(model: str) -> Any:
                 out[n] = wi - lr * gi
             return out
 
-        @tf.function(input_signature=[x_spec, *w_specs])  # type: ignore[misc]
+        @tf.function(input_signature=[x_spec, *w_specs])  # type: ignore[untyped-decorator]
         def infer(self, x: Any, *w: Any) -> dict[str, Any]:
             return {"probs": tf.nn.softmax(logits_of(x, w))}
 
-        @tf.function(input_signature=[x_spec, y_spec, *w_specs])  # type: ignore[misc]
+        @tf.function(input_signature=[x_spec, y_spec, *w_specs])  # type: ignore[untyped-decorator]
         def eval(self, x: Any, y: Any, *w: Any) -> dict[str, Any]:
             logits = logits_of(x, w)
             correct = tf.cast(

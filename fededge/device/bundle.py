@@ -103,7 +103,7 @@ def _field(obj: dict[str, Any], key: str, kind: type | tuple[type, ...], where: 
         raise ModelError(f"{where}: missing field {key!r}")
     value = obj[key]
     # bool is an int in Python; a spec saying `true` for a count is wrong, not 1.
-    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+    if (isinstance(value, bool) and kind is not bool) or not isinstance(value, kind):
         raise ModelError(f"{where}: field {key!r} = {value!r} is not of the expected type")
     return value
 
@@ -243,7 +243,9 @@ def parse_weights(raw: bytes, spec: BundleSpec, what: str = WEIGHTS_FILE) -> dic
             )
         if not np.all(np.isfinite(arr)):
             raise ModelError(f"{what}: weight {w.name!r} has non-finite values")
-        out[w.name] = np.ascontiguousarray(arr)
+        arr = np.array(arr, copy=True, order="C")
+        arr.setflags(write=False)  # shared initial weights: nobody may train them in place
+        out[w.name] = arr
     return out
 
 
@@ -263,7 +265,12 @@ class Bundle:
 
     @classmethod
     def from_bytes(
-        cls, graph: bytes, spec: bytes | str | dict[str, Any], weights: bytes, *, isolate: bool = True
+        cls,
+        graph: bytes,
+        spec: bytes | str | dict[str, Any],
+        weights: bytes,
+        *,
+        isolate: bool = True,
     ) -> Bundle:
         """Validate a bundle given as bytes (e.g. received over MQTT) and return it.
 

@@ -45,7 +45,9 @@ def dirichlet_partition(
     """
     labels = np.asarray(labels)
     if n_parts < 1 or not alpha > 0 or min_size < 0:
-        raise ValueError(f"need n_parts >= 1, alpha > 0, min_size >= 0 (got {n_parts}, {alpha}, {min_size})")
+        raise ValueError(
+            f"need n_parts >= 1, alpha > 0, min_size >= 0 (got {n_parts}, {alpha}, {min_size})"
+        )
     if n_parts * min_size > len(labels):
         raise ValueError(f"{len(labels)} examples cannot give {n_parts} parts of {min_size}")
     for _ in range(max_tries):

@@ -97,7 +97,8 @@ def check_signatures(graph: bytes, spec: BundleSpec) -> None:
             )
         if sorted(present[sig]["outputs"]) != sorted(outputs):
             raise ModelError(
-                f"{where}: outputs {sorted(present[sig]['outputs'])}, spec implies {sorted(outputs)}"
+                f"{where}: outputs {sorted(present[sig]['outputs'])}, "
+                f"spec implies {sorted(outputs)}"
             )
         try:
             runner = interp.get_signature_runner(sig)
@@ -147,13 +148,17 @@ def probe_graph(graph: bytes, spec: BundleSpec, timeout: float = 60.0) -> None:
             timeout=timeout, env=env, check=False,
         )  # fmt: skip
     except subprocess.TimeoutExpired:
-        raise ModelError(f"the runtime did not finish loading the graph within {timeout} s") from None
+        raise ModelError(
+            f"the runtime did not finish loading the graph within {timeout} s"
+        ) from None
     except OSError as e:
         raise ModelError(f"cannot start the graph probe: {e}") from None
     if r.returncode == _PROBE_BAD:
         raise ModelError(r.stdout.decode(errors="replace").strip())
     if r.returncode < 0:
-        raise ModelError(f"the runtime crashed (signal {-r.returncode}) loading or running the graph")
+        raise ModelError(
+            f"the runtime crashed (signal {-r.returncode}) loading or running the graph"
+        )
     if r.returncode != _PROBE_OK:
         tail = r.stderr.decode(errors="replace").strip().splitlines()[-1:] or ["no output"]
         raise ModelError(f"the graph probe failed (exit {r.returncode}): {tail[0]}")
@@ -209,10 +214,11 @@ class ModelRuntime:
         self, graph: bytes | str | Path, spec: BundleSpec, *, num_threads: int = 1
     ) -> None:
         if isinstance(graph, (str, Path)):
+            path = Path(graph)
             try:
-                graph = Path(graph).read_bytes()
+                graph = path.read_bytes()
             except OSError as e:
-                raise ModelError(f"cannot read graph {graph}: {e.strerror}") from None
+                raise ModelError(f"cannot read graph {path}: {e.strerror}") from None
         self.spec = spec
         self.graph_sha256 = spec.graph_sha256
         self._names = spec.weight_names
@@ -256,7 +262,8 @@ class ModelRuntime:
             arr = np.ascontiguousarray(weights[name], dtype=np.float32)
             if arr.shape != self._shapes[name]:
                 raise ValueError(
-                    f"weight {name!r} has shape {list(arr.shape)}, expected {list(self._shapes[name])}"
+                    f"weight {name!r} has shape {list(arr.shape)}, "
+                    f"expected {list(self._shapes[name])}"
                 )
             out[name] = arr
         return out
@@ -266,7 +273,12 @@ class ModelRuntime:
     ) -> tuple[float, dict[str, np.ndarray]]:
         """One SGD step on batch (x, y); returns the batch loss before the step and new weights."""
         xb = self._x(x)
-        inputs = {"x": xb, "y": self._y(y, len(xb)), "lr": np.float32(lr), **self._w(weights)}
+        inputs = {
+            "x": xb,
+            "y": self._y(y, len(xb)),
+            "lr": np.array(lr, np.float32),
+            **self._w(weights),
+        }
         out = self._train.run("train", inputs)
         return float(out["loss"]), {n: out[n] for n in self._names}
 

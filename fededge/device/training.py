@@ -28,7 +28,9 @@ class LocalUpdate:
 
 def global_norm(tensors: dict[str, np.ndarray]) -> float:
     """L2 norm over all tensors together, accumulated in float64."""
-    return math.sqrt(sum(float(np.dot(t.ravel().astype(np.float64), t.ravel())) for t in tensors.values()))
+    return math.sqrt(
+        sum(float(np.dot(t.ravel().astype(np.float64), t.ravel())) for t in tensors.values())
+    )
 
 
 def clip_and_noise(
@@ -39,8 +41,10 @@ def clip_and_noise(
 ) -> tuple[dict[str, np.ndarray], float, float]:
     """Scale ``delta`` to global L2 norm <= ``clip_norm``, then add N(0, noise_stddev²) noise.
 
-    Returns (new delta, norm before clipping, scale applied). ``clip_norm=None`` skips clipping.
-    Noise is drawn per tensor in name order, so a seeded ``rng`` gives reproducible updates.
+    The clipped delta's norm (float64 sum of squares) is guaranteed <= ``clip_norm``; the noisy
+    one is not: expect about sqrt(clip_norm² + noise_stddev² · parameters). Returns (new delta,
+    norm before clipping, scale applied). ``clip_norm=None`` skips clipping. Noise is drawn
+    per tensor in name order, so a seeded ``rng`` gives reproducible updates.
     """
     if clip_norm is not None and not clip_norm > 0:
         raise ValueError(f"clip_norm must be > 0 or None, got {clip_norm}")
@@ -48,12 +52,21 @@ def clip_and_noise(
         raise ValueError(f"noise_stddev must be >= 0, got {noise_stddev}")
     norm = global_norm(delta)
     scale = 1.0 if clip_norm is None or norm <= clip_norm else clip_norm / norm
+    clipped = {n: (d.astype(np.float64) * scale).astype(np.float32) for n, d in delta.items()}
+    # Rounding to float32 can leave the norm a few ulps above the bound: shrink until it holds.
+    shrink = 2.0**-22
+    while clip_norm is not None and global_norm(clipped) > clip_norm:
+        clipped = {n: (d * (1.0 - shrink)).astype(np.float32) for n, d in clipped.items()}
+        scale *= 1.0 - shrink
+        shrink *= 4.0
     out: dict[str, np.ndarray] = {}
-    for name in sorted(delta):
-        d = delta[name].astype(np.float64) * scale
+    for name in sorted(clipped):
+        d = clipped[name]
         if noise_stddev > 0:
-            d += rng.normal(0.0, noise_stddev, size=d.shape)
-        out[name] = d.astype(np.float32)
+            d = (d.astype(np.float64) + rng.normal(0.0, noise_stddev, size=d.shape)).astype(
+                np.float32
+            )
+        out[name] = d
     return {n: out[n] for n in delta}, norm, scale
 
 

@@ -9,7 +9,6 @@ from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
-from safetensors.numpy import save as _st_save
 
 from fededge.errors import ProtocolError
 
@@ -36,15 +35,33 @@ class TensorPayload:
 def encode_tensors(
     tensors: Mapping[str, NDArray[np.generic]], metadata: Mapping[str, str]
 ) -> bytes:
-    """Serialise named arrays and string metadata to safetensors bytes (deterministic)."""
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
-    for name, arr in arrays.items():
-        if arr.dtype.newbyteorder("<") not in _DTYPES.values():
+    """Serialise named arrays and string metadata to safetensors bytes, deterministically.
+
+    The safetensors library writes ``__metadata__`` in a per-process random (hash map) order,
+    so equal messages would differ byte for byte; this writer fixes the order (metadata keys
+    sorted, tensors by name) so payloads have stable hashes and test vectors. The output is
+    plain safetensors: the tests check that the library reads it back.
+    """
+    header: dict[str, object] = {}
+    if metadata:
+        for k, v in metadata.items():
+            if not isinstance(k, str) or not isinstance(v, str):
+                raise TypeError(f"metadata {k!r}: keys and values must be str")
+        header["__metadata__"] = dict(sorted(metadata.items()))
+    chunks: list[bytes] = []
+    pos = 0
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        code = next((c for c, dt in _DTYPES.items() if dt == arr.dtype.newbyteorder("<")), None)
+        if code is None or (arr.dtype.byteorder == ">"):
             raise ValueError(f"tensor {name!r}: dtype {arr.dtype} is not allowed on the wire")
-    for k, v in metadata.items():
-        if not isinstance(k, str) or not isinstance(v, str):
-            raise TypeError(f"metadata {k!r}: keys and values must be str")
-    return bytes(_st_save(arrays, metadata=dict(metadata)))
+        data = arr.tobytes()
+        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [pos, pos + len(data)]}
+        chunks.append(data)
+        pos += len(data)
+    h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    h += b" " * (-len(h) % 8)  # the format pads the header so the data starts 8-byte aligned
+    return struct.pack("<Q", len(h)) + h + b"".join(chunks)
 
 
 def decode_tensors(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> TensorPayload:
@@ -87,6 +104,8 @@ def decode_tensors(payload: bytes | bytearray | memoryview, *, max_bytes: int) -
     for (start, end), name, info in entries:
         if start != pos:
             raise ProtocolError(f"tensor {name!r}: data offsets leave a gap or overlap")
+        if end > len(data):
+            raise ProtocolError(f"tensor {name!r}: data runs past the end of the payload")
         dtype = _DTYPES.get(str(info.get("dtype")))
         if dtype is None:
             raise ProtocolError(f"tensor {name!r}: dtype {info.get('dtype')!r} is not allowed")

@@ -41,7 +41,7 @@ def system_random(n: int) -> bytes:
 
 
 def deterministic_random(seed: bytes) -> RandomSource:
-    """A reproducible random source (AES-CTR keystream of ``seed``) for tests and simulations only."""
+    """A reproducible random source (AES-CTR keystream of ``seed``), for tests only."""
     key = _hkdf(seed, b"test-rng", 32)
     encryptor = Cipher(algorithms.AES(key[:16]), modes.CTR(key[16:])).encryptor()
 
@@ -206,10 +206,10 @@ class MaskPRG:
         self.n_words = n_words
         # update_into wants room for one extra block; the tail is never read.
         self._buffer = np.zeros(n_words + 4, dtype=np.uint32)
-        self._bytes = memoryview(self._buffer).cast("B")
+        self._bytes = self._buffer.data.cast("B")
 
     def expand(self, seed: bytes) -> npt.NDArray[np.uint32]:
-        """The mask of ``seed``: ``n_words`` uniform uint32 words, a view valid until the next call."""
+        """The mask of ``seed``: ``n_words`` uniform words, a view valid until the next call."""
         if len(seed) != SEED_BYTES:
             raise SecAggError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
         n_bytes = 4 * self.n_words

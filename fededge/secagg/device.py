@@ -31,7 +31,9 @@ from fededge.secagg.quantize import FixedPoint, add_mod, sub_mod
 log = logging.getLogger(__name__)
 
 
-def flatten(delta: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating]) -> npt.NDArray[np.float32]:
+def flatten(
+    delta: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+) -> npt.NDArray[np.float32]:
     """One float32 vector from an update: a flat array as is, a dict concatenated by sorted name."""
     if isinstance(delta, np.ndarray):
         return np.ascontiguousarray(delta.reshape(-1), dtype=np.float32)
@@ -47,9 +49,13 @@ class DeviceRound:
     before the masked-input stage ends. Rejected messages raise SecAggError and change nothing.
     """
 
-    def __init__(self, device_id: str, config: RoundConfig, rng: crypto.RandomSource = crypto.system_random) -> None:
+    def __init__(
+        self, device_id: str, config: RoundConfig, rng: crypto.RandomSource = crypto.system_random
+    ) -> None:
         if device_id not in config.cohort:
-            raise SecAggError(f"device {device_id!r} is not in the cohort of round {config.round_id!r}")
+            raise SecAggError(
+                f"device {device_id!r} is not in the cohort of round {config.round_id!r}"
+            )
         self.device_id = device_id
         self.config = config
         self.stage = Stage.ADVERTISE
@@ -63,7 +69,9 @@ class DeviceRound:
         self._mask = crypto.generate_keypair(rng)
         self._self_seed = rng(crypto.SEED_BYTES)
         self._peers: dict[str, tuple[bytes, bytes]] = {}
-        self._held: dict[str, tuple[bytes, bytes]] = {}  # neighbour -> (mask-key share, self-mask share)
+        self._held: dict[
+            str, tuple[bytes, bytes]
+        ] = {}  # neighbour -> (mask-key share, self-mask share)
         self._partners: tuple[str, ...] | None = None  # neighbours to mask with
         self._encoded: npt.NDArray[np.uint32] | None = None
         self._masked_sent = False
@@ -72,17 +80,27 @@ class DeviceRound:
     def start(self) -> list[Outgoing]:
         """Stage 1: advertise the two public keys."""
         check_stage(self.stage, Stage.ADVERTISE, what="advertising keys")
-        msg = AdvertiseKeys(self.config.round_id, self.device_id, self._enc.public, self._mask.public)
+        msg = AdvertiseKeys(
+            self.config.round_id, self.device_id, self._enc.public, self._mask.public
+        )
         return [Outgoing(TO_SERVER, msg)]
 
-    def set_input(self, delta: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating], weight: float) -> list[Outgoing]:
+    def set_input(
+        self,
+        delta: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
+        weight: float,
+    ) -> list[Outgoing]:
         """Give this round's update (weight = e.g. example count); sends it if shares are in."""
-        check_stage(self.stage, Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, what="setting the input")
+        check_stage(
+            self.stage, Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, what="setting the input"
+        )
         if self._encoded is not None or self._masked_sent:
             raise SecAggError("the input of this round is already set")
         flat = flatten(delta)
         if flat.shape[0] != self.config.vector_length:
-            raise SecAggError(f"input has {flat.shape[0]} values, the round expects {self.config.vector_length}")
+            raise SecAggError(
+                f"input has {flat.shape[0]} values, the round expects {self.config.vector_length}"
+            )
         key = int.from_bytes(self._rng(8), "little")
         self._encoded = self._fixed.encode(flat, float(weight), key)
         return self._maybe_send_masked()
@@ -90,10 +108,19 @@ class DeviceRound:
     def handle(self, msg: Message) -> list[Outgoing]:
         """React to one message from the server; returns the messages to send."""
         if msg.round_id != self.config.round_id:
-            raise SecAggError(f"message for round {msg.round_id!r}, this is {self.config.round_id!r}")
+            raise SecAggError(
+                f"message for round {msg.round_id!r}, this is {self.config.round_id!r}"
+            )
         if isinstance(msg, RoundStatus):
             return self._on_status(msg)
-        check_stage(self.stage, Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK, what=f"a {msg.TYPE} message")
+        check_stage(
+            self.stage,
+            Stage.ADVERTISE,
+            Stage.SHARE,
+            Stage.MASKED,
+            Stage.UNMASK,
+            what=f"a {msg.TYPE} message",
+        )
         if isinstance(msg, PeerKeys | RelayedShares) and msg.device != self.device_id:
             raise SecAggError(f"{msg.TYPE} message addressed to {msg.device!r}")
         if isinstance(msg, PeerKeys):
@@ -120,10 +147,17 @@ class DeviceRound:
         if unknown:
             raise SecAggError(f"keys for devices that are not neighbours: {sorted(unknown)}")
         if len(msg.keys) < cfg.threshold:
-            raise SecAggError(f"{len(msg.keys)} neighbours advertised, fewer than the threshold {cfg.threshold}")
-        all_keys = [k for pair in msg.keys.values() for k in pair] + [self._enc.public, self._mask.public]
+            raise SecAggError(
+                f"{len(msg.keys)} neighbours advertised, fewer than the threshold {cfg.threshold}"
+            )
+        all_keys = [k for pair in msg.keys.values() for k in pair] + [
+            self._enc.public,
+            self._mask.public,
+        ]
         if len(set(all_keys)) != len(all_keys):
-            raise SecAggError("two advertised public keys are equal")  # a copied key would leak masks
+            raise SecAggError(
+                "two advertised public keys are equal"
+            )  # a copied key would leak masks
         peers = sorted(msg.keys)
         xs = [self._index[p] for p in peers]
         key_shares = crypto.split_secret(self._mask.private, xs, cfg.threshold, self._rng)
@@ -132,7 +166,9 @@ class DeviceRound:
         for peer, s_share, b_share in zip(peers, key_shares, seed_shares, strict=True):
             shared = crypto.agree(self._enc.private, msg.keys[peer][0])
             key = crypto.share_key(shared, cfg.round_id, me, peer)
-            cts[peer] = crypto.encrypt_bundle(key, cfg.round_id, me, peer, s_share + b_share, self._rng)
+            cts[peer] = crypto.encrypt_bundle(
+                key, cfg.round_id, me, peer, s_share + b_share, self._rng
+            )
         self._peers = dict(msg.keys)
         self.stage = Stage.SHARE
         return [Outgoing(TO_SERVER, ShareKeys(cfg.round_id, me, cts))]
@@ -142,7 +178,9 @@ class DeviceRound:
         cfg, me = self.config, self.device_id
         unknown = set(msg.ciphertexts) - set(self._peers)
         if unknown:
-            raise SecAggError(f"shares from devices that are not live neighbours: {sorted(unknown)}")
+            raise SecAggError(
+                f"shares from devices that are not live neighbours: {sorted(unknown)}"
+            )
         held = {}
         for sender, ct in msg.ciphertexts.items():
             try:
@@ -154,7 +192,9 @@ class DeviceRound:
                 s_share, b_share = bundle[: crypto.SHARE_BYTES], bundle[crypto.SHARE_BYTES :]
                 for share in (s_share, b_share):
                     if crypto.decode_share(share)[0] != self._index[me]:
-                        raise SecAggError(f"bundle from {sender!r} holds a share for another device")
+                        raise SecAggError(
+                            f"bundle from {sender!r} holds a share for another device"
+                        )
                 held[sender] = (s_share, b_share)
             except SecAggError as exc:
                 # The server counts the sender as live, so we still mask with it; we just cannot
@@ -197,7 +237,9 @@ class DeviceRound:
         if not (survivors | dropped) <= set(cfg.cohort):
             raise SecAggError("unmask lists name devices outside the cohort")
         if len(survivors) < cfg.threshold:
-            raise SecAggError(f"{len(survivors)} survivors, fewer than the threshold {cfg.threshold}")
+            raise SecAggError(
+                f"{len(survivors)} survivors, fewer than the threshold {cfg.threshold}"
+            )
         assert self._partners is not None  # set with the relay, before the masked input
         unclassified = set(self._partners) - survivors - dropped
         if unclassified:

@@ -3,19 +3,11 @@
 from __future__ import annotations
 
 import hashlib
-import sys
 from collections.abc import Collection, Mapping, Sequence
+from enum import StrEnum
 
 from fededge.errors import SecAggError
 from fededge.secagg.crypto import deterministic_random
-
-if sys.version_info >= (3, 11):
-    from enum import StrEnum
-else:  # pragma: no cover - Python 3.10
-    from enum import Enum
-
-    class StrEnum(str, Enum):
-        """StrEnum for Python 3.10."""
 
 
 class Stage(StrEnum):

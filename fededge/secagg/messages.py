@@ -3,7 +3,7 @@
 Every control message is a JSON object with ``"v": 1`` and a ``"type"``; bytes travel as standard
 base64. Decoding is strict: unknown, missing or duplicated fields, wrong types, out-of-range values
 and wrong byte lengths raise ProtocolError naming the field. A masked input travels as safetensors
-(one little-endian ``U32`` tensor ``"y"`` plus ``__metadata__``), so it is inspectable and zero-copy.
+(one little-endian ``U32`` tensor ``"y"`` plus ``__metadata__``): inspectable and zero-copy.
 """
 
 from __future__ import annotations
@@ -208,7 +208,9 @@ class AdvertiseKeys:
     def to_json(self) -> bytes:
         """The message as compact, key-sorted JSON bytes."""
         body = {"round_id": self.round_id, "device": self.device}
-        return _dump(self.TYPE, {**body, "enc_key": _enc(self.enc_key), "mask_key": _enc(self.mask_key)})
+        return _dump(
+            self.TYPE, {**body, "enc_key": _enc(self.enc_key), "mask_key": _enc(self.mask_key)}
+        )
 
     @classmethod
     def from_json(cls, data: bytes | str) -> AdvertiseKeys:
@@ -248,7 +250,10 @@ class PeerKeys:
             _id("keys key", d)
             if not isinstance(pair, list) or len(pair) != 2:
                 raise ProtocolError(f"field 'keys[{d}]': expected [enc_key, mask_key]")
-            keys[d] = (_b64(f"keys[{d}][0]", pair[0], KEY_BYTES), _b64(f"keys[{d}][1]", pair[1], KEY_BYTES))
+            keys[d] = (
+                _b64(f"keys[{d}][0]", pair[0], KEY_BYTES),
+                _b64(f"keys[{d}][1]", pair[1], KEY_BYTES),
+            )
         return cls(_id("round_id", o["round_id"]), _id("device", o["device"]), keys)
 
 
@@ -264,7 +269,9 @@ class ShareKeys:
     def to_json(self) -> bytes:
         """The message as compact, key-sorted JSON bytes."""
         cts = {d: _enc(c) for d, c in self.ciphertexts.items()}
-        return _dump(self.TYPE, {"round_id": self.round_id, "device": self.device, "ciphertexts": cts})
+        return _dump(
+            self.TYPE, {"round_id": self.round_id, "device": self.device, "ciphertexts": cts}
+        )
 
     @classmethod
     def from_json(cls, data: bytes | str) -> ShareKeys:
@@ -286,7 +293,9 @@ class RelayedShares:
     def to_json(self) -> bytes:
         """The message as compact, key-sorted JSON bytes."""
         cts = {d: _enc(c) for d, c in self.ciphertexts.items()}
-        return _dump(self.TYPE, {"round_id": self.round_id, "device": self.device, "ciphertexts": cts})
+        return _dump(
+            self.TYPE, {"round_id": self.round_id, "device": self.device, "ciphertexts": cts}
+        )
 
     @classmethod
     def from_json(cls, data: bytes | str) -> RelayedShares:
@@ -315,7 +324,9 @@ class UnmaskRequest:
         """Strictly decode; raises ProtocolError naming the bad field."""
         o = _fields(parse_json(data), cls.TYPE, ("round_id", "survivors", "dropped"))
         return cls(
-            _id("round_id", o["round_id"]), _ids("survivors", o["survivors"]), _ids("dropped", o["dropped"])
+            _id("round_id", o["round_id"]),
+            _ids("survivors", o["survivors"]),
+            _ids("dropped", o["dropped"]),
         )
 
 
@@ -361,7 +372,9 @@ class RoundStatus:
 
     def __post_init__(self) -> None:
         if self.status not in ("done", "aborted"):
-            raise ProtocolError(f"field 'status': expected 'done' or 'aborted', got {self.status!r}")
+            raise ProtocolError(
+                f"field 'status': expected 'done' or 'aborted', got {self.status!r}"
+            )
         if not isinstance(self.reason, str) or len(self.reason) > 500:
             raise ProtocolError("field 'reason': expected a string of at most 500 characters")
         _int("survivors", self.survivors, 0, MAX_COHORT)
@@ -389,7 +402,12 @@ class MaskedInput:
 
     def to_bytes(self) -> bytes:
         """safetensors bytes: tensor ``y`` (U32, little-endian) and the ids in ``__metadata__``."""
-        meta = {"v": str(PROTOCOL_VERSION), "type": self.TYPE, "round_id": self.round_id, "device": self.device}
+        meta = {
+            "v": str(PROTOCOL_VERSION),
+            "type": self.TYPE,
+            "round_id": self.round_id,
+            "device": self.device,
+        }
         return bytes(st_save({"y": np.ascontiguousarray(self.vector, dtype="<u4")}, metadata=meta))
 
     @classmethod
@@ -405,12 +423,16 @@ class MaskedInput:
         except (ValueError, RecursionError) as exc:
             raise ProtocolError(f"masked input: header is not JSON: {exc}") from exc
         if not isinstance(header, dict) or set(header) != {"__metadata__", "y"}:
-            raise ProtocolError("masked input: header must hold exactly __metadata__ and tensor 'y'")
+            raise ProtocolError(
+                "masked input: header must hold exactly __metadata__ and tensor 'y'"
+            )
         meta, spec = header["__metadata__"], header["y"]
         if not isinstance(meta, dict) or set(meta) != {"v", "type", "round_id", "device"}:
             raise ProtocolError("masked input: __metadata__ must hold v, type, round_id, device")
         if meta["v"] != str(PROTOCOL_VERSION) or meta["type"] != cls.TYPE:
-            raise ProtocolError(f"masked input: unsupported version/type {meta['v']!r}/{meta['type']!r}")
+            raise ProtocolError(
+                f"masked input: unsupported version/type {meta['v']!r}/{meta['type']!r}"
+            )
         if not isinstance(spec, dict) or spec.get("dtype") != "U32":
             raise ProtocolError("masked input: tensor 'y' must have dtype U32")
         shape = spec.get("shape")
@@ -427,12 +449,28 @@ class MaskedInput:
 
 
 JsonMessage: TypeAlias = (
-    RoundConfig | AdvertiseKeys | PeerKeys | ShareKeys | RelayedShares | UnmaskRequest | UnmaskShares | RoundStatus
+    RoundConfig
+    | AdvertiseKeys
+    | PeerKeys
+    | ShareKeys
+    | RelayedShares
+    | UnmaskRequest
+    | UnmaskShares
+    | RoundStatus
 )
 Message: TypeAlias = JsonMessage | MaskedInput
 _BY_TYPE: dict[str, Any] = {
     c.TYPE: c
-    for c in (RoundConfig, AdvertiseKeys, PeerKeys, ShareKeys, RelayedShares, UnmaskRequest, UnmaskShares, RoundStatus)
+    for c in (
+        RoundConfig,
+        AdvertiseKeys,
+        PeerKeys,
+        ShareKeys,
+        RelayedShares,
+        UnmaskRequest,
+        UnmaskShares,
+        RoundStatus,
+    )
 }
 
 

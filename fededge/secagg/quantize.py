@@ -19,6 +19,7 @@ numpy versions here, which produce bit-identical results.
 
 from __future__ import annotations
 
+import importlib
 import math
 from dataclasses import dataclass
 from types import ModuleType
@@ -30,7 +31,7 @@ from fededge.errors import ConfigError
 
 _kernels: ModuleType | None
 try:
-    from fededge.native import secagg as _kernels
+    _kernels = importlib.import_module("fededge.native.secagg")
 except ImportError:  # devices need not install Numba
     _kernels = None
 
@@ -175,7 +176,9 @@ def max_scale(n_devices: int, clip: float, bits: int) -> float:
     # 2n instead of n leaves room for float rounding of the clip factor.
     scale = math.floor(((1 << (bits - 1)) - 1 - 2 * n_devices) / (n_devices * max(clip, 1.0)))
     if scale < 1:
-        raise ConfigError(f"{bits} bits cannot hold the sum of {n_devices} updates clipped to {clip}")
+        raise ConfigError(
+            f"{bits} bits cannot hold the sum of {n_devices} updates clipped to {clip}"
+        )
     return float(scale)
 
 

@@ -1,0 +1,5 @@
+import sys
+
+from fededge.cli import main
+
+sys.exit(main())

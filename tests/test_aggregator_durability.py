@@ -1,0 +1,102 @@
+"""kill -9 of the aggregator process: acknowledged updates survive, none is counted twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aggtools import Sender, init_task, make_settings
+
+pytestmark = pytest.mark.broker
+
+
+def _start(tmp_path: Path, url: str, task: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "FEDEDGE_AGGREGATOR__METRICS": "false"}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fededge.cli",
+            "aggregator",
+            "--broker",
+            url,
+            "--task",
+            task,
+            "--state-dir",
+            str(tmp_path / "state"),
+            "--wait-for-model",
+            "30",
+            "--log-level",
+            "debug",
+        ],
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], log: Path, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while log.read_text().count("aggregator ready") < count:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        assert time.monotonic() < deadline, log.read_text()[-3000:]
+        time.sleep(0.1)
+
+
+def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None:
+    from fededge.protocol import Plan
+
+    s = make_settings(broker.url, tmp_path / "state", checkpoint_every=3)
+    d = 50_000
+    base = init_task(
+        s,
+        {"w": np.zeros(d, np.float32)},
+        Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000),
+    )
+    log = tmp_path / "aggregator.log"
+    proc = _start(tmp_path, broker.url, s.task, log)
+    _wait_ready(proc, log, 1)  # its first start creates its persistent session
+    dev = Sender(s)
+    # Update i is the constant vector i with weight i: integer sums in float64 are exact.
+    uids = {}
+    try:
+        for i in range(1, 8):
+            uids[i] = dev.update({"w": np.full(d, float(i), np.float32)}, n=i, uid=f"u{i}")
+        for i in range(1, 8):
+            assert dev.receipt(uids[i], timeout=60).status == "accepted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        # While it is down: one new update and resends of two acknowledged ones (a device
+        # that never got its receipt resends with the same id).
+        uids[8] = dev.update({"w": np.full(d, 8.0, np.float32)}, n=8, uid="u8")
+        for i in (3, 5):
+            del dev.receipts[uids[i]]
+            dev.update({"w": np.full(d, float(i), np.float32)}, n=i, uid=uids[i])
+        proc = _start(tmp_path, broker.url, s.task, log)
+        assert dev.receipt(uids[8], timeout=60).status == "accepted"
+        assert dev.receipt(uids[3]).status == "duplicate"
+        assert dev.receipt(uids[5]).status == "duplicate"
+        for i in (9, 10):
+            uids[i] = dev.update({"w": np.full(d, float(i), np.float32)}, n=i, uid=f"u{i}")
+            assert dev.receipt(uids[i]).status == "accepted"
+        v1 = dev.model(1, timeout=60)
+    finally:
+        dev.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    weights = np.arange(1, 11, dtype=np.float64)
+    expected = float((weights * weights).sum() / weights.sum())  # sum(i * i) / sum(i)
+    np.testing.assert_array_equal(v1.weights["w"], np.full(d, expected, np.float32))
+    assert v1.updates == 10 and v1.examples == int(weights.sum())
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert "replayed from the WAL" in log.read_text()
