@@ -85,7 +85,7 @@ def fold4(
 
 
 @njit(cache=True, nogil=True)
-def fold2(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, w: np.ndarray, lo: int, hi: int) -> None:
+def fold2(acc: np.ndarray, x0: np.ndarray, x1: np.ndarray, w: np.ndarray) -> None:
     """acc += w[0] * x0 + w[1] * x1 (added in that order)."""
     w0, w1 = w[0], w[1]
     for i in range(acc.shape[0]):

@@ -242,7 +242,7 @@ def _header(obj: object, data: bytes = b"") -> bytes:
         _header({"__metadata__": {"a": 1}}),
         _header([1, 2]),
         struct.pack("<Q", 1 << 60) + b"{}",
-        b"\x02\x00\x00\x00\x00\x00\x00\x00{}",
+        b"\x03\x00\x00\x00\x00\x00\x00\x00{}x",
     ],
 )
 def test_bad_safetensors_rejected(payload: bytes) -> None:

@@ -123,16 +123,12 @@ class Batch:
     y: np.ndarray
 
 
-def validate_examples(
-    x: Any, y: Any, input_shape: tuple[int, ...], num_classes: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Check untrusted examples against a model spec; return (x float32 [n, *shape], y int32).
+def validate_inputs(x: Any, input_shape: tuple[int, ...]) -> np.ndarray:
+    """Check untrusted model inputs; return float32 [n, *input_shape] or raise ValidationError.
 
-    ``x`` rows may also be flat (``prod(input_shape)`` values) for image models. Raises
-    ValidationError naming what is wrong: shape, non-numbers, NaN/Inf, labels out of range.
+    Rows may also be flat (``prod(input_shape)`` values) for image models.
     """
     xa = _numeric(x, "x")
-    ya = np.asarray(y) if isinstance(y, np.ndarray) else _labels(y)
     if xa.ndim == 0 or xa.shape[0] == 0:
         raise ValidationError("bad_shape", "x must be a non-empty list of examples")
     dim = math.prod(input_shape)
@@ -143,9 +139,23 @@ def validate_examples(
         )
     if not np.all(np.isfinite(xa)):
         raise ValidationError("non_finite", "x contains NaN or Inf")
-    xa = np.ascontiguousarray(xa.reshape(len(xa), *input_shape), dtype=np.float32)
-    if not np.all(np.isfinite(xa)):
+    with np.errstate(over="ignore"):
+        out = np.ascontiguousarray(xa.reshape(len(xa), *input_shape), dtype=np.float32)
+    if not np.all(np.isfinite(out)):
         raise ValidationError("non_finite", "x has values too large for float32")
+    return out
+
+
+def validate_examples(
+    x: Any, y: Any, input_shape: tuple[int, ...], num_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Check untrusted labelled examples; return (x float32 [n, *shape], y int32).
+
+    Raises ValidationError naming what is wrong: shape, non-numbers, NaN/Inf, labels out of
+    range or not one per example.
+    """
+    xa = validate_inputs(x, input_shape)
+    ya = np.asarray(y) if isinstance(y, np.ndarray) else _labels(y)
     if ya.shape != (len(xa),):
         raise ValidationError(
             "bad_shape", f"y must be {len(xa)} labels (one per example), got shape {list(ya.shape)}"
