@@ -63,7 +63,7 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
     inputs = {x: (rng.standard_normal(d).astype(np.float32) * 0.01, 50.0) for x in devices}
     dropped = devices[: int(n * dropout)]
     timer = Timer()
-    timer.wrap(FixedPoint, "encode", "encode")
+    timer.wrap(FixedPoint, "encode", "encode", only_if=lambda r: True)
     timer.wrap(DeviceRound, "_maybe_send_masked", "mask")  # only calls that produced a message
     timer.wrap(ServerRound, "_close_unmask", "unmask")
     timer.wrap(ServerRound, "_on_masked", "fold", only_if=lambda r: True)
@@ -112,13 +112,8 @@ def run_flower(n: int, d: int, k: int, t: int, dropout: float, repeats: int) -> 
     from flwr.common import ndarray_to_bytes
     from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
     from flwr.common.secure_aggregation.crypto.symmetric_encryption import (
-        bytes_to_private_key,
-        bytes_to_public_key,
         encrypt,
-        generate_key_pairs,
         generate_shared_key,
-        private_key_to_bytes,
-        public_key_to_bytes,
     )
     from flwr.common.secure_aggregation.ndarrays_arithmetic import (
         factor_combine,
@@ -133,6 +128,13 @@ def run_flower(n: int, d: int, k: int, t: int, dropout: float, repeats: int) -> 
     from flwr.common.secure_aggregation.secaggplus_utils import (
         pseudo_rand_gen,
         share_keys_plaintext_concat,
+    )
+    from flwr.supercore.primitives.asymmetric import (
+        bytes_to_private_key,
+        bytes_to_public_key,
+        generate_key_pairs,
+        private_key_to_bytes,
+        public_key_to_bytes,
     )
 
     clipping_range, target_range, mod_range, max_weight = 8.0, 1 << 22, 1 << 32, 1000.0

@@ -31,11 +31,10 @@ def _batch(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def test_runtime_name() -> None:
     # CI's tflite-runtime environment sets this, so the fallback is known to be the one tested.
     expected = os.environ.get("FEDEDGE_EXPECT_RUNTIME")
-    assert (
-        RUNTIME_NAME == expected
-        if expected
-        else RUNTIME_NAME in ("ai-edge-litert", "tflite-runtime")
-    )
+    if expected:
+        assert expected == RUNTIME_NAME
+    else:
+        assert RUNTIME_NAME in ("ai-edge-litert", "tflite-runtime")
 
 
 @pytest.mark.parametrize("n", [1, 7, 32, 100])

@@ -11,7 +11,9 @@ class AggregatorMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.accepted = Counter("fededge_updates_accepted", "Updates folded into a version", registry=r)
+        self.accepted = Counter(
+            "fededge_updates_accepted", "Updates folded into a version", registry=r
+        )
         self.duplicates = Counter(
             "fededge_updates_duplicate", "Redelivered updates answered again", registry=r
         )
@@ -19,7 +21,9 @@ class AggregatorMetrics:
             "fededge_updates_rejected", "Updates rejected, by reason", ["reason"], registry=r
         )
         self.bytes_in = Counter("fededge_update_bytes", "Bytes of update payloads", registry=r)
-        self.versions = Counter("fededge_versions_published", "Model versions published", registry=r)
+        self.versions = Counter(
+            "fededge_versions_published", "Model versions published", registry=r
+        )
         self.kernel_seconds = Counter(
             "fededge_kernel_seconds", "Seconds spent in validation and fold kernels", registry=r
         )
@@ -30,7 +34,9 @@ class AggregatorMetrics:
             "fededge_control_messages_rejected", "Bad model/plan/graph messages", registry=r
         )
         self.version = Gauge("fededge_model_version", "Current model version", registry=r)
-        self.pending = Gauge("fededge_pending_updates", "Updates in the pending version", registry=r)
+        self.pending = Gauge(
+            "fededge_pending_updates", "Updates in the pending version", registry=r
+        )
         self.pending_examples = Gauge(
             "fededge_pending_examples", "Examples in the pending version", registry=r
         )

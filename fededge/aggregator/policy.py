@@ -92,7 +92,8 @@ def check_update(
             raise ValidationError("wrong_dtype", f"tensor {name!r} is {arr.dtype}, not float32")
         if tuple(arr.shape) != shape:
             raise ValidationError(
-                "wrong_shape", f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}"
+                "wrong_shape",
+                f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}",
             )
         n = kernels.l2_norm(arr.reshape(-1))
         if not math.isfinite(n):

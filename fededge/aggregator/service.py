@@ -5,11 +5,11 @@ from __future__ import annotations
 import hashlib
 import logging
 import queue
-import threading
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 from fededge import kernels
 from fededge.aggregator.metrics import AggregatorMetrics
@@ -33,7 +33,7 @@ from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
 NO_GRAPH = "0" * 64
-NewVersionCallback = Callable[[ModelVersion, int, int], None]
+NewVersionCallback = Callable[[ModelVersion, int, int], object]
 
 
 class Aggregator:
@@ -83,7 +83,9 @@ class Aggregator:
     def version(self) -> int | None:
         return self.model.version if self.model else None
 
-    def start(self, *, wait_for_model: float | None = None, tick: Callable[[], None] = lambda: None) -> None:
+    def start(
+        self, *, wait_for_model: float | None = None, tick: Callable[[], object] = lambda: None
+    ) -> None:
         """Restore state, connect, and (without local state) adopt the retained model.
 
         ``wait_for_model`` bounds the wait for ``fededge model init`` (None waits forever);
@@ -104,14 +106,18 @@ class Aggregator:
             self.client.subscribe(t, qos=1)
         deadline = None if wait_for_model is None else time.monotonic() + wait_for_model
         if self.model is None:
-            log.info("no local state for task %s: waiting for `fededge model init`", self.settings.task)
+            log.info(
+                "no local state for task %s: waiting for `fededge model init`", self.settings.task
+            )
         # Take in the retained plan/graph/model first, so that republishing ours below never
         # overwrites something newer an operator published while we were down.
         quiet_until = time.monotonic() + 0.3
         while self.model is None or time.monotonic() < quiet_until:
             tick()
             if deadline is not None and time.monotonic() > deadline:
-                raise StateError(f"no model for task {self.settings.task!r}: run `fededge model init`")
+                raise StateError(
+                    f"no model for task {self.settings.task!r}: run `fededge model init`"
+                )
             if self._handle_control_batch(timeout=0.1):
                 quiet_until = time.monotonic() + 0.3
         # Retained copies on the broker are ours: restore any the broker lost.
@@ -125,7 +131,9 @@ class Aggregator:
             self.plan.min_updates_per_version,
         )
 
-    def run(self, should_stop: Callable[[], bool], *, tick: Callable[[], None] = lambda: None) -> None:
+    def run(
+        self, should_stop: Callable[[], bool], *, tick: Callable[[], object] = lambda: None
+    ) -> None:
         """Process messages until ``should_stop()``; ``tick`` runs every loop (the watchdog)."""
         while not should_stop():
             tick()
@@ -218,11 +226,15 @@ class Aggregator:
         except ProtocolError as e:
             self.rejected_total += 1
             self.metrics.rejected.labels(e.reason).inc()
-            uid = update.update_id if update is not None else None
+            rejected_id = update.update_id if update is not None else None
             log.warning(
-                "rejected update device=%s topic=%s reason=%s: %s", device, msg.topic, e.reason, e.detail
+                "rejected update device=%s topic=%s reason=%s: %s",
+                device,
+                msg.topic,
+                e.reason,
+                e.detail,
             )
-            self._answer(msg, device, uid, "rejected", e.reason, e.detail)
+            self._answer(msg, device, rejected_id, "rejected", e.reason, e.detail)
             return False
         finally:
             self.metrics.kernel_seconds.inc(time.perf_counter() - t0)
@@ -249,7 +261,7 @@ class Aggregator:
         msg: Message,
         device: str,
         update_id: str | None,
-        status: str,
+        status: Literal["accepted", "duplicate", "rejected"],
         reason: str | None = None,
         detail: str | None = None,
         pending: int | None = None,
@@ -261,7 +273,7 @@ class Aggregator:
                 task=self.settings.task,
                 device=device,
                 update_id=update_id,
-                status=status,  # type: ignore[arg-type]
+                status=status,
                 reason=reason,
                 detail=detail[:1024] if detail else None,
                 version=self.model.version,
@@ -313,7 +325,9 @@ class Aggregator:
             metrics["train_loss"],
         )
         self._publish_model(payload)
-        vm = VersionMetrics(task=self.settings.task, version=new_version, seconds=seconds, time=now, **metrics)
+        vm = VersionMetrics(
+            task=self.settings.task, version=new_version, seconds=seconds, time=now, **metrics
+        )
         self.client.publish(self.topics.version_metrics(new_version), vm.to_bytes(), retain=True)
         expired = new_version - self.cfg.versions_kept
         if expired >= 0:  # keep the broker's retained store bounded
@@ -427,7 +441,9 @@ class Aggregator:
             # Our own publications come back to us (we subscribe to the topic); only a payload
             # we never published is foreign.
             if hashlib.sha256(msg.payload).hexdigest() not in self._published:
-                log.warning("a foreign model message was published on %s; restoring ours", msg.topic)
+                log.warning(
+                    "a foreign model message was published on %s; restoring ours", msg.topic
+                )
                 self._publish_model(self.store.read_version_bytes(self.model.version))
             return
         model = ModelVersion.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
@@ -437,7 +453,7 @@ class Aggregator:
         self.store.write_version(
             msg.payload, model.version, {"adopted": True}, keep=self.cfg.versions_kept
         )
-        if (raw := self.store.read_blob("plan.json")) is None:
+        if self.store.read_blob("plan.json") is None:
             self.store.write_blob("plan.json", self.plan.to_bytes())
         self._set_model(model, msg.payload)
         self._version_started = time.time()
@@ -455,10 +471,10 @@ class Aggregator:
         self._publish_model(self.store.read_version_bytes(self.model.version))
         self._publish_status()
 
-    def _status(self, state: str) -> AggregatorStatus:
+    def _status(self, state: Literal["online", "offline"]) -> AggregatorStatus:
         return AggregatorStatus(
             task=self.settings.task,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             version=self.version,
             pending_updates=self.pending.sums.count if self.pending else 0,
             pending_examples=self.pending.sums.examples if self.pending else 0,

@@ -104,7 +104,8 @@ def read_segment(path: Path, *, repair: bool) -> Iterator[Record]:
         try:
             header = json.loads(data[start : start + hlen])
         except json.JSONDecodeError as e:  # CRC passed, so this is a bug, not a torn write
-            raise StateError(f"write-ahead log {path}: record at {pos} has a bad header: {e}")
+            msg = f"write-ahead log {path}: record at {pos} has a bad header: {e}"
+            raise StateError(msg) from e
         yield Record(header=header, payload=data[start + hlen : start + hlen + plen])
         pos = start + hlen + plen
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import queue
 import sys
@@ -57,6 +58,12 @@ from fededge.settings import Settings
 QUIET_SECONDS = 0.3
 DEFAULT_WAIT = 2.0
 ONLINE_STATES = ("online", "training")
+
+
+def quiet_transport(settings: Settings) -> None:
+    """At the default level, keep the transport's connect/close lines off a one-shot command."""
+    if settings.log_level == "info":
+        logging.getLogger("fededge.mqtt").setLevel(logging.WARNING)
 
 
 @dataclass
@@ -284,6 +291,7 @@ def render_status(snap: Snapshot, last: int) -> None:
 @settings_options
 def status(settings: Settings, as_json: bool, wait: float, last: int) -> int:
     """Show a task's current version, plan, aggregator, devices and recent versions."""
+    quiet_transport(settings)
     snap = collect_status(settings, wait)
     if snap.model is None:
         topics = Topics(settings.topic_prefix, settings.task)
@@ -327,6 +335,7 @@ def watch(settings: Settings, raw: bool, count: int | None, timeout: float | Non
         if task_given
         else f"{settings.topic_prefix}/#"
     )
+    quiet_transport(settings)
     out = console()
     client = MqttClient(
         settings.broker, f"fededge-watch-{uuid.uuid4().hex[:10]}", persistent=False, name="watch"

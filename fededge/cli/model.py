@@ -50,7 +50,9 @@ def load_init_payloads(
         tensors = {}
         for name, arr in payload.tensors.items():
             if arr.dtype != np.float32:
-                raise ConfigError(f"--weights {weights}: tensor {name!r} is {arr.dtype}, not float32")
+                raise ConfigError(
+                    f"--weights {weights}: tensor {name!r} is {arr.dtype}, not float32"
+                )
             if not np.all(np.isfinite(arr)):
                 raise ConfigError(f"--weights {weights}: tensor {name!r} has NaN or Inf")
             tensors[name] = np.array(arr)
@@ -125,7 +127,11 @@ def publish_initial(
 @click.option("--force", is_flag=True, help="Replace a task that already has a model.")
 @settings_options
 def init(
-    settings: Settings, bundle: Path | None, weights: Path | None, plan_file: Path | None, force: bool
+    settings: Settings,
+    bundle: Path | None,
+    weights: Path | None,
+    plan_file: Path | None,
+    force: bool,
 ) -> None:
     """Publish version 0 of a task (graph, plan and weights, all retained)."""
     graph, mv, plan = load_init_payloads(settings.task, bundle, weights, plan_file)
@@ -144,5 +150,7 @@ def build(args: tuple[str, ...]) -> int:
     try:
         from fededge.device.build import main as build_main
     except ImportError as e:
-        raise ConfigError(f"`fededge model build` needs TensorFlow: pip install 'fededge[convert]' ({e})")
+        raise ConfigError(
+            f"`fededge model build` needs TensorFlow: pip install 'fededge[convert]' ({e})"
+        ) from None
     return int(build_main(list(args)) or 0)

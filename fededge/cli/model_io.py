@@ -214,6 +214,9 @@ def pull_version(
 @settings_options
 def pull(settings: Settings, version: int | None, out_dir: Path, wait: float) -> int:
     """Fetch a version (graph, weights, spec) into a bundle directory."""
+    from fededge.cli.fleet import quiet_transport
+
+    quiet_transport(settings)
     info = pull_version(settings, version, out_dir, wait)
     bundle = "a bundle" if GRAPH_FILE in info["files"] else "weights only (task has no graph)"
     click.echo(

@@ -56,7 +56,11 @@ def encode_tensors(
         if code is None or (arr.dtype.byteorder == ">"):
             raise ValueError(f"tensor {name!r}: dtype {arr.dtype} is not allowed on the wire")
         data = arr.tobytes()
-        header[name] = {"dtype": code, "shape": list(arr.shape), "data_offsets": [pos, pos + len(data)]}
+        header[name] = {
+            "dtype": code,
+            "shape": list(arr.shape),
+            "data_offsets": [pos, pos + len(data)],
+        }
         chunks.append(data)
         pos += len(data)
     h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
