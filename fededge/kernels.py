@@ -13,6 +13,7 @@ any element is NaN, otherwise ``inf`` if any element is +-inf, otherwise a finit
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -23,6 +24,7 @@ from fededge.native import norm as _norm
 
 __all__ = [
     "accumulate",
+    "accumulate_group",
     "accumulate_many",
     "all_finite",
     "clip_by_norm",
@@ -77,6 +79,13 @@ def _check_same_length(name: str, a: NDArray[Any], ref_name: str, ref: NDArray[A
         )
 
 
+def _check_weight_values(weights: NDArray[np.float64]) -> None:
+    bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0.0)))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"weights[{i}]: must be finite and >= 0, got {weights[i]}")
+
+
 def accumulate(
     acc: NDArray[np.float64],
     update: NDArray[np.float32],
@@ -115,11 +124,48 @@ def accumulate_many(
         raise ValueError(
             f"weights: has {weights.shape[0]} entries but updates has {updates.shape[0]} rows"
         )
-    bad = np.flatnonzero(~(np.isfinite(weights) & (weights >= 0.0)))
-    if bad.size:
-        i = int(bad[0])
-        raise ValueError(f"weights[{i}]: must be finite and >= 0, got {weights[i]}")
+    _check_weight_values(weights)
     _acc.accumulate_rows(acc, updates, weights)
+
+
+def accumulate_group(
+    acc: NDArray[np.float64],
+    updates: Sequence[NDArray[np.float32]],
+    weights: Sequence[float] | NDArray[np.float64],
+) -> None:
+    """Fold k separate 1-D updates 8 per pass, without copying them into a (k, d) buffer.
+
+    For updates that live in their own buffers (e.g. ``np.frombuffer`` views of received
+    payloads). Same result, bitwise, as k calls of :func:`accumulate` in order.
+    """
+    _check_array("acc", acc, _F64, 1, writable=True)
+    try:
+        w = np.array(weights, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"weights: not a sequence of real numbers ({exc})") from None
+    if w.ndim != 1 or w.shape[0] != len(updates):
+        raise ValueError(f"weights: has shape {w.shape} but there are {len(updates)} updates")
+    _check_weight_values(w)
+    views = []
+    for i, u in enumerate(updates):
+        _check_array(f"updates[{i}]", u, _F32, 1)
+        _check_same_length(f"updates[{i}]", u, "acc", acc)
+        # Read-only views: one compiled specialisation whatever mix of buffers comes in.
+        v = u.view()
+        v.flags.writeable = False
+        views.append(v)
+    k, j = len(views), 0
+    while j + 8 <= k:
+        _acc.fold8(acc, *views[j : j + 8], w[j : j + 8])
+        j += 8
+    if j + 4 <= k:
+        _acc.fold4(acc, *views[j : j + 4], w[j : j + 4])
+        j += 4
+    if j + 2 <= k:
+        _acc.fold2(acc, *views[j : j + 2], w[j : j + 2])
+        j += 2
+    if j < k:
+        _acc.fold1(acc, views[j], w[j : j + 1])
 
 
 def finalize(
@@ -204,6 +250,7 @@ def warmup(*, parallel: bool = True) -> None:
         l2_norm(update)
         finalize(update, acc, 1.0, 1.0)
         finalize(update, acc_ro, 1.0, 1.0)
+    accumulate_group(acc, [x] * 15, np.ones(15))  # 8 + 4 + 2 + 1 rows
     mean(acc, 1.0)
     mean(acc_ro, 1.0)
     clip_by_norm(x, 1.0)

@@ -191,6 +191,8 @@ class MqttClient:
         if self._started:
             raise StateError("MqttClient.connect() called twice (it reconnects by itself)")
         self._started = True
+        with self._lock:
+            self._first = None  # a failed connect() may be retried
         deadline = time.monotonic() + self.broker.connect_timeout
         props = None
         if self._v5:

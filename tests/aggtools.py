@@ -22,7 +22,9 @@ from fededge.settings import Settings, load_settings
 NO_GRAPH = "0" * 64
 
 
-def make_settings(url: str, state_dir: Path, task: str | None = None, **aggregator: Any) -> Settings:
+def make_settings(
+    url: str, state_dir: Path, task: str | None = None, **aggregator: Any
+) -> Settings:
     agg = {"metrics": False, "status_interval": 1.0, **aggregator}
     return load_settings(
         None,
@@ -75,23 +77,41 @@ class Sender:
         self.settings = settings
         self.device = device
         self.topics = Topics(settings.topic_prefix, settings.task)
-        self.client = MqttClient(settings.broker, f"test-{device}-{uuid.uuid4().hex[:6]}", persistent=False)
+        self.client = MqttClient(
+            settings.broker, f"test-{device}-{uuid.uuid4().hex[:6]}", persistent=False
+        )
         self.client.connect()
         self.client.subscribe(self.topics.receipt(device), qos=1)
         self.client.subscribe(self.topics.model, qos=1)
         self.receipts: dict[str, Receipt] = {}
         self.models: dict[int, ModelVersion] = {}
 
-    def update(self, delta: dict[str, np.ndarray], *, base: int = 0, n: int = 10,
-               uid: str | None = None, **kw: Any) -> str:
+    def update(
+        self,
+        delta: dict[str, np.ndarray],
+        *,
+        base: int = 0,
+        n: int = 10,
+        uid: str | None = None,
+        **kw: Any,
+    ) -> str:
         uid = uid or uuid.uuid4().hex[:16]
-        u = Update(task=kw.pop("task", self.settings.task), device=kw.pop("device", self.device),
-                   update_id=uid, base_version=base, num_examples=n, delta=delta, **kw)
+        u = Update(
+            task=kw.pop("task", self.settings.task),
+            device=kw.pop("device", self.device),
+            update_id=uid,
+            base_version=base,
+            num_examples=n,
+            delta=delta,
+            **kw,
+        )
         self.raw(u.to_bytes())
         return uid
 
     def raw(self, payload: bytes, device: str | None = None) -> None:
-        self.client.publish(self.topics.update(device or self.device), payload, qos=1, wait=True, timeout=10)
+        self.client.publish(
+            self.topics.update(device or self.device), payload, qos=1, wait=True, timeout=10
+        )
 
     def _pump(self, timeout: float) -> None:
         try:

@@ -69,6 +69,7 @@ class Mosquitto:
         extra_config: Sequence[str] = (),
         allow_anonymous: bool = True,
         max_queued_messages: int = 1000,
+        max_inflight_messages: int = 20,
         max_packet_size: int = 128 * 1024 * 1024,
         autosave_interval: int | None = None,
         port: int | None = None,
@@ -102,7 +103,7 @@ class Mosquitto:
             "connection_messages true",
             "log_timestamp_format %H:%M:%S",
             f"max_queued_messages {max_queued_messages}",
-            "max_inflight_messages 20",
+            f"max_inflight_messages {max_inflight_messages}",
             # message_size_limit is deprecated in Mosquitto 2.0; max_packet_size replaces it
             # and counts the whole packet (64 MiB payloads plus headers fit).
             f"max_packet_size {max_packet_size}",
@@ -250,7 +251,7 @@ def _issue(
     ca: bool = False,
     server: bool = False,
 ) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)])
     builder = (
         x509.CertificateBuilder()

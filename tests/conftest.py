@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 from broker import Mosquitto, find_mosquitto
 
 BROKER_FIXTURES = {"broker", "fresh_broker", "mosquitto_factory"}
@@ -59,7 +58,8 @@ def mosquitto_factory(tmp_path: Path) -> Iterator[MosquittoFactory]:
     """Make private brokers for one test: ``make(extra_config_lines, allow_anonymous=...)``.
 
     Keyword arguments go to ``Mosquitto`` (allow_anonymous, max_queued_messages,
-    max_packet_size, autosave_interval, port); ``start=False`` returns it unstarted.
+    max_inflight_messages, max_packet_size, autosave_interval, port); ``start=False``
+    returns it unstarted.
     Every broker made is killed at the end of the test.
     """
     _require_mosquitto()

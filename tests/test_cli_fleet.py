@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from aggtools import Sender, init_task, make_settings, running_aggregator
 from broker import free_port
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from fededge.cli import main
 from fededge.cli.render import describe
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.logs import _Handler
 from fededge.mqtt import MqttClient
 from fededge.protocol import DeviceStatus, Graph, Plan, Receipt, Topics, Update
-from fededge.settings import Settings
+from fededge.settings import Settings as FededgeSettings
 
 MLP = shipped_bundle_path("digits_mlp")
 
@@ -45,7 +47,7 @@ def _weights() -> dict[str, np.ndarray]:
     return {"b": np.arange(3, dtype=np.float32), "w": np.ones((2, 3), dtype=np.float32)}
 
 
-def _publish(settings: Settings, topic: str, payload: bytes, retain: bool = True) -> None:
+def _publish(settings: FededgeSettings, topic: str, payload: bytes, retain: bool = True) -> None:
     client = MqttClient(settings.broker, f"test-pub-{uuid.uuid4().hex[:8]}", persistent=False)
     with client:
         client.publish(topic, payload, qos=1, retain=retain, wait=True, timeout=10)
@@ -81,6 +83,17 @@ def test_describe_every_kind_and_garbage() -> None:
     assert describe("other/topic", b"hi", "fededge").kind == "unknown"
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["model", "plan", "graph", "aggregator/status", "versions/3/metrics",
+                          "updates/d", "receipts/d", "devices/d/status", "rounds/r/x", "other"]),
+    payload=st.binary(max_size=300) | st.builds(lambda b: b'{"v":1,' + b, st.binary(max_size=50)),
+)  # fmt: skip
+def test_describe_never_raises(kind: str, payload: bytes) -> None:
+    line = describe(f"fededge/t/{kind}", payload, "fededge")
+    assert isinstance(line.text, str) and "\n" not in line.text
+
+
 # --- status -----------------------------------------------------------------------------------
 
 
@@ -95,8 +108,8 @@ def test_status_json_and_table(broker, tmp_path, capsys) -> None:
         topics.device_status("dev1"),
         DeviceStatus(device="dev1", state="online", version=2, examples=40, time=now).to_bytes(),
     )
-    _publish(s, topics.device_status("dev2"),
-             DeviceStatus(device="dev2", state="offline", version=1, time=now).to_bytes())  # fmt: skip
+    off = DeviceStatus(device="dev2", state="offline", version=1, time=now)
+    _publish(s, topics.device_status("dev2"), off.to_bytes())
     ones = {k: np.full_like(v, 0.5) for k, v in base.weights.items()}
     with running_aggregator(s):
         dev = Sender(s)
@@ -135,6 +148,10 @@ def test_status_unreachable_broker_and_missing_task(broker, capsys) -> None:
     )
     assert rc == 1
     assert "task 'nosuch' has no model" in err and "fededge model init" in err
+    corrupt = make_settings(broker.url, Path("unused"), task="corrupt")
+    _publish(corrupt, Topics("fededge", "corrupt").model, b"garbage!garbage!")
+    rc, out, err = _run(capsys, "status", "--broker", broker.url, "--task", "corrupt")
+    assert rc == 1 and "retained model of task 'corrupt' is invalid: malformed" in err
 
 
 def test_status_reports_bad_retained_messages(broker, tmp_path, capsys) -> None:
@@ -162,6 +179,9 @@ def test_watch_count_and_raw(broker, tmp_path, capsys) -> None:
     assert len(lines) == 2
     assert any(f"{s.task}/model model v0 " in ln and "(retained)" in ln for ln in lines)
     assert any(f"{s.task}/plan plan epochs=1" in ln for ln in lines)
+    rc, out, err = _run(capsys, "watch", "--broker", broker.url, "--task", s.task, "--count", "2",
+                        "--mqtt-version", "3.1.1", "--timeout", "10")  # fmt: skip
+    assert rc == 0 and f"{s.task}/model model v0 " in out
     rc, out, err = _run(capsys, "watch", "--broker", broker.url, "--task", s.task, "--raw",
                         "--count", "2", "--timeout", "10")  # fmt: skip
     assert rc == 0
@@ -318,8 +338,8 @@ def test_inspect_every_kind(tmp_path, capsys) -> None:
     assert info["kind"] == "tflite" and sorted(info["signatures"]) == ["eval", "infer", "train"]
     info = _inspect(capsys, MLP / "weights.safetensors")
     assert info["kind"] == "safetensors" and info["parameters"] == 64 * 32 + 32 + 32 * 10 + 10
-    w = info["tensors"][0]
-    assert w["norm"] > 0 and w["finite"] is True and w["shape"] == [32]
+    w = info["tensors"][1]
+    assert w["norm"] > 0 and w["finite"] is True and w["shape"] == [64, 32]
 
     upd = tmp_path / "update.bin"
     upd.write_bytes(Update("t", "dev1", "u1", 2, 5, {"w": np.ones(3, np.float32)}).to_bytes())

@@ -80,6 +80,23 @@ def test_accumulate_many_matches_numpy_and_serial(k: int, d: int) -> None:
     np.testing.assert_array_equal(acc, serial)
 
 
+@pytest.mark.parametrize("k", [0, 1, 2, 3, 7, 8, 9, 15, 17])
+def test_accumulate_group_matches_serial(k: int) -> None:
+    d = 1001
+    rng = np.random.default_rng(k)
+    # Separate buffers of mixed kinds: writable arrays and read-only payload views.
+    xs = [rng.standard_normal(d).astype(np.float32) for _ in range(k)]
+    xs = [np.frombuffer(x.tobytes(), np.float32) if i % 2 else x for i, x in enumerate(xs)]
+    w = [float(v) for v in rng.uniform(0.0, 9.0, k)]
+    expected = np.random.default_rng(99).standard_normal(d)
+    acc = expected.copy()
+    for x, wi in zip(xs, w, strict=True):
+        K.accumulate(expected, x, wi)
+    K.accumulate_group(acc, xs, w)
+    np.testing.assert_array_equal(acc, expected)
+    assert all(x.flags.writeable for i, x in enumerate(xs) if i % 2 == 0)  # inputs untouched
+
+
 def test_accumulate_many_with_no_rows_is_a_no_op() -> None:
     acc = np.arange(5.0)
     K.accumulate_many(acc, np.empty((0, 5), np.float32), np.empty(0))
@@ -350,6 +367,31 @@ BAD_CALLS = [
         "weights negative",
         lambda: K.accumulate_many(f64(), np.ones((2, 4), np.float32), np.array([-1.0, 1.0])),
         r"weights\[0\]: must be finite and >= 0",
+    ),
+    (
+        "group length",
+        lambda: K.accumulate_group(f64(), [f32(), f32(5)], [1.0, 1.0]),
+        r"updates\[1\]: length 5",
+    ),
+    (
+        "group dtype",
+        lambda: K.accumulate_group(f64(), [f32(), f64()], [1.0, 1.0]),
+        r"updates\[1\]: dtype is <f8",
+    ),
+    (
+        "group weights count",
+        lambda: K.accumulate_group(f64(), [f32()], [1.0, 1.0]),
+        r"weights: has shape \(2,\) but there are 1 updates",
+    ),
+    (
+        "group weights text",
+        lambda: K.accumulate_group(f64(), [f32()], as_any(["x"])),
+        r"weights: not a sequence of real numbers",
+    ),
+    (
+        "group weights inf",
+        lambda: K.accumulate_group(f64(), [f32()], [math.inf]),
+        r"weights\[0\]: must be finite and >= 0, got inf",
     ),
     ("finalize shapes", lambda: K.finalize(f32(3), f64(4), 1.0, 1.0), r"acc: length 4 .* base"),
     ("finalize base f64", lambda: K.finalize(f64(), f64(), 1.0, 1.0), r"base: dtype is <f8"),

@@ -8,10 +8,12 @@ import struct
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fededge.errors import ProtocolError, SecAggError
+from fededge.protocol.tensors import encode_tensors
 from fededge.secagg.messages import (
     CIPHERTEXT_BYTES,
     AdvertiseKeys,
@@ -52,6 +54,23 @@ def test_round_trip(msg: object) -> None:
     assert obj["v"] == 1 and obj["type"] == msg.TYPE
 
 
+def test_config_fields_are_exactly_the_documented_ones() -> None:
+    assert set(json.loads(CONFIG.to_json())) == {
+        "v",
+        "type",
+        "round_id",
+        "cohort",
+        "threshold",
+        "neighbours",
+        "bits",
+        "clip",
+        "scale",
+        "max_weight",
+        "vector_length",
+        "timeout_s",
+    }
+
+
 def test_advertise_wire_format_is_stable() -> None:
     """A test vector: the exact bytes of one message."""
     msg = AdvertiseKeys("r-1", "a", bytes(32), b"\xff" * 32)
@@ -67,16 +86,23 @@ def test_masked_input_is_safetensors_with_metadata() -> None:
     data = MaskedInput("r-1", "a", vec).to_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    assert header["__metadata__"] == {"v": "1", "type": "masked", "round_id": "r-1", "device": "a"}
+    meta = {"fededge": "1", "kind": "masked_input", "round_id": "r-1", "device": "a"}
+    assert header["__metadata__"] == meta
     assert header["y"]["dtype"] == "U32" and header["y"]["shape"] == [11]
     assert data[8 + n :] == vec.astype("<u4").tobytes()  # raw little-endian words
+    assert safetensors.numpy.load(data)["y"].tolist() == vec.tolist()  # any reader can open it
     back = MaskedInput.from_bytes(data)
     assert (back.round_id, back.device) == ("r-1", "a")
     np.testing.assert_array_equal(back.vector, vec)
-    with pytest.raises(ProtocolError, match="bad length"):
-        MaskedInput.from_bytes(data, max_length=10)
-    with pytest.raises(ProtocolError, match="bad length"):
+    with pytest.raises(ProtocolError):
+        MaskedInput.from_bytes(data, max_length=1)
+    with pytest.raises(ProtocolError):
         MaskedInput.from_bytes(data[:-1])
+    other = encode_tensors({"y": vec.astype(np.int32)}, meta)
+    with pytest.raises(ProtocolError, match="U32"):
+        MaskedInput.from_bytes(other)
+    with pytest.raises(ProtocolError, match="kind"):
+        MaskedInput.from_bytes(encode_tensors({"y": vec}, {**meta, "kind": "update"}))
 
 
 @pytest.mark.parametrize(

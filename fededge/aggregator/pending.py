@@ -1,9 +1,11 @@
 """The pending version: a streaming weighted sum that is durable before anything is acknowledged.
 
 Protocol of one group commit (see docs/decisions.md, "Durability"):
-1. ``stage(update, raw, weight)`` appends each accepted update's raw bytes to the WAL segment;
-2. ``commit()`` fsyncs the segment once for the whole group, then folds the group into the
-   float64 accumulator with the Numba kernel — only now may the caller acknowledge;
+1. ``stage(update, raw, weight)`` holds each accepted update of the current batch;
+2. ``commit()`` appends the group's raw bytes to the WAL segment and fsyncs once, then folds
+   the group into the float64 accumulator with the Numba kernel — or, for a group larger
+   than the accumulator, folds first and writes a checkpoint instead (fewer bytes to disk);
+   only after ``commit()`` returns may the caller acknowledge;
 3. every ``checkpoint_every`` records the accumulator is checkpointed and a new segment begins.
 After ``kill -9``, ``recover()`` loads the checkpoint and replays the later segments in their
 original order, so the recovered sum is bit-identical to the one that was acknowledged.
@@ -86,6 +88,7 @@ class PendingVersion:
         self._since_checkpoint = 0
         self._group = 0
         self._staged: list[tuple[Update, float, float]] = []
+        self._staged_raw: list[bytes] = []
         self._writer: SegmentWriter | None = None
 
     # -- recovery ---------------------------------------------------------------------------
@@ -131,22 +134,33 @@ class PendingVersion:
         return update_id in self._ids or any(u.update_id == update_id for u, _, _ in self._staged)
 
     def stage(self, update: Update, raw: bytes, weight: float, norm: float) -> None:
-        """Append an accepted update to the WAL (not yet durable, not yet folded)."""
+        """Hold an accepted update for the next group commit (not yet durable, not folded)."""
+        self._staged.append((update, weight, norm))
+        self._staged_raw.append(raw)
+
+    def commit(self) -> list[Update]:
+        """Make the staged group durable and fold it; return the updates now safe to ack.
+
+        Two durable paths, whichever writes fewer bytes: a group smaller than the accumulator
+        is appended to the WAL (one fsync), then folded; a larger group is folded first and the
+        accumulator checkpointed (one atomic file), which makes the WAL so far redundant.
+        """
+        if not self._staged:
+            return []
+        group, raws = self._staged, self._staged_raw
+        self._staged, self._staged_raw = [], []
+        if sum(len(r) for r in raws) >= self.acc.nbytes:
+            self._fold(group)
+            self.checkpoint()
+            return [u for u, _, _ in group]
         if self._writer is None:
             self._writer = SegmentWriter(
                 self.store.segment_path(self.base.version, self._segment), fsync=self.store.fsync
             )
-        header = {"id": update.update_id, "weight": weight, "norm": norm, "group": self._group}
-        self._writer.append(header, raw)
-        self._staged.append((update, weight, norm))
-
-    def commit(self) -> list[Update]:
-        """Make the staged group durable and fold it; return the updates now safe to ack."""
-        if not self._staged:
-            return []
-        assert self._writer is not None
+        for (update, weight, norm), raw in zip(group, raws, strict=True):
+            header = {"id": update.update_id, "weight": weight, "norm": norm, "group": self._group}
+            self._writer.append(header, raw)
         self._writer.commit()
-        group, self._staged = self._staged, []
         self._group += 1
         self._fold(group)
         self._since_checkpoint += len(group)

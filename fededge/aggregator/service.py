@@ -167,9 +167,12 @@ class Aggregator:
             except queue.Empty:
                 self._maybe_status()
                 return 0
+        # Group commit with a short delay (like PostgreSQL's commit_delay): under load, waiting a
+        # few ms gathers up to group_commit_max updates for one fsync.
+        deadline = time.monotonic() + self.cfg.commit_delay
         while len(batch) < self.cfg.group_commit_max:
             try:
-                batch.append(self.client.messages.get_nowait())
+                batch.append(self.client.messages.get(timeout=max(0.0, deadline - time.monotonic())))
             except queue.Empty:
                 break
         staged: list[Message] = []

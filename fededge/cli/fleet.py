@@ -290,11 +290,16 @@ def render_status(snap: Snapshot, last: int) -> None:
 )
 @settings_options
 def status(settings: Settings, as_json: bool, wait: float, last: int) -> int:
-    """Show a task's current version, plan, aggregator, devices and recent versions."""
+    """Show a task's version, plan, aggregator, devices and recent versions."""
     quiet_transport(settings)
     snap = collect_status(settings, wait)
+    topics = Topics(settings.topic_prefix, settings.task)
+    bad_model = [reason for topic, reason in snap.problems if topic == topics.model]
+    if snap.model is None and bad_model:
+        raise FededgeError(
+            f"the retained model of task {settings.task!r} is invalid: {bad_model[0]}"
+        )
     if snap.model is None:
-        topics = Topics(settings.topic_prefix, settings.task)
         found = len(snap.devices) + len(snap.metrics) + (snap.plan is not None)
         raise FededgeError(
             f"task {settings.task!r} has no model on {settings.broker.url} (nothing retained on "
@@ -323,7 +328,7 @@ def _silence_stdout() -> None:
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), help="Stop after S seconds.")
 @settings_options
 def watch(settings: Settings, raw: bool, count: int | None, timeout: float | None) -> int:
-    """Print every message under the prefix (or of --task) decoded, one line each.
+    """Print every message under the prefix (or of --task), decoded, one line each.
 
     Updates are summarised (device, base version, examples, size), never their values.
     Ctrl-C stops it (exit code 0).

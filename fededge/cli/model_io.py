@@ -18,6 +18,7 @@ from typing import Any
 
 import click
 import numpy as np
+from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
@@ -416,7 +417,7 @@ def _print_info(info: dict[str, Any], indent: str = "") -> None:
                     *(("-" if r.get(c) is None else f"{r[c]:.6g}") for c in ("norm", "min", "max")),
                 )
             out.print(Text(f"{indent}tensors ({len(value)})", "bold"))
-            out.print(table)
+            out.print(Padding(table, (0, 0, 0, len(indent)), expand=False))
         elif isinstance(value, dict) and key not in ("metadata", "inputs", "outputs"):
             out.print(Text(f"{indent}{key}", "bold"))
             _print_info(value, indent + "  ")
@@ -439,7 +440,7 @@ def _print_info(info: dict[str, Any], indent: str = "") -> None:
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: Path, as_json: bool) -> int:
-    """Describe a bundle directory, .tflite, safetensors (weights or message) or JSON file."""
+    """Describe a bundle dir, .tflite, safetensors (weights, message) or JSON file."""
     if path.is_dir():
         info = inspect_bundle(path)
     else:

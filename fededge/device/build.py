@@ -28,6 +28,7 @@ from fededge.device.bundle import (
     WEIGHTS_FILE,
     save_weights,
 )
+from fededge.errors import ModelError
 
 NUM_CLASSES = 10
 DEFAULT_BATCH = 32
@@ -191,7 +192,12 @@ def build_bundle(model: str, out_dir: Path, seed: int = 0) -> Path:
     if model not in ARCHS:
         raise ValueError(f"unknown model {model!r}; expected one of {sorted(ARCHS)}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    try:
+        import tensorflow as tf
+    except ImportError:
+        raise ModelError(
+            "building bundles needs TensorFlow: pip install 'fededge[convert]'"
+        ) from None
 
     arch = ARCHS[model]
     graph = convert(_make_module(model))
@@ -239,7 +245,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="bundle directory to (over)write")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
     args = p.parse_args(argv)
-    out = build_bundle(args.model, args.out, args.seed)
+    try:
+        out = build_bundle(args.model, args.out, args.seed)
+    except ModelError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     digest = hashlib.sha256((out / GRAPH_FILE).read_bytes()).hexdigest()
     print(f"built {args.model} bundle in {out} (graph sha256 {digest})")
     return 0

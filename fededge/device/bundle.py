@@ -249,7 +249,7 @@ def parse_weights(raw: bytes, spec: BundleSpec, what: str = WEIGHTS_FILE) -> dic
     return out
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # arrays have no truth value: compare specs, not bundles
 class Bundle:
     """A validated model bundle: graph bytes, spec and initial weights."""
 

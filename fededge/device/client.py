@@ -255,10 +255,14 @@ class Client:
 
     def wait_for_version(self, version: int, timeout: float) -> bool:
         """Block until the current version is at least ``version``; False on timeout."""
+
+        def reached() -> bool:
+            v = self.version
+            return v is not None and v >= version
+
         with self._changed:
-            return self._changed.wait_for(
-                lambda: (self.version or -1) >= version or self._stop.is_set(), timeout
-            ) and (self.version or -1) >= version
+            self._changed.wait_for(lambda: reached() or self._stop.is_set(), timeout)
+        return reached()
 
     def wait_idle(self, timeout: float) -> bool:
         """Block until no training is due or running and the outbox is empty."""
@@ -315,8 +319,10 @@ class Client:
         if mv.task != self.task:
             raise ProtocolError(f"model is for task {mv.task!r}, not {self.task!r}", "wrong_task")
         spec, runtime = self._spec, self._runtime
-        if spec is None or runtime is None or (
-            mv.graph_sha256 not in (NO_GRAPH, spec.graph_sha256)
+        if (
+            spec is None
+            or runtime is None
+            or (mv.graph_sha256 not in (NO_GRAPH, spec.graph_sha256))
         ):
             log.info("model version %d waits for its graph %s", mv.version, mv.graph_sha256[:12])
             self._waiting_model = mv
@@ -493,7 +499,7 @@ class Client:
     def _status_message(self, state: str) -> DeviceStatus:
         return DeviceStatus(
             device=self.device_id,
-            state=state,  # type: ignore[arg-type]
+            state=state,
             version=self.version,
             examples=self.examples.count() if state != "offline" else 0,
             outbox=len(self.outbox) if state != "offline" else 0,
@@ -575,11 +581,9 @@ class Client:
         )  # fmt: skip
         mqtt = self._mqtt
         if mqtt is not None and mqtt.connected:
-            entry = self.outbox.get(uid)
-            with self._send_lock:
-                if entry is not None and entry.update_id in {
-                    e.update_id for e in self.outbox.due(self.cfg.receipt_timeout)
-                }:
+            with self._send_lock:  # unless the io thread was quicker
+                entry = self.outbox.get(uid)
+                if entry is not None and not self.outbox.was_sent(uid):
                     with contextlib.suppress(TransportError):
                         self._send(mqtt, entry)
         self._status_due.set()

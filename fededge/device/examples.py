@@ -172,7 +172,8 @@ def _numeric(value: Any, what: str) -> np.ndarray:
         arr = value
     else:
         try:
-            arr = np.asarray(value, dtype=np.float64)
+            # No dtype: strings, bools and huge integers keep a dtype that is refused below.
+            arr = np.asarray(value)
         except (ValueError, TypeError, OverflowError):
             raise ValidationError(
                 "bad_shape", f"{what} must be a rectangular array of numbers"

@@ -23,9 +23,7 @@ class DeviceMetrics:
         self.dropped = Counter(
             "fededge_device_updates_dropped", "Updates given up, by reason", ["reason"], registry=r
         )
-        self.outbox = Gauge(
-            "fededge_device_outbox_depth", "Updates awaiting a receipt", registry=r
-        )
+        self.outbox = Gauge("fededge_device_outbox_depth", "Updates awaiting a receipt", registry=r)
         self.train_seconds = Counter(
             "fededge_device_train_seconds", "Seconds spent in local training", registry=r
         )
@@ -37,9 +35,7 @@ class DeviceMetrics:
         self.fresh = Gauge(
             "fededge_device_fresh_examples", "Examples no training run used yet", registry=r
         )
-        self.predictions = Counter(
-            "fededge_device_predictions", "Examples predicted", registry=r
-        )
+        self.predictions = Counter("fededge_device_predictions", "Examples predicted", registry=r)
         self.version = Gauge("fededge_device_model_version", "Model version in use", registry=r)
         self.bad_messages = Counter(
             "fededge_device_messages_rejected", "Malformed messages from the broker", registry=r

@@ -102,9 +102,12 @@ class Outbox:
         with self._lock:
             self._sent[update_id] = self._clock()
         with self.db.transaction() as c:
-            c.execute(
-                "UPDATE outbox SET attempts = attempts + 1 WHERE update_id = ?", (update_id,)
-            )
+            c.execute("UPDATE outbox SET attempts = attempts + 1 WHERE update_id = ?", (update_id,))
+
+    def was_sent(self, update_id: str) -> bool:
+        """Whether ``update_id`` was sent since the last reset."""
+        with self._lock:
+            return update_id in self._sent
 
     def reset(self) -> None:
         """Forget when entries were sent, so all are due (after a reconnect)."""

@@ -10,6 +10,9 @@ progress, and concurrent calls of the same kind queue on that lock.
 Batches: every graph has a dynamic batch dimension; a call with a batch of another size resizes
 the interpreter's inputs (one cheap re-allocation), so a partial last batch trains on exactly its
 own examples (see docs/decisions.md).
+
+A ModelRuntime trusts its graph: validate graphs from disk or the network first with
+:func:`~fededge.device.bundle.load_bundle` or :meth:`~fededge.device.bundle.Bundle.from_bytes`.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@ sharing and the mask PRG, all from `cryptography`, with randomness passed in."""
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 import sys
@@ -72,15 +73,27 @@ def public_key_of(private: bytes) -> bytes:
     return X25519PrivateKey.from_private_bytes(private).public_key().public_bytes_raw()
 
 
+class KeyAgreement:
+    """X25519 agreements of one private key with many peers (parses the private key once)."""
+
+    def __init__(self, private: bytes) -> None:
+        if len(private) != KEY_BYTES:
+            raise SecAggError(f"private key must be {KEY_BYTES} bytes, got {len(private)}")
+        self._key = X25519PrivateKey.from_private_bytes(private)
+
+    def with_peer(self, peer_public: bytes) -> bytes:
+        """The shared secret with ``peer_public``; rejects malformed and low-order points."""
+        if len(peer_public) != KEY_BYTES:
+            raise SecAggError(f"public key must be {KEY_BYTES} bytes, got {len(peer_public)}")
+        try:
+            return self._key.exchange(X25519PublicKey.from_public_bytes(peer_public))
+        except ValueError as exc:  # cryptography refuses an all-zero (low-order) result
+            raise SecAggError(f"key agreement failed: {exc}") from exc
+
+
 def agree(private: bytes, peer_public: bytes) -> bytes:
     """The X25519 shared secret of ``private`` and ``peer_public``; rejects low-order points."""
-    if len(peer_public) != KEY_BYTES:
-        raise SecAggError(f"public key must be {KEY_BYTES} bytes, got {len(peer_public)}")
-    try:
-        peer = X25519PublicKey.from_public_bytes(peer_public)
-        return X25519PrivateKey.from_private_bytes(private).exchange(peer)
-    except ValueError as exc:  # cryptography refuses an all-zero (low-order) result
-        raise SecAggError(f"key agreement failed: {exc}") from exc
+    return KeyAgreement(private).with_peer(peer_public)
 
 
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
@@ -179,32 +192,44 @@ def combine_shares(shares: Sequence[bytes]) -> bytes:
     xs = [x for x, _ in points]
     if not points or len(set(xs)) != len(xs):
         raise SecAggError("need at least one share, with distinct points")
+    # Lagrange at 0: secret = sum_i y_i * P / (x_i * prod_{j != i} (x_j - x_i)), P = prod x_j.
+    # The products are of small integers, so exact; one modular inversion serves all terms
+    # (batch inversion), since an inversion costs as much as dozens of multiplications.
+    product = math.prod(xs)
+    dens = [xi * math.prod(xj - xi for xj in xs if xj != xi) % PRIME for xi in xs]
+    prefix = [1]
+    for den in dens:
+        prefix.append(prefix[-1] * den % PRIME)
+    inverse = pow(prefix[-1], -1, PRIME)
     secret = 0
-    for i, (xi, yi) in enumerate(points):
-        num, den = 1, 1
-        for j, xj in enumerate(xs):
-            if j != i:
-                num = num * xj % PRIME
-                den = den * (xj - xi) % PRIME
-        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    for i in range(len(points) - 1, -1, -1):
+        inv_den = inverse * prefix[i] % PRIME  # = 1 / dens[i]
+        inverse = inverse * dens[i] % PRIME
+        secret += points[i][1] * inv_den
+    secret = secret * product % PRIME
     if secret >= 1 << (8 * SEED_BYTES):
         raise SecAggError("shares are inconsistent (reconstruction out of range)")
     return secret.to_bytes(SEED_BYTES, "big")
 
 
+# keystream = AES-CTR of zeros; a small block stays in cache (a memoryview: slicing is free)
+_ZEROS = memoryview(bytes(1 << 18))
+
+
 class MaskPRG:
     """Expands 32-byte seeds into uint32 mask words with AES-128-CTR, reusing one buffer.
 
-    Key = seed[:16], initial counter block = seed[16:]. The keystream is written in place into a
-    zeroed buffer with ``update_into`` (cryptography's fast path; ``update`` on large buffers is
-    several times slower). Not thread-safe: one instance per thread.
+    Key = seed[:16], initial counter block = seed[16:]. The keystream is written straight into
+    the preallocated buffer with ``update_into`` (cryptography's fast path; ``update`` on large
+    buffers is several times slower), encrypting one cached block of zeros per chunk.
+    Not thread-safe: one instance per thread.
     """
 
     def __init__(self, n_words: int) -> None:
         if n_words <= 0:
             raise ValueError(f"n_words must be positive, got {n_words}")
         self.n_words = n_words
-        # update_into wants room for one extra block; the tail is never read.
+        # update_into wants room for one extra block after each chunk; the tail is never read.
         self._buffer = np.zeros(n_words + 4, dtype=np.uint32)
         self._bytes = self._buffer.data.cast("B")
 
@@ -212,10 +237,11 @@ class MaskPRG:
         """The mask of ``seed``: ``n_words`` uniform words, a view valid until the next call."""
         if len(seed) != SEED_BYTES:
             raise SecAggError(f"seed must be {SEED_BYTES} bytes, got {len(seed)}")
-        n_bytes = 4 * self.n_words
-        self._buffer[: self.n_words] = 0
         encryptor = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
-        encryptor.update_into(self._bytes[:n_bytes], self._bytes)
+        n_bytes, chunk = 4 * self.n_words, len(_ZEROS)
+        for offset in range(0, n_bytes, chunk):
+            size = min(chunk, n_bytes - offset)
+            encryptor.update_into(_ZEROS[:size] if size < chunk else _ZEROS, self._bytes[offset:])
         words = self._buffer[: self.n_words]
         if sys.byteorder == "big":  # the keystream is defined as little-endian words
             words.byteswap(inplace=True)

@@ -163,8 +163,9 @@ class DeviceRound:
         key_shares = crypto.split_secret(self._mask.private, xs, cfg.threshold, self._rng)
         seed_shares = crypto.split_secret(self._self_seed, xs, cfg.threshold, self._rng)
         cts = {}
+        agreement = crypto.KeyAgreement(self._enc.private)
         for peer, s_share, b_share in zip(peers, key_shares, seed_shares, strict=True):
-            shared = crypto.agree(self._enc.private, msg.keys[peer][0])
+            shared = agreement.with_peer(msg.keys[peer][0])
             key = crypto.share_key(shared, cfg.round_id, me, peer)
             cts[peer] = crypto.encrypt_bundle(
                 key, cfg.round_id, me, peer, s_share + b_share, self._rng
@@ -182,9 +183,10 @@ class DeviceRound:
                 f"shares from devices that are not live neighbours: {sorted(unknown)}"
             )
         held = {}
+        agreement = crypto.KeyAgreement(self._enc.private)
         for sender, ct in msg.ciphertexts.items():
             try:
-                shared = crypto.agree(self._enc.private, self._peers[sender][0])
+                shared = agreement.with_peer(self._peers[sender][0])
                 key = crypto.share_key(shared, cfg.round_id, sender, me)
                 bundle = crypto.decrypt_bundle(key, cfg.round_id, sender, me, ct)
                 if len(bundle) != BUNDLE_BYTES:
@@ -213,8 +215,9 @@ class DeviceRound:
         y = self._encoded
         prg = crypto.MaskPRG(y.shape[0])
         add_mod(y, prg.expand(self._self_seed), bits)
+        agreement = crypto.KeyAgreement(self._mask.private)
         for peer in self._partners:
-            shared = crypto.agree(self._mask.private, self._peers[peer][1])
+            shared = agreement.with_peer(self._peers[peer][1])
             mask = prg.expand(crypto.pair_seed(shared, cfg.round_id, me, peer))
             # The smaller id adds and the larger subtracts, so the pair's masks cancel in the sum.
             (add_mod if me < peer else sub_mod)(y, mask, bits)

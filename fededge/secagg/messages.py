@@ -3,7 +3,8 @@
 Every control message is a JSON object with ``"v": 1`` and a ``"type"``; bytes travel as standard
 base64. Decoding is strict: unknown, missing or duplicated fields, wrong types, out-of-range values
 and wrong byte lengths raise ProtocolError naming the field. A masked input travels as safetensors
-(one little-endian ``U32`` tensor ``"y"`` plus ``__metadata__``): inspectable and zero-copy.
+(one little-endian ``U32`` tensor ``"y"``; ``__metadata__`` with ``fededge``, ``kind``,
+``round_id``, ``device``) through the project's codec in fededge.protocol.tensors.
 """
 
 from __future__ import annotations
@@ -13,18 +14,15 @@ import binascii
 import json
 import math
 import re
-import struct
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
-from safetensors import SafetensorError
-from safetensors.numpy import load as st_load
-from safetensors.numpy import save as st_save
 
 from fededge.errors import ProtocolError
+from fededge.protocol.tensors import decode_tensors, encode_tensors
 from fededge.secagg.crypto import KEY_BYTES, NONCE_BYTES, SHARE_BYTES, TAG_BYTES
 
 PROTOCOL_VERSION = 1
@@ -160,7 +158,9 @@ class RoundConfig:
         _int("bits", self.bits, 8, 32)
         _int("vector_length", self.vector_length, 1, MAX_VECTOR_LENGTH)
         for name in ("clip", "scale", "max_weight", "timeout_s"):
-            _float(name, getattr(self, name))
+            # Stored as float so that equal configs encode to equal bytes (60 vs 60.0).
+            object.__setattr__(self, name, _float(name, getattr(self, name)))
+        object.__setattr__(self, "cohort", tuple(self.cohort))
         from fededge.secagg.quantize import no_wrap  # local: quantize imports numpy kernels
 
         try:
@@ -172,13 +172,13 @@ class RoundConfig:
 
     def to_json(self) -> bytes:
         """The message as compact, key-sorted JSON bytes."""
-        body = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "cohort"}
+        body = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "cohort"}
         return _dump(self.TYPE, {**body, "cohort": list(self.cohort)})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> RoundConfig:
         """Strictly decode; raises ProtocolError naming the bad field."""
-        names = tuple(cls.__dataclass_fields__)
+        names = tuple(f.name for f in fields(cls))
         o = _fields(parse_json(data), cls.TYPE, names)
         for name in ("threshold", "neighbours", "bits", "vector_length"):
             _int(name, o[name], 0, MAX_VECTOR_LENGTH)
@@ -401,51 +401,38 @@ class MaskedInput:
     vector: npt.NDArray[np.uint32]
 
     def to_bytes(self) -> bytes:
-        """safetensors bytes: tensor ``y`` (U32, little-endian) and the ids in ``__metadata__``."""
+        """safetensors bytes: tensor ``y`` (U32, little-endian), the ids in ``__metadata__``."""
         meta = {
-            "v": str(PROTOCOL_VERSION),
-            "type": self.TYPE,
+            "fededge": str(PROTOCOL_VERSION),
+            "kind": "masked_input",
             "round_id": self.round_id,
             "device": self.device,
         }
-        return bytes(st_save({"y": np.ascontiguousarray(self.vector, dtype="<u4")}, metadata=meta))
+        vector = np.ascontiguousarray(self.vector, dtype="<u4")
+        return encode_tensors({"y": vector}, meta)
 
     @classmethod
     def from_bytes(cls, data: bytes, max_length: int = MAX_VECTOR_LENGTH + 1) -> MaskedInput:
-        """Strictly decode safetensors bytes; raises ProtocolError naming the problem."""
-        if not isinstance(data, bytes | bytearray | memoryview) or len(data) < 8:
-            raise ProtocolError("masked input: too short for a safetensors header")
-        (header_len,) = struct.unpack("<Q", bytes(data[:8]))
-        if header_len > 4096 or 8 + header_len > len(data):
-            raise ProtocolError(f"masked input: bad header length {header_len}")
-        try:
-            header = json.loads(bytes(data[8 : 8 + header_len]), object_pairs_hook=_no_duplicates)
-        except (ValueError, RecursionError) as exc:
-            raise ProtocolError(f"masked input: header is not JSON: {exc}") from exc
-        if not isinstance(header, dict) or set(header) != {"__metadata__", "y"}:
+        """Strictly decode safetensors bytes, zero-copy; raises ProtocolError naming the problem."""
+        payload = decode_tensors(data, max_bytes=4 * max_length + 4096)
+        meta = payload.metadata
+        if set(meta) != {"fededge", "kind", "round_id", "device"}:
             raise ProtocolError(
-                "masked input: header must hold exactly __metadata__ and tensor 'y'"
+                "masked input: __metadata__ must hold fededge, kind, round_id, device"
             )
-        meta, spec = header["__metadata__"], header["y"]
-        if not isinstance(meta, dict) or set(meta) != {"v", "type", "round_id", "device"}:
-            raise ProtocolError("masked input: __metadata__ must hold v, type, round_id, device")
-        if meta["v"] != str(PROTOCOL_VERSION) or meta["type"] != cls.TYPE:
+        if meta["fededge"] != str(PROTOCOL_VERSION) or meta["kind"] != "masked_input":
             raise ProtocolError(
-                f"masked input: unsupported version/type {meta['v']!r}/{meta['type']!r}"
+                f"masked input: unsupported version/kind {meta['fededge']!r}/{meta['kind']!r}"
             )
-        if not isinstance(spec, dict) or spec.get("dtype") != "U32":
-            raise ProtocolError("masked input: tensor 'y' must have dtype U32")
-        shape = spec.get("shape")
-        if not isinstance(shape, list) or len(shape) != 1 or not isinstance(shape[0], int):
-            raise ProtocolError("masked input: tensor 'y' must be 1-D")
-        n = shape[0]
-        if not 1 <= n <= max_length or len(data) != 8 + header_len + 4 * n:
-            raise ProtocolError(f"masked input: bad length {n} for {len(data)} bytes")
-        try:
-            vector = st_load(bytes(data))["y"]
-        except (SafetensorError, ValueError, KeyError) as exc:
-            raise ProtocolError(f"masked input: {exc}") from exc
-        return cls(_id("round_id", meta["round_id"]), _id("device", meta["device"]), vector)
+        if set(payload.tensors) != {"y"}:
+            raise ProtocolError("masked input: expected exactly one tensor, 'y'")
+        vector = payload.tensors["y"]
+        if vector.dtype != np.dtype("<u4") or vector.ndim != 1:
+            raise ProtocolError("masked input: tensor 'y' must be 1-D U32")
+        if not 1 <= vector.shape[0] <= max_length:
+            raise ProtocolError(f"masked input: bad length {vector.shape[0]}")
+        words = np.asarray(vector, dtype=np.uint32)  # no copy on little-endian hosts
+        return cls(_id("round_id", meta["round_id"]), _id("device", meta["device"]), words)
 
 
 JsonMessage: TypeAlias = (

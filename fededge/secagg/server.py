@@ -137,7 +137,9 @@ class ServerRound:
                 raise SecAggError(f"late {msg.TYPE} message from {device!r}")
             self._reject(device, f"{msg.TYPE} message in stage {self.stage.value!r}")
         if device in self.offenders:
-            raise SecAggError(f"device {device!r} already sent a refused unmask answer")
+            raise SecAggError(f"device {device!r} sent a refused message; it is ignored")
+        if device not in self._live:  # defensive: every other device is dropped or an offender
+            raise SecAggError(f"device {device!r} is not expected in stage {self.stage.value!r}")
         if isinstance(msg, AdvertiseKeys):
             self._on_advertise(msg)
         elif isinstance(msg, ShareKeys):
@@ -296,8 +298,9 @@ class ServerRound:
             private = crypto.combine_shares(shares[: cfg.threshold])
             if crypto.public_key_of(private) != self._keys[d][1]:
                 raise SecAggError(f"the rebuilt mask key of {d} does not match its public key")
+            agreement = crypto.KeyAgreement(private)
             for partner in sorted(self._partners[d] & self._survivors):
-                shared = crypto.agree(private, self._keys[partner][1])
+                shared = agreement.with_peer(self._keys[partner][1])
                 mask = prg.expand(crypto.pair_seed(shared, cfg.round_id, partner, d))
                 # partner added +mask if its id is the smaller one, else -mask: undo that.
                 (sub_mod if partner < d else add_mod)(self._acc, mask, bits)

@@ -1,0 +1,87 @@
+"""The device daemon: a Client, its local API and metrics, supervised by systemd."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from fededge import systemd
+from fededge.device.api import ApiServer
+from fededge.device.bundle import Bundle
+from fededge.device.client import Client
+from fededge.errors import ConfigError
+from fededge.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def socket_path(settings: Settings) -> Path:
+    """Where the local API listens: ``device.socket_path``, else ``state_dir/api.sock``."""
+    return settings.device.socket_path or Path(settings.state_dir) / "api.sock"
+
+
+def _summary(client: Client) -> str:
+    st = client.status()
+    return (
+        f"version {st['version']}, {'connected' if st['connected'] else 'offline'}, "
+        f"{st['fresh']}/{st['examples_per_update']} fresh examples, outbox {st['outbox']}, "
+        f"{st['updates_sent']} updates sent"
+    )
+
+
+def run(
+    settings: Settings, shutdown: systemd.Shutdown, *, bundle: Bundle | Path | None = None
+) -> int:
+    """Run until ``shutdown`` is requested; return the exit code.
+
+    The watchdog is pinged from this loop only while the client's threads and the API
+    threads are alive and the client's io loop keeps turning, so a wedged daemon is restarted.
+    """
+    cfg = settings.device
+    dog = systemd.Watchdog()
+    systemd.status("starting: opening state and connecting")
+    client = Client(settings, bundle=bundle)
+    api: ApiServer | None = None
+    try:
+        client.start(retry=True)
+        api = ApiServer(
+            client,
+            socket_path(settings),
+            mode=cfg.socket_mode,
+            group=cfg.socket_group,
+            max_request_bytes=cfg.max_request_bytes,
+        )
+        api.start()
+        if cfg.metrics:
+            try:
+                port = client.metrics.serve(cfg.metrics_host, cfg.metrics_port)
+            except OSError as e:
+                raise ConfigError(
+                    f"device.metrics_port={cfg.metrics_port}: cannot listen on "
+                    f"{cfg.metrics_host}: {e.strerror}"
+                ) from None
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, port)
+        line = _summary(client)
+        systemd.ready(line)
+        log.info("device %s ready: %s", cfg.device_id, line)
+        unhealthy_logged = False
+        while not shutdown.requested:
+            if client.healthy() and api.alive:
+                dog.tick()
+                unhealthy_logged = False
+            elif not unhealthy_logged:
+                log.error("a device thread died or hangs: no more watchdog pings")
+                unhealthy_logged = True
+            if (new := _summary(client)) != line:
+                line = new
+                systemd.status(line)
+            shutdown.wait(dog.poll_timeout(1.0))
+        log.info("stopping: shutdown requested (signal %s)", shutdown.signum)
+        return 0
+    except systemd.ShutdownRequested:
+        return 0
+    finally:
+        systemd.stopping("shutting down")
+        if api is not None:
+            api.close()
+        client.close()

@@ -1,0 +1,162 @@
+"""The in-process device Client against a real Mosquitto, real LiteRT and the real aggregator."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+from aggtools import make_settings, running_aggregator
+from devtools import (
+    DIGITS_PLAN,
+    cycle,
+    device_settings,
+    digits_split,
+    mlp_bundle,
+    new_task,
+    publish_task,
+    wait_until,
+)
+
+from fededge.device.client import Client
+from fededge.device.runtime import ModelRuntime
+from fededge.errors import StateError, ValidationError
+
+pytestmark = pytest.mark.broker
+MAX_VERSIONS = 30
+
+
+def _accuracy(
+    rt: ModelRuntime, weights: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray
+) -> float:
+    return float(np.mean(np.argmax(rt.infer(x, weights), axis=1) == y))
+
+
+def test_five_non_iid_devices_reach_085(broker, tmp_path) -> None:
+    task = new_task()
+    agg_settings = make_settings(broker.url, tmp_path / "agg", task=task)
+    publish_task(agg_settings)
+    parts, x_te, y_te = digits_split(5)
+    rt = ModelRuntime.from_bundle(mlp_bundle())
+    history: list[tuple[int, float]] = []
+    with running_aggregator(agg_settings) as agg:
+        clients = [
+            Client(
+                device_settings(broker.url, tmp_path / "dev", task, f"d{i}"), bundle=mlp_bundle()
+            )
+            for i in range(5)
+        ]
+        for c in clients:
+            c.start()
+        try:
+            pos = 0
+            for v in range(MAX_VERSIONS):
+                for c in clients:
+                    assert c.wait_for_version(v, 20), f"{c.device_id} never saw version {v}"
+                for c, part in zip(clients, parts, strict=True):
+                    c.fit(*cycle(part, pos, DIGITS_PLAN.examples_per_update))
+                pos += DIGITS_PLAN.examples_per_update
+                wait_until(lambda v=v: (agg.version or 0) > v, 30, f"version {v + 1}")
+                assert agg.model is not None
+                acc = _accuracy(rt, agg.model.weights, x_te, y_te)
+                history.append((agg.model.version, acc))
+                if acc >= 0.85:
+                    break
+            print("accuracy by version", history)
+            assert history[-1][1] >= 0.85, history
+            # Every update got its receipt: nothing is left in any outbox.
+            for c in clients:
+                assert c.wait_idle(20)
+                assert c.status()["outbox"] == 0
+            assert agg.accepted_total == 5 * len(history)
+            assert agg.rejected_total == 0
+        finally:
+            for c in clients:
+                c.close()
+
+
+def test_predict_fit_validation_and_version_callback(broker, tmp_path) -> None:
+    task = new_task()
+    agg_settings = make_settings(broker.url, tmp_path / "agg", task=task)
+    plan = DIGITS_PLAN.model_copy(update={"min_updates_per_version": 1, "examples_per_update": 8})
+    v0 = publish_task(agg_settings, plan)
+    seen: list[tuple[int | None, int]] = []
+    (part,), x_te, _ = digits_split(1)
+    with running_aggregator(agg_settings) as agg:
+        # No bundle: the graph arrives over MQTT (and is probed in a child process).
+        c = Client(device_settings(broker.url, tmp_path / "dev", task, "solo"))
+        c.on_new_version(lambda _m, old, new: seen.append((old, new)))
+        c.start()
+        try:
+            assert c.wait_for_version(0, 20)
+            probs, version = c.predict_versioned(x_te[:3])
+            assert version == 0 and probs.shape == (3, 10)
+            np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
+            rt = ModelRuntime.from_bundle(mlp_bundle())
+            np.testing.assert_array_equal(probs, rt.infer(x_te[:3], v0.weights))
+            with pytest.raises(ValidationError) as e:
+                c.fit(x_te[:2], [1, 10])
+            assert e.value.reason == "bad_label"
+            with pytest.raises(ValidationError):
+                c.fit(np.full((2, 64), np.nan), [1, 2])
+            with pytest.raises(ValidationError):
+                c.predict(np.zeros((2, 63)))
+            r = c.fit(*cycle(part, 0, 5))
+            assert (r.added, r.fresh) == (5, 5)
+            r = c.fit(*cycle(part, 5, 3))  # 8 fresh: trains, sends, version 1 follows
+            assert r.added == 3
+            assert c.wait_for_version(1, 20)
+            wait_until(lambda: agg.version == 1, 10, "aggregator version 1")
+            assert agg.model is not None and agg.model.examples == 8
+            assert c.wait_idle(10)
+            st = c.status()
+            assert st["fresh"] == 0 and st["examples"] == 8 and st["updates_sent"] == 1
+            assert (None, 0) in seen and (0, 1) in seen
+            assert not np.array_equal(c.predict(x_te[:3]), probs)
+        finally:
+            c.close()
+    # The state directory is locked while a client uses it.
+    c2 = Client(device_settings(broker.url, tmp_path / "dev", task, "solo"))
+    with pytest.raises(StateError):
+        Client(device_settings(broker.url, tmp_path / "dev", task, "solo"))
+    assert c2.version == 1  # restored from the cached model, before connecting
+    c2.close()
+
+
+def test_predictions_during_swaps_are_consistent(broker, tmp_path) -> None:
+    """Predictions never mix two versions' weights while versions swap under them."""
+    task = new_task()
+    agg_settings = make_settings(broker.url, tmp_path / "agg", task=task)
+    plan = DIGITS_PLAN.model_copy(update={"min_updates_per_version": 1, "examples_per_update": 16})
+    publish_task(agg_settings, plan)
+    (part,), x_te, _ = digits_split(1)
+    rt = ModelRuntime.from_bundle(mlp_bundle())
+    models: dict[int, dict[str, np.ndarray]] = {}
+    with running_aggregator(agg_settings) as agg:
+        agg.on_new_version(lambda m, _o, n: models.__setitem__(n, m.weights))
+        c = Client(device_settings(broker.url, tmp_path / "dev", task, "swap"), bundle=mlp_bundle())
+        c.on_new_version(lambda m, _o, n: models.setdefault(n, dict(m.weights)))
+        c.start()
+        got: list[tuple[int, np.ndarray]] = []
+        stop = threading.Event()
+
+        def predict() -> None:
+            while not stop.is_set():
+                p, v = c.predict_versioned(x_te[:4])
+                got.append((v, p))
+
+        try:
+            assert c.wait_for_version(0, 20)
+            t = threading.Thread(target=predict, name="predictor")
+            t.start()
+            for v in range(4):
+                c.fit(*cycle(part, 16 * v, 16))
+                assert c.wait_for_version(v + 1, 20)
+            stop.set()
+            t.join()
+        finally:
+            c.close()
+    seen = {v for v, _ in got}
+    assert len(seen) >= 2
+    for v, p in got[:: max(1, len(got) // 200)]:
+        np.testing.assert_array_equal(p, rt.infer(x_te[:4], models[v]))
