@@ -104,7 +104,7 @@ def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -
     task = f"agg{uuid.uuid4().hex[:6]}"
     settings = load_settings(None, {
         "broker": {"url": f"mqtt://127.0.0.1:{port}"}, "task": task, "state_dir": state,
-        "aggregator": {"metrics": False, "fsync": fsync, "checkpoint_every": 64},
+        "aggregator": {"metrics": False, "fsync": fsync, "checkpoint_every": 64, "group_commit_max": 10},
     })
     mv = ModelVersion(task=task, version=0, weights={"w": np.zeros(d, np.float32)},
                       graph_sha256="0" * 64)

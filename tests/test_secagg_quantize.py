@@ -118,6 +118,10 @@ def test_add_sub_mod_match_reference(impl: str, n: int, bits: int) -> None:
     np.testing.assert_array_equal(acc, start)
 
 
+def test_warmup_runs_every_kernel(impl: str) -> None:
+    q.warmup()
+
+
 def test_sum_squares(impl: str) -> None:
     x = np.arange(10, dtype=np.float32)
     assert q.sum_squares(x) == 285.0

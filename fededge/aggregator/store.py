@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -120,9 +121,18 @@ class Store:
     ) -> None:
         """Checkpoint the accumulator after segment ``seg``; older segments become garbage."""
         header = {"base_version": str(base_version), "segment": str(seg), "state": json.dumps(meta)}
+        # Header from a zero-length stand-in, then the accumulator's own buffer: no 8-byte-per-
+        # parameter copy of the accumulator on every checkpoint.
+        head = encode_tensors({"acc": np.zeros(0)}, header)
+        n = struct.unpack_from("<Q", head)[0]
+        hjson = bytes(head[8 : 8 + n]).replace(
+            b'"shape":[0],"data_offsets":[0,0]',
+            f'"shape":[{acc.size}],"data_offsets":[0,{acc.nbytes}]'.encode(),
+        )
+        hjson += b" " * (-len(hjson) % 8)
         atomic_write(
             self.pending_dir / "checkpoint.safetensors",
-            encode_tensors({"acc": acc}, header),
+            [struct.pack("<Q", len(hjson)) + hjson, memoryview(np.ascontiguousarray(acc))],
             fsync=self.fsync,
         )
         for s, p in self.segments(base_version):

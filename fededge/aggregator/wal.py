@@ -39,11 +39,12 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves either the old or the new file."""
+def atomic_write(path: Path, data: bytes | list[bytes | memoryview], *, fsync: bool = True) -> None:
+    """Write ``data`` (or its parts) so that a crash leaves either the old or the new file."""
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("wb") as f:
-        f.write(data)
+        for part in data if isinstance(data, list) else [data]:
+            f.write(part)
         if fsync:
             f.flush()
             os.fsync(f.fileno())

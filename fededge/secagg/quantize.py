@@ -168,6 +168,19 @@ def sub_mod(acc: U32, x: U32, bits: int) -> None:
         np.bitwise_and(acc, np.uint32(mask), out=acc)
 
 
+def warmup() -> None:
+    """Compile (or load from Numba's cache) every kernel now, not inside a round's deadline."""
+    x = np.zeros(2, dtype=np.float32)
+    words = np.zeros(2, dtype=np.uint32)
+    sum_squares(x)
+    sum_squares(x.astype(np.float64))
+    quantize_into(x, 1.0, 0, 0, 32, words)
+    quantize_into(x.astype(np.float64), 1.0, 0, 0, 32, words)
+    dequantize_into(words, 32, 1.0, np.zeros(2))
+    add_mod(words, words, 32)
+    sub_mod(words, words, 32)
+
+
 def max_scale(n_devices: int, clip: float, bits: int) -> float:
     """The largest integer scale meeting the no-wrap condition for n devices (see module doc)."""
     _check_bits(bits)
