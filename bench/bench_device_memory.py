@@ -28,9 +28,9 @@ if __package__ in (None, ""):  # also runnable as `python bench/bench_device_mem
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import numpy as np
+from broker import Mosquitto  # tests/broker.py: a private mosquitto
 
 from bench._report import machine, write_section
-from broker import Mosquitto  # tests/broker.py: a private mosquitto
 from fededge.cli.model import publish_initial
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.device.datasets import load_digits

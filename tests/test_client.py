@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -18,9 +19,12 @@ from devtools import (
     wait_until,
 )
 
+from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.device.client import Client
 from fededge.device.runtime import ModelRuntime
 from fededge.errors import StateError, ValidationError
+from fededge.mqtt import MqttClient
+from fededge.protocol import Graph, ModelVersion, Topics
 
 pytestmark = pytest.mark.broker
 MAX_VERSIONS = 30
@@ -160,3 +164,112 @@ def test_predictions_during_swaps_are_consistent(broker, tmp_path) -> None:
     assert len(seen) >= 2
     for v, p in got[:: max(1, len(got) // 200)]:
         np.testing.assert_array_equal(p, rt.infer(x_te[:4], models[v]))
+
+
+def test_resend_after_reconnect_then_receipt_settles(fresh_broker, tmp_path) -> None:
+    task = new_task()
+    agg_settings = make_settings(fresh_broker.url, tmp_path / "agg", task=task)
+    plan = DIGITS_PLAN.model_copy(update={"min_updates_per_version": 1, "examples_per_update": 8})
+    publish_task(agg_settings, plan)
+    (part,), _, _ = digits_split(1)
+    s = device_settings(fresh_broker.url, tmp_path / "dev", task, "rc", receipt_timeout=600)
+    c = Client(s, bundle=mlp_bundle())
+    c.start()
+    try:
+        assert c.wait_for_version(0, 20)
+        c.fit(*cycle(part, 0, 8))
+        wait_until(lambda: c.status()["updates_sent"] == 1, 10, "an update")
+        (uid,) = c.outbox.ids()
+        wait_until(lambda: c.outbox.get(uid).attempts == 1, 10, "first send")  # type: ignore[union-attr]
+        fresh_broker.restart()
+        # Long before receipt_timeout: the reconnect alone triggers the resend.
+        wait_until(lambda: c.outbox.get(uid).attempts == 2, 20, "resend")  # type: ignore[union-attr]
+        with running_aggregator(agg_settings) as agg:
+            # The aggregator subscribed after both sends: only a resend can reach it, and a
+            # reconnect is what triggers one here - restart the broker once more.
+            fresh_broker.restart()
+            wait_until(lambda: agg.version == 1, 30, "version 1")
+            assert c.wait_idle(20)
+            assert agg.model is not None and (agg.model.updates, agg.model.examples) == (1, 8)
+        accepted = c.metrics.receipts.labels("accepted")._value
+        wait_until(lambda: accepted.get() == 1, 10, "the receipt counted")
+    finally:
+        c.close()
+
+
+def test_too_stale_update_is_dropped_and_bad_messages_refused(broker, tmp_path) -> None:
+    task = new_task()
+    agg_settings = make_settings(broker.url, tmp_path / "agg", task=task)
+    plan = DIGITS_PLAN.model_copy(update={"examples_per_update": 8, "max_staleness": 1})
+    v0 = publish_task(agg_settings, plan)
+    (part,), x_te, _ = digits_split(1)
+    c = Client(device_settings(broker.url, tmp_path / "dev", task, "st"), bundle=mlp_bundle())
+    c.start()
+    pub = MqttClient(broker.settings(), f"pub-{task}", persistent=False)
+    pub.connect()
+    topics = Topics("fededge", task)
+    try:
+        assert c.wait_for_version(0, 20)
+        before = c.predict(x_te[:2])
+        # Hostile or broken messages on the task's topics: refused, counted, nothing changes.
+        for topic, payload in [
+            (topics.model, b"garbage"),
+            (
+                topics.model,
+                ModelVersion(task, 5, {"w": np.zeros(3, np.float32)}, "0" * 64).to_bytes(),
+            ),
+            (topics.model, ModelVersion("other", 6, v0.weights, "0" * 64).to_bytes()),
+            (topics.plan, b'{"v": 1, "kind": "plan", "epochs": -1}'),
+            (topics.graph, b"\x00" * 100),
+            (topics.receipt("st"), b'{"v": 99}'),
+        ]:
+            pub.publish(topic, payload, wait=True, timeout=5)
+        wait_until(lambda: c.metrics.bad_messages._value.get() == 6, 10, "6 rejections")
+        assert c.version == 0 and c.plan == plan
+        np.testing.assert_array_equal(c.predict(x_te[:2]), before)
+        # No aggregator: the update waits in the outbox ...
+        c.fit(*cycle(part, 0, 8))
+        wait_until(lambda: len(c.outbox) == 1, 10, "an update in the outbox")
+        # ... still within the window at version 1, dropped at version 2 (max_staleness 1).
+        for v in (1, 2):
+            mv = ModelVersion(task, v, v0.weights, v0.graph_sha256, time=float(v))
+            pub.publish(topics.model, mv.to_bytes(), wait=True, timeout=5)
+            assert c.wait_for_version(v, 10)
+            if v == 1:
+                time.sleep(0.5)
+                assert len(c.outbox) == 1
+        wait_until(lambda: c.metrics.dropped.labels("stale")._value.get() == 1, 10, "a drop")
+        assert len(c.outbox) == 0
+    finally:
+        pub.close()
+        c.close()
+
+
+def test_new_graph_reloads_the_interpreter(broker, tmp_path) -> None:
+    task = new_task()
+    publish_task(make_settings(broker.url, tmp_path / "agg", task=task))
+    c = Client(device_settings(broker.url, tmp_path / "dev", task, "g"), bundle=mlp_bundle())
+    c.start()
+    pub = MqttClient(broker.settings(), f"pub-{task}", persistent=False)
+    pub.connect()
+    topics = Topics("fededge", task)
+    try:
+        assert c.wait_for_version(0, 20)
+        cnn = load_bundle(shipped_bundle_path("digits_cnn"))
+        graph = Graph(task=task, tflite=cnn.graph, spec=cnn.spec.to_json())
+        # The version first, its graph second: the client waits for the graph, then swaps both.
+        mv = ModelVersion(task, 1, dict(cnn.weights), graph.sha256, time=1.0)
+        pub.publish(topics.model, mv.to_bytes(), retain=True, wait=True, timeout=5)
+        time.sleep(0.3)
+        assert c.version == 0
+        pub.publish(topics.graph, graph.to_bytes(), retain=True, wait=True, timeout=5)
+        assert c.wait_for_version(1, 30)
+        assert c.spec is not None and c.spec.model == "digits_cnn"
+        _, x_te, _ = digits_split(1)
+        np.testing.assert_allclose(
+            c.predict(x_te[:3]), ModelRuntime.from_bundle(cnn).infer(x_te[:3], cnn.weights),
+            rtol=1e-6,
+        )  # fmt: skip
+    finally:
+        pub.close()
+        c.close()

@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import struct
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,7 @@ from numpy.typing import NDArray
 from fededge.aggregator.wal import atomic_write, fsync_dir
 from fededge.errors import ProtocolError, StateError
 from fededge.protocol import ModelVersion
-from fededge.protocol.tensors import decode_tensors, encode_tensors
+from fededge.protocol.tensors import decode_tensors, encode_header
 
 log = logging.getLogger(__name__)
 _MAX_FILE = 1 << 34
@@ -121,18 +120,12 @@ class Store:
     ) -> None:
         """Checkpoint the accumulator after segment ``seg``; older segments become garbage."""
         header = {"base_version": str(base_version), "segment": str(seg), "state": json.dumps(meta)}
-        # Header from a zero-length stand-in, then the accumulator's own buffer: no 8-byte-per-
-        # parameter copy of the accumulator on every checkpoint.
-        head = encode_tensors({"acc": np.zeros(0)}, header)
-        n = struct.unpack_from("<Q", head)[0]
-        hjson = bytes(head[8 : 8 + n]).replace(
-            b'"shape":[0],"data_offsets":[0,0]',
-            f'"shape":[{acc.size}],"data_offsets":[0,{acc.nbytes}]'.encode(),
-        )
-        hjson += b" " * (-len(hjson) % 8)
+        # The header, then the accumulator's own buffer: no copy of 8 bytes per parameter.
+        acc = np.ascontiguousarray(acc, dtype=np.float64)
+        head = encode_header([("acc", acc.dtype, acc.shape)], header)
         atomic_write(
             self.pending_dir / "checkpoint.safetensors",
-            [struct.pack("<Q", len(hjson)) + hjson, memoryview(np.ascontiguousarray(acc))],
+            [head, acc.data.cast("B")],
             fsync=self.fsync,
         )
         for s, p in self.segments(base_version):

@@ -57,6 +57,7 @@ from fededge.settings import Settings
 log = logging.getLogger(__name__)
 NO_GRAPH = "0" * 64
 MAX_GRAPH_MESSAGE = 80 * 1024 * 1024
+MAX_MODEL_MESSAGE = 257 * 1024 * 1024
 STATUS_INTERVAL = 30.0
 NewVersionCallback = Callable[[ModelVersion, "int | None", int], None]
 
@@ -311,8 +312,9 @@ class Client:
             log.warning("ignoring the cached model: %s", e)
 
     def _max_model_bytes(self) -> int:
-        spec = self._spec
-        return spec.num_parameters * 4 + (1 << 20) if spec else 256 << 20
+        # Not derived from the current spec: a version for a new, larger graph may arrive
+        # before that graph does. The broker's max_packet_size bounds it in practice.
+        return MAX_MODEL_MESSAGE
 
     def _adopt(self, mv: ModelVersion, raw: bytes | None) -> None:
         """Make ``mv`` the current version if its graph is known; remember it otherwise."""

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -42,30 +44,36 @@ def encode_tensors(
     sorted, tensors by name) so payloads have stable hashes and test vectors. The output is
     plain safetensors: the tests check that the library reads it back.
     """
+    arrays = [(name, np.ascontiguousarray(tensors[name])) for name in sorted(tensors)]
+    head = encode_header([(n, a.dtype, a.shape) for n, a in arrays], metadata)
+    return head + b"".join(a.tobytes() for _, a in arrays)
+
+
+def encode_header(
+    entries: Sequence[tuple[str, np.dtype[Any], tuple[int, ...]]], metadata: Mapping[str, str]
+) -> bytes:
+    """The length prefix and header of a safetensors file whose tensors follow in this order.
+
+    Lets a writer stream a large array straight from its buffer after the header (the
+    aggregator's checkpoints) instead of first copying it into one bytes object.
+    """
     header: dict[str, object] = {}
     if metadata:
         for k, v in metadata.items():
             if not isinstance(k, str) or not isinstance(v, str):
                 raise TypeError(f"metadata {k!r}: keys and values must be str")
         header["__metadata__"] = dict(sorted(metadata.items()))
-    chunks: list[bytes] = []
     pos = 0
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        code = next((c for c, dt in _DTYPES.items() if dt == arr.dtype.newbyteorder("<")), None)
-        if code is None or (arr.dtype.byteorder == ">"):
-            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} is not allowed on the wire")
-        data = arr.tobytes()
-        header[name] = {
-            "dtype": code,
-            "shape": list(arr.shape),
-            "data_offsets": [pos, pos + len(data)],
-        }
-        chunks.append(data)
-        pos += len(data)
+    for name, dtype, shape in entries:
+        code = next((c for c, dt in _DTYPES.items() if dt == dtype.newbyteorder("<")), None)
+        if code is None or dtype.byteorder == ">":
+            raise ValueError(f"tensor {name!r}: dtype {dtype} is not allowed on the wire")
+        nbytes = math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
+        pos += nbytes
     h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     h += b" " * (-len(h) % 8)  # the format pads the header so the data starts 8-byte aligned
-    return struct.pack("<Q", len(h)) + h + b"".join(chunks)
+    return struct.pack("<Q", len(h)) + h
 
 
 def decode_tensors(payload: bytes | bytearray | memoryview, *, max_bytes: int) -> TensorPayload:

@@ -72,7 +72,7 @@ class ServerRound:
         self.abort_reason: str | None = None
         self.dropped: dict[str, str] = {}  # device -> why it left the round
         self.offenders: dict[str, str] = {}  # survivors whose unmask answer was refused
-        self._rng = rng
+        self._rng = rng  # the protocol needs no server randomness today; kept for the API
         self._fixed = FixedPoint(config.bits, config.clip, config.scale, config.max_weight)
         self._graph = neighbour_graph(config.round_id, config.cohort, config.neighbours)
         self._index = {d: i + 1 for i, d in enumerate(config.cohort)}
