@@ -30,7 +30,7 @@ class DemoConfig:
     """What `fededge demo` runs; the defaults reach >= 0.90 held-out accuracy in about a minute."""
 
     devices: int = 10
-    versions: int = 30
+    versions: int = 40
     model: str = "mlp"
     noise: float = 0.0
     clip: float = 5.0

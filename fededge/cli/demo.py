@@ -16,7 +16,7 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.option("--devices", default=10, show_default=True, type=click.IntRange(1, 200))
-@click.option("--versions", default=30, show_default=True, type=click.IntRange(1, 10_000),
+@click.option("--versions", default=40, show_default=True, type=click.IntRange(1, 10_000),
               help="Stop after this many model versions.")
 @click.option("--model", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True)
 @click.option("--noise", default=0.0, show_default=True, type=click.FloatRange(0),

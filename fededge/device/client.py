@@ -118,10 +118,16 @@ class Client:
         self._threads: list[threading.Thread] = []
         self._mqtt: MqttClient | None = None
         self._started = False
-        if bundle is not None:
-            b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
-            self._set_graph(b.graph, b.spec)
-        self._load_cached()
+        self._stale_window: tuple[int, int] | None = None
+        try:
+            if bundle is not None:
+                b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
+                self._set_graph(b.graph, b.spec)
+            self._load_cached()
+        except BaseException:
+            self.db.close()
+            os.close(self._lockfile)
+            raise
 
     # -- public API ---------------------------------------------------------------------------
     @property
@@ -417,6 +423,10 @@ class Client:
                     self._publish_status(mqtt)
             except (TransportError, StateError) as e:
                 log.warning("io: %s", e)
+            except Exception:
+                # A bug here must not end the thread (the outbox would stop); log, go on.
+                log.exception("internal error in the io loop")
+                self._stop.wait(1.0)
 
     def _handle(self, msg: Message) -> None:
         try:
@@ -482,7 +492,9 @@ class Client:
             self._resend_all.clear()
             self.outbox.reset()
         cur = self._current
-        if cur is not None:
+        window = (cur.version, self.plan.max_staleness) if cur is not None else None
+        if cur is not None and window != self._stale_window:
+            self._stale_window = window  # only a new version or plan can make entries stale
             for e in self.outbox.drop_stale(cur.version, self.plan.max_staleness):
                 self.metrics.dropped.labels("stale").inc()
                 log.debug("dropped %s", e.update_id)

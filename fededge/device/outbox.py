@@ -86,16 +86,16 @@ class Outbox:
     def due(self, receipt_timeout: float) -> list[Entry]:
         """Entries to (re)send now: never sent since the last reset, or unanswered too long."""
         now = self._clock()
-        rows = self.db.query(
-            "SELECT update_id, base_version, num_examples, created, attempts, payload "
-            "FROM outbox ORDER BY rowid"
-        )
+        # Ids first, payloads only for the entries that are due: this runs several times a
+        # second while a backlog of large updates may wait for an aggregator that is down.
+        rows = self.db.query("SELECT update_id FROM outbox ORDER BY rowid")
         with self._lock:
-            return [
-                Entry(*r)
+            due = [
+                r[0]
                 for r in rows
                 if (last := self._sent.get(r[0])) is None or now - last >= receipt_timeout
             ]
+        return [e for uid in due if (e := self.get(uid)) is not None]
 
     def mark_sent(self, update_id: str) -> None:
         """Record a (re)send: restarts its receipt timer and counts the attempt on disk."""
@@ -131,6 +131,8 @@ class Outbox:
     def drop_stale(self, current_version: int, max_staleness: int) -> list[Entry]:
         """Drop (and log) entries whose base version is older than the staleness window."""
         oldest = current_version - max_staleness
+        if not self.db.query("SELECT 1 FROM outbox WHERE base_version < ? LIMIT 1", (oldest,)):
+            return []  # the common case, without taking the write lock
         with self.db.transaction() as c:
             rows = c.execute(
                 "SELECT update_id, base_version, num_examples, created, attempts, payload "
