@@ -38,18 +38,18 @@ def machine() -> str:
         try:
             m = __import__(mod, fromlist=["__version__"])
             versions.append(f"{mod.split('.')[0]} {getattr(m, '__version__', '?')}")
-        except Exception:  # noqa: BLE001 - optional packages are simply not listed
+        except Exception:
             pass
     try:
         mosq = subprocess.run(
             ["mosquitto", "-h"], capture_output=True, text=True, timeout=5
         ).stdout.splitlines()[0]
-    except Exception:  # noqa: BLE001
+    except Exception:
         mosq = "mosquitto ?"
     return (
         f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python "
         f"{platform.python_version()}; {', '.join(versions)}; {mosq}; "
-        f"measured {_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC"
+        f"measured {_dt.datetime.now(_dt.UTC):%Y-%m-%d %H:%M} UTC"
     )
 
 
@@ -72,6 +72,10 @@ def write_section(name: str, markdown: str) -> None:
     begin, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
     block = f"{begin}\n{markdown.strip()}\n{end}"
     pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    text = pattern.sub(lambda _m: block, text) if pattern.search(text) else text.rstrip() + "\n\n" + block + "\n"
+    text = (
+        pattern.sub(lambda _m: block, text)
+        if pattern.search(text)
+        else text.rstrip() + "\n\n" + block + "\n"
+    )
     BENCHMARKS_MD.write_text(text)
     print(markdown, file=sys.stderr)

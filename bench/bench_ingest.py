@@ -26,8 +26,9 @@ import paho.mqtt.client as paho
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._report import machine, write_section  # noqa: E402
-from broker import Mosquitto  # noqa: E402
+from broker import Mosquitto
+
+from bench._report import machine, write_section
 
 MiB = 1024 * 1024
 
@@ -39,8 +40,12 @@ def _payloads(task: str, n: int, d: int) -> list[bytes]:
     delta = {"w": (rng.standard_normal(d) * (0.5 / np.sqrt(d))).astype(np.float32)}
     return [
         Update(
-            task=task, device=f"d{i % 50}", update_id=f"u{i}", base_version=0,
-            num_examples=32, delta=delta,
+            task=task,
+            device=f"d{i % 50}",
+            update_id=f"u{i}",
+            base_version=0,
+            num_examples=32,
+            delta=delta,
         ).to_bytes()
         for i in range(n)
     ]
@@ -54,7 +59,9 @@ def _publisher(port: int, topic_fmt: str, task: str, n: int, d: int, go: mp.Even
     c.connect("127.0.0.1", port)
     c.loop_start()
     go.wait()
-    infos = [c.publish(topic_fmt.format(device=f"d{i % 50}"), p, qos=1) for i, p in enumerate(payloads)]
+    infos = [
+        c.publish(topic_fmt.format(device=f"d{i % 50}"), p, qos=1) for i, p in enumerate(payloads)
+    ]
     for info in infos:
         info.wait_for_publish(120)
     c.loop_stop()
@@ -80,7 +87,9 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
     sub.loop_start()
     time.sleep(0.5)
     go = mp.Event()
-    p = mp.Process(target=_publisher, args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, go))
+    p = mp.Process(
+        target=_publisher, args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, go)
+    )
     p.start()
     time.sleep(1.0)
     t0 = time.perf_counter()
@@ -102,12 +111,23 @@ def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -
     from fededge.settings import load_settings
 
     task = f"agg{uuid.uuid4().hex[:6]}"
-    settings = load_settings(None, {
-        "broker": {"url": f"mqtt://127.0.0.1:{port}"}, "task": task, "state_dir": state,
-        "aggregator": {"metrics": False, "fsync": fsync, "checkpoint_every": 64, "group_commit_max": 10},
-    })
-    mv = ModelVersion(task=task, version=0, weights={"w": np.zeros(d, np.float32)},
-                      graph_sha256="0" * 64)
+    settings = load_settings(
+        None,
+        {
+            "broker": {"url": f"mqtt://127.0.0.1:{port}"},
+            "task": task,
+            "state_dir": state,
+            "aggregator": {
+                "metrics": False,
+                "fsync": fsync,
+                "checkpoint_every": 64,
+                "group_commit_max": 10,
+            },
+        },
+    )
+    mv = ModelVersion(
+        task=task, version=0, weights={"w": np.zeros(d, np.float32)}, graph_sha256="0" * 64
+    )
     publish_initial(settings, None, mv, Plan(min_updates_per_version=10 * n, clip_norm=1.0))
     agg = Aggregator(settings)
     agg.start(wait_for_model=30)
@@ -115,7 +135,9 @@ def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -
     t = threading.Thread(target=agg.run, args=(stop.is_set,), daemon=True)
     t.start()
     go = mp.Event()
-    p = mp.Process(target=_publisher, args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, go))
+    p = mp.Process(
+        target=_publisher, args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, go)
+    )
     p.start()
     time.sleep(1.0)
     t0 = time.perf_counter()
@@ -148,12 +170,21 @@ def main(argv: list[str] | None = None) -> int:
             for r in range(args.repeats):
                 secs, size = raw_throughput(broker.port, args.updates, args.params)
                 raw.append(secs)
-                agg.append(aggregator_throughput(
-                    broker.port, args.updates, args.params, Path(tmp) / f"s{r}", True))
-                agg_nofsync.append(aggregator_throughput(
-                    broker.port, args.updates, args.params, Path(tmp) / f"n{r}", False))
-                print(f"run {r}: raw {raw[-1]:.2f}s aggregator {agg[-1]:.2f}s "
-                      f"(no fsync {agg_nofsync[-1]:.2f}s)", file=sys.stderr)
+                agg.append(
+                    aggregator_throughput(
+                        broker.port, args.updates, args.params, Path(tmp) / f"s{r}", True
+                    )
+                )
+                agg_nofsync.append(
+                    aggregator_throughput(
+                        broker.port, args.updates, args.params, Path(tmp) / f"n{r}", False
+                    )
+                )
+                print(
+                    f"run {r}: raw {raw[-1]:.2f}s aggregator {agg[-1]:.2f}s "
+                    f"(no fsync {agg_nofsync[-1]:.2f}s)",
+                    file=sys.stderr,
+                )
         finally:
             broker.kill()
     mib = args.updates * size / MiB

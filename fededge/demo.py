@@ -8,6 +8,7 @@ demo harness: the aggregator never sees a label.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -134,7 +135,9 @@ def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda 
             tmp.cleanup()
 
 
-def _settings(cfg: DemoConfig, url: str, protocol: str | None, state_dir: Path, **extra: Any) -> Any:
+def _settings(
+    cfg: DemoConfig, url: str, protocol: str | None, state_dir: Path, **extra: Any
+) -> Any:
     from fededge.settings import load_settings
 
     return load_settings(
@@ -172,7 +175,10 @@ def _run(
     )
     graph = Graph(task=cfg.task, tflite=bundle.graph, spec=bundle.spec.to_json())
     mv0 = ModelVersion(
-        task=cfg.task, version=0, weights=dict(bundle.weights), graph_sha256=graph.sha256,
+        task=cfg.task,
+        version=0,
+        weights=dict(bundle.weights),
+        graph_sha256=graph.sha256,
         time=time.time(),
     )
     publish_initial(agg_settings, graph, mv0, plan, force=True)
@@ -181,10 +187,12 @@ def _run(
     agg.on_new_version(lambda m, _old, _new: versions.put((m, time.monotonic())))
     agg.start(wait_for_model=30)
     stop = threading.Event()
-    agg_thread = threading.Thread(target=agg.run, args=(stop.is_set,), name="aggregator", daemon=True)
+    agg_thread = threading.Thread(
+        target=agg.run, args=(stop.is_set,), name="aggregator", daemon=True
+    )
     agg_thread.start()
 
-    clients = []
+    clients: list[Client] = []
     try:
         positions = [0] * cfg.devices
 
@@ -197,20 +205,26 @@ def _run(
 
         for i in range(cfg.devices):
             s = _settings(
-                cfg, url, protocol, state_dir,
+                cfg,
+                url,
+                protocol,
+                state_dir,
                 device={"device_id": f"dev-{i:02d}", "metrics": False, "seed": cfg.seed * 1000 + i},
             )
             c = Client(s)
             # New data arrives with each model version a device receives, so it trains on the
             # newest model it knows (the seed's rhythm: predict, collect, fit, repeat).
-            c.on_new_version(lambda _m, _old, _new, i=i: feed(i))
+            c.on_new_version(functools.partial(_feed_on_version, feed, i))
             clients.append(c)
         for c in clients:
             c.start()
         loss0, acc0 = evaluator.evaluate(xte, yte, mv0.weights)
         summary = Summary(
-            task=cfg.task, broker=url, devices=cfg.devices,
-            secure_aggregation=cfg.secure_aggregation, final_accuracy=float(acc0),
+            task=cfg.task,
+            broker=url,
+            devices=cfg.devices,
+            secure_aggregation=cfg.secure_aggregation,
+            final_accuracy=float(acc0),
         )
         row0 = VersionRow(0, float(acc0), float(loss0), 0, 0.0)
         summary.versions.append(row0)
@@ -240,9 +254,13 @@ def _run(
         for c in clients:
             try:
                 c.close(timeout=10)
-            except Exception:  # noqa: BLE001 - closing down; one stuck client must not hide others
+            except Exception:
                 log.exception("closing %s", c.device_id)
         agg.close()
+
+
+def _feed_on_version(feed: Callable[[int], None], i: int, *_version: object) -> None:
+    feed(i)
 
 
 def write_outputs(summary: Summary, cfg: DemoConfig) -> Path:

@@ -95,7 +95,7 @@ class EmbeddedBroker:
         fut = asyncio.run_coroutine_threadsafe(self._broker.shutdown(), loop)
         try:
             fut.result(timeout)
-        except Exception as e:  # noqa: BLE001 - shutting down; report and go on
+        except Exception as e:
             log.warning("embedded broker shutdown: %s", e)
         loop.call_soon_threadsafe(loop.stop)
         if self._thread is not None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from aggtools import Sender, init_task, make_settings, running_aggregator
+
 from fededge.protocol import Plan
 
 pytestmark = pytest.mark.broker

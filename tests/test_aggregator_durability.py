@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from aggtools import Sender, init_task, make_settings
 
 pytestmark = pytest.mark.broker
@@ -55,7 +54,7 @@ def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None
 
     s = make_settings(broker.url, tmp_path / "state", checkpoint_every=3)
     d = 50_000
-    base = init_task(
+    init_task(
         s,
         {"w": np.zeros(d, np.float32)},
         Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000),

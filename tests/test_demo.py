@@ -16,14 +16,31 @@ def test_demo_defaults_learn_digits(tmp_path) -> None:
     """The README's main command, on its defaults (embedded amqtt broker, 10 devices)."""
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "fededge.cli", "demo", "--out", str(out), "--json",
-         str(out / "summary.json")],
-        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "fededge.cli",
+            "demo",
+            "--out",
+            str(out),
+            "--json",
+            str(out / "summary.json"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert set(summary) == {"task", "broker", "devices", "secure_aggregation", "final_accuracy",
-                            "versions"}
+    assert set(summary) == {
+        "task",
+        "broker",
+        "devices",
+        "secure_aggregation",
+        "final_accuracy",
+        "versions",
+    }
     assert summary["devices"] == 10 and summary["secure_aggregation"] is False
     versions = summary["versions"]
     assert [v["version"] for v in versions] == list(range(41))
@@ -40,9 +57,16 @@ def test_demo_defaults_learn_digits(tmp_path) -> None:
 
 
 def test_demo_on_mosquitto_mqtt5(broker, tmp_path) -> None:
-    cfg = DemoConfig(devices=4, versions=3, broker=broker.url, mqtt_version="5",
-                     min_updates_per_version=4, task="demo-m5", out_dir=tmp_path,
-                     json_path=tmp_path / "s.json")
+    cfg = DemoConfig(
+        devices=4,
+        versions=3,
+        broker=broker.url,
+        mqtt_version="5",
+        min_updates_per_version=4,
+        task="demo-m5",
+        out_dir=tmp_path,
+        json_path=tmp_path / "s.json",
+    )
     seen = []
     summary = run_demo(cfg, seen.append)
     assert [r.version for r in seen] == [0, 1, 2, 3]

@@ -14,14 +14,27 @@ D = 1000
 
 
 def _base() -> ModelVersion:
-    return ModelVersion(task="t", version=3, weights={"a": np.zeros(D, np.float32),
-                        "b": np.ones((2, 5), np.float32)}, graph_sha256="0" * 64)
+    return ModelVersion(
+        task="t",
+        version=3,
+        weights={"a": np.zeros(D, np.float32), "b": np.ones((2, 5), np.float32)},
+        graph_sha256="0" * 64,
+    )
 
 
 def _update(i: int, rng: np.random.Generator) -> tuple[Update, bytes]:
-    u = Update(task="t", device="d", update_id=f"u{i}", base_version=3, num_examples=i + 1,
-               delta={"a": rng.normal(size=D).astype(np.float32),
-                      "b": rng.normal(size=(2, 5)).astype(np.float32)}, train_loss=0.5)
+    u = Update(
+        task="t",
+        device="d",
+        update_id=f"u{i}",
+        base_version=3,
+        num_examples=i + 1,
+        delta={
+            "a": rng.normal(size=D).astype(np.float32),
+            "b": rng.normal(size=(2, 5)).astype(np.float32),
+        },
+        train_loss=0.5,
+    )
     return u, u.to_bytes()
 
 
@@ -32,7 +45,9 @@ def _pending(store: Store, every: int = 100) -> PendingVersion:
 def _reference(updates: list[Update]) -> np.ndarray:
     acc = np.zeros(D + 10)
     for u in updates:
-        acc += (u.num_examples) * np.concatenate([u.delta["a"], u.delta["b"].ravel()]).astype(np.float64)
+        acc += (u.num_examples) * np.concatenate([u.delta["a"], u.delta["b"].ravel()]).astype(
+            np.float64
+        )
     return acc
 
 
@@ -83,7 +98,7 @@ def test_torn_tail_is_cut_and_earlier_records_survive(tmp_path) -> None:
         p.stage(u, raw, 1.0, 1.0)
         p.commit()
     p.close()
-    (_, seg), = store.segments(3)
+    ((_, seg),) = store.segments(3)
     with seg.open("ab") as f:
         f.write(b"FEW1\x10\x00\x00\x00garbage")  # a record torn by a crash mid-write
     q = _pending(Store(tmp_path))

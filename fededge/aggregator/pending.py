@@ -185,7 +185,9 @@ class PendingVersion:
         for name, sl in self.layout.slices():
             if self._parallel:
                 for update, w, _ in group:
-                    kernels.accumulate(self.acc[sl], update.delta[name].reshape(-1), w, parallel=True)
+                    kernels.accumulate(
+                        self.acc[sl], update.delta[name].reshape(-1), w, parallel=True
+                    )
             else:
                 updates = [u.delta[name].reshape(-1) for u, _, _ in group]
                 kernels.accumulate_group(self.acc[sl], updates, weights)

@@ -172,7 +172,9 @@ class Aggregator:
         deadline = time.monotonic() + self.cfg.commit_delay
         while len(batch) < self.cfg.group_commit_max:
             try:
-                batch.append(self.client.messages.get(timeout=max(0.0, deadline - time.monotonic())))
+                batch.append(
+                    self.client.messages.get(timeout=max(0.0, deadline - time.monotonic()))
+                )
             except queue.Empty:
                 break
         staged: list[Message] = []

@@ -16,24 +16,54 @@ def register(cli: click.Group) -> None:
 
 @click.command()
 @click.option("--devices", default=10, show_default=True, type=click.IntRange(1, 200))
-@click.option("--versions", default=40, show_default=True, type=click.IntRange(1, 10_000),
-              help="Stop after this many model versions.")
+@click.option(
+    "--versions",
+    default=40,
+    show_default=True,
+    type=click.IntRange(1, 10_000),
+    help="Stop after this many model versions.",
+)
 @click.option("--model", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True)
-@click.option("--noise", default=0.0, show_default=True, type=click.FloatRange(0),
-              help="Gaussian noise stddev added to each clipped update.")
-@click.option("--clip", default=5.0, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="L2 clip norm of an update.")
-@click.option("--alpha", default=0.5, show_default=True, type=click.FloatRange(0, min_open=True),
-              help="Dirichlet concentration of the non-IID split (smaller = more skewed).")
+@click.option(
+    "--noise",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Gaussian noise stddev added to each clipped update.",
+)
+@click.option(
+    "--clip",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="L2 clip norm of an update.",
+)
+@click.option(
+    "--alpha",
+    default=0.5,
+    show_default=True,
+    type=click.FloatRange(0, min_open=True),
+    help="Dirichlet concentration of the non-IID split (smaller = more skewed).",
+)
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
 @click.option("--mqtt-version", type=click.Choice(["3.1.1", "5"]))
-@click.option("--out", "out_dir", default=Path("demo-out"), show_default=True,
-              type=click.Path(path_type=Path), help="Where the plot goes.")
+@click.option(
+    "--out",
+    "out_dir",
+    default=Path("demo-out"),
+    show_default=True,
+    type=click.Path(path_type=Path),
+    help="Where the plot goes.",
+)
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON summary.")
 @click.option("--secure-aggregation", is_flag=True, help="Use SecAgg+ rounds.")
-@click.option("--log-level", default="warning", show_default=True,
-              type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--log-level",
+    default="warning",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) -> int:
     """Federated learning on one machine: devices learn digits together, data stays local."""
     from rich.console import Console
@@ -53,7 +83,7 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
     t0 = time.monotonic()
 
     def show(r: VersionRow) -> None:
-        bar = "█" * int(round(r.accuracy * 20))
+        bar = "█" * round(r.accuracy * 20)
         console.print(
             f" {r.version:7d}  {r.updates:7d}  {r.accuracy:8.3f} {bar:<20s} {r.loss:6.3f} "
             f"{r.seconds:8.2f}"
