@@ -320,7 +320,7 @@ def main() -> None:
             f"`bench/bench_secagg.py`: n = {n} devices, d = {d:,} parameters,"
             f" {args.dropout:.0%} of devices drop after sharing keys (before masked input),"
             f" {k} neighbours, threshold {t};"
-            " medians, one thread. Ours: AES-128-CTR masks, X25519, k = 32; Flower 1.x: MT19937"
+            " medians, one thread. Ours: AES-128-CTR masks, X25519, uint32 words mod 2^32; Flower 1.x: MT19937"
             " masks from a 32-bit seed, ECDH P-384, int64 vectors.",
             "",
             *rows,

@@ -148,3 +148,48 @@ def wait_for(cond, timeout: float = 20) -> None:
     while not cond():
         assert time.monotonic() < deadline, "condition not reached"
         time.sleep(0.05)
+
+
+def test_waits_for_a_broker_that_is_down_at_start(fresh_broker, tmp_path) -> None:
+    import threading
+
+    from fededge.aggregator.service import Aggregator
+
+    s = make_settings(fresh_broker.url, tmp_path)
+    s.broker.reconnect_min_delay = 0.2
+    s.broker.connect_timeout = 1.0
+    init_task(s, _weights(), Plan(min_updates_per_version=1, clip_norm=100.0))
+    fresh_broker.stop()
+    agg = Aggregator(s)
+    started = threading.Event()
+    t = threading.Thread(target=lambda: (agg.start(wait_for_model=30), started.set()), daemon=True)
+    t.start()
+    assert not started.wait(2.0)  # retrying with backoff, not failing
+    fresh_broker.start()
+    assert started.wait(30)
+    assert agg.version == 0
+    agg.close()
+
+
+def test_invalid_retained_plan_is_replaced_by_the_last_valid_one(broker, tmp_path) -> None:
+    from fededge.mqtt import MqttClient
+    from fededge.protocol import Topics, decode_json
+
+    s = make_settings(broker.url, tmp_path)
+    plan = Plan(min_updates_per_version=7, noise_stddev=0.5, clip_norm=2.0)
+    init_task(s, _weights(), plan)
+    topics = Topics(s.topic_prefix, s.task)
+    with running_aggregator(s) as agg, MqttClient(s.broker, "plan-vandal", persistent=False) as c:
+        c.publish(topics.plan, b'{"v": 1, "kind": "plan", "epochs": -3}', retain=True, wait=True)
+        wait_for(lambda: agg.metrics.bad_control._value.get() >= 1)
+        c.subscribe(topics.plan)
+
+        def restored() -> bool:
+            try:
+                m = c.messages.get(timeout=0.2)
+            except Exception:
+                return False
+            return m.payload == plan.to_bytes() and decode_json(m.payload, Plan) == plan
+
+        wait_for(restored)
+        assert agg.plan == plan

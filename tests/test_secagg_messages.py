@@ -26,6 +26,7 @@ from fededge.secagg.messages import (
     UnmaskRequest,
     UnmaskShares,
     decode_json,
+    decode_payload,
     encode,
 )
 from fededge.secagg.simulate import make_config
@@ -52,6 +53,17 @@ def test_round_trip(msg: object) -> None:
     assert encode(back) == data  # canonical: sorted keys, compact
     obj = json.loads(data)
     assert obj["v"] == 1 and obj["type"] == msg.TYPE
+
+
+def test_decode_payload_follows_the_topic() -> None:
+    masked = MaskedInput("r-1", "a", np.arange(3, dtype=np.uint32))
+    back = decode_payload(encode(masked), masked=True, max_length=3)
+    assert isinstance(back, MaskedInput) and back.vector.tolist() == [0, 1, 2]
+    assert decode_payload(encode(CONFIG), masked=False) == CONFIG
+    with pytest.raises(ProtocolError):
+        decode_payload(encode(masked), masked=True, max_length=2)
+    with pytest.raises(ProtocolError):
+        decode_payload(encode(masked), masked=False)
 
 
 def test_config_fields_are_exactly_the_documented_ones() -> None:

@@ -9,14 +9,15 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from fededge import kernels
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.policy import check_update
+from fededge.aggregator.rounds import RoundDriver
 from fededge.aggregator.store import Store
-from fededge.errors import ConfigError, FededgeError, ProtocolError, StateError
+from fededge.errors import ConfigError, FededgeError, ProtocolError, StateError, TransportError
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import (
     AggregatorStatus,
@@ -29,6 +30,7 @@ from fededge.protocol import (
     VersionMetrics,
     decode_json,
 )
+from fededge.protocol.messages import Weights
 from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -65,9 +67,18 @@ class Aggregator:
         self._version_started = time.time()
         self.accepted_total = 0
         self.rejected_total = 0
-        self.client = MqttClient(
-            settings.broker,
-            client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}",
+        self.rounds = RoundDriver(self)  # secure aggregation, when the plan asks for it
+        self._client_id = (
+            client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}"
+        )
+        self._lock = self.store.lock()  # one aggregator per task and state directory
+        # Built after the state is loaded (in start) so the Last Will names the real version.
+        self.client = self._make_client()
+
+    def _make_client(self) -> MqttClient:
+        return MqttClient(
+            self.settings.broker,
+            self._client_id,
             persistent=True,
             manual_ack=True,
             will=Will(self.topics.aggregator_status, self._status("offline").to_bytes()),
@@ -84,15 +95,23 @@ class Aggregator:
         return self.model.version if self.model else None
 
     def start(
-        self, *, wait_for_model: float | None = None, tick: Callable[[], object] = lambda: None
+        self,
+        *,
+        wait_for_model: float | None = None,
+        tick: Callable[[], object] = lambda: None,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_connected: Callable[[], object] = lambda: None,
     ) -> None:
         """Restore state, connect, and (without local state) adopt the retained model.
 
         ``wait_for_model`` bounds the wait for ``fededge model init`` (None waits forever);
-        ``tick`` is called while waiting (the systemd watchdog).
+        ``tick`` is called while waiting (the systemd watchdog); ``on_connected`` once the
+        broker answered (the service is up, possibly still waiting for a model). A broker that
+        is down is retried with backoff until ``should_stop()``.
         """
         kernels.warmup(parallel=self.cfg.parallel_kernels)
         self._load_local()
+        self.client = self._make_client()
         if self.cfg.metrics:
             try:
                 self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
@@ -101,7 +120,8 @@ class Aggregator:
                     f"aggregator.metrics_port={self.cfg.metrics_port}: cannot listen on "
                     f"{self.cfg.metrics_host}: {e.strerror}"
                 ) from None
-        self.client.connect()
+        self._connect(tick, should_stop)
+        on_connected()
         for t in (self.topics.plan, self.topics.graph, self.topics.model):
             self.client.subscribe(t, qos=1)
         deadline = None if wait_for_model is None else time.monotonic() + wait_for_model
@@ -123,6 +143,8 @@ class Aggregator:
         # Retained copies on the broker are ours: restore any the broker lost.
         self._publish_current(startup=True)
         self.client.subscribe(self.topics.updates_filter, qos=1)
+        for topic in self.rounds.subscriptions():
+            self.client.subscribe(topic, qos=1)
         log.info(
             "aggregator ready: task=%s version=%s pending=%d/%d",
             self.settings.task,
@@ -130,6 +152,24 @@ class Aggregator:
             self.pending.sums.count if self.pending else 0,
             self.plan.min_updates_per_version,
         )
+
+    def _connect(self, tick: Callable[[], object], should_stop: Callable[[], bool]) -> None:
+        delay = self.settings.broker.reconnect_min_delay
+        while True:
+            try:
+                self.client.connect()
+                return
+            except TransportError as e:
+                if should_stop():
+                    raise
+                log.warning("broker not reachable (%s); retrying in %.1f s", e, delay)
+            end = time.monotonic() + delay
+            while time.monotonic() < end:
+                tick()
+                if should_stop():
+                    raise TransportError("stopped while waiting for the broker")
+                time.sleep(min(0.2, delay))
+            delay = min(delay * 2, self.settings.broker.reconnect_max_delay)
 
     def run(
         self, should_stop: Callable[[], bool], *, tick: Callable[[], object] = lambda: None
@@ -155,6 +195,7 @@ class Aggregator:
         if self.pending is not None:
             self.pending.close()
         self.client.close()
+        self._lock.close()
 
     # -- main loop --------------------------------------------------------------------------
     def step(self, timeout: float) -> int:
@@ -165,6 +206,7 @@ class Aggregator:
             try:
                 batch.append(self.client.messages.get(timeout=timeout))
             except queue.Empty:
+                self.rounds.tick()
                 self._maybe_status()
                 return 0
         # Group commit with a short delay (like PostgreSQL's commit_delay): under load, waiting a
@@ -197,6 +239,7 @@ class Aggregator:
                 self.client.ack(msg)
         if staged:
             self._commit(staged)
+        self.rounds.tick()
         self._maybe_status()
         return len(batch)
 
@@ -214,6 +257,11 @@ class Aggregator:
                     "oversize",
                 )
             update = Update.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
+            if self.plan.secure_aggregation is not None:
+                raise ProtocolError(
+                    "the plan asks for secure aggregation: send masked inputs in rounds",
+                    "secure_aggregation",
+                )
             uid = update.update_id
             if uid in self._recent or self.pending.has(uid):
                 self.metrics.duplicates.inc()
@@ -294,13 +342,28 @@ class Aggregator:
     # -- versions ---------------------------------------------------------------------------
     def _complete_version(self) -> None:
         assert self.pending is not None and self.model is not None
-        old = self.model
-        new_version = old.version + 1
         t0 = time.perf_counter()
         weights = self.pending.finalize(self.plan.server_learning_rate)
         self.metrics.kernel_seconds.inc(time.perf_counter() - t0)
+        self.publish_version(weights, self.pending.metrics(), self.pending.sums.ids)
+
+    def publish_version(
+        self,
+        weights: Weights,
+        metrics: dict[str, Any],
+        update_ids: list[str],
+        *,
+        round_id: str | None = None,
+    ) -> ModelVersion:
+        """Store, publish (retained) and announce the version after the current one.
+
+        The one path for both modes: async FedAvg (``_complete_version``) and secure rounds
+        (fededge/aggregator/rounds.py, with the round id recorded in the version's info).
+        """
+        assert self.pending is not None and self.model is not None
+        old = self.model
+        new_version = old.version + 1
         now = time.time()
-        metrics = self.pending.metrics()
         model = ModelVersion(
             task=self.settings.task,
             version=new_version,
@@ -313,9 +376,11 @@ class Aggregator:
         )
         payload = model.to_bytes()
         seconds = now - self._version_started
-        info = {"metrics": metrics, "seconds": seconds, "update_ids": self.pending.sums.ids}
+        info: dict[str, Any] = {"metrics": metrics, "seconds": seconds, "update_ids": update_ids}
+        if round_id is not None:
+            info["round_id"] = round_id
         self.store.write_version(payload, new_version, info, keep=self.cfg.versions_kept)
-        for uid in self.pending.sums.ids:
+        for uid in update_ids:
             self._remember(uid, new_version)
         self.pending.close()
         self._set_model(model, payload)
@@ -344,6 +409,7 @@ class Aggregator:
             except Exception:
                 log.exception("on_new_version callback %r failed", cb)
                 raise
+        return model
 
     def _set_model(self, model: ModelVersion, payload: bytes) -> None:
         self.model = model
@@ -409,11 +475,17 @@ class Aggregator:
                 self._on_graph(msg)
             elif msg.topic == self.topics.model:
                 self._on_model(msg)
+            elif msg.topic.startswith(f"{self.topics.base}/rounds/"):
+                self.rounds.on_message(msg)
             else:
                 log.debug("ignoring message on %s", msg.topic)
         except ProtocolError as e:
             self.metrics.bad_control.inc()
             log.warning("rejected message on %s reason=%s: %s", msg.topic, e.reason, e.detail)
+            if msg.topic == self.topics.plan and self.model is not None:
+                # An invalid retained plan would leave devices on defaults (e.g. no noise):
+                # put the last valid one back.
+                self.client.publish(self.topics.plan, self.plan.to_bytes(), qos=1, retain=True)
 
     def _on_plan(self, msg: Message) -> None:
         if not msg.payload:
@@ -445,7 +517,8 @@ class Aggregator:
         if self.model is not None:
             # Our own publications come back to us (we subscribe to the topic); only a payload
             # we never published is foreign.
-            if hashlib.sha256(msg.payload).hexdigest() not in self._published:
+            sha = hashlib.sha256(msg.payload).hexdigest()
+            if sha not in self._published and sha != self._model_sha:
                 log.warning(
                     "a foreign model message was published on %s; restoring ours", msg.topic
                 )
@@ -487,7 +560,14 @@ class Aggregator:
             accepted_total=self.accepted_total,
             rejected_total=self.rejected_total,
             time=time.time(),
+            round_id=self.rounds.round_id,
+            round_stage=self.rounds.stage,
+            checked_in=self.rounds.checked_in if self.rounds.stage is not None else None,
         )
+
+    def publish_status(self) -> None:
+        """Publish the retained status now (e.g. when a secure-aggregation round changes)."""
+        self._publish_status()
 
     def _publish_status(self) -> None:
         self._last_status = time.monotonic()

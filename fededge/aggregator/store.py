@@ -15,11 +15,12 @@ A version is complete once its ``.safetensors`` exists (written last, atomically
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
 from numpy.typing import NDArray
@@ -45,6 +46,18 @@ class Store:
             d.mkdir(parents=True, exist_ok=True)
         for stale in list(root.rglob("*.tmp")):
             stale.unlink()
+
+    def lock(self) -> IO[bytes]:
+        """Hold an exclusive lock on this task's state; StateError if another process has it."""
+        f = (self.root / "lock").open("ab")
+        try:
+            fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            f.close()
+            raise StateError(
+                f"{self.root} is in use by another aggregator (lock held on {self.root / 'lock'})"
+            ) from None
+        return f
 
     # -- versions ---------------------------------------------------------------------------
     def version_numbers(self) -> list[int]:

@@ -30,8 +30,15 @@ def aggregator(settings: Settings, wait_for_model: float | None) -> int:
     agg = Aggregator(settings)
     try:
         systemd.status("starting: restoring state and connecting")
-        agg.start(wait_for_model=wait_for_model, tick=dog.tick)
-        systemd.ready(f"version {agg.version}, waiting for updates")
+        # READY once the broker answered: waiting for `fededge model init` is a working state,
+        # not a start-up that should time out.
+        agg.start(
+            wait_for_model=wait_for_model,
+            tick=dog.tick,
+            should_stop=lambda: shutdown.requested,
+            on_connected=lambda: systemd.ready("connected; restoring state"),
+        )
+        systemd.status(f"version {agg.version}, waiting for updates")
         agg.on_new_version(lambda _m, _old, new: systemd.status(f"published version {new}"))
         agg.run(lambda: shutdown.requested, tick=dog.tick)
         log.info("stopping: shutdown requested (signal %s)", shutdown.signum)

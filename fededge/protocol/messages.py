@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, TypeVar
 import numpy as np
 import pydantic
 from numpy.typing import NDArray
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from fededge.errors import ProtocolError
 from fededge.protocol.tensors import decode_tensors, encode_tensors
@@ -33,6 +33,36 @@ class _Json(BaseModel):
         return self.model_dump_json(exclude_none=True).encode()
 
 
+class SecureAggregation(BaseModel):
+    """The plan's secure-aggregation section: synchronous SecAgg+ rounds instead of async FedAvg.
+
+    See docs/protocol-rounds.md. A round starts as soon as ``cohort_size`` devices with an update
+    on the current version checked in, or ``checkin_window`` s after the first check-in if at
+    least ``min_cohort`` did. ``neighbours`` = 0 means the complete graph (plain SecAgg).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    cohort_size: int = Field(10, ge=3, le=10_000)
+    min_cohort: int = Field(3, ge=3, le=10_000)
+    threshold: int = Field(2, ge=2, le=10_000)
+    neighbours: int = Field(0, ge=0, le=10_000)
+    stage_timeout: float = Field(30.0, gt=0, le=3600)
+    checkin_window: float = Field(10.0, ge=0, le=3600)
+    checkin_interval: float = Field(5.0, gt=0, le=3600)
+    bits: int = Field(32, ge=16, le=32)
+    max_weight: float = Field(1000.0, gt=0, le=1e9)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SecureAggregation:
+        if self.min_cohort > self.cohort_size:
+            raise ValueError("min_cohort must be <= cohort_size")
+        if self.threshold >= self.min_cohort:
+            raise ValueError("threshold must be < min_cohort (a round needs t < cohort size)")
+        if self.neighbours and (self.neighbours % 2 or self.neighbours < self.threshold):
+            raise ValueError("neighbours must be 0 (complete graph) or even and >= threshold")
+        return self
+
+
 class Plan(_Json):
     """Hyperparameters of a task, published retained; seed names in comments."""
 
@@ -49,6 +79,7 @@ class Plan(_Json):
     server_learning_rate: float = Field(1.0, gt=0, le=100)
     max_examples_weight: int = Field(10_000, ge=1)
     evaluate: bool = True
+    secure_aggregation: SecureAggregation | None = None  # None: asynchronous buffered FedAvg
 
 
 class Receipt(_Json):
@@ -91,6 +122,21 @@ class AggregatorStatus(_Json):
     min_updates_per_version: int = Field(0, ge=0)
     accepted_total: int = Field(0, ge=0)
     rejected_total: int = Field(0, ge=0)
+    time: float = Field(0.0, ge=0)
+    # Secure aggregation only: the current round and its stage ("checkin" between rounds).
+    round_id: Name | None = None
+    round_stage: str | None = Field(None, max_length=16)
+    checked_in: int | None = Field(None, ge=0)
+
+
+class CheckIn(_Json):
+    """A device with an update on ``base_version`` ready for a secure-aggregation round."""
+
+    kind: Literal["checkin"] = "checkin"
+    task: Name
+    device: Name
+    base_version: Version
+    num_examples: int = Field(ge=1, le=1 << 40)
     time: float = Field(0.0, ge=0)
 
 

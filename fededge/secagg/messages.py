@@ -483,6 +483,19 @@ def encode(message: Message) -> bytes:
     return message.to_json()
 
 
+def decode_payload(
+    data: bytes, *, masked: bool, max_length: int = MAX_VECTOR_LENGTH + 1
+) -> Message:
+    """A round message from an MQTT payload; ``masked`` is true on the ``.../masked/...`` topic.
+
+    Pass ``max_length = vector_length + 1`` of the round so an oversized vector is refused
+    before it is read.
+    """
+    if masked:
+        return MaskedInput.from_bytes(data, max_length=max_length)
+    return decode_json(data)
+
+
 @dataclass(frozen=True)
 class Outgoing:
     """A message to send: ``to`` is a device id, :data:`TO_SERVER` or :data:`TO_ALL`."""

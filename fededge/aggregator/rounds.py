@@ -1,0 +1,277 @@
+"""Synchronous SecAgg+ rounds on the aggregator: check-ins, cohort selection, relaying, result.
+
+The MQTT edge of :class:`fededge.secagg.ServerRound` (the pure state machine): the
+:class:`RoundDriver` collects check-ins of devices that have an update on the current version,
+starts a round with a cohort of them, maps every ``Outgoing`` of the server onto the topics of
+docs/protocol-rounds.md, feeds device messages back in, calls ``advance`` on a timer, and, when
+the server is DONE, turns the unmasked *sum* into the next version through the aggregator's own
+publication path. An aborted round publishes nothing. No code here sees an individual update:
+masked inputs go straight into the server's running sum.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from fededge.errors import ProtocolError, SecAggError
+from fededge.mqtt import Message
+from fededge.protocol.messages import CheckIn, SecureAggregation, decode_json
+from fededge.secagg import TO_ALL, TO_SERVER, Outgoing, RoundConfig, ServerRound, Stage, encode
+from fededge.secagg import decode_payload as decode_round_payload
+from fededge.secagg.messages import (
+    AdvertiseKeys,
+    MaskedInput,
+    ShareKeys,
+    UnmaskShares,
+)
+from fededge.secagg.quantize import max_scale
+from fededge.settings import check_name
+
+if TYPE_CHECKING:
+    from fededge.aggregator.service import Aggregator
+
+log = logging.getLogger(__name__)
+CHECKIN = "checkin"
+# Device -> aggregator stage topics and the message type each must carry.
+STAGE_TYPES: dict[str, type[Any]] = {
+    Stage.ADVERTISE.value: AdvertiseKeys,
+    Stage.SHARE.value: ShareKeys,
+    Stage.MASKED.value: MaskedInput,
+    Stage.UNMASK.value: UnmaskShares,
+}
+RETAINED = ("config", "status")  # aggregator -> all messages kept for devices that (re)connect
+
+
+def effective_neighbours(sa: SecureAggregation, n: int) -> int:
+    """The round's k for a cohort of n: the plan's, or n - 1 (complete graph) if 0 or too big."""
+    return n - 1 if sa.neighbours == 0 or sa.neighbours >= n - 1 else sa.neighbours
+
+
+class RoundDriver:
+    """Runs secure-aggregation rounds for an :class:`Aggregator` whose plan asks for them.
+
+    Everything runs on the aggregator's thread: ``on_message`` for every ``rounds/...`` message,
+    ``tick`` from each step. Counters: ``rounds_done``, ``rounds_aborted``, ``rejected``.
+    """
+
+    def __init__(self, agg: Aggregator, *, rng: random.Random | None = None) -> None:
+        self.agg = agg
+        self.topics = agg.topics
+        self._base = f"{self.topics.base}/rounds"
+        self._rng = rng or random.SystemRandom()
+        self._checkins: dict[str, tuple[CheckIn, float]] = {}  # device -> (check-in, seen at)
+        self.server: ServerRound | None = None
+        self._round_version: int | None = None
+        self._examples: dict[str, int] = {}
+        self._last_round: str | None = None  # its status stays retained until the next round
+        self.rounds_done = 0
+        self.rounds_aborted = 0
+        self.rejected = 0
+        self.last_abort_reason: str | None = None
+
+    # -- status --------------------------------------------------------------------------------
+    @property
+    def plan(self) -> SecureAggregation | None:
+        return self.agg.plan.secure_aggregation
+
+    @property
+    def round_id(self) -> str | None:
+        return self.server.config.round_id if self.server is not None else None
+
+    @property
+    def stage(self) -> str | None:
+        """The current round's stage, ``checkin`` between rounds, None without secure rounds."""
+        if self.server is not None:
+            return self.server.stage.value
+        return CHECKIN if self.plan is not None else None
+
+    @property
+    def checked_in(self) -> int:
+        return len(self._checkins)
+
+    def subscriptions(self) -> list[str]:
+        """Topic filters the aggregator needs (stage topics only: not its own relays)."""
+        stages = [f"{self._base}/+/{s}/+" for s in STAGE_TYPES]
+        return [f"{self._base}/{CHECKIN}/+", *stages, f"{self._base}/+/config",
+                f"{self._base}/+/status"]  # fmt: skip
+
+    # -- input ---------------------------------------------------------------------------------
+    def on_message(self, msg: Message) -> None:
+        """Handle one ``rounds/...`` message; ProtocolError for a bad check-in."""
+        parts = msg.topic[len(self._base) + 1 :].split("/")
+        if len(parts) == 2 and parts[0] == CHECKIN:
+            self._on_checkin(parts[1], msg.payload)
+        elif len(parts) == 2 and parts[1] in RETAINED:
+            self._on_retained(parts[0], parts[1], msg.payload)
+        elif len(parts) == 3 and parts[1] in STAGE_TYPES:
+            self._on_round_message(parts[0], parts[1], parts[2], msg.payload)
+
+    def _on_retained(self, round_id: str, kind: str, payload: bytes) -> None:
+        # Retained round messages left by an earlier aggregator process (or our own, coming
+        # back): clear what does not belong to the current or the last round.
+        if payload and round_id not in (self.round_id, self._last_round):
+            log.info("clearing the stale retained %s of round %s", kind, round_id)
+            self.agg.client.publish(f"{self._base}/{round_id}/{kind}", b"", retain=True)
+
+    def _on_checkin(self, device: str, payload: bytes) -> None:
+        if self.plan is None or self.agg.model is None:
+            return
+        ci = decode_json(payload, CheckIn)
+        if ci.device != device or ci.task != self.agg.settings.task:
+            raise ProtocolError(f"check-in on the topic of {device!r} names {ci.device!r}")
+        if ci.base_version != self.agg.model.version:
+            log.debug("check-in of %s on version %d ignored (stale)", device, ci.base_version)
+            return
+        if self.server is not None and device in self.server.config.cohort:
+            return  # busy in the current round
+        self._checkins[device] = (ci, time.monotonic())
+
+    def _reject(self, what: str, why: str) -> None:
+        self.rejected += 1
+        self.agg.metrics.bad_control.inc()
+        log.warning("round message rejected (%s): %s", what, why)
+
+    def _on_round_message(self, round_id: str, stage: str, device: str, payload: bytes) -> None:
+        server, now = self.server, time.monotonic()
+        what = f"{stage} from {device} for round {round_id}"
+        if server is None or round_id != server.config.round_id:
+            self._reject(what, "not the current round (late or replayed)")
+            return
+        try:
+            check_name(device, "device")
+            msg = decode_round_payload(
+                payload,
+                masked=stage == Stage.MASKED.value,
+                max_length=server.config.vector_length + 1,
+            )
+            if not isinstance(msg, STAGE_TYPES[stage]):
+                raise ProtocolError(f"a {msg.TYPE} message on the {stage} topic")
+            if msg.device != device:
+                raise ProtocolError(f"message names device {msg.device!r}")
+            out = server.handle(msg, now)
+        except (ProtocolError, SecAggError, ValueError) as e:
+            self._reject(what, str(e))
+            out = server.advance(now)
+        self._send(out)
+        self._after(now)
+
+    # -- timer ---------------------------------------------------------------------------------
+    def tick(self) -> None:
+        """Apply stage deadlines, and start a round when enough devices are ready."""
+        now = time.monotonic()
+        if self.server is not None:
+            self._send(self.server.advance(now))
+            self._after(now)
+        elif self.plan is not None and self.agg.model is not None:
+            self._maybe_start(now)
+
+    def _maybe_start(self, now: float) -> None:
+        sa, model = self.plan, self.agg.model
+        assert sa is not None and model is not None
+        expiry = 3 * sa.checkin_interval
+        for device, (ci, seen) in list(self._checkins.items()):
+            if ci.base_version != model.version or now - seen > expiry:
+                del self._checkins[device]
+        if not self._checkins:
+            return
+        first = min(seen for _, seen in self._checkins.values())
+        ready = sorted(self._checkins)
+        if len(ready) >= sa.cohort_size or (
+            len(ready) >= sa.min_cohort and now - first >= sa.checkin_window
+        ):
+            self._start(sa, sorted(self._rng.sample(ready, min(len(ready), sa.cohort_size))), now)
+
+    def _start(self, sa: SecureAggregation, cohort: list[str], now: float) -> None:
+        model = self.agg.model
+        assert model is not None
+        n, clip = len(cohort), self.agg.plan.clip_norm
+        config = RoundConfig(
+            round_id=f"v{model.version}-{uuid.uuid4().hex[:8]}",
+            cohort=tuple(cohort),
+            threshold=sa.threshold,
+            neighbours=effective_neighbours(sa, n),
+            bits=sa.bits,
+            clip=clip,
+            scale=max_scale(n, clip, sa.bits),
+            max_weight=sa.max_weight,
+            vector_length=sum(int(w.size) for w in model.weights.values()),
+            timeout_s=sa.stage_timeout,
+        )
+        self._examples = {d: self._checkins.pop(d)[0].num_examples for d in cohort}
+        self._round_version = model.version
+        if self._last_round is not None:
+            self.agg.client.publish(f"{self._base}/{self._last_round}/status", b"", retain=True)
+            self._last_round = None
+        self.server = ServerRound(config)
+        log.info("round %s started: %d devices, t=%d, k=%d, d=%d", config.round_id, n,
+                 config.threshold, config.neighbours, config.vector_length)  # fmt: skip
+        self._send(self.server.start(now))
+        self.agg.publish_status()
+
+    # -- output --------------------------------------------------------------------------------
+    def _send(self, outgoing: list[Outgoing]) -> None:
+        assert self.server is not None or not outgoing
+        for out in outgoing:
+            assert self.server is not None
+            round_topic = f"{self._base}/{self.server.config.round_id}"
+            kind = out.message.TYPE
+            if out.to == TO_SERVER:
+                raise SecAggError("the server addressed a message to itself")
+            topic = f"{round_topic}/{kind}" if out.to == TO_ALL else f"{round_topic}/to/{out.to}"
+            retain = out.to == TO_ALL and kind in RETAINED
+            self.agg.client.publish(topic, encode(out.message), qos=1, retain=retain)
+
+    def _after(self, now: float) -> None:
+        server = self.server
+        if server is None or server.stage not in (Stage.DONE, Stage.ABORTED):
+            return
+        rid = server.config.round_id
+        self.server = None
+        self._last_round = rid
+        # The round's retained config goes; its status stays retained until the next round.
+        self.agg.client.publish(f"{self._base}/{rid}/config", b"", retain=True)
+        if server.stage == Stage.ABORTED:
+            self.rounds_aborted += 1
+            self.last_abort_reason = server.abort_reason
+            self.agg.publish_status()
+            return
+        self._finish(server)
+
+    def _finish(self, server: ServerRound) -> None:
+        result, model = server.result, self.agg.model
+        assert result is not None and model is not None
+        rid = server.config.round_id
+        if model.version != self._round_version:
+            log.warning("round %s finished on an outdated version; result dropped", rid)
+            return
+        sum_wd, sum_w = result
+        if not sum_w > 0:
+            self.rounds_aborted += 1
+            log.warning("round %s: total weight %g, nothing to publish", rid, sum_w)
+            return
+        step = self.agg.plan.server_learning_rate / sum_w
+        weights, offset = {}, 0
+        # DeviceRound flattens an update by sorted tensor name; undo exactly that.
+        for name in sorted(model.weights):
+            base = np.asarray(model.weights[name], dtype=np.float32)
+            part = sum_wd[offset : offset + base.size].reshape(base.shape)
+            weights[name] = (base.astype(np.float64) + step * part).astype(np.float32)
+            offset += base.size
+        survivors = server.survivors
+        metrics: dict[str, Any] = {
+            "updates": len(survivors),
+            "examples": sum(self._examples.get(d, 0) for d in survivors),
+            "train_loss": None,
+            "eval_loss": None,
+            "eval_accuracy": None,
+            "mean_update_norm": None,
+        }
+        self.rounds_done += 1
+        log.info("round %s done: %d survivors, total weight %.6g", rid, len(survivors), sum_w)
+        self.agg.publish_version(weights, metrics, [], round_id=rid)
