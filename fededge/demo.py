@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import queue
 import tempfile
 import time
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from fededge.protocol import Graph, ModelVersion, Plan
+from fededge.protocol.messages import SecureAggregation
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +80,25 @@ class Summary:
         return d
 
 
+def demo_secure_aggregation(devices: int) -> SecureAggregation:
+    """Rounds over the whole fleet: t = n/2 + 1, starting with 70% of the devices if need be."""
+    if devices < 3:
+        from fededge.errors import ConfigError
+
+        raise ConfigError(f"--secure-aggregation needs at least 3 devices, got {devices}")
+    threshold = devices // 2 + 1
+    return SecureAggregation(
+        cohort_size=devices,
+        min_cohort=max(threshold + 1, math.ceil(0.7 * devices)),
+        threshold=threshold,
+        stage_timeout=10.0,
+        checkin_window=3.0,
+        checkin_interval=1.0,
+    )
+
+
 def demo_plan(cfg: DemoConfig) -> Plan:
+    sa = demo_secure_aggregation(cfg.devices) if cfg.secure_aggregation else None
     return Plan(
         epochs=cfg.epochs,
         batch_size=16,
@@ -88,6 +108,7 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         clip_norm=cfg.clip,
         noise_stddev=cfg.noise,
         max_staleness=2,
+        secure_aggregation=sa,
     )
 
 
@@ -98,10 +119,7 @@ def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda 
     from fededge.device.runtime import ModelRuntime
     from fededge.embedded_broker import EmbeddedBroker
 
-    if cfg.secure_aggregation:
-        from fededge.errors import ConfigError
-
-        raise ConfigError("--secure-aggregation is not available in this build yet")
+    demo_plan(cfg)  # a bad configuration fails before anything starts
     name = {"mlp": "digits_mlp", "cnn": "digits_cnn"}[cfg.model]
     bundle = load_bundle(shipped_bundle_path(name))
     x, y = load_digits()

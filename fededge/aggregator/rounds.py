@@ -74,6 +74,7 @@ class RoundDriver:
         self.rounds_aborted = 0
         self.rejected = 0
         self.last_abort_reason: str | None = None
+        self.last_dropped: dict[str, str] = {}  # device -> why, in the last finished round
 
     # -- status --------------------------------------------------------------------------------
     @property
@@ -234,6 +235,7 @@ class RoundDriver:
         rid = server.config.round_id
         self.server = None
         self._last_round = rid
+        self.last_dropped = {**server.dropped, **server.offenders}
         # The round's retained config goes; its status stays retained until the next round.
         self.agg.client.publish(f"{self._base}/{rid}/config", b"", retain=True)
         if server.stage == Stage.ABORTED:

@@ -39,6 +39,7 @@ from fededge.device.examples import ExampleStore, StateDb, validate_examples, va
 from fededge.device.metrics import DeviceMetrics
 from fededge.device.outbox import Entry, Outbox
 from fededge.device.runtime import ModelRuntime
+from fededge.device.secagg_client import Participant, ReadyInput, handle_safely
 from fededge.device.training import local_update
 from fededge.errors import FededgeError, ModelError, ProtocolError, StateError, TransportError
 from fededge.mqtt import Message, MqttClient, Will
@@ -119,6 +120,11 @@ class Client:
         self._mqtt: MqttClient | None = None
         self._started = False
         self._stale_window: tuple[int, int] | None = None
+        # Secure-aggregation rounds, used when the plan has a secure_aggregation section.
+        self._secagg = Participant(
+            self.device_id, self.topics, self.db, self.metrics,
+            version=lambda: self.version, plan=lambda: self.plan, on_spent=self._wake_trainer.set,
+        )  # fmt: skip
         try:
             if bundle is not None:
                 b = bundle if isinstance(bundle, Bundle) else load_bundle(bundle)
@@ -193,7 +199,7 @@ class Client:
             "fresh": self.examples.fresh_count(),
             "examples_per_update": self.plan.examples_per_update,
             "outbox": len(self.outbox),
-            "updates_sent": self._updates_sent,
+            "updates_sent": self._updates_sent + self._secagg.masked_sent,
             "graph_sha256": self._spec.graph_sha256 if self._spec else None,
             "software": f"fededge {__version__}",
         }
@@ -382,7 +388,7 @@ class Client:
         mqtt.connect()
         try:
             for topic in (self.topics.graph, self.topics.plan, self.topics.model,
-                          self.topics.receipt(self.device_id)):  # fmt: skip
+                          self.topics.receipt(self.device_id), *self._secagg.subscriptions()):  # fmt: skip
                 mqtt.subscribe(topic, qos=1)
         except FededgeError:
             mqtt.close()
@@ -417,6 +423,7 @@ class Client:
                 pass
             try:
                 self._pump_outbox(mqtt)
+                self._secagg.tick(mqtt)
                 if self._status_due.is_set() or time.monotonic() - last_status > STATUS_INTERVAL:
                     self._status_due.clear()
                     last_status = time.monotonic()
@@ -432,6 +439,10 @@ class Client:
         try:
             if msg.topic == self.topics.receipt(self.device_id):
                 self._on_receipt(decode_json(msg.payload, Receipt))
+            elif msg.topic.startswith(f"{self.topics.base}/rounds/"):
+                mqtt = self._mqtt
+                if mqtt is not None and not handle_safely(self._secagg, mqtt, msg):
+                    self.metrics.bad_messages.inc()
             elif not msg.payload:
                 return  # a retained message was cleared
             elif msg.topic == self.topics.model:
@@ -517,7 +528,7 @@ class Client:
             version=self.version,
             examples=self.examples.count() if state != "offline" else 0,
             outbox=len(self.outbox) if state != "offline" else 0,
-            updates_sent=self._updates_sent,
+            updates_sent=self._updates_sent + self._secagg.masked_sent,
             software=f"fededge {__version__}"[:64],
             time=time.time(),
         )
@@ -556,8 +567,8 @@ class Client:
     def _train_once(self) -> bool:
         """Train on one batch of fresh examples and store+send the update; False if none."""
         cur, plan = self._current, self.plan
-        if cur is None:
-            return False
+        if cur is None or (plan.secure_aggregation is not None and self._secagg.busy()):
+            return False  # one update at a time waits for its round
         batch = self.examples.take(plan.examples_per_update, cur.runtime.spec.input_shape)
         if batch is None:
             return False
@@ -578,6 +589,13 @@ class Client:
             log.info("discarding an update on version %d: version %d arrived meanwhile",
                      cur.version, latest.version)  # fmt: skip
             return True  # the examples stay fresh and train again on the new version
+        if plan.secure_aggregation is not None:
+            # No plaintext update: the io thread checks in and masks it in a round; its
+            # examples are marked used only when the masked input is sent.
+            self._secagg.offer(ReadyInput(cur.version, lu.delta, lu.num_examples, batch.ids))
+            log.info("trained on %d examples in %.3f s (loss %.4f): waiting for a round",
+                     lu.num_examples, seconds, lu.train_loss)  # fmt: skip
+            return False
         uid = uuid.uuid4().hex
         payload = Update(
             task=self.task, device=self.device_id, update_id=uid, base_version=cur.version,

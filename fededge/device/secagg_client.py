@@ -1,0 +1,260 @@
+"""The device side of synchronous SecAgg+ rounds: check in with a ready update, run its round.
+
+The MQTT edge of :class:`fededge.secagg.DeviceRound` (the pure state machine), owned by a
+:class:`fededge.device.client.Client` whose plan has a ``secure_aggregation`` section. Instead of
+publishing a plaintext update, the trainer hands its clipped delta to :meth:`Participant.offer`;
+the io thread then checks in on ``rounds/checkin/{device}`` every ``checkin_interval`` s until
+the aggregator puts the device in a round's cohort, runs the round, and forgets the update.
+
+What happens to an update (docs/protocol-rounds.md):
+
+- its examples stay *fresh* until its masked input is sent, so an update that goes stale (a new
+  version arrived first) or whose round ends before the masked input left is either reused in
+  the next round (same base version) or dropped and retrained from the same examples;
+- once the masked input is sent the examples are marked used and the update is spent, whether
+  the round then finishes or aborts: reusing it in another round would let an aggregator
+  difference two sums that both contain it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fededge.device.examples import ExampleStore, StateDb
+from fededge.device.metrics import DeviceMetrics
+from fededge.errors import FededgeError, ProtocolError, SecAggError
+from fededge.mqtt import Message, MqttClient
+from fededge.protocol import Plan, Topics
+from fededge.protocol.messages import CheckIn
+from fededge.secagg import TO_SERVER, DeviceRound, Outgoing, RoundConfig, Stage, encode
+from fededge.secagg import decode_payload as decode_round_payload
+from fededge.secagg.graph import TERMINAL
+from fededge.secagg.messages import MaskedInput, RoundStatus
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReadyInput:
+    """A trained, clipped update waiting for a round, and the examples it came from."""
+
+    base_version: int
+    delta: dict[str, np.ndarray]
+    num_examples: int
+    example_ids: Sequence[int]
+
+
+class Participant:
+    """Runs this device's part in secure-aggregation rounds (io thread, except :meth:`offer`).
+
+    ``version`` and ``plan`` are read through callables so the client stays their one owner;
+    ``on_spent`` is called when an update was used up (or dropped) so the trainer wakes up.
+    """
+
+    def __init__(
+        self,
+        device_id: str,
+        topics: Topics,
+        db: StateDb,
+        metrics: DeviceMetrics,
+        *,
+        version: Callable[[], int | None],
+        plan: Callable[[], Plan],
+        on_spent: Callable[[], None],
+    ) -> None:
+        self.device_id = device_id
+        self.topics = topics
+        self._db = db
+        self._metrics = metrics
+        self._version = version
+        self._plan = plan
+        self._on_spent = on_spent
+        self._base = f"{topics.base}/rounds"
+        self._lock = threading.Lock()  # guards _ready against the trainer thread
+        self._ready: ReadyInput | None = None
+        self.round: DeviceRound | None = None
+        self._round_input: ReadyInput | None = None
+        self._masked_sent = False
+        self._heard = 0.0  # monotonic time of the round's last message
+        self._last_checkin = 0.0
+        self._seen_rounds: deque[str] = deque(maxlen=64)
+        self.rounds_done = 0
+        self.rounds_aborted = 0
+        self.masked_sent = 0
+
+    # -- trainer thread ------------------------------------------------------------------------
+    def busy(self) -> bool:
+        """Whether an update is waiting or in a round (the trainer must not make another)."""
+        with self._lock:
+            return self._ready is not None or self.round is not None
+
+    def offer(self, ready: ReadyInput) -> None:
+        """Hand over a fresh update; the io thread checks in with it."""
+        with self._lock:
+            self._ready = ready
+            self._last_checkin = 0.0  # check in at the next tick
+
+    # -- io thread -----------------------------------------------------------------------------
+    def subscriptions(self) -> list[str]:
+        """What the device listens to: round configs, broadcasts and messages addressed to it."""
+        b = self._base
+        return [f"{b}/+/config", f"{b}/+/unmask_request", f"{b}/+/status",
+                f"{b}/+/to/{self.device_id}"]  # fmt: skip
+
+    def tick(self, mqtt: MqttClient) -> None:
+        """Check in when due; abandon a round that went silent; drop a stale update."""
+        now = time.monotonic()
+        plan = self._plan().secure_aggregation
+        rnd = self.round
+        if rnd is not None:
+            # A stage lasts at most timeout_s; between two of our stages we wait for one.
+            if now - self._heard > 2 * rnd.config.timeout_s + 5:
+                log.warning("round %s went silent; leaving it", rnd.config.round_id)
+                self._end_round(aborted=True)
+            return
+        with self._lock:
+            ready = self._ready
+            if ready is not None and (plan is None or ready.base_version != self._version()):
+                self._ready = None  # stale: its examples are still fresh, train again
+                ready = None
+                log.info("dropped a secure-aggregation update on an outdated version")
+                self._on_spent()
+            due = ready is not None and plan is not None
+            due = due and now - self._last_checkin >= plan.checkin_interval  # type: ignore[union-attr]
+            if due:
+                self._last_checkin = now
+        if due and ready is not None and mqtt.connected:
+            ci = CheckIn(task=self.topics.task, device=self.device_id,
+                         base_version=ready.base_version, num_examples=ready.num_examples,
+                         time=time.time())  # fmt: skip
+            mqtt.publish(f"{self._base}/checkin/{self.device_id}", ci.to_bytes(), qos=1)
+
+    def on_message(self, mqtt: MqttClient, msg: Message) -> None:
+        """Handle one ``rounds/...`` message; raises ProtocolError/SecAggError if refused."""
+        parts = msg.topic[len(self._base) + 1 :].split("/")
+        if not msg.payload or len(parts) < 2:
+            return  # a cleared retained message
+        round_id, kind = parts[0], parts[1]
+        if kind == "config":
+            self._on_config(mqtt, round_id, msg.payload)
+            return
+        rnd = self.round
+        if rnd is None or round_id != rnd.config.round_id:
+            return  # another round, or one we are not in
+        message = decode_round_payload(msg.payload, masked=False)
+        self._heard = time.monotonic()
+        try:
+            out = rnd.handle(message)
+        finally:
+            if rnd.stage in TERMINAL:
+                done = isinstance(message, RoundStatus) and message.status == "done"
+                self._end_round(aborted=not done)
+        self._send(mqtt, out)
+
+    def _on_config(self, mqtt: MqttClient, round_id: str, payload: bytes) -> None:
+        if round_id in self._seen_rounds or self.round is not None:
+            return
+        config = RoundConfig.from_json(payload)
+        if self.device_id not in config.cohort:
+            return
+        self._seen_rounds.append(round_id)
+        with self._lock:
+            ready = self._ready
+        plan = self._plan()
+        if ready is None or ready.base_version != self._version():
+            log.info("selected for round %s without a current update; not joining", round_id)
+            return
+        self._check_config(config, plan, ready)
+        rnd = DeviceRound(self.device_id, config)
+        out = rnd.set_input(ready.delta, float(ready.num_examples))
+        out += rnd.start()
+        with self._lock:
+            self.round, self._round_input, self._ready = rnd, ready, None
+        self._masked_sent = False
+        self._heard = time.monotonic()
+        log.info("joined round %s (%d devices)", round_id, len(config.cohort))
+        self._send(mqtt, out)
+
+    def _check_config(self, config: RoundConfig, plan: Plan, ready: ReadyInput) -> None:
+        """Refuse a round whose parameters are weaker than the plan's (or do not fit)."""
+        sa = plan.secure_aggregation
+        if sa is None:
+            raise SecAggError("a round config arrived but the plan has no secure aggregation")
+        n = len(config.cohort)
+        k = n - 1 if sa.neighbours == 0 or sa.neighbours >= n - 1 else sa.neighbours
+        d = sum(int(np.asarray(a).size) for a in ready.delta.values())
+        problems = [
+            f"{name} {got!r}, the plan says {want!r}"
+            for name, got, want in (
+                ("threshold", config.threshold, sa.threshold),
+                ("neighbours", config.neighbours, k),
+                ("bits", config.bits, sa.bits),
+                ("clip", config.clip, plan.clip_norm),
+                ("max_weight", config.max_weight, sa.max_weight),
+                ("vector_length", config.vector_length, d),
+            )
+            if got != want
+        ]
+        if problems:
+            raise SecAggError(f"round {config.round_id}: " + "; ".join(problems))
+
+    def _send(self, mqtt: MqttClient, out: list[Outgoing]) -> None:
+        rnd = self.round
+        for o in out:
+            if o.to != TO_SERVER:
+                raise SecAggError(f"a device message addressed to {o.to!r}")
+            rid = o.message.round_id
+            topic = f"{self._base}/{rid}/{o.message.TYPE}/{self.device_id}"
+            mqtt.publish(topic, encode(o.message), qos=1)
+            if isinstance(o.message, MaskedInput):
+                self._spend_examples()
+        if rnd is not None and rnd.stage in TERMINAL:
+            self._end_round(aborted=rnd.stage == Stage.ABORTED)
+
+    def _spend_examples(self) -> None:
+        # The masked input is out: the update is spent whatever the round's outcome.
+        self._masked_sent = True
+        self.masked_sent += 1
+        self._metrics.updates_sent.inc()
+        self._metrics.publishes.inc()
+        ready = self._round_input
+        if ready is not None:
+            with self._db.transaction() as c:
+                ExampleStore.mark_used_in(c, ready.example_ids)
+
+    def _end_round(self, *, aborted: bool) -> None:
+        rnd = self.round
+        if rnd is None:
+            return
+        if aborted:
+            self.rounds_aborted += 1
+        else:
+            self.rounds_done += 1
+        with self._lock:
+            self.round = None
+            keep = not self._masked_sent and self._round_input is not None
+            if keep and self._ready is None:
+                self._ready = self._round_input  # nothing was revealed: try the next round
+                self._last_checkin = 0.0
+            self._round_input = None
+        log.info("round %s %s%s", rnd.config.round_id, "aborted" if aborted else "done",
+                 "" if self._masked_sent else " (update kept for the next round)")  # fmt: skip
+        if not keep:
+            self._on_spent()
+
+
+def handle_safely(participant: Participant, mqtt: MqttClient, msg: Message) -> bool:
+    """Pass a message to the participant; False (logged) if it was refused."""
+    try:
+        participant.on_message(mqtt, msg)
+        return True
+    except (ProtocolError, SecAggError, FededgeError, ValueError) as e:
+        log.warning("refused round message on %s: %s", msg.topic, e)
+        return False

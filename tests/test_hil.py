@@ -1,0 +1,297 @@
+"""Hardware-in-loop: the real `fededge aggregator` and `fededge device` daemons as processes,
+the devices on emulated hosts (network namespaces behind delayed, lossy links, see
+tests/netns.py), checked against the exact set of updates each version must fold.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aggtools import make_settings
+from broker import Mosquitto, free_port
+from devtools import DIGITS_PLAN, call, cycle, digits_split, new_task, publish_task
+from netns import Host, Impairment, Network, unavailable_reason
+
+from fededge.device.examples import StateDb
+from fededge.device.outbox import Outbox
+
+pytestmark = [pytest.mark.slow, pytest.mark.broker]
+
+MosquittoFactory = Callable[..., Mosquitto]
+
+# The link of every device: what `tc qdisc add dev X root netem delay 80ms 20ms loss 5%` does.
+LINK = Impairment(delay_ms=80, jitter_ms=20, loss=0.05)
+RECEIPT_TIMEOUT = 1.5
+EXAMPLES = 8
+UPDATE_RE = re.compile(r"update ([0-9a-f]{32}) on version (\d+)")
+DUPLICATE_RE = re.compile(r"duplicate update device=(\S+) update_id=([0-9a-f]+)")
+
+
+class Proc:
+    """A fededge daemon process, on an emulated host or (host=None) in the root namespace."""
+
+    def __init__(self, args: list[str], log: Path, host: Host | None, **env: str) -> None:
+        self.args = host.command(args) if host is not None else args
+        self.log = log
+        self.env = {
+            **os.environ,
+            "FEDEDGE_BROKER__RECONNECT_MIN_DELAY": "0.1",
+            "FEDEDGE_BROKER__RECONNECT_MAX_DELAY": "1",
+            "FEDEDGE_BROKER__KEEPALIVE": "5",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.args, env=self.env, stdout=out, stderr=out)
+
+    def log_text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def check_alive(self) -> None:
+        assert self.proc is not None and self.proc.poll() is None, (
+            f"{self.log.name} exited:\n{self.log_text()[-3000:]}"
+        )
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.terminate()
+        return self.proc.wait(30)
+
+    def cleanup(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+class Device(Proc):
+    """`fededge device` inside a namespace; its API socket is a file, reachable from here."""
+
+    def __init__(self, url: str, task: str, state_dir: Path, device_id: str, host: Host) -> None:
+        args = [sys.executable, "-m", "fededge.cli", "device", "--broker", url, "--task", task,
+                "--state-dir", str(state_dir), "--device-id", device_id]  # fmt: skip
+        super().__init__(
+            args,
+            state_dir / f"{device_id}.log",
+            host,
+            FEDEDGE_DEVICE__METRICS="false",
+            FEDEDGE_DEVICE__RECEIPT_TIMEOUT=str(RECEIPT_TIMEOUT),
+        )
+        self.id, self.task, self.state_dir = device_id, task, state_dir
+        self.socket = state_dir / "api.sock"
+
+    def status(self) -> dict[str, Any]:
+        code, body = call(self.socket, "GET", "/status")
+        assert code == 200, body
+        return body  # type: ignore[no-any-return]
+
+    def wait(self, cond: Callable[[dict[str, Any]], bool], what: str, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check_alive()
+            with contextlib.suppress(OSError):
+                if cond(self.status()):
+                    return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{self.id}: {what}\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+
+    def give(self, part: tuple[np.ndarray, np.ndarray], start: int) -> None:
+        """Hand the daemon one update's worth of labelled examples."""
+        x, y = cycle(part, start, EXAMPLES)
+        code, body = call(self.socket, "POST", "/examples", {"x": x.tolist(), "y": y.tolist()})
+        assert code == 200, body
+
+    def update_ids(self) -> list[str]:
+        """Ids of the updates this daemon made, from its log (in order)."""
+        return [m[1] for m in UPDATE_RE.finditer(self.log_text())]
+
+    def outbox_after_exit(self) -> list[str]:
+        db = StateDb(self.state_dir / "device" / self.id / self.task / "state.sqlite")
+        try:
+            return Outbox(db).ids()
+        finally:
+            db.close()
+
+
+class Aggregator(Proc):
+    """`fededge aggregator` in the root namespace, beside the broker."""
+
+    def __init__(self, url: str, task: str, state_dir: Path) -> None:
+        args = [sys.executable, "-m", "fededge.cli", "aggregator", "--broker", url, "--task", task,
+                "--state-dir", str(state_dir), "--wait-for-model", "30"]  # fmt: skip
+        super().__init__(args, state_dir / "aggregator.log", None,
+                         FEDEDGE_AGGREGATOR__METRICS="false")  # fmt: skip
+        self.versions = state_dir / "aggregator" / task / "versions"
+
+    def info(self, version: int) -> dict[str, Any] | None:
+        path = self.versions / f"{version:08d}.json"
+        return json.loads(path.read_text()) if path.exists() else None  # type: ignore[no-any-return]
+
+    def wait_version(self, version: int, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (info := self.info(version)) is None:
+            self.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no version {version}:\n{self.log_text()[-3000:]}")
+            time.sleep(0.05)
+        return info
+
+    def duplicates(self) -> list[tuple[str, str]]:
+        return [(m[1], m[2]) for m in DUPLICATE_RE.finditer(self.log_text())]
+
+
+@pytest.fixture
+def net() -> Iterator[Network]:
+    """A private network of emulated hosts, deleted with everything in it after the test."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with Network(seed=1) as n:
+        yield n
+
+
+@pytest.fixture
+def hil_broker(net: Network, mosquitto_factory: MosquittoFactory) -> tuple[Mosquitto, str]:
+    """A private Mosquitto that also listens on the gateway: (broker, URL for the devices)."""
+    port = free_port()
+    m = mosquitto_factory([f"listener {port} {net.gateway}"])
+    return m, f"mqtt://{net.gateway}:{port}"
+
+
+@contextlib.contextmanager
+def fleet(
+    net: Network, broker: Mosquitto, url: str, tmp: Path, n_devices: int, min_updates: int
+) -> Iterator[tuple[Aggregator, list[Device]]]:
+    """A task published, its aggregator and ``n_devices`` daemons on impaired hosts, on v0."""
+    task = new_task()
+    plan = DIGITS_PLAN.model_copy(
+        update={"min_updates_per_version": min_updates, "examples_per_update": EXAMPLES,
+                "noise_stddev": 0.0}  # fmt: skip
+    )
+    publish_task(make_settings(broker.url, tmp / "agg", task=task), plan)
+    agg = Aggregator(broker.url, task, tmp / "agg")
+    devices = []
+    for i in range(n_devices):
+        host = net.add_host()
+        mode = host.impair(LINK)
+        devices.append(Device(url, task, tmp / f"dev{i}", f"h{i}", host))
+    print(f"links impaired with {mode}")
+    procs: list[Proc] = [agg, *devices]
+    try:
+        for p in procs:
+            p.start()
+        for d in devices:
+            d.wait(lambda st: st["version"] == 0 and st["connected"], "version 0")
+        yield agg, devices
+    finally:
+        for p in procs:
+            p.cleanup()
+
+
+def stop_and_check_outboxes(devices: list[Device]) -> None:
+    """Every outbox is empty, and stays so across a clean shutdown."""
+    for d in devices:
+        d.wait(lambda st: st["outbox"] == 0, "empty outbox")
+    for d in devices:
+        assert d.terminate() == 0, d.log_text()[-3000:]
+        assert d.outbox_after_exit() == []
+
+
+def settle(agg: Aggregator) -> None:
+    """Let two more receipt timeouts pass, so a wrongly kept update would be resent and counted."""
+    time.sleep(2 * RECEIPT_TIMEOUT + 0.5)
+    agg.check_alive()
+    assert agg.info(2) is None, "a second version: an update was counted twice"
+
+
+def test_three_devices_behind_lossy_links_each_deliver_one_update(
+    net: Network, hil_broker: tuple[Mosquitto, str], tmp_path: Path
+) -> None:
+    broker, url = hil_broker
+    parts, _, _ = digits_split(3)
+    with fleet(net, broker, url, tmp_path, 3, min_updates=3) as (agg, devices):
+        for d, part in zip(devices, parts, strict=True):
+            d.give(part, 0)
+        info = agg.wait_version(1)
+        ids = [d.update_ids() for d in devices]
+        assert all(len(i) == 1 for i in ids), ids
+        assert sorted(info["update_ids"]) == sorted(i[0] for i in ids)
+        assert info["metrics"]["updates"] == 3
+        assert info["metrics"]["examples"] == 3 * EXAMPLES
+        settle(agg)
+        stop_and_check_outboxes(devices)
+
+
+def test_link_cut_delivers_the_update_exactly_once(
+    net: Network, hil_broker: tuple[Mosquitto, str], tmp_path: Path
+) -> None:
+    broker, url = hil_broker
+    (part,), _, _ = digits_split(1)
+    with fleet(net, broker, url, tmp_path, 1, min_updates=1) as (agg, (d,)):
+        host = net.hosts[0]
+        host.link_down()
+        d.give(part, 0)
+        d.wait(lambda st: st["updates_sent"] == 1 and st["outbox"] == 1, "an update, offline")
+        # Past the receipt timeout the daemon resends into the dead link (or, once keepalive
+        # notices, waits to reconnect); either way a second copy may reach the aggregator.
+        (uid,) = d.update_ids()
+        time.sleep(2 * RECEIPT_TIMEOUT)
+        assert d.status()["outbox"] == 1
+        assert agg.info(1) is None
+        host.link_up()
+        info = agg.wait_version(1)
+        assert info["update_ids"] == [uid]
+        assert info["metrics"]["updates"] == 1
+        settle(agg)
+        # Every copy after the first was answered "duplicate", none was folded.
+        assert all(dup == (d.id, uid) for dup in agg.duplicates()), agg.duplicates()
+        print("resends:", d.log_text().count("resending update"),
+              "duplicates:", len(agg.duplicates()))  # fmt: skip
+        stop_and_check_outboxes([d])
+
+
+def test_broker_kill_and_restart_folds_every_update_once(
+    net: Network, hil_broker: tuple[Mosquitto, str], tmp_path: Path
+) -> None:
+    broker, url = hil_broker
+    parts, _, _ = digits_split(3)
+    with fleet(net, broker, url, tmp_path, 3, min_updates=6) as (agg, devices):
+        for d, part in zip(devices, parts, strict=True):
+            d.give(part, 0)
+        for d in devices:
+            d.wait(lambda st: st["updates_sent"] == 1, "first update")
+        broker.kill()  # SIGKILL: sessions, queues and retained messages since start are lost
+        for d, part in zip(devices, parts, strict=True):
+            d.give(part, EXAMPLES)  # trained and queued while there is no broker
+        for d in devices:
+            d.wait(lambda st: st["updates_sent"] == 2 and st["outbox"] >= 1, "second update")
+        assert agg.info(1) is None
+        broker.start()
+        info = agg.wait_version(1)
+        ids = [d.update_ids() for d in devices]
+        assert all(len(i) == 2 for i in ids), ids
+        expected = sorted(u for i in ids for u in i)
+        assert sorted(info["update_ids"]) == expected
+        assert info["metrics"]["updates"] == 6
+        assert info["metrics"]["examples"] == 6 * EXAMPLES
+        # Both sides reconnected by themselves.
+        for d in devices:
+            d.wait(lambda st: st["connected"] and st["version"] == 1, "reconnect, version 1")
+        settle(agg)
+        assert {uid for _, uid in agg.duplicates()} <= set(expected)
+        stop_and_check_outboxes(devices)
+        assert agg.terminate() == 0

@@ -1,0 +1,303 @@
+"""Secure-aggregation rounds end to end: real Mosquitto, real aggregator, real device clients.
+
+Devices "drop out" at a chosen stage through the broker itself: they connect with a user name
+whose ACL forbids publishing that stage's topic (Mosquitto discards the message silently), so
+the drop happens at exactly the right moment and the rest of the device keeps running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from aggtools import make_settings, running_aggregator
+from devtools import DIGITS_PLAN, broker_overrides, digits_split, new_task, publish_task, wait_until
+
+from fededge.aggregator.service import Aggregator
+from fededge.device.client import Client
+from fededge.device.secagg_client import ReadyInput
+from fededge.mqtt import MqttClient
+from fededge.protocol import ModelVersion, Plan, Topics
+from fededge.protocol.messages import SecureAggregation
+from fededge.secagg.quantize import max_scale, mean_error_bound
+from fededge.settings import Settings, load_settings
+
+pytestmark = pytest.mark.broker
+
+STAGES = ("advertise", "share", "masked", "unmask")
+
+
+def acl_file(directory: Path) -> Path:
+    """An ACL: anonymous clients may do anything; user ``no-<stage>`` cannot send that stage."""
+    lines = ["topic readwrite #", ""]
+    for stage in STAGES:
+        lines += [f"user no-{stage}", "topic read #", "topic write fededge/+/devices/+/status",
+                  "topic write fededge/+/rounds/checkin/+"]  # fmt: skip
+        lines += [f"topic write fededge/+/rounds/+/{s}/+" for s in STAGES if s != stage]
+        lines.append("")
+    path = directory / "acl"
+    path.write_text("\n".join(lines))
+    return path
+
+
+@pytest.fixture
+def acl_broker(mosquitto_factory: Any, tmp_path: Path) -> Any:
+    return mosquitto_factory([f"acl_file {acl_file(tmp_path)}"])
+
+
+def sa_plan(**kw: Any) -> Plan:
+    sa = {"stage_timeout": 3.0, "checkin_window": 1.0, "checkin_interval": 0.5, **kw}
+    return DIGITS_PLAN.model_copy(update={"secure_aggregation": SecureAggregation(**sa)})
+
+
+def client_settings(url: str, state: Path, task: str, device: str, user: str | None) -> Settings:
+    broker = {**broker_overrides(url), "username": user}
+    dev = {"device_id": device, "metrics": False, "seed": zlib.crc32(device.encode())}
+    return load_settings(None, {"broker": broker, "task": task, "state_dir": state, "device": dev})
+
+
+class Fleet:
+    """In-process device clients; records each update a device hands to its round (test only)."""
+
+    def __init__(self, url: str, state: Path, task: str, users: dict[str, str]) -> None:
+        self.clients: dict[str, Client] = {}
+        self.offered: dict[str, list[ReadyInput]] = {}
+        self.url, self.state, self.task, self.users = url, state, task, users
+
+    def add(self, device: str) -> Client:
+        c = Client(client_settings(self.url, self.state, self.task, device,
+                                   self.users.get(device)))  # fmt: skip
+        record = self.offered.setdefault(device, [])
+        offer = c._secagg.offer
+
+        def recording_offer(ready: ReadyInput) -> None:
+            record.append(ready)
+            offer(ready)
+
+        c._secagg.offer = recording_offer  # type: ignore[method-assign]
+        self.clients[device] = c
+        return c
+
+    def close(self) -> None:
+        for c in self.clients.values():
+            with contextlib.suppress(Exception):
+                c.close(timeout=5)
+
+
+@contextlib.contextmanager
+def fleet(url: str, state: Path, task: str, users: dict[str, str], n: int) -> Iterator[Fleet]:
+    f = Fleet(url, state, task, users)
+    try:
+        for i in range(n):
+            f.add(f"d{i:02d}")
+        for c in f.clients.values():
+            c.start()
+        yield f
+    finally:
+        f.close()
+
+
+def expected_version(
+    base: ModelVersion, inputs: list[ReadyInput], plan: Plan
+) -> tuple[dict[str, np.ndarray], float]:
+    """base + lr * weighted mean of the inputs, and the documented per-coordinate error bound."""
+    sa = plan.secure_aggregation
+    assert sa is not None
+    weights = [min(r.num_examples, sa.max_weight) for r in inputs]
+    total = sum(weights)
+    out = {}
+    for name, w0 in base.weights.items():
+        mean = sum(w * r.delta[name].astype(np.float64) for w, r in zip(weights, inputs, strict=True))
+        out[name] = w0.astype(np.float64) + plan.server_learning_rate * mean / total
+    return out, 0.0
+
+
+def error_bound(n: int, plan: Plan, total_weight: float) -> float:
+    sa = plan.secure_aggregation
+    assert sa is not None
+    scale = max_scale(n, plan.clip_norm, sa.bits)
+    bound = mean_error_bound(n, plan.clip_norm, scale, total_weight / sa.max_weight)
+    return plan.server_learning_rate * bound
+
+
+def feed(f: Fleet, parts: list[tuple[np.ndarray, np.ndarray]], n: int = 32) -> None:
+    for i, c in enumerate(f.clients.values()):
+        x, y = parts[i]
+        c.fit(x[:n], y[:n])
+
+
+def assert_close(got: ModelVersion, want: dict[str, np.ndarray], bound: float) -> float:
+    worst = 0.0
+    for name, w in want.items():
+        diff = np.abs(got.weights[name].astype(np.float64) - w)
+        # plus float32 rounding of the published weights
+        tol = bound + np.abs(w) * 2.0**-23 + 1e-12
+        assert np.all(diff <= tol), (name, float(diff.max()), bound)
+        worst = max(worst, float(diff.max()))
+    return worst
+
+
+def test_round_with_dropouts_publishes_the_survivors_mean(acl_broker: Any, tmp_path: Path) -> None:
+    """20 devices; 2 cannot send their masked input, 3 cannot answer the unmask request."""
+    task = new_task()
+    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11)
+    s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
+    base = publish_task(s, plan)
+    users = {"d03": "no-masked", "d11": "no-masked", "d05": "no-unmask", "d07": "no-unmask",
+             "d16": "no-unmask"}  # fmt: skip
+    parts, _, _ = digits_split(20)
+    with running_aggregator(s) as agg, fleet(acl_broker.url, tmp_path, task, users, 20) as f:
+        wait_until(lambda: all(c.version == 0 for c in f.clients.values()), 30, "version 0")
+        feed(f, parts)
+        wait_until(lambda: agg.version == 1, 60, "version 1 from a secure round")
+        assert agg.model is not None
+        survivors = [d for d in f.clients if users.get(d) != "no-masked"]
+        assert agg.model.updates == len(survivors) == 18
+        assert agg.rounds.rounds_done == 1 and agg.rounds.rounds_aborted == 0
+        inputs = [f.offered[d][-1] for d in survivors]
+        want, _ = expected_version(base, inputs, plan)
+        total = sum(r.num_examples for r in inputs)
+        bound = error_bound(20, plan, total)
+        assert bound < 1e-4
+        assert_close(agg.model, want, bound)
+        # Every device took part; the spent updates were not resent in plaintext.
+        assert all(c._secagg.masked_sent == 1 for c in f.clients.values())
+        assert agg.accepted_total == 0
+
+
+def test_below_threshold_aborts_publishes_nothing_and_keeps_unrevealed_updates(
+    acl_broker: Any, tmp_path: Path
+) -> None:
+    """Two of four devices cannot advertise keys: t = 3 is out of reach, the round aborts."""
+    task = new_task()
+    plan = sa_plan(cohort_size=4, min_cohort=4, threshold=3, stage_timeout=1.0)
+    s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
+    publish_task(s, plan)
+    users = {"d01": "no-advertise", "d02": "no-advertise"}
+    parts, _, _ = digits_split(4)
+    watcher = MqttClient(acl_broker.settings(), f"w-{task}", persistent=False)
+    watcher.connect()
+    topics = Topics("fededge", task)
+    watcher.subscribe(f"{topics.base}/rounds/+/status")
+    watcher.subscribe(topics.model)
+    try:
+        with running_aggregator(s) as agg, fleet(acl_broker.url, tmp_path, task, users, 4) as f:
+            wait_until(lambda: all(c.version == 0 for c in f.clients.values()), 30, "version 0")
+            feed(f, parts)
+            wait_until(lambda: agg.rounds.rounds_aborted >= 2, 30, "two aborted rounds")
+            assert agg.version == 0 and agg.rounds.rounds_done == 0
+            assert "fewer than the threshold 3" in (agg.rounds.last_abort_reason or "")
+            honest = f.clients["d00"]._secagg
+            # Nothing was revealed in an aborted round: the same update waits for the next one,
+            # and its examples are still fresh.
+            assert honest.masked_sent == 0 and honest.rounds_aborted >= 1 and honest.busy()
+            assert len(f.offered["d00"]) == 1
+            assert f.clients["d00"].examples.fresh_count() == 32
+        statuses, models = [], []
+        with contextlib.suppress(queue.Empty):
+            while True:
+                msg = watcher.messages.get(timeout=0.5)
+                (models if msg.topic == topics.model else statuses).append(msg.payload)
+        assert any(b'"status":"aborted"' in p for p in statuses)
+        assert all(ModelVersion.from_bytes(p, max_bytes=1 << 24).version == 0 for p in models if p)
+    finally:
+        watcher.close()
+
+
+def test_demo_with_secure_aggregation_on_mosquitto(broker: Any, tmp_path: Path) -> None:
+    import json
+
+    from fededge.demo import DemoConfig, run_demo, write_outputs
+
+    cfg = DemoConfig(
+        devices=5,
+        versions=4,
+        broker=broker.url,
+        task=new_task(),
+        out_dir=tmp_path,
+        json_path=tmp_path / "s.json",
+        secure_aggregation=True,
+    )
+    rows: list[Any] = []
+    summary = run_demo(cfg, rows.append)
+    assert [r.version for r in rows] == [0, 1, 2, 3, 4]
+    assert all(r.updates >= 4 for r in rows[1:])  # min_cohort of 5 devices
+    write_outputs(summary, cfg)
+    data = json.loads((tmp_path / "s.json").read_text())
+    assert data["secure_aggregation"] is True
+    assert data["versions"][-1]["accuracy"] > data["versions"][0]["accuracy"]
+
+
+@pytest.mark.slow
+def test_twenty_device_processes_with_dropouts_and_a_kill(acl_broker: Any, tmp_path: Path) -> None:
+    """`fededge device` processes: 2 cannot send masked inputs, 3 cannot unmask and are then
+    killed; the version equals the plaintext weighted mean of the 18 survivors' deltas."""
+    from test_device_daemon import Daemon
+
+    from fededge.device.runtime import ModelRuntime
+    from fededge.device.training import local_update
+    from devtools import mlp_bundle
+
+    task = new_task()
+    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11, stage_timeout=4.0)
+    s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
+    base = publish_task(s, plan)
+    users = {"p02": "no-masked", "p13": "no-masked", "p04": "no-unmask", "p09": "no-unmask",
+             "p17": "no-unmask"}  # fmt: skip
+    parts, _, _ = digits_split(20)
+    topics = Topics("fededge", task)
+    watcher = MqttClient(acl_broker.settings(), f"w-{task}", persistent=False)
+    watcher.connect()
+    watcher.subscribe(f"{topics.base}/rounds/+/unmask_request")
+    daemons: dict[str, Daemon] = {}
+    try:
+        for i in range(20):
+            name = f"p{i:02d}"
+            env = {"FEDEDGE_DEVICE__SEED": str(1000 + i), "FEDEDGE_LOG_LEVEL": "info"}
+            if name in users:
+                env["FEDEDGE_BROKER__USERNAME"] = users[name]
+            daemons[name] = Daemon(acl_broker.url, task, tmp_path / name, name, **env).start()
+        with running_aggregator(s) as agg:
+            for d in daemons.values():
+                d.wait(lambda st: st["version"] == 0, 90, "version 0")
+            for i, d in enumerate(daemons.values()):
+                x, y = parts[i][0][:32], parts[i][1][:32]
+                d.post("/examples", {"x": x.tolist(), "y": y.tolist()})
+            watcher.messages.get(timeout=60)  # the unmask request: masked inputs are in
+            for name, user in users.items():
+                if user == "no-unmask":
+                    daemons[name].kill()
+            wait_until(lambda: agg.version == 1, 60, "version 1")
+            assert agg.model is not None and agg.model.updates == 18
+            assert agg.rounds.rounds_done == 1
+            alive = [d for n, d in daemons.items() if users.get(n) != "no-unmask"]
+            for d in alive:
+                d.wait(lambda st: st["version"] == 1 and st["updates_sent"] == 1, 30, "v1")
+        # The survivors' deltas, recomputed with the devices' own code path and seeds.
+        runtime = ModelRuntime.from_bundle(mlp_bundle())
+        inputs = []
+        for i, name in enumerate(daemons):
+            if users.get(name) == "no-masked":
+                continue
+            x, y = parts[i][0][:32], parts[i][1][:32]
+            lu = local_update(
+                runtime, base.weights, x, y, epochs=plan.epochs, batch_size=plan.batch_size,
+                learning_rate=plan.learning_rate, clip_norm=plan.clip_norm,
+                noise_stddev=plan.noise_stddev, rng=np.random.default_rng(1000 + i),
+            )  # fmt: skip
+            inputs.append(ReadyInput(0, lu.delta, lu.num_examples, ()))
+        want, _ = expected_version(base, inputs, plan)
+        bound = error_bound(20, plan, sum(r.num_examples for r in inputs))
+        assert_close(agg.model, want, bound)
+    finally:
+        watcher.close()
+        for d in daemons.values():
+            d.cleanup()
