@@ -39,7 +39,9 @@ INNER_IFNAME = "eth0"
 
 
 def _ip() -> str | None:
-    return shutil.which("ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    return shutil.which(
+        "ip", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+    )
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -21,7 +21,6 @@ import pytest
 from aggtools import make_settings, running_aggregator
 from devtools import DIGITS_PLAN, broker_overrides, digits_split, new_task, publish_task, wait_until
 
-from fededge.aggregator.service import Aggregator
 from fededge.device.client import Client
 from fededge.device.secagg_client import ReadyInput
 from fededge.mqtt import MqttClient
@@ -107,20 +106,23 @@ def fleet(url: str, state: Path, task: str, users: dict[str, str], n: int) -> It
 
 def expected_version(
     base: ModelVersion, inputs: list[ReadyInput], plan: Plan
-) -> tuple[dict[str, np.ndarray], float]:
-    """base + lr * weighted mean of the inputs, and the documented per-coordinate error bound."""
+) -> dict[str, np.ndarray]:
+    """base + server_lr * the plaintext weighted mean of the inputs (float64)."""
     sa = plan.secure_aggregation
     assert sa is not None
     weights = [min(r.num_examples, sa.max_weight) for r in inputs]
     total = sum(weights)
     out = {}
     for name, w0 in base.weights.items():
-        mean = sum(w * r.delta[name].astype(np.float64) for w, r in zip(weights, inputs, strict=True))
+        mean = sum(
+            w * r.delta[name].astype(np.float64) for w, r in zip(weights, inputs, strict=True)
+        )
         out[name] = w0.astype(np.float64) + plan.server_learning_rate * mean / total
-    return out, 0.0
+    return out
 
 
 def error_bound(n: int, plan: Plan, total_weight: float) -> float:
+    """The documented fixed-point error of the new weights (quantize.mean_error_bound)."""
     sa = plan.secure_aggregation
     assert sa is not None
     scale = max_scale(n, plan.clip_norm, sa.bits)
@@ -148,7 +150,7 @@ def assert_close(got: ModelVersion, want: dict[str, np.ndarray], bound: float) -
 def test_round_with_dropouts_publishes_the_survivors_mean(acl_broker: Any, tmp_path: Path) -> None:
     """20 devices; 2 cannot send their masked input, 3 cannot answer the unmask request."""
     task = new_task()
-    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11)
+    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11, stage_timeout=5.0)
     s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
     users = {"d03": "no-masked", "d11": "no-masked", "d05": "no-unmask", "d07": "no-unmask",
@@ -163,7 +165,7 @@ def test_round_with_dropouts_publishes_the_survivors_mean(acl_broker: Any, tmp_p
         assert agg.model.updates == len(survivors) == 18
         assert agg.rounds.rounds_done == 1 and agg.rounds.rounds_aborted == 0
         inputs = [f.offered[d][-1] for d in survivors]
-        want, _ = expected_version(base, inputs, plan)
+        want = expected_version(base, inputs, plan)
         total = sum(r.num_examples for r in inputs)
         bound = error_bound(20, plan, total)
         assert bound < 1e-4
@@ -201,7 +203,8 @@ def test_below_threshold_aborts_publishes_nothing_and_keeps_unrevealed_updates(
             assert honest.masked_sent == 0 and honest.rounds_aborted >= 1 and honest.busy()
             assert len(f.offered["d00"]) == 1
             assert f.clients["d00"].examples.fresh_count() == 32
-        statuses, models = [], []
+        statuses: list[bytes] = []
+        models: list[bytes] = []
         with contextlib.suppress(queue.Empty):
             while True:
                 msg = watcher.messages.get(timeout=0.5)
@@ -240,14 +243,14 @@ def test_demo_with_secure_aggregation_on_mosquitto(broker: Any, tmp_path: Path) 
 def test_twenty_device_processes_with_dropouts_and_a_kill(acl_broker: Any, tmp_path: Path) -> None:
     """`fededge device` processes: 2 cannot send masked inputs, 3 cannot unmask and are then
     killed; the version equals the plaintext weighted mean of the 18 survivors' deltas."""
+    from devtools import mlp_bundle
     from test_device_daemon import Daemon
 
     from fededge.device.runtime import ModelRuntime
     from fededge.device.training import local_update
-    from devtools import mlp_bundle
 
     task = new_task()
-    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11, stage_timeout=4.0)
+    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11, stage_timeout=6.0)
     s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
     users = {"p02": "no-masked", "p13": "no-masked", "p04": "no-unmask", "p09": "no-unmask",
@@ -294,10 +297,171 @@ def test_twenty_device_processes_with_dropouts_and_a_kill(acl_broker: Any, tmp_p
                 noise_stddev=plan.noise_stddev, rng=np.random.default_rng(1000 + i),
             )  # fmt: skip
             inputs.append(ReadyInput(0, lu.delta, lu.num_examples, ()))
-        want, _ = expected_version(base, inputs, plan)
+        want = expected_version(base, inputs, plan)
         bound = error_bound(20, plan, sum(r.num_examples for r in inputs))
         assert_close(agg.model, want, bound)
     finally:
         watcher.close()
         for d in daemons.values():
             d.cleanup()
+
+
+class Rogue:
+    """A cohort member speaking the protocol through a real DeviceRound, with one misbehaviour."""
+
+    def __init__(self, url: str, task: str, name: str, mode: str, delta: np.ndarray) -> None:
+        from fededge.settings import BrokerSettings
+
+        self.name, self.mode, self.delta = name, mode, delta
+        self.topics = Topics("fededge", task)
+        self.base = f"{self.topics.base}/rounds"
+        self.mqtt = MqttClient(BrokerSettings(url=url), f"rogue-{task}-{name}", persistent=False)
+        self.mqtt.connect()
+        for t in ("+/config", f"+/to/{name}", "+/unmask_request", "+/status"):
+            self.mqtt.subscribe(f"{self.base}/{t}")
+        self.round: Any = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _publish(self, kind: str, payload: bytes, device: str | None = None) -> None:
+        rid = self.round.config.round_id
+        self.mqtt.publish(f"{self.base}/{rid}/{kind}/{device or self.name}", payload)
+
+    def _send(self, out: list[Any]) -> None:
+        from fededge.secagg.messages import MaskedInput, ShareKeys, encode
+
+        for o in out:
+            m = o.message
+            if isinstance(m, ShareKeys) and self.mode == "bad-ciphertext":
+                first = sorted(m.ciphertexts)[0]
+                cts = dict(m.ciphertexts)
+                cts[first] = cts[first][:-1] + bytes([cts[first][-1] ^ 1])
+                m = ShareKeys(m.round_id, m.device, cts)
+            elif isinstance(m, ShareKeys) and self.mode == "unknown-shares":
+                m = ShareKeys(m.round_id, m.device, {**m.ciphertexts, "ghost": b"\0" * 164})
+            elif isinstance(m, MaskedInput) and self.mode == "wrong-length":
+                m = MaskedInput(m.round_id, m.device, m.vector[:-1].copy())
+            self._publish(m.TYPE, encode(m))
+
+    def _run(self) -> None:
+        from fededge.protocol.messages import CheckIn
+        from fededge.secagg import DeviceRound
+        from fededge.secagg.messages import MaskedInput, RoundConfig, decode_json
+
+        while not self.stop.is_set():
+            if self.round is None:
+                ci = CheckIn(task=self.topics.task, device=self.name, base_version=0,
+                             num_examples=32, time=time.time())  # fmt: skip
+                self.mqtt.publish(f"{self.base}/checkin/{self.name}", ci.to_bytes())
+            try:
+                msg = self.mqtt.messages.get(timeout=0.3)
+            except queue.Empty:
+                continue
+            if not msg.payload:
+                continue
+            parsed = decode_json(msg.payload)
+            if isinstance(parsed, RoundConfig):
+                if self.round is None and self.name in parsed.cohort:
+                    self.round = DeviceRound(self.name, parsed)
+                    if self.mode == "wrong-stage":  # a masked input before any keys
+                        words = np.zeros(parsed.vector_length + 1, dtype=np.uint32)
+                        self._publish("masked", MaskedInput(parsed.round_id, self.name,
+                                                            words).to_bytes())  # fmt: skip
+                    self._send(self.round.set_input(self.delta, 32.0) + self.round.start())
+            elif self.round is not None and parsed.round_id == self.round.config.round_id:
+                with contextlib.suppress(Exception):  # refused messages change nothing
+                    self._send(self.round.handle(parsed))
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(5)
+        self.mqtt.close()
+
+
+def test_protocol_violations_are_rejected_and_honest_devices_finish(
+    broker: Any, tmp_path: Path
+) -> None:
+    """Misbehaving cohort members and an outside attacker; the round still publishes."""
+    from fededge.protocol.messages import CheckIn
+    from fededge.secagg import crypto
+    from fededge.secagg.messages import AdvertiseKeys
+
+    task = new_task()
+    plan = sa_plan(cohort_size=10, min_cohort=10, threshold=4, stage_timeout=3.0)
+    s = make_settings(broker.url, tmp_path / "agg", task=task)
+    base = publish_task(s, plan)
+    parts, _, _ = digits_split(6)
+    topics = Topics("fededge", task)
+    rb = f"{topics.base}/rounds"
+    d = sum(w.size for w in base.weights.values())
+    rng = np.random.default_rng(7)
+    deltas = {}
+    for name in ("rogue-a", "rogue-b", "rogue-c", "rogue-d"):
+        v = rng.normal(size=d).astype(np.float32)
+        deltas[name] = (v * (0.5 * plan.clip_norm / np.linalg.norm(v))).astype(np.float32)
+    attacker = MqttClient(broker.settings(), f"attacker-{task}", persistent=False)
+    attacker.connect()
+    attacker.subscribe(f"{rb}/+/advertise/d00")
+    attacker.subscribe(f"{rb}/+/config")
+    rogues: list[Rogue] = []
+    with running_aggregator(s) as agg, fleet(broker.url, tmp_path, task, {}, 6) as f:
+        try:
+            wait_until(lambda: all(c.version == 0 for c in f.clients.values()), 30, "version 0")
+            modes = {"rogue-a": "bad-ciphertext", "rogue-b": "wrong-stage",
+                     "rogue-c": "wrong-length", "rogue-d": "unknown-shares"}  # fmt: skip
+            rogues = [Rogue(broker.url, task, n, m, deltas[n]) for n, m in modes.items()]
+            # A stale check-in and one for the wrong device are refused (or ignored).
+            bad = CheckIn(task=task, device="d05", base_version=0, num_examples=5).to_bytes()
+            attacker.publish(f"{rb}/checkin/d04", bad)
+            feed(f, parts)
+            rid, advert = None, None
+            deadline = time.monotonic() + 30
+            while advert is None and time.monotonic() < deadline:
+                msg = attacker.messages.get(timeout=30)
+                if msg.topic.endswith("/config") and msg.payload:
+                    rid = msg.topic.split("/")[-2]
+                elif msg.topic.endswith("/advertise/d00"):
+                    advert = msg.payload
+            assert rid is not None and advert is not None
+            ghost = crypto.generate_keypair(crypto.system_random).public
+            injected = [
+                (f"{rb}/{rid}/advertise/ghost",  # not in the cohort
+                 AdvertiseKeys(rid, "ghost", ghost, crypto.generate_keypair(
+                     crypto.system_random).public).to_json()),
+                (f"{rb}/old-round/advertise/d00", advert),  # another round
+                (f"{rb}/{rid}/advertise/d01", advert),  # d00's message under d01's name
+                (f"{rb}/{rid}/share/d02", b"\x00garbage"),  # undecodable, on an honest topic
+                (f"{rb}/{rid}/masked/d03", b"{}"),  # not safetensors
+                (f"{rb}/{rid}/advertise/d00", advert),  # an identical replay: harmless
+            ]  # fmt: skip
+            for topic, payload in injected:
+                attacker.publish(topic, payload, wait=True, timeout=5)
+            wait_until(lambda: agg.version == 1, 40, "version 1 despite the violations")
+            attacker.publish(f"{rb}/{rid}/advertise/d00", advert, wait=True, timeout=5)  # late
+            wait_until(lambda: agg.rounds.rejected >= 9, 10, "late replay rejected")
+        finally:
+            for r in rogues:
+                r.close()
+            attacker.close()
+        dropped = agg.rounds.last_dropped
+        assert set(dropped) == {"rogue-b", "rogue-c", "rogue-d"}, dropped
+        assert "stage" in dropped["rogue-b"]
+        assert "masked vector" in dropped["rogue-c"]
+        assert "wrong devices" in dropped["rogue-d"]
+        assert agg.model is not None and agg.model.updates == 7  # 6 honest + rogue-a
+        honest = [f.offered[n][-1] for n in f.clients]
+        inputs = [*honest, ReadyInput(0, split_like(base, deltas["rogue-a"]), 32, ())]
+        want = expected_version(base, inputs, plan)
+        assert_close(agg.model, want, error_bound(10, plan, 32 * 7))
+        assert all(c._secagg.masked_sent == 1 for c in f.clients.values())
+
+
+def split_like(base: ModelVersion, flat: np.ndarray) -> dict[str, np.ndarray]:
+    """A flat vector cut into the model's tensors by sorted name (how rounds flatten)."""
+    out, offset = {}, 0
+    for name in sorted(base.weights):
+        w = base.weights[name]
+        out[name] = flat[offset : offset + w.size].reshape(w.shape)
+        offset += w.size
+    return out

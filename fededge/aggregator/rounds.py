@@ -96,11 +96,15 @@ class RoundDriver:
     def checked_in(self) -> int:
         return len(self._checkins)
 
-    def subscriptions(self) -> list[str]:
-        """Topic filters the aggregator needs (stage topics only: not its own relays)."""
-        stages = [f"{self._base}/+/{s}/+" for s in STAGE_TYPES]
-        return [f"{self._base}/{CHECKIN}/+", *stages, f"{self._base}/+/config",
-                f"{self._base}/+/status"]  # fmt: skip
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """(filter, QoS) the aggregator needs: stage topics, not its own relays.
+
+        Check-ins at QoS 0: devices repeat them, so a session queue full of stale ones while
+        the aggregator is down would only delay it.
+        """
+        stages = [(f"{self._base}/+/{s}/+", 1) for s in STAGE_TYPES]
+        return [(f"{self._base}/{CHECKIN}/+", 0), *stages, (f"{self._base}/+/config", 1),
+                (f"{self._base}/+/status", 1)]  # fmt: skip
 
     # -- input ---------------------------------------------------------------------------------
     def on_message(self, msg: Message) -> None:

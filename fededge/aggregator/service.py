@@ -143,8 +143,8 @@ class Aggregator:
         # Retained copies on the broker are ours: restore any the broker lost.
         self._publish_current(startup=True)
         self.client.subscribe(self.topics.updates_filter, qos=1)
-        for topic in self.rounds.subscriptions():
-            self.client.subscribe(topic, qos=1)
+        for topic, qos in self.rounds.subscriptions():
+            self.client.subscribe(topic, qos=qos)
         log.info(
             "aggregator ready: task=%s version=%s pending=%d/%d",
             self.settings.task,

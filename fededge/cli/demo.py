@@ -57,7 +57,11 @@ def register(cli: click.Group) -> None:
     help="Where the plot goes.",
 )
 @click.option("--json", "json_path", type=click.Path(path_type=Path), help="Write a JSON summary.")
-@click.option("--secure-aggregation", is_flag=True, help="Use SecAgg+ rounds.")
+@click.option(
+    "--secure-aggregation",
+    is_flag=True,
+    help="Synchronous SecAgg+ rounds over all devices: the aggregator only sees sums.",
+)
 @click.option(
     "--log-level",
     default="warning",

@@ -388,8 +388,12 @@ class Client:
         mqtt.connect()
         try:
             for topic in (self.topics.graph, self.topics.plan, self.topics.model,
-                          self.topics.receipt(self.device_id), *self._secagg.subscriptions()):  # fmt: skip
+                          self.topics.receipt(self.device_id)):  # fmt: skip
                 mqtt.subscribe(topic, qos=1)
+            # QoS 0: round messages only matter while connected, and queueing them for an
+            # offline device would crowd its session queue (and Mosquitto drops past the cap).
+            for topic in self._secagg.subscriptions():
+                mqtt.subscribe(topic, qos=0)
         except FededgeError:
             mqtt.close()
             raise

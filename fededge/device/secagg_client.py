@@ -126,11 +126,10 @@ class Participant:
                 ready = None
                 log.info("dropped a secure-aggregation update on an outdated version")
                 self._on_spent()
-            due = ready is not None and plan is not None
-            due = due and now - self._last_checkin >= plan.checkin_interval  # type: ignore[union-attr]
-            if due:
-                self._last_checkin = now
-        if due and ready is not None and mqtt.connected:
+            if ready is None or plan is None or now - self._last_checkin < plan.checkin_interval:
+                return
+            self._last_checkin = now
+        if mqtt.connected:
             ci = CheckIn(task=self.topics.task, device=self.device_id,
                          base_version=ready.base_version, num_examples=ready.num_examples,
                          time=time.time())  # fmt: skip
