@@ -127,3 +127,13 @@ def test_finalize_matches_numpy(tmp_path) -> None:
     mean = _reference(ups) / sum(u.num_examples for u in ups)
     np.testing.assert_array_equal(new["a"], (0.7 * mean[:D]).astype(np.float32))
     np.testing.assert_array_equal(new["b"].ravel(), (1.0 + 0.7 * mean[D:]).astype(np.float32))
+
+
+def test_staged_update_is_not_a_duplicate_until_committed(tmp_path) -> None:
+    rng = np.random.default_rng(4)
+    p = _pending(Store(tmp_path))
+    u, raw = _update(0, rng)
+    p.stage(u, raw, 1.0, 1.0)
+    assert p.is_staged("u0") and not p.has("u0")
+    p.commit()
+    assert p.has("u0") and not p.is_staged("u0")

@@ -131,7 +131,12 @@ class PendingVersion:
 
     # -- ingest -----------------------------------------------------------------------------
     def has(self, update_id: str) -> bool:
-        return update_id in self._ids or any(u.update_id == update_id for u, _, _ in self._staged)
+        """Whether this update is folded into durable state (only then is it a duplicate)."""
+        return update_id in self._ids
+
+    def is_staged(self, update_id: str) -> bool:
+        """Whether this update waits in the current group commit (not durable yet)."""
+        return any(u.update_id == update_id for u, _, _ in self._staged)
 
     def stage(self, update: Update, raw: bytes, weight: float, norm: float) -> None:
         """Hold an accepted update for the next group commit (not yet durable, not folded)."""

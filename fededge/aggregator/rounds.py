@@ -65,7 +65,8 @@ class RoundDriver:
         self.topics = agg.topics
         self._base = f"{self.topics.base}/rounds"
         self._rng = rng or random.SystemRandom()
-        self._checkins: dict[str, tuple[CheckIn, float]] = {}  # device -> (check-in, seen at)
+        # device -> (check-in, first seen, last seen); the window runs from the first sighting
+        self._checkins: dict[str, tuple[CheckIn, float, float]] = {}
         self.server: ServerRound | None = None
         self._round_version: int | None = None
         self._examples: dict[str, int] = {}
@@ -135,7 +136,10 @@ class RoundDriver:
             return
         if self.server is not None and device in self.server.config.cohort:
             return  # busy in the current round
-        self._checkins[device] = (ci, time.monotonic())
+        now = time.monotonic()
+        old = self._checkins.get(device)
+        first = old[1] if old is not None and old[0].base_version == ci.base_version else now
+        self._checkins[device] = (ci, first, now)
 
     def _reject(self, what: str, why: str) -> None:
         self.rejected += 1
@@ -180,12 +184,12 @@ class RoundDriver:
         sa, model = self.plan, self.agg.model
         assert sa is not None and model is not None
         expiry = 3 * sa.checkin_interval
-        for device, (ci, seen) in list(self._checkins.items()):
+        for device, (ci, _, seen) in list(self._checkins.items()):
             if ci.base_version != model.version or now - seen > expiry:
                 del self._checkins[device]
         if not self._checkins:
             return
-        first = min(seen for _, seen in self._checkins.values())
+        first = min(first for _, first, _ in self._checkins.values())
         ready = sorted(self._checkins)
         if len(ready) >= sa.cohort_size or (
             len(ready) >= sa.min_cohort and now - first >= sa.checkin_window

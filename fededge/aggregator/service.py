@@ -62,6 +62,7 @@ class Aggregator:
         self._recent: OrderedDict[str, int] = OrderedDict()  # update id -> version it went into
         self._callbacks: list[NewVersionCallback] = []
         self._deferred: list[Message] = []
+        self._after_commit: list[tuple[Message, str, str]] = []  # copies of staged updates
         self._published: deque[str] = deque(maxlen=8)  # sha256 of model payloads we published
         self._last_status = 0.0
         self._version_started = time.time()
@@ -239,6 +240,10 @@ class Aggregator:
                 self.client.ack(msg)
         if staged:
             self._commit(staged)
+        for msg, device, uid in self._after_commit:
+            self.metrics.duplicates.inc()
+            self._answer(msg, device, uid, "duplicate")
+        self._after_commit.clear()
         self.rounds.tick()
         self._maybe_status()
         return len(batch)
@@ -263,6 +268,11 @@ class Aggregator:
                     "secure_aggregation",
                 )
             uid = update.update_id
+            if self.pending.is_staged(uid):
+                # A second copy in the same batch: answer only once the first is durable, or
+                # a crash before the commit would leave the device holding a false receipt.
+                self._after_commit.append((msg, device, uid))
+                return False
             if uid in self._recent or self.pending.has(uid):
                 self.metrics.duplicates.inc()
                 log.info("duplicate update device=%s update_id=%s: answered again", device, uid)
