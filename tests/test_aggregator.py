@@ -193,3 +193,25 @@ def test_invalid_retained_plan_is_replaced_by_the_last_valid_one(broker, tmp_pat
 
         wait_for(restored)
         assert agg.plan == plan
+
+
+def test_update_ids_count_per_device_and_metrics_are_bounded(broker, tmp_path) -> None:
+    s = make_settings(broker.url, tmp_path)
+    base = init_task(s, _weights(), Plan(min_updates_per_version=3, clip_norm=100.0))
+    one = {k: np.ones_like(v) for k, v in base.weights.items()}
+    with running_aggregator(s) as agg:
+        victim, squatter = Sender(s, "victim"), Sender(s, "squatter")
+        # Another device reusing an id must not make the victim's update a "duplicate".
+        assert squatter.receipt(squatter.update(one, uid="shared-id")).status == "accepted"
+        assert victim.receipt(victim.update(one, uid="shared-id")).status == "accepted"
+        # Finite but absurd metadata would overflow the weighted metric sums.
+        r = victim.receipt(victim.update(one, train_loss=1e308))
+        assert (r.status, r.reason) == ("rejected", "bad_metrics")
+        r = victim.receipt(victim.update(one, eval_loss=0.5, eval_accuracy=1.5))
+        assert (r.status, r.reason) == ("rejected", "bad_metrics")
+        assert agg.pending is not None and agg.pending.sums.count == 2
+        victim.update(one)
+        v1 = victim.model(1)
+        victim.close()
+        squatter.close()
+    assert v1.updates == 3

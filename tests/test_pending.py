@@ -68,12 +68,13 @@ def test_recover_is_bit_identical(tmp_path, groups, every) -> None:
         done += p.commit()
     p.close()
     np.testing.assert_allclose(p.acc, _reference(done), rtol=1e-12)
+    p.store.close()
     q = _pending(Store(tmp_path), every)
     q.recover()
     np.testing.assert_array_equal(q.acc, p.acc)
     assert q.sums.count == len(done) and q.sums.ids == p.sums.ids
     assert q.sums.total_weight == p.sums.total_weight
-    assert all(q.has(u.update_id) for u in done)
+    assert all(q.has(f"d/{u.update_id}") for u in done)
 
 
 def test_staged_but_uncommitted_is_not_recovered(tmp_path) -> None:
@@ -84,6 +85,7 @@ def test_staged_but_uncommitted_is_not_recovered(tmp_path) -> None:
     p.commit()
     v, raw2 = _update(1, rng)
     p.stage(v, raw2, 1.0, 1.0)  # the process dies here: never acknowledged
+    p.store.close()
     q = _pending(Store(tmp_path))
     q.recover()
     assert q.sums.ids == ["u0"]
@@ -101,6 +103,7 @@ def test_torn_tail_is_cut_and_earlier_records_survive(tmp_path) -> None:
     ((_, seg),) = store.segments(3)
     with seg.open("ab") as f:
         f.write(b"FEW1\x10\x00\x00\x00garbage")  # a record torn by a crash mid-write
+    store.close()
     q = _pending(Store(tmp_path))
     assert q.recover() == 2
     assert q.sums.ids == ["u0", "u1"]
@@ -110,6 +113,8 @@ def test_torn_tail_is_cut_and_earlier_records_survive(tmp_path) -> None:
 def test_checkpoint_of_another_size_is_refused(tmp_path) -> None:
     store = Store(tmp_path)
     store.write_checkpoint(3, 0, np.zeros(5), {"count": 0})
+    store.close()
+    store = Store(tmp_path)
     with pytest.raises(StateError, match="parameters"):
         _pending(store).recover()
 
@@ -134,6 +139,46 @@ def test_staged_update_is_not_a_duplicate_until_committed(tmp_path) -> None:
     p = _pending(Store(tmp_path))
     u, raw = _update(0, rng)
     p.stage(u, raw, 1.0, 1.0)
-    assert p.is_staged("u0") and not p.has("u0")
+    assert p.is_staged("d/u0") and not p.has("d/u0")
     p.commit()
-    assert p.has("u0") and not p.is_staged("u0")
+    assert p.has("d/u0") and not p.is_staged("d/u0")
+
+
+def test_segments_covered_by_a_checkpoint_are_not_replayed(tmp_path) -> None:
+    """kill -9 between the checkpoint's rename and the unlink of the segments it covers."""
+    rng = np.random.default_rng(5)
+    store = Store(tmp_path)
+    p = _pending(store)
+    for i in range(3):
+        u, raw = _update(i, rng)
+        p.stage(u, raw, 1.0, 1.0)
+        p.commit()
+    ((_, seg),) = store.segments(3)
+    saved = seg.read_bytes()
+    p.checkpoint()
+    seg.write_bytes(saved)  # as if the unlink never happened
+    store.close()
+    q = _pending(Store(tmp_path))
+    q.recover()
+    assert q.sums.count == 3
+    np.testing.assert_array_equal(q.acc, p.acc)
+    assert not seg.exists()
+
+
+def test_checkpoint_with_many_ids_reloads(tmp_path) -> None:
+    store = Store(tmp_path)
+    ids = [f"{i:064d}" for i in range(20_000)]  # a header well above the 1 MiB network limit
+    store.write_checkpoint(3, 0, np.zeros(D + 10), {"count": len(ids), "ids": ids})
+    seg, acc, state = store.load_checkpoint(3)
+    assert state["ids"] == ids and acc.shape == (D + 10,)
+
+
+def test_second_instance_is_refused_before_touching_files(tmp_path) -> None:
+    store = Store(tmp_path)
+    tmp = store.pending_dir / "checkpoint.safetensors.tmp"
+    tmp.write_bytes(b"in flight")
+    with pytest.raises(StateError, match="in use by another aggregator"):
+        Store(tmp_path)
+    assert tmp.exists()
+    store.close()
+    Store(tmp_path).close()

@@ -33,6 +33,9 @@ class AggregatorMetrics:
         self.bad_control = Counter(
             "fededge_control_messages_rejected", "Bad model/plan/graph messages", registry=r
         )
+        self.internal_errors = Counter(
+            "fededge_internal_errors", "Messages dropped by an internal error (a bug)", registry=r
+        )
         self.version = Gauge("fededge_model_version", "Current model version", registry=r)
         self.pending = Gauge(
             "fededge_pending_updates", "Updates in the pending version", registry=r

@@ -32,6 +32,11 @@ from fededge.protocol import ModelVersion, Update
 log = logging.getLogger(__name__)
 
 
+def dedup_key(device: str, update_id: str) -> str:
+    """The key under which an update is remembered (names cannot contain '/')."""
+    return f"{device}/{update_id}"
+
+
 @dataclass
 class _Sums:
     """Everything about the pending version apart from the accumulator itself."""
@@ -46,6 +51,7 @@ class _Sums:
     eval_wsum: float = 0.0
     norm_sum: float = 0.0
     ids: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=list)  # the sender of each id, same order
     started: float = field(default_factory=time.time)
 
     def add(self, update: Update, weight: float, norm: float) -> None:
@@ -61,6 +67,11 @@ class _Sums:
             self.eval_acc_w += weight * update.eval_accuracy
             self.eval_wsum += weight
         self.ids.append(update.update_id)
+        self.devices.append(update.device)
+
+    def keys(self) -> list[str]:
+        """Deduplication keys: an update id counts per device, so no device can squat another's."""
+        return [dedup_key(d, u) for d, u in zip(self.devices, self.ids, strict=True)]
 
 
 class PendingVersion:
@@ -97,18 +108,25 @@ class PendingVersion:
         version = self.base.version
         self.store.discard_pending(keep_base=version)
         ck = self.store.load_checkpoint(version)
+        covered = -1  # segments up to this one are inside the checkpoint
         if ck is not None:
             seg, acc, state = ck
+            covered = seg
             if acc.shape != self.acc.shape:
                 raise StateError(
                     f"checkpoint holds {acc.size} parameters, the model has {self.acc.size}"
                 )
             self.acc = acc
             self.sums = _Sums(**state)
-            self._ids = set(self.sums.ids)
+            self._ids = set(self.sums.keys())
             self._segment = seg + 1
         replayed = 0
         for seg, path in self.store.segments(version):
+            if seg <= covered:
+                # A crash between writing the checkpoint and unlinking the segments it covers
+                # leaves them behind: replaying them would count their updates twice.
+                path.unlink()
+                continue
             group: list[tuple[Update, float, float]] = []
             group_id = None
             for rec in read_segment(path, repair=True):
@@ -130,13 +148,13 @@ class PendingVersion:
         return replayed
 
     # -- ingest -----------------------------------------------------------------------------
-    def has(self, update_id: str) -> bool:
-        """Whether this update is folded into durable state (only then is it a duplicate)."""
-        return update_id in self._ids
+    def has(self, key: str) -> bool:
+        """Whether the update with this dedup key is folded into durable state."""
+        return key in self._ids
 
-    def is_staged(self, update_id: str) -> bool:
-        """Whether this update waits in the current group commit (not durable yet)."""
-        return any(u.update_id == update_id for u, _, _ in self._staged)
+    def is_staged(self, key: str) -> bool:
+        """Whether the update with this dedup key waits in the current group commit."""
+        return any(dedup_key(u.device, u.update_id) == key for u, _, _ in self._staged)
 
     def stage(self, update: Update, raw: bytes, weight: float, norm: float) -> None:
         """Hold an accepted update for the next group commit (not yet durable, not folded)."""
@@ -198,7 +216,7 @@ class PendingVersion:
                 kernels.accumulate_group(self.acc[sl], updates, weights)
         for update, weight, norm in group:
             self.sums.add(update, weight, norm)
-            self._ids.add(update.update_id)
+            self._ids.add(dedup_key(update.device, update.update_id))
 
     # -- completion -------------------------------------------------------------------------
     def finalize(self, server_lr: float) -> dict[str, NDArray[np.float32]]:

@@ -80,6 +80,11 @@ def check_update(
             f"base version {update.base_version} is {staleness} behind {current_version}; "
             f"max_staleness is {plan.max_staleness}",
         )
+    for key, hi in (("train_loss", 1e6), ("eval_loss", 1e6), ("eval_accuracy", 1.0)):
+        value = getattr(update, key)
+        # Bounded, not just finite: the aggregator sums weighted values, and 1e308 overflows.
+        if value is not None and not 0.0 <= value <= hi:
+            raise ValidationError("bad_metrics", f"{key}={value!r} is outside [0, {hi:g}]")
     names = set(update.delta)
     if names != set(layout.names):
         missing = sorted(set(layout.names) - names)[:5]

@@ -22,7 +22,16 @@ import numpy as np
 from fededge.errors import ProtocolError, SecAggError
 from fededge.mqtt import Message
 from fededge.protocol.messages import CheckIn, SecureAggregation, decode_json
-from fededge.secagg import TO_ALL, TO_SERVER, Outgoing, RoundConfig, ServerRound, Stage, encode
+from fededge.secagg import (
+    TO_ALL,
+    TO_SERVER,
+    Outgoing,
+    RoundConfig,
+    ServerRound,
+    Stage,
+    encode,
+    warmup,
+)
 from fededge.secagg import decode_payload as decode_round_payload
 from fededge.secagg.messages import (
     AdvertiseKeys,
@@ -76,6 +85,7 @@ class RoundDriver:
         self.rejected = 0
         self.last_abort_reason: str | None = None
         self.last_dropped: dict[str, str] = {}  # device -> why, in the last finished round
+        self._warm = False
 
     # -- status --------------------------------------------------------------------------------
     @property
@@ -178,6 +188,9 @@ class RoundDriver:
             self._send(self.server.advance(now))
             self._after(now)
         elif self.plan is not None and self.agg.model is not None:
+            if not self._warm:  # compile the kernels now, not inside the first round's stages
+                warmup()
+                self._warm = True
             self._maybe_start(now)
 
     def _maybe_start(self, now: float) -> None:

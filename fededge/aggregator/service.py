@@ -2,22 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import queue
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 from fededge import kernels
 from fededge.aggregator.metrics import AggregatorMetrics
-from fededge.aggregator.pending import PendingVersion
+from fededge.aggregator.pending import PendingVersion, dedup_key
 from fededge.aggregator.policy import check_update
 from fededge.aggregator.rounds import RoundDriver
 from fededge.aggregator.store import Store
-from fededge.errors import ConfigError, FededgeError, ProtocolError, StateError, TransportError
+from fededge.errors import (
+    ConfigError,
+    FededgeError,
+    ProtocolError,
+    StateError,
+    TransportError,
+    ValidationError,
+)
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import (
     AggregatorStatus,
@@ -59,7 +67,9 @@ class Aggregator:
         self.model: ModelVersion | None = None
         self._model_sha = ""
         self.pending: PendingVersion | None = None
-        self._recent: OrderedDict[str, int] = OrderedDict()  # update id -> version it went into
+        # dedup key (device/update id) -> version it went into
+        self._recent: OrderedDict[str, int] = OrderedDict()
+        self._oldest_kept = 0  # updates based on older versions cannot be deduplicated
         self._callbacks: list[NewVersionCallback] = []
         self._deferred: list[Message] = []
         self._after_commit: list[tuple[Message, str, str]] = []  # copies of staged updates
@@ -72,7 +82,6 @@ class Aggregator:
         self._client_id = (
             client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}"
         )
-        self._lock = self.store.lock()  # one aggregator per task and state directory
         # Built after the state is loaded (in start) so the Last Will names the real version.
         self.client = self._make_client()
 
@@ -135,7 +144,9 @@ class Aggregator:
         quiet_until = time.monotonic() + 0.3
         while self.model is None or time.monotonic() < quiet_until:
             tick()
-            if deadline is not None and time.monotonic() > deadline:
+            if should_stop():
+                raise StateError("stopped before the aggregator was ready")
+            if self.model is None and deadline is not None and time.monotonic() > deadline:
                 raise StateError(
                     f"no model for task {self.settings.task!r}: run `fededge model init`"
                 )
@@ -196,7 +207,7 @@ class Aggregator:
         if self.pending is not None:
             self.pending.close()
         self.client.close()
-        self._lock.close()
+        self.store.close()
 
     # -- main loop --------------------------------------------------------------------------
     def step(self, timeout: float) -> int:
@@ -221,32 +232,43 @@ class Aggregator:
             except queue.Empty:
                 break
         staged: list[Message] = []
+        controls: list[Message] = []
         for msg in batch:
-            try:
-                if self.topics.device_of(msg.topic, "updates") is not None:
-                    if self._ingest(msg):
-                        staged.append(msg)
-                else:
-                    self._control(msg)
-                    self.client.ack(msg)
-            except (StateError, OSError):
-                raise  # the disk failed: stop rather than acknowledge what is not durable
-            except Exception:
-                # A bug in validation must not take the service down or wedge the message:
-                # count it, log it with the traceback, acknowledge and go on.
-                self.rejected_total += 1
-                self.metrics.rejected.labels("internal_error").inc()
-                log.exception("internal error on a message on %s; dropped", msg.topic)
-                self.client.ack(msg)
+            if self.topics.device_of(msg.topic, "updates") is None:
+                # After the commit: a new plan may complete the version, which must not happen
+                # while this batch's updates are staged against it.
+                controls.append(msg)
+                continue
+            with self._guard(msg):
+                if self._ingest(msg):
+                    staged.append(msg)
         if staged:
             self._commit(staged)
         for msg, device, uid in self._after_commit:
             self.metrics.duplicates.inc()
             self._answer(msg, device, uid, "duplicate")
         self._after_commit.clear()
+        for msg in controls:
+            with self._guard(msg):
+                self._control(msg)
+                self.client.ack(msg)
         self.rounds.tick()
         self._maybe_status()
         return len(batch)
+
+    @contextlib.contextmanager
+    def _guard(self, msg: Message) -> Iterator[None]:
+        """Run the handling of one message so that a bug in it cannot stop the service."""
+        try:
+            yield
+        except (StateError, OSError):
+            raise  # the disk failed: stop rather than acknowledge what is not durable
+        except Exception:
+            # A bug in validation must not take the service down or wedge the message:
+            # count it, log it with the traceback, acknowledge and go on.
+            self.metrics.internal_errors.inc()
+            log.exception("internal error on a message on %s; dropped", msg.topic)
+            self.client.ack(msg)
 
     def _ingest(self, msg: Message) -> bool:
         """Validate one update; stage it (True) or answer it now (False)."""
@@ -268,16 +290,23 @@ class Aggregator:
                     "secure_aggregation",
                 )
             uid = update.update_id
-            if self.pending.is_staged(uid):
+            key = dedup_key(device, uid)
+            if self.pending.is_staged(key):
                 # A second copy in the same batch: answer only once the first is durable, or
                 # a crash before the commit would leave the device holding a false receipt.
                 self._after_commit.append((msg, device, uid))
                 return False
-            if uid in self._recent or self.pending.has(uid):
+            if key in self._recent or self.pending.has(key):
                 self.metrics.duplicates.inc()
                 log.info("duplicate update device=%s update_id=%s: answered again", device, uid)
                 self._answer(msg, device, uid, "duplicate")
                 return False
+            if update.base_version < self._oldest_kept:
+                raise ValidationError(
+                    "stale",
+                    f"base version {update.base_version} is older than the oldest version kept "
+                    f"({self._oldest_kept}), whose update ids are the deduplication memory",
+                )
             weight, norm = check_update(
                 update,
                 task=self.settings.task,
@@ -355,13 +384,16 @@ class Aggregator:
         t0 = time.perf_counter()
         weights = self.pending.finalize(self.plan.server_learning_rate)
         self.metrics.kernel_seconds.inc(time.perf_counter() - t0)
-        self.publish_version(weights, self.pending.metrics(), self.pending.sums.ids)
+        self.publish_version(
+            weights, self.pending.metrics(), self.pending.sums.ids, self.pending.sums.keys()
+        )
 
     def publish_version(
         self,
         weights: Weights,
         metrics: dict[str, Any],
         update_ids: list[str],
+        update_keys: list[str] | None = None,
         *,
         round_id: str | None = None,
     ) -> ModelVersion:
@@ -385,13 +417,19 @@ class Aggregator:
             time=now,
         )
         payload = model.to_bytes()
-        seconds = now - self._version_started
-        info: dict[str, Any] = {"metrics": metrics, "seconds": seconds, "update_ids": update_ids}
+        seconds = max(0.0, now - self._version_started)  # the wall clock may step back (NTP)
+        info: dict[str, Any] = {
+            "metrics": metrics,
+            "seconds": seconds,
+            "update_ids": update_ids,
+            "update_keys": update_keys or [],
+        }
         if round_id is not None:
             info["round_id"] = round_id
         self.store.write_version(payload, new_version, info, keep=self.cfg.versions_kept)
-        for uid in update_ids:
-            self._remember(uid, new_version)
+        for key in update_keys or []:
+            self._remember(key, new_version)
+        self._oldest_kept = self.store.version_numbers()[0]
         self.pending.close()
         self._set_model(model, payload)
         self.store.discard_pending(keep_base=new_version)
@@ -404,21 +442,26 @@ class Aggregator:
             metrics["examples"],
             metrics["train_loss"],
         )
-        self._publish_model(payload)
-        vm = VersionMetrics(
-            task=self.settings.task, version=new_version, seconds=seconds, time=now, **metrics
-        )
-        self.client.publish(self.topics.version_metrics(new_version), vm.to_bytes(), retain=True)
-        expired = new_version - self.cfg.versions_kept
-        if expired >= 0:  # keep the broker's retained store bounded
-            self.client.publish(self.topics.version_metrics(expired), b"", retain=True)
-        self._publish_status()
+        # The version is durable from here on: nothing below may take the service down.
+        try:
+            self._publish_model(payload)
+            vm = VersionMetrics(
+                task=self.settings.task, version=new_version, seconds=seconds, time=now, **metrics
+            )
+            self.client.publish(
+                self.topics.version_metrics(new_version), vm.to_bytes(), retain=True
+            )
+            expired = new_version - self.cfg.versions_kept
+            if expired >= 0:  # keep the broker's retained store bounded
+                self.client.publish(self.topics.version_metrics(expired), b"", retain=True)
+            self._publish_status()
+        except Exception:
+            log.exception("version %d is stored but announcing it failed", new_version)
         for cb in self._callbacks:
             try:
                 cb(model, old.version, new_version)
-            except Exception:
+            except Exception:  # logged with its traceback; the service goes on
                 log.exception("on_new_version callback %r failed", cb)
-                raise
         return model
 
     def _set_model(self, model: ModelVersion, payload: bytes) -> None:
@@ -450,8 +493,9 @@ class Aggregator:
         if not versions:
             return
         for v in versions:
-            for uid in self.store.version_info(v).get("update_ids", []):
-                self._remember(uid, v)
+            for key in self.store.version_info(v).get("update_keys", []):
+                self._remember(key, v)
+        self._oldest_kept = versions[0]
         latest = versions[-1]
         self._set_model(self.store.load_version(latest), self.store.read_version_bytes(latest))
         assert self.pending is not None
@@ -471,8 +515,12 @@ class Aggregator:
         except queue.Empty:
             return False
         if self.topics.device_of(msg.topic, "updates") is not None:
-            self._deferred.append(msg)  # a persistent session delivers early; keep for later
-        else:
+            # A persistent session delivers updates before we are ready; keep them for later.
+            # QoS 1 is bounded by the broker's in-flight window; QoS 0 is not, so cap it.
+            if msg.qos > 0 or len(self._deferred) < 4 * self.cfg.group_commit_max:
+                self._deferred.append(msg)
+            return False  # only control messages keep the start-up window open
+        with self._guard(msg):
             self._control(msg)
             self.client.ack(msg)
         return True

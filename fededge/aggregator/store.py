@@ -44,10 +44,15 @@ class Store:
         self.pending_dir = root / "pending"
         for d in (root, self.versions_dir, self.pending_dir):
             d.mkdir(parents=True, exist_ok=True)
+        self._lock = self._take_lock()  # before touching anything another instance may own
         for stale in list(root.rglob("*.tmp")):
             stale.unlink()
 
-    def lock(self) -> IO[bytes]:
+    def close(self) -> None:
+        """Release the state directory's lock."""
+        self._lock.close()
+
+    def _take_lock(self) -> IO[bytes]:
         """Hold an exclusive lock on this task's state; StateError if another process has it."""
         f = (self.root / "lock").open("ab")
         try:
@@ -144,13 +149,17 @@ class Store:
         for s, p in self.segments(base_version):
             if s <= seg:
                 p.unlink()
+        if self.fsync:
+            fsync_dir(self.pending_dir)
 
     def load_checkpoint(
         self, base_version: int
     ) -> tuple[int, NDArray[np.float64], dict[str, Any]] | None:
         path = self.pending_dir / "checkpoint.safetensors"
         try:
-            payload = decode_tensors(path.read_bytes(), max_bytes=_MAX_FILE)
+            # Our own file: its header holds the pending update ids, which may exceed the 1 MiB
+            # header limit meant for network input.
+            payload = decode_tensors(path.read_bytes(), max_bytes=_MAX_FILE, max_header=_MAX_FILE)
             meta = payload.metadata
             if int(meta["base_version"]) != base_version:
                 return None

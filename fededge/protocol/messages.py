@@ -165,11 +165,11 @@ def decode_json(payload: bytes, model: type[M], *, max_bytes: int = MAX_JSON_BYT
         raise ProtocolError(f"JSON message of {len(payload)} bytes exceeds {max_bytes}")
     try:
         obj = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-        raise ProtocolError(f"not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, >4300-digit ints
+        raise ProtocolError(f"not valid JSON: {str(e)[:200]}") from None
     if not isinstance(obj, dict):
         raise ProtocolError("message is not a JSON object")
-    if obj.get("v") != PROTOCOL_VERSION:
+    if type(obj.get("v")) is not int or obj.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
             f"unsupported protocol version {obj.get('v')!r} (this is v1)", "unsupported_version"
         )
@@ -189,7 +189,12 @@ Weights = dict[str, NDArray[np.float32]]
 
 def _meta_int(meta: Mapping[str, str], key: str, lo: int = 0, hi: int = 1 << 53) -> int:
     raw = meta.get(key)
-    if raw is None or not raw.isdigit() or len(raw) > 16 or not lo <= int(raw) < hi:
+    if (
+        raw is None
+        or not (raw.isascii() and raw.isdigit())  # "²" and "١" are digits to str.isdigit
+        or len(raw) > 16
+        or not lo <= int(raw) < hi
+    ):
         raise ProtocolError(f"metadata {key!r} must be an integer in [{lo}, {hi}), got {raw!r}")
     return int(raw)
 
@@ -201,16 +206,21 @@ def _meta_name(meta: Mapping[str, str], key: str) -> str:
     return raw
 
 
-def _meta_float(meta: Mapping[str, str], key: str) -> float | None:
+def _meta_float(
+    meta: Mapping[str, str], key: str, lo: float = -1e6, hi: float = 1e6
+) -> float | None:
     raw = meta.get(key)
     if raw is None:
         return None
     try:
-        value = float(raw)
+        value = float(raw) if len(raw) <= 64 else math.nan
     except ValueError:
-        raise ProtocolError(f"metadata {key!r} must be a number, got {raw!r}") from None
-    if not math.isfinite(value):
-        raise ProtocolError(f"metadata {key!r} must be finite, got {raw!r}")
+        raise ProtocolError(f"metadata {key!r} must be a number, got {raw[:64]!r}") from None
+    # Bounded, not just finite: the aggregator sums weighted losses, and 1e308 would overflow.
+    if not (math.isfinite(value) and lo <= value <= hi):
+        raise ProtocolError(
+            f"metadata {key!r} must be a number in [{lo:g}, {hi:g}], got {raw[:64]!r}"
+        )
     return value
 
 
@@ -290,7 +300,7 @@ class ModelVersion:
             parent=_meta_int(m, "parent") if "parent" in m else None,
             updates=_meta_int(m, "updates") if "updates" in m else 0,
             examples=_meta_int(m, "examples") if "examples" in m else 0,
-            time=_meta_float(m, "time") or 0.0,
+            time=_meta_float(m, "time", 0.0, 1e11) or 0.0,
         )
 
 
@@ -337,9 +347,10 @@ class Update:
             base_version=_meta_int(m, "base_version"),
             num_examples=_meta_int(m, "num_examples", 1, 1 << 40),
             delta=_any_tensors(p.tensors),
-            train_loss=_meta_float(m, "train_loss"),
-            eval_loss=_meta_float(m, "eval_loss"),
-            eval_accuracy=_meta_float(m, "eval_accuracy"),
+            # Range checks of these are the aggregator's (reason "bad_metrics", with a receipt).
+            train_loss=_meta_float(m, "train_loss", -math.inf, math.inf),
+            eval_loss=_meta_float(m, "eval_loss", -math.inf, math.inf),
+            eval_accuracy=_meta_float(m, "eval_accuracy", -math.inf, math.inf),
         )
 
 
@@ -378,8 +389,8 @@ class Graph:
             raise ProtocolError("graph sha256 in metadata does not match the graph bytes")
         try:
             spec = json.loads(m.get("spec", ""))
-        except json.JSONDecodeError as e:
-            raise ProtocolError(f"graph metadata 'spec' is not JSON: {e}") from None
+        except (ValueError, RecursionError) as e:
+            raise ProtocolError(f"graph metadata 'spec' is not JSON: {str(e)[:200]}") from None
         if not isinstance(spec, dict):
             raise ProtocolError("graph metadata 'spec' is not a JSON object")
         return cls(task=_meta_name(m, "task"), tflite=tflite, spec=spec)
