@@ -169,7 +169,7 @@ def test_checkpoint_with_many_ids_reloads(tmp_path) -> None:
     store = Store(tmp_path)
     ids = [f"{i:064d}" for i in range(20_000)]  # a header well above the 1 MiB network limit
     store.write_checkpoint(3, 0, np.zeros(D + 10), {"count": len(ids), "ids": ids})
-    seg, acc, state = store.load_checkpoint(3)
+    _seg, acc, state = store.load_checkpoint(3)
     assert state["ids"] == ids and acc.shape == (D + 10,)
 
 

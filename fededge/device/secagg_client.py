@@ -33,7 +33,7 @@ from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.mqtt import Message, MqttClient
 from fededge.protocol import Plan, Topics
 from fededge.protocol.messages import CheckIn
-from fededge.secagg import TO_SERVER, DeviceRound, Outgoing, RoundConfig, Stage, encode
+from fededge.secagg import TO_SERVER, DeviceRound, Outgoing, RoundConfig, Stage, encode, warmup
 from fededge.secagg import decode_payload as decode_round_payload
 from fededge.secagg.graph import TERMINAL
 from fededge.secagg.messages import MaskedInput, RoundStatus
@@ -85,6 +85,7 @@ class Participant:
         self._heard = 0.0  # monotonic time of the round's last message
         self._last_checkin = 0.0
         self._seen_rounds: deque[str] = deque(maxlen=64)
+        self._warm = False
         self.rounds_done = 0
         self.rounds_aborted = 0
         self.masked_sent = 0
@@ -119,6 +120,11 @@ class Participant:
                 log.warning("round %s went silent; leaving it", rnd.config.round_id)
                 self._end_round(aborted=True)
             return
+        if plan is not None and not self._warm:
+            # Load (or compile) the kernels before the first check-in, not inside a stage's
+            # deadline: with Numba installed and a cold cache this takes seconds.
+            warmup()
+            self._warm = True
         with self._lock:
             ready = self._ready
             if ready is not None and (plan is None or ready.base_version != self._version()):
