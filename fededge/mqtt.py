@@ -436,16 +436,19 @@ class MqttClient:
         """
         if not self.manual_ack or message.qos == 0:
             return
+        # Held while queueing the PUBACK: _on_disconnect takes the same lock before paho goes
+        # on to reconnect (which walks its packet queue), so the check and the append are one
+        # step with respect to a connection change.
         with self._lock:
             current = message._conn == self._conn and message.mid in self._unacked
             if current:
                 self._unacked.discard(message.mid)
-        if not current or not self._client.is_connected():
-            self._log.debug(
-                "not acking mid %d of %s: connection changed", message.mid, message.topic
-            )
-            return
-        rc = self._client.ack(message.mid, message.qos)
+            if not current or not self._connected.is_set():
+                self._log.debug(
+                    "not acking mid %d of %s: connection changed", message.mid, message.topic
+                )
+                return
+            rc = self._client.ack(message.mid, message.qos)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"cannot acknowledge {message.topic!r}: {paho.error_string(rc)}")
 
@@ -507,7 +510,8 @@ class MqttClient:
         reason: ReasonCode,
         properties: Properties | None,
     ) -> None:
-        self._connected.clear()
+        with self._lock:  # see ack(): no PUBACK is queued once this has run
+            self._connected.clear()
         why = reason.getName()
         if flags.is_disconnect_packet_from_server:
             why = f"broker sent DISCONNECT: {why}"
