@@ -150,7 +150,10 @@ def assert_close(got: ModelVersion, want: dict[str, np.ndarray], bound: float) -
 def test_round_with_dropouts_publishes_the_survivors_mean(acl_broker: Any, tmp_path: Path) -> None:
     """20 devices; 2 cannot send their masked input, 3 cannot answer the unmask request."""
     task = new_task()
-    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11, stage_timeout=5.0)
+    # The window is long so the round waits for all 20 check-ins, however loaded the host.
+    plan = sa_plan(
+        cohort_size=20, min_cohort=12, threshold=11, stage_timeout=5.0, checkin_window=120.0
+    )
     s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
     users = {"d03": "no-masked", "d11": "no-masked", "d05": "no-unmask", "d07": "no-unmask",
@@ -306,7 +309,9 @@ def test_twenty_device_processes_with_dropouts_and_a_kill(acl_broker: Any, tmp_p
 
     task = new_task()
     # Generous stages: 20 processes share this machine's two cores with other tests.
-    plan = sa_plan(cohort_size=20, min_cohort=12, threshold=11, stage_timeout=10.0)
+    plan = sa_plan(
+        cohort_size=20, min_cohort=12, threshold=11, stage_timeout=10.0, checkin_window=120.0
+    )
     s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
     users = {"p02": "no-masked", "p13": "no-masked", "p04": "no-unmask", "p09": "no-unmask",
