@@ -273,3 +273,33 @@ def test_new_graph_reloads_the_interpreter(broker, tmp_path) -> None:
     finally:
         pub.close()
         c.close()
+
+
+def test_no_training_until_the_owner_plan_arrives(broker, tmp_path) -> None:
+    """Built-in plan defaults (e.g. no noise) are never used to train and send an update."""
+    from devtools import DIGITS_PLAN, cycle, device_settings, digits_split, mlp_bundle, new_task
+
+    task = new_task()
+    s = device_settings(broker.url, tmp_path, task, "lonely")
+    b = mlp_bundle()
+    graph = Graph(task=task, tflite=b.graph, spec=b.spec.to_json())
+    mv = ModelVersion(task=task, version=0, weights=dict(b.weights), graph_sha256=graph.sha256)
+    topics = Topics(s.topic_prefix, task)
+    with MqttClient(s.broker, f"owner-{task}", persistent=False) as owner:
+        owner.publish(topics.graph, graph.to_bytes(), retain=True, wait=True)
+        owner.publish(topics.model, mv.to_bytes(), retain=True, wait=True)
+        c = Client(s)
+        c.start()
+        try:
+            assert c.wait_for_version(0, 30)
+            parts, _, _ = digits_split(1)
+            c.fit(*cycle(parts[0], 0, 64))
+            time.sleep(1.0)
+            assert c.status()["outbox"] == 0 and c.status()["updates_sent"] == 0
+            owner.publish(topics.plan, DIGITS_PLAN.to_bytes(), retain=True, wait=True)
+            deadline = time.monotonic() + 30
+            while c.status()["updates_sent"] == 0:
+                assert time.monotonic() < deadline, c.status()
+                time.sleep(0.1)
+        finally:
+            c.close()

@@ -3,7 +3,7 @@
 The MQTT edge of :class:`fededge.secagg.ServerRound` (the pure state machine): the
 :class:`RoundDriver` collects check-ins of devices that have an update on the current version,
 starts a round with a cohort of them, maps every ``Outgoing`` of the server onto the topics of
-docs/protocol-rounds.md, feeds device messages back in, calls ``advance`` on a timer, and, when
+docs/protocol.md (secure aggregation), feeds device messages back in, calls ``advance`` on a timer, and, when
 the server is DONE, turns the unmasked *sum* into the next version through the aggregator's own
 publication path. An aborted round publishes nothing. No code here sees an individual update:
 masked inputs go straight into the server's running sum.

@@ -100,6 +100,9 @@ class Client:
         )
         self.outbox = Outbox(self.db)
         self.plan = Plan()
+        # Never train on built-in defaults (they may mean no noise): only on a plan that came
+        # from the task's owner, live or cached from an earlier run.
+        self._plan_known = False
         self._rng = np.random.default_rng(self.cfg.seed)
         self._graph: bytes | None = None
         self._spec: BundleSpec | None = None
@@ -313,6 +316,7 @@ class Client:
         with contextlib.suppress(FileNotFoundError):
             try:
                 self.plan = decode_json((self.state_dir / "plan.json").read_bytes(), Plan)
+                self._plan_known = True
             except ProtocolError as e:
                 log.warning("ignoring the cached plan: %s", e)
         try:
@@ -478,9 +482,10 @@ class Client:
             self._adopt(waiting, waiting.to_bytes())
 
     def _on_plan(self, plan: Plan, payload: bytes) -> None:
-        if plan != self.plan:
+        if plan != self.plan or not self._plan_known:
             log.info("adopting plan %s", plan.model_dump_json())
             self.plan = plan
+            self._plan_known = True
             _write_atomic(self.state_dir / "plan.json", payload)
             self._wake_trainer.set()
 
@@ -548,7 +553,7 @@ class Client:
     # -- training thread ----------------------------------------------------------------------
     def _trainable(self) -> bool:
         cur = self._current
-        if cur is None:
+        if cur is None or not self._plan_known:
             return False
         dim = int(np.prod(cur.runtime.spec.input_shape))
         return self.examples.fresh_count(dim) >= self.plan.examples_per_update
@@ -571,7 +576,9 @@ class Client:
     def _train_once(self) -> bool:
         """Train on one batch of fresh examples and store+send the update; False if none."""
         cur, plan = self._current, self.plan
-        if cur is None or (plan.secure_aggregation is not None and self._secagg.busy()):
+        if cur is None or not self._plan_known:
+            return False  # no model yet, or no plan from the task's owner (see __init__)
+        if plan.secure_aggregation is not None and self._secagg.busy():
             return False  # one update at a time waits for its round
         batch = self.examples.take(plan.examples_per_update, cur.runtime.spec.input_shape)
         if batch is None:

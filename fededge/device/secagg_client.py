@@ -6,7 +6,7 @@ publishing a plaintext update, the trainer hands its clipped delta to :meth:`Par
 the io thread then checks in on ``rounds/checkin/{device}`` every ``checkin_interval`` s until
 the aggregator puts the device in a round's cohort, runs the round, and forgets the update.
 
-What happens to an update (docs/protocol-rounds.md):
+What happens to an update (docs/protocol.md (secure aggregation)):
 
 - its examples stay *fresh* until its masked input is sent, so an update that goes stale (a new
   version arrived first) or whose round ends before the masked input left is either reused in

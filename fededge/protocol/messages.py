@@ -36,7 +36,7 @@ class _Json(BaseModel):
 class SecureAggregation(BaseModel):
     """The plan's secure-aggregation section: synchronous SecAgg+ rounds instead of async FedAvg.
 
-    See docs/protocol-rounds.md. A round starts as soon as ``cohort_size`` devices with an update
+    See docs/protocol.md (secure aggregation). A round starts as soon as ``cohort_size`` devices with an update
     on the current version checked in, or ``checkin_window`` s after the first check-in if at
     least ``min_cohort`` did. ``neighbours`` = 0 means the complete graph (plain SecAgg).
     """
