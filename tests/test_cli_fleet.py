@@ -370,3 +370,14 @@ def test_inspect_every_kind(tmp_path, capsys) -> None:
     junk.write_bytes(b"\x01\x02\x03")
     rc, _, err = _run(capsys, "model", "inspect", str(junk))
     assert rc == 1 and "not a bundle, .tflite, safetensors or JSON file" in err
+
+
+def test_aggregator_line_shows_the_running_round() -> None:
+    from fededge.cli.render import describe_aggregator
+    from fededge.protocol import AggregatorStatus
+
+    a = AggregatorStatus(task="t", state="online", version=3, round_id="v3-0a1b2c3d",
+                         round_stage="share_keys", checked_in=7)  # fmt: skip
+    line = describe_aggregator(a)
+    assert "round v3-0a1b2c3d share_keys" in line and "checked_in=7" in line
+    assert "round" not in describe_aggregator(AggregatorStatus(task="t", state="online"))

@@ -164,6 +164,8 @@ def describe_aggregator(a: AggregatorStatus) -> str:
         f"aggregator {a.state} {v} pending {a.pending_updates}/{a.min_updates_per_version} "
         f"updates ({a.pending_examples} examples) accepted={a.accepted_total} "
         f"rejected={a.rejected_total}"
+        + (f" round {a.round_id} {a.round_stage}" if a.round_id and a.round_stage else "")
+        + (f" checked_in={a.checked_in}" if a.checked_in is not None else "")
     )
 
 
