@@ -115,7 +115,7 @@ class DeviceSettings(_Section):
         None, description="API socket path; default: state_dir/api.sock"
     )
     socket_group: str | None = None
-    socket_mode: int = Field(0o660, ge=0, le=0o777)
+    socket_mode: int = Field(0o660, ge=0, le=0o777, description="e.g. 0o660 in TOML, '660' in env")
     max_request_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_examples: int = Field(100_000, ge=1, description="examples kept in the store")
     max_example_age: float = Field(30 * 24 * 3600.0, gt=0, description="seconds an example is kept")
@@ -130,6 +130,18 @@ class DeviceSettings(_Section):
     @classmethod
     def _device_id(cls, v: str) -> str:
         return check_name(v, "device_id")
+
+    @field_validator("socket_mode", mode="before")
+    @classmethod
+    def _octal_mode(cls, v: object) -> object:
+        # File modes are octal to people: "660", "0660" and "0o660" (env, TOML strings) all
+        # mean rw-rw----; a TOML integer written 0o660 arrives as an int already.
+        if isinstance(v, str):
+            text = v.strip().lower().removeprefix("0o")
+            if not text or any(c not in "01234567" for c in text):
+                raise ValueError(f"expected an octal file mode like 660 or 0o660, got {v!r}")
+            return int(text, 8)
+        return v
 
 
 def _default_device_id() -> str:
@@ -272,6 +284,7 @@ def _describe(e: pydantic.ValidationError, path: Path | None) -> str:
 def settings_as_toml_dict(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain TOML-able data (secrets masked, None dropped)."""
     data = settings.model_dump(mode="json")
+    data["device"]["socket_mode"] = f"{settings.device.socket_mode:o}"  # octal, as people read it
     if settings.broker.password is not None:
         data["broker"]["password"] = "***"
     return _drop_none(data)

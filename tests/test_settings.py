@@ -96,3 +96,18 @@ def test_config_show_reflects_arguments(toml, capsys) -> None:
     assert main(["config", "show", "--config", str(toml), "--task", "cli", "--json"]) == 0
     out = capsys.readouterr().out
     assert '"task": "cli"' in out and '"url": "mqtt://file:1884"' in out
+
+
+@pytest.mark.parametrize("raw", ["660", "0660", "0o660"])
+def test_socket_mode_is_octal_in_env(monkeypatch, raw) -> None:
+    monkeypatch.setenv("FEDEDGE_DEVICE__SOCKET_MODE", raw)
+    assert load_settings().device.socket_mode == 0o660
+
+
+def test_socket_mode_rejects_non_octal(monkeypatch, capsys) -> None:
+    monkeypatch.setenv("FEDEDGE_DEVICE__SOCKET_MODE", "rw-rw----")
+    with pytest.raises(ConfigError, match=r"device\.socket_mode = 'rw-rw----'"):
+        load_settings()
+    monkeypatch.delenv("FEDEDGE_DEVICE__SOCKET_MODE")
+    assert main(["config", "show"]) == 0
+    assert 'socket_mode = "660"' in capsys.readouterr().out

@@ -143,10 +143,14 @@ def init(
     )
 
 
-@model.command("build", context_settings={"ignore_unknown_options": True})
+@model.command(
+    "build",
+    add_help_option=False,  # --help goes to the builder, which knows its own options
+    context_settings={"ignore_unknown_options": True},
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
 def build(args: tuple[str, ...]) -> int:
-    """Build a model bundle with TensorFlow (needs the `convert` extra); see --help."""
+    """Build a model bundle with TensorFlow (needs the `convert` extra); --help for options."""
     try:
         from fededge.device.build import main as build_main
     except ImportError as e:
