@@ -1,6 +1,14 @@
-"""The one exception hierarchy of fededge: every error a caller may want to catch."""
+"""The one exception hierarchy of fededge: every error a caller may want to catch.
+
+Every error that carries a machine-readable ``reason`` takes it as a keyword argument.
+"""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fededge.protocol.vocab import RejectReason
 
 
 class FededgeError(Exception):
@@ -12,22 +20,31 @@ class ConfigError(FededgeError):
 
 
 class ProtocolError(FededgeError):
-    """A message from the network is malformed, oversized or of an unknown version.
+    """A message from the network is malformed, breaks a rule, or has an unknown version.
 
-    ``reason`` is a short machine-readable code used in receipts and metric labels.
+    ``reason`` is the :class:`~fededge.protocol.vocab.RejectReason` sent in receipts and used
+    as a metric label; ``detail`` is the sentence for people.
     """
 
-    def __init__(self, detail: str, reason: str = "malformed") -> None:
+    def __init__(self, detail: str, *, reason: RejectReason | None = None) -> None:
+        # Imported here: fededge.protocol imports this module.
+        from fededge.protocol.vocab import RejectReason
+
         super().__init__(detail)
-        self.reason = reason
+        self.reason: RejectReason = RejectReason.MALFORMED if reason is None else reason
         self.detail = detail
 
 
-class ValidationError(ProtocolError):
-    """A well-formed message that breaks a rule (shape, norm, staleness ...)."""
+class InputError(FededgeError):
+    """A local request (API call, ``Client.fit``) with inputs that break the model's rules.
 
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail, reason)
+    ``reason`` is a short code the local API returns (``bad_shape``, ``bad_label`` ...).
+    """
+
+    def __init__(self, detail: str, *, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
 
 
 class ModelError(FededgeError):
@@ -38,8 +55,18 @@ class TransportError(FededgeError):
     """The MQTT connection failed or an MQTT operation was refused."""
 
 
-class StateError(FededgeError):
-    """Stored state on disk is unreadable or inconsistent."""
+class StorageError(FededgeError):
+    """Stored state on disk is unreadable, inconsistent or cannot be written: fatal.
+
+    A service stops on it rather than acknowledge anything that is not durable.
+    """
+
+
+class NotReadyError(FededgeError):
+    """A call made at the wrong time: no model yet, started twice, stopped while starting.
+
+    Not fatal: the caller may retry later; services never stop on it.
+    """
 
 
 class SecAggError(FededgeError):

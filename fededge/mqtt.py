@@ -36,7 +36,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from fededge.errors import ConfigError, StateError, TransportError
+from fededge.errors import ConfigError, NotReadyError, TransportError
 from fededge.settings import BrokerSettings
 
 # MQTT's remaining-length field caps a packet at 256 MiB; checked here so the error is ours.
@@ -189,7 +189,7 @@ class MqttClient:
     def connect(self) -> None:
         """Connect and start the network thread; block until CONNACK or raise TransportError."""
         if self._started:
-            raise StateError("MqttClient.connect() called twice (it reconnects by itself)")
+            raise NotReadyError("MqttClient.connect() called twice (it reconnects by itself)")
         self._started = True
         with self._lock:
             self._first = None  # a failed connect() may be retried
@@ -357,7 +357,7 @@ class MqttClient:
         # Waiting for an answer inside a callback or connect listener would wait forever: the
         # answer is read by the very thread that is waiting.
         if threading.get_ident() == self._net_thread:
-            raise StateError(f"cannot {what} and wait from a connect listener or callback")
+            raise NotReadyError(f"cannot {what} and wait from a connect listener or callback")
 
     def _wait_suback(self, rc: MQTTErrorCode, mid: int | None, what: str) -> list[ReasonCode]:
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or mid is None:

@@ -21,18 +21,11 @@ from pydantic_settings import (
 )
 
 from fededge.errors import ConfigError
+from fededge.protocol.vocab import check_name
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 # The TOML file of the Settings being built; a context variable so that no global state leaks
 # between two Settings built in one process (tests build many).
 _TOML_FILE: contextvars.ContextVar[Path | None] = contextvars.ContextVar("toml", default=None)
-
-
-def check_name(value: str, what: str) -> str:
-    """Validate a task/device/client name used inside MQTT topics (no wildcards, no slashes)."""
-    if not _NAME_RE.match(value):
-        raise ValueError(f"{what} must be 1-64 characters of A-Z a-z 0-9 _ . -, got {value!r}")
-    return value
 
 
 class _Section(BaseModel):

@@ -22,7 +22,7 @@ from devtools import (
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.device.client import Client
 from fededge.device.runtime import ModelRuntime
-from fededge.errors import StateError, ValidationError
+from fededge.errors import InputError, NotReadyError
 from fededge.mqtt import MqttClient
 from fededge.protocol import Graph, ModelVersion, Topics
 
@@ -98,12 +98,12 @@ def test_predict_fit_validation_and_version_callback(broker, tmp_path) -> None:
             np.testing.assert_allclose(probs.sum(axis=1), 1, rtol=1e-5)
             rt = ModelRuntime.from_bundle(mlp_bundle())
             np.testing.assert_array_equal(probs, rt.infer(x_te[:3], v0.weights))
-            with pytest.raises(ValidationError) as e:
+            with pytest.raises(InputError) as e:
                 c.fit(x_te[:2], [1, 10])
             assert e.value.reason == "bad_label"
-            with pytest.raises(ValidationError):
+            with pytest.raises(InputError):
                 c.fit(np.full((2, 64), np.nan), [1, 2])
-            with pytest.raises(ValidationError):
+            with pytest.raises(InputError):
                 c.predict(np.zeros((2, 63)))
             r = c.fit(*cycle(part, 0, 5))
             assert (r.added, r.fresh) == (5, 5)
@@ -121,7 +121,7 @@ def test_predict_fit_validation_and_version_callback(broker, tmp_path) -> None:
             c.close()
     # The state directory is locked while a client uses it.
     c2 = Client(device_settings(broker.url, tmp_path / "dev", task, "solo"))
-    with pytest.raises(StateError):
+    with pytest.raises(NotReadyError):
         Client(device_settings(broker.url, tmp_path / "dev", task, "solo"))
     assert c2.version == 1  # restored from the cached model, before connecting
     c2.close()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fededge.device.examples import ExampleStore, StateDb, validate_examples, validate_inputs
-from fededge.errors import ValidationError
+from fededge.errors import InputError
 
 SHAPE = (4,)
 
@@ -45,7 +45,7 @@ def _xy(n: int, start: int = 0) -> tuple[np.ndarray, np.ndarray]:
     ],
 )
 def test_validation_names_the_problem(x, y, reason) -> None:
-    with pytest.raises(ValidationError) as e:
+    with pytest.raises(InputError) as e:
         validate_examples(x, y, SHAPE, 3)
     assert e.value.reason == reason
 

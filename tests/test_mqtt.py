@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from broker import Mosquitto, free_port, make_password_file, make_tls_files
 
-from fededge.errors import ConfigError, StateError, TransportError
+from fededge.errors import ConfigError, NotReadyError, TransportError
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.settings import BrokerSettings
 
@@ -396,7 +396,7 @@ def test_connect_twice_and_listener_errors_are_logged(
     c.add_connect_listener(bad)
     with caplog.at_level(logging.ERROR, logger="fededge.mqtt"), c:
         assert seen.wait(5)
-        with pytest.raises(StateError):
+        with pytest.raises(NotReadyError):
             c.connect()
         assert until(lambda: "listener bug" in caplog.text, 5)
         assert c.connected  # the client survived its listener's exception

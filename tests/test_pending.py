@@ -7,7 +7,7 @@ import pytest
 
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.store import Store
-from fededge.errors import StateError
+from fededge.errors import StorageError
 from fededge.protocol import ModelVersion, Update
 
 D = 1000
@@ -115,7 +115,7 @@ def test_checkpoint_of_another_size_is_refused(tmp_path) -> None:
     store.write_checkpoint(3, 0, np.zeros(5), {"count": 0})
     store.close()
     store = Store(tmp_path)
-    with pytest.raises(StateError, match="parameters"):
+    with pytest.raises(StorageError, match="parameters"):
         _pending(store).recover()
 
 
@@ -177,7 +177,7 @@ def test_second_instance_is_refused_before_touching_files(tmp_path) -> None:
     store = Store(tmp_path)
     tmp = store.pending_dir / "checkpoint.safetensors.tmp"
     tmp.write_bytes(b"in flight")
-    with pytest.raises(StateError, match="in use by another aggregator"):
+    with pytest.raises(StorageError, match="in use by another aggregator"):
         Store(tmp_path)
     assert tmp.exists()
     store.close()

@@ -26,7 +26,7 @@ from fededge import kernels
 from fededge.aggregator.policy import Layout
 from fededge.aggregator.store import Store
 from fededge.aggregator.wal import SegmentWriter, read_segment
-from fededge.errors import ProtocolError, StateError
+from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.protocol import ModelVersion, Update
 
 log = logging.getLogger(__name__)
@@ -113,7 +113,7 @@ class PendingVersion:
             seg, acc, state = ck
             covered = seg
             if acc.shape != self.acc.shape:
-                raise StateError(
+                raise StorageError(
                     f"checkpoint holds {acc.size} parameters, the model has {self.acc.size}"
                 )
             self.acc = acc
@@ -133,7 +133,7 @@ class PendingVersion:
                 try:
                     update = Update.from_bytes(rec.payload, max_bytes=self._max)
                 except ProtocolError as e:
-                    raise StateError(f"WAL {path}: logged update is undecodable: {e}") from None
+                    raise StorageError(f"WAL {path}: logged update is undecodable: {e}") from None
                 if rec.header["group"] != group_id and group:
                     self._fold(group)
                     group = []
@@ -222,7 +222,7 @@ class PendingVersion:
     def finalize(self, server_lr: float) -> dict[str, NDArray[np.float32]]:
         """The next version's weights: base + server_lr * weighted mean delta."""
         if self.sums.total_weight <= 0:
-            raise StateError("cannot finalize a version without updates")
+            raise NotReadyError("cannot finalize a version without updates")
         out: dict[str, NDArray[np.float32]] = {}
         for (name, sl), shape in zip(self.layout.slices(), self.layout.shapes, strict=True):
             base = np.ascontiguousarray(self.base.weights[name], dtype=np.float32).reshape(-1)

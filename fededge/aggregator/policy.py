@@ -9,8 +9,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from fededge import kernels
-from fededge.errors import ValidationError
+from fededge.errors import ProtocolError
 from fededge.protocol import Plan, Update
+from fededge.protocol.vocab import RejectReason
 
 
 @dataclass(frozen=True)
@@ -60,55 +61,67 @@ def check_update(
 ) -> tuple[float, float]:
     """Validate an update for the pending version; return (weight, L2 norm) or raise.
 
-    Raises ValidationError with one of the reasons documented in docs/protocol.md.
+    Raises ProtocolError with one of the reasons documented in docs/protocol.md.
     """
     if update.task != task:
-        raise ValidationError("wrong_task", f"update is for task {update.task!r}, not {task!r}")
+        raise ProtocolError(
+            f"update is for task {update.task!r}, not {task!r}", reason=RejectReason.WRONG_TASK
+        )
     if update.device != device:
-        raise ValidationError(
-            "wrong_device", f"update names device {update.device!r} but came from {device!r}"
+        raise ProtocolError(
+            f"update names device {update.device!r} but came from {device!r}",
+            reason=RejectReason.WRONG_DEVICE,
         )
     if update.base_version > current_version:
-        raise ValidationError(
-            "unknown_version",
+        raise ProtocolError(
             f"base version {update.base_version} is newer than the current {current_version}",
+            reason=RejectReason.UNKNOWN_VERSION,
         )
     staleness = current_version - update.base_version
     if staleness > plan.max_staleness:
-        raise ValidationError(
-            "stale",
+        raise ProtocolError(
             f"base version {update.base_version} is {staleness} behind {current_version}; "
             f"max_staleness is {plan.max_staleness}",
+            reason=RejectReason.STALE,
         )
     for key, hi in (("train_loss", 1e6), ("eval_loss", 1e6), ("eval_accuracy", 1.0)):
         value = getattr(update, key)
         # Bounded, not just finite: the aggregator sums weighted values, and 1e308 overflows.
         if value is not None and not 0.0 <= value <= hi:
-            raise ValidationError("bad_metrics", f"{key}={value!r} is outside [0, {hi:g}]")
+            raise ProtocolError(
+                f"{key}={value!r} is outside [0, {hi:g}]", reason=RejectReason.BAD_METRICS
+            )
     names = set(update.delta)
     if names != set(layout.names):
         missing = sorted(set(layout.names) - names)[:5]
         extra = sorted(names - set(layout.names))[:5]
-        raise ValidationError("wrong_names", f"missing tensors {missing}, unexpected {extra}")
+        raise ProtocolError(
+            f"missing tensors {missing}, unexpected {extra}", reason=RejectReason.WRONG_NAMES
+        )
     sq = 0.0
     for name, shape in zip(layout.names, layout.shapes, strict=True):
         arr = update.delta[name]
         if arr.dtype != np.float32:
-            raise ValidationError("wrong_dtype", f"tensor {name!r} is {arr.dtype}, not float32")
+            raise ProtocolError(
+                f"tensor {name!r} is {arr.dtype}, not float32", reason=RejectReason.WRONG_DTYPE
+            )
         if tuple(arr.shape) != shape:
-            raise ValidationError(
-                "wrong_shape",
+            raise ProtocolError(
                 f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}",
+                reason=RejectReason.WRONG_SHAPE,
             )
         n = kernels.l2_norm(arr.reshape(-1))
         if not math.isfinite(n):
-            raise ValidationError("non_finite", f"tensor {name!r} contains NaN or Inf")
+            raise ProtocolError(
+                f"tensor {name!r} contains NaN or Inf", reason=RejectReason.NON_FINITE
+            )
         sq += n * n
     norm = math.sqrt(sq)
     bound = norm_bound(plan, layout.size)
     if norm > bound:
-        raise ValidationError(
-            "norm_too_large", f"update norm {norm:.6g} exceeds the bound {bound:.6g}"
+        raise ProtocolError(
+            f"update norm {norm:.6g} exceeds the bound {bound:.6g}",
+            reason=RejectReason.NORM_TOO_LARGE,
         )
     weight = float(min(update.num_examples, plan.max_examples_weight))
     if staleness:

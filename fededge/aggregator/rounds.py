@@ -22,6 +22,8 @@ import numpy as np
 from fededge.errors import ProtocolError, SecAggError
 from fededge.mqtt import Message
 from fededge.protocol.messages import CheckIn, SecureAggregation, decode_json
+from fededge.protocol.topics import CHECKIN
+from fededge.protocol.vocab import check_name
 from fededge.secagg import (
     TO_ALL,
     TO_SERVER,
@@ -40,13 +42,11 @@ from fededge.secagg.messages import (
     UnmaskShares,
 )
 from fededge.secagg.quantize import max_scale
-from fededge.settings import check_name
 
 if TYPE_CHECKING:
     from fededge.aggregator.service import Aggregator
 
 log = logging.getLogger(__name__)
-CHECKIN = "checkin"
 # Device -> aggregator stage topics and the message type each must carry.
 STAGE_TYPES: dict[str, type[Any]] = {
     Stage.ADVERTISE.value: AdvertiseKeys,
@@ -72,7 +72,6 @@ class RoundDriver:
     def __init__(self, agg: Aggregator, *, rng: random.Random | None = None) -> None:
         self.agg = agg
         self.topics = agg.topics
-        self._base = f"{self.topics.base}/rounds"
         self._rng = rng or random.SystemRandom()
         # device -> (check-in, first seen, last seen); the window runs from the first sighting
         self._checkins: dict[str, tuple[CheckIn, float, float]] = {}
@@ -113,27 +112,32 @@ class RoundDriver:
         Check-ins at QoS 0: devices repeat them, so a session queue full of stale ones while
         the aggregator is down would only delay it.
         """
-        stages = [(f"{self._base}/+/{s}/+", 1) for s in STAGE_TYPES]
-        return [(f"{self._base}/{CHECKIN}/+", 0), *stages, (f"{self._base}/+/config", 1),
-                (f"{self._base}/+/status", 1)]  # fmt: skip
+        t = self.topics
+        stages = [(t.round_stage_filter(s), 1) for s in STAGE_TYPES]
+        return [(t.checkin_filter, 0), *stages, (t.round_broadcast_filter("config"), 1),
+                (t.round_broadcast_filter("status"), 1)]  # fmt: skip
 
     # -- input ---------------------------------------------------------------------------------
     def on_message(self, msg: Message) -> None:
         """Handle one ``rounds/...`` message; ProtocolError for a bad check-in."""
-        parts = msg.topic[len(self._base) + 1 :].split("/")
-        if len(parts) == 2 and parts[0] == CHECKIN:
-            self._on_checkin(parts[1], msg.payload)
-        elif len(parts) == 2 and parts[1] in RETAINED:
-            self._on_retained(parts[0], parts[1], msg.payload)
-        elif len(parts) == 3 and parts[1] in STAGE_TYPES:
-            self._on_round_message(parts[0], parts[1], parts[2], msg.payload)
+        where = self.topics.parse_round(msg.topic)
+        if where is None:
+            return
+        if where.kind == "checkin" and where.device is not None:
+            self._on_checkin(where.device, msg.payload)
+        elif where.kind == "broadcast" and where.round_id and where.type in RETAINED:
+            self._on_retained(where.round_id, where.type, msg.payload)
+        elif (
+            where.kind == "stage" and where.round_id and where.device and where.type in STAGE_TYPES
+        ):
+            self._on_round_message(where.round_id, where.type, where.device, msg.payload)
 
     def _on_retained(self, round_id: str, kind: str, payload: bytes) -> None:
         # Retained round messages left by an earlier aggregator process (or our own, coming
         # back): clear what does not belong to the current or the last round.
         if payload and round_id not in (self.round_id, self._last_round):
             log.info("clearing the stale retained %s of round %s", kind, round_id)
-            self.agg.client.publish(f"{self._base}/{round_id}/{kind}", b"", retain=True)
+            self.agg.client.publish(self.topics.round_broadcast(round_id, kind), b"", retain=True)
 
     def _on_checkin(self, device: str, payload: bytes) -> None:
         if self.plan is None or self.agg.model is None:
@@ -228,7 +232,9 @@ class RoundDriver:
         self._examples = {d: self._checkins.pop(d)[0].num_examples for d in cohort}
         self._round_version = model.version
         if self._last_round is not None:
-            self.agg.client.publish(f"{self._base}/{self._last_round}/status", b"", retain=True)
+            self.agg.client.publish(
+                self.topics.round_broadcast(self._last_round, "status"), b"", retain=True
+            )
             self._last_round = None
         self.server = ServerRound(config)
         log.info("round %s started: %d devices, t=%d, k=%d, d=%d", config.round_id, n,
@@ -241,11 +247,12 @@ class RoundDriver:
         assert self.server is not None or not outgoing
         for out in outgoing:
             assert self.server is not None
-            round_topic = f"{self._base}/{self.server.config.round_id}"
+            rid = self.server.config.round_id
             kind = out.message.TYPE
             if out.to == TO_SERVER:
                 raise SecAggError("the server addressed a message to itself")
-            topic = f"{round_topic}/{kind}" if out.to == TO_ALL else f"{round_topic}/to/{out.to}"
+            t = self.topics
+            topic = t.round_broadcast(rid, kind) if out.to == TO_ALL else t.round_to(rid, out.to)
             retain = out.to == TO_ALL and kind in RETAINED
             self.agg.client.publish(topic, encode(out.message), qos=1, retain=retain)
 
@@ -258,7 +265,7 @@ class RoundDriver:
         self._last_round = rid
         self.last_dropped = {**server.dropped, **server.offenders}
         # The round's retained config goes; its status stays retained until the next round.
-        self.agg.client.publish(f"{self._base}/{rid}/config", b"", retain=True)
+        self.agg.client.publish(self.topics.round_broadcast(rid, "config"), b"", retain=True)
         if server.stage == Stage.ABORTED:
             self.rounds_aborted += 1
             self.last_abort_reason = server.abort_reason

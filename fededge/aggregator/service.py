@@ -21,10 +21,10 @@ from fededge.aggregator.store import Store
 from fededge.errors import (
     ConfigError,
     FededgeError,
+    NotReadyError,
     ProtocolError,
-    StateError,
+    StorageError,
     TransportError,
-    ValidationError,
 )
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import (
@@ -39,10 +39,10 @@ from fededge.protocol import (
     decode_json,
 )
 from fededge.protocol.messages import Weights
+from fededge.protocol.vocab import NO_GRAPH, RejectReason
 from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
-NO_GRAPH = "0" * 64
 NewVersionCallback = Callable[[ModelVersion, int, int], object]
 
 
@@ -145,9 +145,9 @@ class Aggregator:
         while self.model is None or time.monotonic() < quiet_until:
             tick()
             if should_stop():
-                raise StateError("stopped before the aggregator was ready")
+                raise NotReadyError("stopped before the aggregator was ready")
             if self.model is None and deadline is not None and time.monotonic() > deadline:
-                raise StateError(
+                raise NotReadyError(
                     f"no model for task {self.settings.task!r}: run `fededge model init`"
                 )
             if self._handle_control_batch(timeout=0.1):
@@ -261,7 +261,7 @@ class Aggregator:
         """Run the handling of one message so that a bug in it cannot stop the service."""
         try:
             yield
-        except (StateError, OSError):
+        except (StorageError, OSError):
             raise  # the disk failed: stop rather than acknowledge what is not durable
         except Exception:
             # A bug in validation must not take the service down or wedge the message:
@@ -281,13 +281,13 @@ class Aggregator:
             if len(msg.payload) > self.cfg.max_update_bytes:
                 raise ProtocolError(
                     f"{len(msg.payload)} bytes exceed max_update_bytes={self.cfg.max_update_bytes}",
-                    "oversize",
+                    reason=RejectReason.OVERSIZE,
                 )
             update = Update.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
             if self.plan.secure_aggregation is not None:
                 raise ProtocolError(
                     "the plan asks for secure aggregation: send masked inputs in rounds",
-                    "secure_aggregation",
+                    reason=RejectReason.SECURE_AGGREGATION,
                 )
             uid = update.update_id
             key = dedup_key(device, uid)
@@ -302,10 +302,10 @@ class Aggregator:
                 self._answer(msg, device, uid, "duplicate")
                 return False
             if update.base_version < self._oldest_kept:
-                raise ValidationError(
-                    "stale",
+                raise ProtocolError(
                     f"base version {update.base_version} is older than the oldest version kept "
                     f"({self._oldest_kept}), whose update ids are the deduplication memory",
+                    reason=RejectReason.STALE,
                 )
             weight, norm = check_update(
                 update,
@@ -561,7 +561,7 @@ class Aggregator:
             return
         graph = Graph.from_bytes(msg.payload, max_bytes=1 << 31)
         if graph.task != self.settings.task:
-            raise ProtocolError(f"graph is for task {graph.task!r}", "wrong_task")
+            raise ProtocolError(f"graph is for task {graph.task!r}", reason=RejectReason.WRONG_TASK)
         if self.graph is None or graph.sha256 != self.graph.sha256:
             log.info("adopting graph sha256=%s (%d bytes)", graph.sha256, len(graph.tflite))
             self.graph = graph
@@ -584,7 +584,7 @@ class Aggregator:
             return
         model = ModelVersion.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
         if model.task != self.settings.task:
-            raise ProtocolError(f"model is for task {model.task!r}", "wrong_task")
+            raise ProtocolError(f"model is for task {model.task!r}", reason=RejectReason.WRONG_TASK)
         log.info("adopting model version %d from the broker", model.version)
         self.store.write_version(
             msg.payload, model.version, {"adopted": True}, keep=self.cfg.versions_kept

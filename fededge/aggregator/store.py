@@ -26,7 +26,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator.wal import atomic_write, fsync_dir
-from fededge.errors import ProtocolError, StateError
+from fededge.errors import ProtocolError, StorageError
 from fededge.protocol import ModelVersion
 from fededge.protocol.tensors import decode_tensors, encode_header
 
@@ -53,13 +53,13 @@ class Store:
         self._lock.close()
 
     def _take_lock(self) -> IO[bytes]:
-        """Hold an exclusive lock on this task's state; StateError if another process has it."""
+        """Hold an exclusive lock on this task's state; StorageError if another process has it."""
         f = (self.root / "lock").open("ab")
         try:
             fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             f.close()
-            raise StateError(
+            raise StorageError(
                 f"{self.root} is in use by another aggregator (lock held on {self.root / 'lock'})"
             ) from None
         return f
@@ -87,7 +87,7 @@ class Store:
         try:
             return ModelVersion.from_bytes(path.read_bytes(), max_bytes=_MAX_FILE)
         except (OSError, ProtocolError) as e:
-            raise StateError(f"stored version {path} is unreadable: {e}") from None
+            raise StorageError(f"stored version {path} is unreadable: {e}") from None
 
     def version_info(self, version: int) -> dict[str, Any]:
         path = self.versions_dir / f"{version:08d}.json"
@@ -96,7 +96,7 @@ class Store:
         except FileNotFoundError:
             return {}
         except (OSError, json.JSONDecodeError) as e:
-            raise StateError(f"stored version metadata {path} is unreadable: {e}") from None
+            raise StorageError(f"stored version metadata {path} is unreadable: {e}") from None
         return data if isinstance(data, dict) else {}
 
     def write_version(self, payload: bytes, version: int, info: dict[str, Any], keep: int) -> None:
@@ -168,7 +168,7 @@ class Store:
         except FileNotFoundError:
             return None
         except (OSError, ProtocolError, KeyError, ValueError) as e:
-            raise StateError(f"checkpoint {path} is unreadable: {e}") from None
+            raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
 
     def discard_pending(self, keep_base: int | None = None) -> None:
         """Remove WAL segments and the checkpoint of every base version but ``keep_base``."""

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fededge.errors import StateError
+from fededge.errors import StorageError
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,7 @@ def read_segment(path: Path, *, repair: bool) -> Iterator[Record]:
             header = json.loads(data[start : start + hlen])
         except json.JSONDecodeError as e:  # CRC passed, so this is a bug, not a torn write
             msg = f"write-ahead log {path}: record at {pos} has a bad header: {e}"
-            raise StateError(msg) from e
+            raise StorageError(msg) from e
         yield Record(header=header, payload=data[start + hlen : start + hlen + plen])
         pos = start + hlen + plen
 

@@ -14,10 +14,10 @@ import numpy as np
 from fededge.cli.common import settings_options
 from fededge.errors import ConfigError, FededgeError, ProtocolError
 from fededge.protocol import Graph, ModelVersion, Plan, Topics, decode_json, decode_tensors
+from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings
 
 log = logging.getLogger("fededge.model")
-NO_GRAPH = "0" * 64
 MAX_FILE = 1 << 31
 
 

@@ -47,10 +47,10 @@ from fededge.protocol import (
     decode_json,
     decode_tensors,
 )
+from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings
 
 VERSION_FILE = "version.json"
-NO_GRAPH = "0" * 64
 _JSON_KINDS: dict[str, Any] = {
     "plan": Plan,
     "receipt": Receipt,

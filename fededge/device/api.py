@@ -31,7 +31,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fededge.errors import ConfigError, StateError, ValidationError
+from fededge.errors import ConfigError, InputError, NotReadyError, StorageError
 
 if TYPE_CHECKING:
     from fededge.device.client import Client
@@ -155,11 +155,15 @@ class _Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             self._error(e.code, e.reason, e.detail, label)
             return
-        except ValidationError as e:
+        except InputError as e:
             self._error(400, e.reason, e.detail, label)
             return
-        except StateError as e:
+        except NotReadyError as e:
             self._error(503, "not_ready", str(e), label)
+            return
+        except StorageError as e:
+            log.error("device state failed serving %s %s: %s", method, path, e)
+            self._error(503, "storage_error", str(e), label)
             return
         except OSError:
             self.close_connection = True

@@ -41,7 +41,14 @@ from fededge.device.outbox import Entry, Outbox
 from fededge.device.runtime import ModelRuntime
 from fededge.device.secagg_client import Participant, ReadyInput, handle_safely
 from fededge.device.training import local_update
-from fededge.errors import FededgeError, ModelError, ProtocolError, StateError, TransportError
+from fededge.errors import (
+    FededgeError,
+    ModelError,
+    NotReadyError,
+    ProtocolError,
+    StorageError,
+    TransportError,
+)
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import (
     DeviceStatus,
@@ -53,10 +60,10 @@ from fededge.protocol import (
     Update,
     decode_json,
 )
+from fededge.protocol.vocab import NO_GRAPH, RejectReason
 from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
-NO_GRAPH = "0" * 64
 MAX_GRAPH_MESSAGE = 80 * 1024 * 1024
 MAX_MODEL_MESSAGE = 257 * 1024 * 1024
 STATUS_INTERVAL = 30.0
@@ -165,7 +172,7 @@ class Client:
         """Probabilities and the version that produced them (one consistent snapshot)."""
         cur = self._current  # one read: weights and runtime of the same version
         if cur is None:
-            raise StateError("no model version yet: waiting for the aggregator's model")
+            raise NotReadyError("no model version yet: waiting for the aggregator's model")
         xa = validate_inputs(x, cur.runtime.spec.input_shape)
         probs = cur.runtime.infer(xa, cur.weights)
         self.metrics.predictions.inc(len(xa))
@@ -179,7 +186,7 @@ class Client:
         """Validate and store labelled examples, wake the trainer; see :meth:`fit`."""
         spec = self._spec
         if spec is None:
-            raise StateError("the task's graph has not arrived yet: its input shape is unknown")
+            raise NotReadyError("the task's graph has not arrived yet: its input shape is unknown")
         xa, ya = validate_examples(x, y, spec.input_shape, spec.num_classes)
         added = self.examples.add(xa, ya)
         self.metrics.examples_added.inc(added)
@@ -219,7 +226,7 @@ class Client:
         daemon) the io thread keeps trying, and predictions from a cached model work meanwhile.
         """
         if self._started:
-            raise StateError("Client.start() called twice")
+            raise NotReadyError("Client.start() called twice")
         self._started = True
         try:
             self._connect()
@@ -335,7 +342,9 @@ class Client:
     def _adopt(self, mv: ModelVersion, raw: bytes | None) -> None:
         """Make ``mv`` the current version if its graph is known; remember it otherwise."""
         if mv.task != self.task:
-            raise ProtocolError(f"model is for task {mv.task!r}, not {self.task!r}", "wrong_task")
+            raise ProtocolError(
+                f"model is for task {mv.task!r}, not {self.task!r}", reason=RejectReason.WRONG_TASK
+            )
         spec, runtime = self._spec, self._runtime
         if (
             spec is None
@@ -349,11 +358,13 @@ class Client:
             raise ProtocolError(
                 f"model version {mv.version} does not match graph {spec.model} "
                 f"(weights {sorted(mv.weights)})",
-                "wrong_weights",
+                reason=RejectReason.WRONG_NAMES,
             )
         for name, arr in mv.weights.items():
             if not np.all(np.isfinite(arr)):
-                raise ProtocolError(f"model weight {name!r} has NaN or Inf", "non_finite")
+                raise ProtocolError(
+                    f"model weight {name!r} has NaN or Inf", reason=RejectReason.NON_FINITE
+                )
         old = self._current
         if old is not None and old.version == mv.version and old.model.time == mv.time:
             return  # the same version again (retained copy after a reconnect)
@@ -436,7 +447,7 @@ class Client:
                     self._status_due.clear()
                     last_status = time.monotonic()
                     self._publish_status(mqtt)
-            except (TransportError, StateError) as e:
+            except (TransportError, StorageError, NotReadyError) as e:
                 log.warning("io: %s", e)
             except Exception:
                 # A bug here must not end the thread (the outbox would stop); log, go on.
@@ -470,7 +481,7 @@ class Client:
     def _on_graph(self, payload: bytes) -> None:
         g = Graph.from_bytes(payload, max_bytes=MAX_GRAPH_MESSAGE)
         if g.task != self.task:
-            raise ProtocolError(f"graph is for task {g.task!r}", "wrong_task")
+            raise ProtocolError(f"graph is for task {g.task!r}", reason=RejectReason.WRONG_TASK)
         if self._spec is not None and g.sha256 == self._spec.graph_sha256:
             return
         spec = parse_spec(g.spec)
@@ -652,7 +663,7 @@ def _lock_state(state_dir: Path) -> int:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise StateError(
+        raise StorageError(
             f"{state_dir} is in use by another fededge device process (same device_id and task)"
         ) from None
     return fd

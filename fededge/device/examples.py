@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from fededge.errors import StateError, ValidationError
+from fededge.errors import InputError, StorageError
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -73,13 +73,13 @@ class StateDb:
             self._conn.execute("PRAGMA busy_timeout=30000")
             version = self._conn.execute("PRAGMA user_version").fetchone()[0]
             if version not in (0, SCHEMA_VERSION):
-                raise StateError(
+                raise StorageError(
                     f"{self.path}: schema version {version}, this fededge reads {SCHEMA_VERSION}"
                 )
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
         except sqlite3.Error as e:
-            raise StateError(f"device state {self.path} cannot be opened: {e}") from None
+            raise StorageError(f"device state {self.path} cannot be opened: {e}") from None
         self._lock = threading.RLock()
 
     @contextlib.contextmanager
@@ -89,7 +89,7 @@ class StateDb:
             try:
                 self._conn.execute("BEGIN IMMEDIATE")
             except sqlite3.Error as e:
-                raise StateError(f"device state {self.path}: cannot begin: {e}") from None
+                raise StorageError(f"device state {self.path}: cannot begin: {e}") from None
             try:
                 yield self._conn
             except BaseException:
@@ -98,7 +98,7 @@ class StateDb:
             try:
                 self._conn.execute("COMMIT")
             except sqlite3.Error as e:
-                raise StateError(f"device state {self.path}: commit failed: {e}") from None
+                raise StorageError(f"device state {self.path}: commit failed: {e}") from None
 
     def query(self, sql: str, args: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
         """Run a read-only statement and return all rows."""
@@ -106,7 +106,7 @@ class StateDb:
             try:
                 return self._conn.execute(sql, args).fetchall()
             except sqlite3.Error as e:
-                raise StateError(f"device state {self.path}: {e}") from None
+                raise StorageError(f"device state {self.path}: {e}") from None
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -124,25 +124,25 @@ class Batch:
 
 
 def validate_inputs(x: Any, input_shape: tuple[int, ...]) -> np.ndarray:
-    """Check untrusted model inputs; return float32 [n, *input_shape] or raise ValidationError.
+    """Check untrusted model inputs; return float32 [n, *input_shape] or raise InputError.
 
     Rows may also be flat (``prod(input_shape)`` values) for image models.
     """
     xa = _numeric(x, "x")
     if xa.ndim == 0 or xa.shape[0] == 0:
-        raise ValidationError("bad_shape", "x must be a non-empty list of examples")
+        raise InputError("x must be a non-empty list of examples", reason="bad_shape")
     dim = math.prod(input_shape)
     if xa.shape[1:] != input_shape and not (xa.ndim == 2 and xa.shape[1] == dim):
-        raise ValidationError(
-            "bad_shape",
+        raise InputError(
             f"x has shape {list(xa.shape)}, expected [n, {', '.join(map(str, input_shape))}]",
+            reason="bad_shape",
         )
     if not np.all(np.isfinite(xa)):
-        raise ValidationError("non_finite", "x contains NaN or Inf")
+        raise InputError("x contains NaN or Inf", reason="non_finite")
     with np.errstate(over="ignore"):
         out = np.ascontiguousarray(xa.reshape(len(xa), *input_shape), dtype=np.float32)
     if not np.all(np.isfinite(out)):
-        raise ValidationError("non_finite", "x has values too large for float32")
+        raise InputError("x has values too large for float32", reason="non_finite")
     return out
 
 
@@ -151,19 +151,20 @@ def validate_examples(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Check untrusted labelled examples; return (x float32 [n, *shape], y int32).
 
-    Raises ValidationError naming what is wrong: shape, non-numbers, NaN/Inf, labels out of
+    Raises InputError naming what is wrong: shape, non-numbers, NaN/Inf, labels out of
     range or not one per example.
     """
     xa = validate_inputs(x, input_shape)
     ya = np.asarray(y) if isinstance(y, np.ndarray) else _labels(y)
     if ya.shape != (len(xa),):
-        raise ValidationError(
-            "bad_shape", f"y must be {len(xa)} labels (one per example), got shape {list(ya.shape)}"
+        raise InputError(
+            f"y must be {len(xa)} labels (one per example), got shape {list(ya.shape)}",
+            reason="bad_shape",
         )
     if ya.dtype.kind not in "iu":
-        raise ValidationError("bad_label", f"labels must be integers, got {ya.dtype}")
+        raise InputError(f"labels must be integers, got {ya.dtype}", reason="bad_label")
     if ya.min() < 0 or ya.max() >= num_classes:
-        raise ValidationError("bad_label", f"labels must lie in [0, {num_classes})")
+        raise InputError(f"labels must lie in [0, {num_classes})", reason="bad_label")
     return xa, ya.astype(np.int32)
 
 
@@ -175,11 +176,11 @@ def _numeric(value: Any, what: str) -> np.ndarray:
             # No dtype: strings, bools and huge integers keep a dtype that is refused below.
             arr = np.asarray(value)
         except (ValueError, TypeError, OverflowError):
-            raise ValidationError(
-                "bad_shape", f"{what} must be a rectangular array of numbers"
+            raise InputError(
+                f"{what} must be a rectangular array of numbers", reason="bad_shape"
             ) from None
     if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
-        raise ValidationError("bad_type", f"{what} must hold numbers, got {arr.dtype}")
+        raise InputError(f"{what} must hold numbers, got {arr.dtype}", reason="bad_type")
     return arr
 
 
@@ -188,11 +189,11 @@ def _labels(value: Any) -> np.ndarray:
     if not isinstance(value, list | tuple) or not all(
         isinstance(v, int) and not isinstance(v, bool) for v in value
     ):
-        raise ValidationError("bad_label", "y must be a list of integer labels")
+        raise InputError("y must be a list of integer labels", reason="bad_label")
     try:
         return np.asarray(value, dtype=np.int64)
     except OverflowError:
-        raise ValidationError("bad_label", "a label is out of range") from None
+        raise InputError("a label is out of range", reason="bad_label") from None
 
 
 class ExampleStore:

@@ -76,7 +76,6 @@ class Participant:
         self._version = version
         self._plan = plan
         self._on_spent = on_spent
-        self._base = f"{topics.base}/rounds"
         self._lock = threading.Lock()  # guards _ready against the trainer thread
         self._ready: ReadyInput | None = None
         self.round: DeviceRound | None = None
@@ -105,9 +104,9 @@ class Participant:
     # -- io thread -----------------------------------------------------------------------------
     def subscriptions(self) -> list[str]:
         """What the device listens to: round configs, broadcasts and messages addressed to it."""
-        b = self._base
-        return [f"{b}/+/config", f"{b}/+/unmask_request", f"{b}/+/status",
-                f"{b}/+/to/{self.device_id}"]  # fmt: skip
+        t = self.topics
+        return [t.round_broadcast_filter("config"), t.round_broadcast_filter("unmask_request"),
+                t.round_broadcast_filter("status"), t.round_to_filter(self.device_id)]  # fmt: skip
 
     def tick(self, mqtt: MqttClient) -> None:
         """Check in when due; abandon a round that went silent; drop a stale update."""
@@ -139,14 +138,14 @@ class Participant:
             ci = CheckIn(task=self.topics.task, device=self.device_id,
                          base_version=ready.base_version, num_examples=ready.num_examples,
                          time=time.time())  # fmt: skip
-            mqtt.publish(f"{self._base}/checkin/{self.device_id}", ci.to_bytes(), qos=1)
+            mqtt.publish(self.topics.checkin(self.device_id), ci.to_bytes(), qos=1)
 
     def on_message(self, mqtt: MqttClient, msg: Message) -> None:
         """Handle one ``rounds/...`` message; raises ProtocolError/SecAggError if refused."""
-        parts = msg.topic[len(self._base) + 1 :].split("/")
-        if not msg.payload or len(parts) < 2:
-            return  # a cleared retained message
-        round_id, kind = parts[0], parts[1]
+        where = self.topics.parse_round(msg.topic)
+        if not msg.payload or where is None or where.round_id is None:
+            return  # a cleared retained message, or not a topic of ours
+        round_id, kind = where.round_id, where.type
         if kind == "config":
             self._on_config(mqtt, round_id, msg.payload)
             return
@@ -216,7 +215,7 @@ class Participant:
             if o.to != TO_SERVER:
                 raise SecAggError(f"a device message addressed to {o.to!r}")
             rid = o.message.round_id
-            topic = f"{self._base}/{rid}/{o.message.TYPE}/{self.device_id}"
+            topic = self.topics.round_stage(rid, o.message.TYPE, self.device_id)
             mqtt.publish(topic, encode(o.message), qos=1)
             if isinstance(o.message, MaskedInput):
                 self._spend_examples()

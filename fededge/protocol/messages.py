@@ -16,10 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_vali
 
 from fededge.errors import ProtocolError
 from fededge.protocol.tensors import decode_tensors, encode_tensors
+from fededge.protocol.vocab import NAME_PATTERN, RejectReason, is_name
 
 PROTOCOL_VERSION = 1
 MAX_JSON_BYTES = 256 * 1024
-Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+Name = Annotated[str, StringConstraints(pattern=rf"^{NAME_PATTERN}$")]
 Sha256 = Annotated[str, StringConstraints(pattern=r"^[0-9a-f]{64}$")]
 Version = Annotated[int, Field(ge=0, lt=1 << 53)]
 
@@ -171,7 +172,8 @@ def decode_json(payload: bytes, model: type[M], *, max_bytes: int = MAX_JSON_BYT
         raise ProtocolError("message is not a JSON object")
     if type(obj.get("v")) is not int or obj.get("v") != PROTOCOL_VERSION:
         raise ProtocolError(
-            f"unsupported protocol version {obj.get('v')!r} (this is v1)", "unsupported_version"
+            f"unsupported protocol version {obj.get('v')!r} (this is v1)",
+            reason=RejectReason.UNSUPPORTED_VERSION,
         )
     try:
         return model.model_validate(obj)
@@ -201,7 +203,7 @@ def _meta_int(meta: Mapping[str, str], key: str, lo: int = 0, hi: int = 1 << 53)
 
 def _meta_name(meta: Mapping[str, str], key: str) -> str:
     raw = meta.get(key, "")
-    if not (1 <= len(raw) <= 64 and all(c.isalnum() or c in "_.-" for c in raw) and raw.isascii()):
+    if not is_name(raw):
         raise ProtocolError(f"metadata {key!r} must be a name of 1-64 [A-Za-z0-9_.-], got {raw!r}")
     return raw
 
@@ -228,7 +230,7 @@ def _check_header(meta: Mapping[str, str], kind: str) -> None:
     if meta.get("fededge") != str(PROTOCOL_VERSION):
         raise ProtocolError(
             f"unsupported protocol version {meta.get('fededge')!r} (this is v1)",
-            "unsupported_version",
+            reason=RejectReason.UNSUPPORTED_VERSION,
         )
     if meta.get("kind") != kind:
         raise ProtocolError(f"expected a {kind!r} message, got kind {meta.get('kind')!r}")

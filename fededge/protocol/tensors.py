@@ -13,6 +13,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.errors import ProtocolError
+from fededge.protocol.vocab import RejectReason
 
 MAX_HEADER_BYTES = 1 << 20
 MAX_TENSORS = 4096
@@ -91,7 +92,8 @@ def decode_tensors(
     buf = memoryview(payload).cast("B")
     if len(buf) > max_bytes:
         raise ProtocolError(
-            f"payload of {len(buf)} bytes exceeds the limit of {max_bytes}", "oversize"
+            f"payload of {len(buf)} bytes exceeds the limit of {max_bytes}",
+            reason=RejectReason.OVERSIZE,
         )
     if len(buf) < 8:
         raise ProtocolError(f"payload of {len(buf)} bytes is too short for safetensors")

@@ -3,8 +3,22 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
-from fededge.settings import check_name
+from fededge.protocol.vocab import check_name, is_name
+
+CHECKIN = "checkin"
+TO = "to"
+
+
+@dataclass(frozen=True)
+class RoundTopic:
+    """A parsed ``rounds/...`` topic: its kind, round id, message type and device."""
+
+    kind: Literal["checkin", "broadcast", "stage", "to"]
+    round_id: str | None  # None for check-ins
+    type: str  # checkin, to, or the stage/broadcast message type
+    device: str | None  # None for broadcasts
 
 
 @dataclass(frozen=True)
@@ -65,9 +79,62 @@ class Topics:
     def device_status_filter(self) -> str:
         return f"{self.base}/devices/+/status"
 
-    # Secure aggregation rounds.
+    # Secure aggregation rounds (docs/protocol.md, "Secure aggregation rounds").
+    @property
+    def rounds_base(self) -> str:
+        return f"{self.base}/rounds"
+
     def round(self, round_id: str) -> str:
-        return f"{self.base}/rounds/{round_id}"
+        return f"{self.rounds_base}/{check_name(round_id, 'round')}"
+
+    def checkin(self, device: str) -> str:
+        """Device to aggregator: ``rounds/checkin/{device}``."""
+        return f"{self.rounds_base}/{CHECKIN}/{check_name(device, 'device')}"
+
+    @property
+    def checkin_filter(self) -> str:
+        return f"{self.rounds_base}/{CHECKIN}/+"
+
+    def round_broadcast(self, round_id: str, kind: str) -> str:
+        """Aggregator to all: ``rounds/{round}/{kind}`` (config, unmask_request, status)."""
+        return f"{self.round(round_id)}/{kind}"
+
+    def round_broadcast_filter(self, kind: str) -> str:
+        return f"{self.rounds_base}/+/{kind}"
+
+    def round_stage(self, round_id: str, kind: str, device: str) -> str:
+        """Device to aggregator: ``rounds/{round}/{kind}/{device}`` (advertise, share ...)."""
+        return f"{self.round(round_id)}/{kind}/{check_name(device, 'device')}"
+
+    def round_stage_filter(self, kind: str) -> str:
+        return f"{self.rounds_base}/+/{kind}/+"
+
+    def round_to(self, round_id: str, device: str) -> str:
+        """Aggregator to one device: ``rounds/{round}/to/{device}``."""
+        return f"{self.round(round_id)}/{TO}/{check_name(device, 'device')}"
+
+    def round_to_filter(self, device: str) -> str:
+        return f"{self.rounds_base}/+/{TO}/{check_name(device, 'device')}"
+
+    def parse_round(self, topic: str) -> RoundTopic | None:
+        """What a ``rounds/...`` topic is, or None if it is none of the round topics."""
+        head = f"{self.rounds_base}/"
+        if not topic.startswith(head):
+            return None
+        parts = topic[len(head) :].split("/")
+        if not all(is_name(p) for p in parts):
+            return None
+        if len(parts) == 2 and parts[0] == CHECKIN:
+            return RoundTopic("checkin", None, CHECKIN, parts[1])
+        if parts[0] == CHECKIN:
+            return None  # "checkin" is never a round id
+        if len(parts) == 2:
+            return RoundTopic("broadcast", parts[0], parts[1], None)
+        if len(parts) == 3 and parts[1] == TO:
+            return RoundTopic("to", parts[0], TO, parts[2])
+        if len(parts) == 3:
+            return RoundTopic("stage", parts[0], parts[1], parts[2])
+        return None
 
     @property
     def all_filter(self) -> str:

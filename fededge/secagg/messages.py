@@ -13,7 +13,6 @@ import base64
 import binascii
 import json
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, TypeAlias
@@ -23,6 +22,7 @@ import numpy.typing as npt
 
 from fededge.errors import ProtocolError
 from fededge.protocol.tensors import decode_tensors, encode_tensors
+from fededge.protocol.vocab import NAME_PATTERN, is_name
 from fededge.secagg.crypto import KEY_BYTES, NONCE_BYTES, SHARE_BYTES, TAG_BYTES
 
 PROTOCOL_VERSION = 1
@@ -31,15 +31,14 @@ TO_ALL = "@all"
 MAX_JSON_BYTES = 4 << 20
 MAX_COHORT = 10_000
 MAX_VECTOR_LENGTH = 1 << 28
-ID_PATTERN = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 BUNDLE_BYTES = 2 * SHARE_BYTES  # plaintext of one share bundle: mask-key share, self-mask share
 CIPHERTEXT_BYTES = NONCE_BYTES + BUNDLE_BYTES + TAG_BYTES
 
 
 # ---------------------------------------------------------------------------------- field checks
 def _id(name: str, value: object) -> str:
-    if not isinstance(value, str) or not ID_PATTERN.fullmatch(value):
-        raise ProtocolError(f"field {name!r}: expected an id matching {ID_PATTERN.pattern}")
+    if not is_name(value):
+        raise ProtocolError(f"field {name!r}: expected an id matching {NAME_PATTERN}")
     return value
 
 
