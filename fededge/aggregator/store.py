@@ -25,8 +25,8 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fededge.aggregator.wal import atomic_write, fsync_dir
 from fededge.errors import ProtocolError, StorageError
+from fededge.fsio import atomic_write, fsync_dir
 from fededge.protocol import ModelVersion
 from fededge.protocol.tensors import decode_tensors, encode_header
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from fededge.errors import StorageError
+from fededge.fsio import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,29 +29,6 @@ class Record:
 
     header: dict[str, Any]
     payload: bytes
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a rename or a new file in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | list[bytes | memoryview], *, fsync: bool = True) -> None:
-    """Write ``data`` (or its parts) so that a crash leaves either the old or the new file."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as f:
-        for part in data if isinstance(data, list) else [data]:
-            f.write(part)
-        if fsync:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
-    if fsync:
-        fsync_dir(path.parent)
 
 
 def encode_record(header: dict[str, Any], payload: bytes) -> bytes:

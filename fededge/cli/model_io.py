@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import queue
 import time
 import uuid
@@ -33,6 +32,7 @@ from fededge.device.bundle import (
     parse_weights,
 )
 from fededge.errors import FededgeError, ModelError, ProtocolError
+from fededge.fsio import atomic_write
 from fededge.mqtt import MqttClient
 from fededge.protocol import (
     AggregatorStatus,
@@ -119,12 +119,6 @@ def _from_state_dir(settings: Settings, version: int, latest: int | None) -> byt
         raise FededgeError(f"cannot read {path}: {e.strerror}") from None
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
 def pull_version(
     settings: Settings, version: int | None, out_dir: Path, wait: float
 ) -> dict[str, Any]:
@@ -169,13 +163,13 @@ def pull_version(
             parse_weights(data, spec, what=f"version {mv.version}")
         except ModelError as e:
             raise FededgeError(f"the pulled version does not form a valid bundle: {e}") from None
-        _write_atomic(out_dir / GRAPH_FILE, graph.tflite)
+        atomic_write(out_dir / GRAPH_FILE, graph.tflite)
         spec_text = json.dumps(graph.spec, indent=2, sort_keys=True) + "\n"
-        _write_atomic(out_dir / SPEC_FILE, spec_text.encode())
+        atomic_write(out_dir / SPEC_FILE, spec_text.encode())
         files += [GRAPH_FILE, SPEC_FILE]
     # The version message itself, byte for byte: a safetensors file whose metadata says which
     # version it is; bundles and `model init --weights` read only its tensors.
-    _write_atomic(out_dir / WEIGHTS_FILE, data)
+    atomic_write(out_dir / WEIGHTS_FILE, data)
     info = {
         "task": mv.task,
         "version": mv.version,
@@ -188,7 +182,7 @@ def pull_version(
         "source": source,
         "broker": settings.broker.url,
     }
-    _write_atomic(
+    atomic_write(
         out_dir / VERSION_FILE, (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()
     )
     files += [WEIGHTS_FILE, VERSION_FILE]

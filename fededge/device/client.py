@@ -49,6 +49,7 @@ from fededge.errors import (
     StorageError,
     TransportError,
 )
+from fededge.fsio import atomic_write
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import (
     DeviceStatus,
@@ -376,7 +377,7 @@ class Client:
         self._waiting_model = None
         self.metrics.version.set(mv.version)
         if raw is not None:
-            _write_atomic(self.state_dir / "model.bin", raw)
+            atomic_write(self.state_dir / "model.bin", raw)
         log.info("adopted model version %d", mv.version, extra={"version": mv.version})
         with self._changed:
             self._changed.notify_all()
@@ -487,7 +488,7 @@ class Client:
         spec = parse_spec(g.spec)
         validate_graph(g.tflite, spec, isolate=True)  # a hostile graph must not crash us
         self._set_graph(g.tflite, spec)
-        _write_atomic(self.state_dir / "graph.bin", payload)
+        atomic_write(self.state_dir / "graph.bin", payload)
         waiting = self._waiting_model
         if waiting is not None:
             self._adopt(waiting, waiting.to_bytes())
@@ -497,7 +498,7 @@ class Client:
             log.info("adopting plan %s", plan.model_dump_json())
             self.plan = plan
             self._plan_known = True
-            _write_atomic(self.state_dir / "plan.json", payload)
+            atomic_write(self.state_dir / "plan.json", payload)
             self._wake_trainer.set()
 
     def _on_receipt(self, r: Receipt) -> None:
@@ -648,12 +649,6 @@ def _weights_fit(mv: ModelVersion, spec: BundleSpec) -> bool:
     if set(mv.weights) != set(spec.weight_names):
         return False
     return all(tuple(mv.weights[w.name].shape) == w.shape for w in spec.weights)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _lock_state(state_dir: Path) -> int:
