@@ -9,7 +9,6 @@ import queue
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any, Literal
 
 from fededge import kernels
@@ -17,7 +16,7 @@ from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion, dedup_key
 from fededge.aggregator.policy import check_update
 from fededge.aggregator.rounds import RoundDriver
-from fededge.aggregator.store import Store
+from fededge.aggregator.store import Store, task_root
 from fededge.errors import (
     ConfigError,
     FededgeError,
@@ -58,8 +57,7 @@ class Aggregator:
         self.settings = settings
         self.cfg = settings.aggregator
         self.topics = Topics(settings.topic_prefix, settings.task)
-        root = Path(settings.state_dir) / "aggregator" / settings.task
-        self.store = Store(root, fsync=self.cfg.fsync)
+        self.store = Store(task_root(settings.state_dir, settings.task), fsync=self.cfg.fsync)
         self.metrics = AggregatorMetrics()
         self.metrics_port: int | None = None
         self.plan = Plan()

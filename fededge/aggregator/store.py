@@ -34,13 +34,30 @@ log = logging.getLogger(__name__)
 _MAX_FILE = 1 << 34
 
 
+def task_root(state_dir: Path | str, task: str) -> Path:
+    """Where the aggregator keeps the state of ``task`` under ``state_dir``."""
+    return Path(state_dir) / "aggregator" / task
+
+
+def stored_version_path(state_dir: Path | str, task: str, version: int) -> Path:
+    """The file of a stored version, for readers that must not lock the state (the CLI)."""
+    return task_root(state_dir, task) / VERSIONS_DIR / version_file_name(version)
+
+
+def version_file_name(version: int) -> str:
+    return f"{version:08d}.safetensors"
+
+
+VERSIONS_DIR = "versions"
+
+
 class Store:
     """Durable state of one task; every write is atomic, every read is validated."""
 
     def __init__(self, root: Path, *, fsync: bool = True) -> None:
         self.root = root
         self.fsync = fsync
-        self.versions_dir = root / "versions"
+        self.versions_dir = root / VERSIONS_DIR
         self.pending_dir = root / "pending"
         for d in (root, self.versions_dir, self.pending_dir):
             d.mkdir(parents=True, exist_ok=True)
@@ -77,7 +94,7 @@ class Store:
         return nums[-1] if nums else None
 
     def version_path(self, version: int) -> Path:
-        return self.versions_dir / f"{version:08d}.safetensors"
+        return self.versions_dir / version_file_name(version)
 
     def read_version_bytes(self, version: int) -> bytes:
         return self.version_path(version).read_bytes()

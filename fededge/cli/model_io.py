@@ -21,6 +21,7 @@ from rich.padding import Padding
 from rich.table import Table
 from rich.text import Text
 
+from fededge.aggregator.store import stored_version_path
 from fededge.cli.common import settings_options
 from fededge.cli.render import MAX_MESSAGE, console, finite, fmt_time, human_bytes
 from fededge.device.bundle import (
@@ -99,13 +100,7 @@ def fetch_retained(settings: Settings, wait: float) -> tuple[bytes | None, Graph
 
 
 def _from_state_dir(settings: Settings, version: int, latest: int | None) -> bytes:
-    path = (
-        Path(settings.state_dir)
-        / "aggregator"
-        / settings.task
-        / "versions"
-        / f"{version:08d}.safetensors"
-    )
+    path = stored_version_path(settings.state_dir, settings.task, version)
     try:
         return path.read_bytes()
     except FileNotFoundError:

@@ -20,7 +20,7 @@ __all__ = ["wait_until"]
 
 
 def wait_until(
-    cond: Callable[[], T | None | bool],
+    cond: Callable[[], T | bool | None],
     timeout: float = 30.0,
     what: str = "a condition",
     *,
