@@ -85,6 +85,8 @@ class Topics:
         return f"{self.base}/rounds"
 
     def round(self, round_id: str) -> str:
+        if round_id == CHECKIN:
+            raise ValueError(f"round id {CHECKIN!r} is reserved for check-ins")
         return f"{self.rounds_base}/{check_name(round_id, 'round')}"
 
     def checkin(self, device: str) -> str:
