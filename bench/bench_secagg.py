@@ -3,7 +3,7 @@
 Run with the bench venv (it has flwr): ``/work/venv-bench/bin/python bench/bench_secagg.py``.
 Writes the ``secagg`` section of docs/benchmarks.md.
 
-fededge: a whole in-memory round (fededge.secagg.simulate, every message through its wire
+fededge: a whole in-memory round (fededge.testing.secagg, every message through its wire
 encoding), timing the device's encode + masking and the server's unmasking inside it.
 Flower: the same steps rebuilt from flwr's own functions, in the order its ``secaggplus_mod``
 (masked-input stage) and ``SecAggPlusWorkflow.unmask_stage`` call them: ``quantize``,
@@ -34,7 +34,7 @@ from fededge.secagg.graph import Stage
 from fededge.secagg.messages import TO_SERVER, Message, encode
 from fededge.secagg.quantize import FixedPoint, add_mod, warmup
 from fededge.secagg.server import ServerRound
-from fededge.secagg.simulate import Simulation, make_config
+from fededge.testing.secagg import Simulation, make_config
 
 
 class Timer:

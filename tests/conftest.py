@@ -1,77 +1,73 @@
-"""Shared fixtures: one family of private Mosquitto brokers (see tests/broker.py)."""
+"""Shared fixtures: private Mosquitto brokers (the public pytest plugin of ``fededge.testing``)
+and factories for in-process aggregators and devices against the session's broker."""
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
-from broker import Mosquitto, find_mosquitto
 
-BROKER_FIXTURES = {"broker", "fresh_broker", "mosquitto_factory"}
+from fededge.testing.broker import Mosquitto
+from fededge.testing.fleet import Fleet, aggregator_settings, device_settings
 
-MosquittoFactory = Callable[..., Mosquitto]
+if TYPE_CHECKING:
+    from fededge.aggregator.service import Aggregator
+    from fededge.device.client import Client
 
+pytest_plugins = ["fededge.testing.pytest_plugin"]
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    # A test that uses a broker fixture is a broker test even if it forgot the marker.
-    for item in items:
-        if BROKER_FIXTURES & set(getattr(item, "fixturenames", ())):
-            item.add_marker(pytest.mark.broker)
-
-
-def _require_mosquitto() -> None:
-    if find_mosquitto() is None:
-        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+AggregatorFactory = Callable[..., "Aggregator"]
+DeviceFactory = Callable[..., "Client"]
 
 
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mosquitto]:
-    """A broker shared by the whole session; tests must not stop or restart it."""
-    _require_mosquitto()
-    m = Mosquitto(tmp_path_factory.mktemp("mosquitto-shared"))
-    m.start()
-    try:
-        yield m
-    finally:
-        m.kill()
+@pytest.fixture
+def fleet() -> Iterator[Fleet]:
+    """Aggregators and devices started in this process, all closed when the test ends."""
+    with Fleet() as f:
+        yield f
 
 
-def _factory(base: Path) -> tuple[MosquittoFactory, list[Mosquitto]]:
-    started: list[Mosquitto] = []
+@pytest.fixture
+def aggregator(broker: Mosquitto, tmp_path: Path, fleet: Fleet) -> AggregatorFactory:
+    """``make(task, *, url=None, wait_for_model=30, **aggregator_settings)``: a started Aggregator.
+
+    Against the session's broker unless ``url`` is given; its state in a folder of its own
+    under ``tmp_path``. The task's version 0 must be published first (``publish_task``).
+    """
     counter = itertools.count()
 
-    def make(extra_config: Sequence[str] = (), *, start: bool = True, **kw: Any) -> Mosquitto:
-        m = Mosquitto(base / f"mosquitto{next(counter)}", extra_config=extra_config, **kw)
-        started.append(m)
-        if start:
-            m.start()
-        return m
+    def make(
+        task: str, *, url: str | None = None, wait_for_model: float = 30.0, **agg: Any
+    ) -> Aggregator:
+        settings = aggregator_settings(
+            url or broker.url, tmp_path / f"agg{next(counter)}", task=task, **agg
+        )
+        return fleet.aggregator(settings, wait_for_model=wait_for_model)
 
-    return make, started
+    return make
 
 
 @pytest.fixture
-def mosquitto_factory(tmp_path: Path) -> Iterator[MosquittoFactory]:
-    """Make private brokers for one test: ``make(extra_config_lines, allow_anonymous=...)``.
+def device(broker: Mosquitto, tmp_path: Path, fleet: Fleet) -> DeviceFactory:
+    """``make(task, device_id, *, url=None, bundle=None, start=True, **device_settings)``.
 
-    Keyword arguments go to ``Mosquitto`` (allow_anonymous, max_queued_messages,
-    max_inflight_messages, max_packet_size, autosave_interval, port); ``start=False``
-    returns it unstarted.
-    Every broker made is killed at the end of the test.
+    A device Client against the session's broker unless ``url`` is given, with its state
+    under ``tmp_path / "devices"``; closed when the test ends.
     """
-    _require_mosquitto()
-    make, started = _factory(tmp_path)
-    try:
-        yield make
-    finally:
-        for m in started:
-            m.kill()
 
+    def make(
+        task: str,
+        device_id: str,
+        *,
+        url: str | None = None,
+        bundle: Any = None,
+        start: bool = True,
+        **dev: Any,
+    ) -> Client:
+        settings = device_settings(url or broker.url, tmp_path / "devices", task, device_id, **dev)
+        return fleet.device(settings, bundle=bundle, start=start)
 
-@pytest.fixture
-def fresh_broker(mosquitto_factory: MosquittoFactory) -> Mosquitto:
-    """A broker of this test's own, free to be stopped, killed and restarted."""
-    return mosquitto_factory()
+    return make

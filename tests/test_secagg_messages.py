@@ -29,7 +29,7 @@ from fededge.secagg.messages import (
     decode_payload,
     encode,
 )
-from fededge.secagg.simulate import make_config
+from fededge.testing.secagg import make_config
 
 CONFIG = make_config("r-1", ["a", "b", "c", "d"], 10, threshold=2, neighbours=2)
 SHARE = b"\x00\x02" + bytes(range(66))

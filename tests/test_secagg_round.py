@@ -25,7 +25,7 @@ from fededge.secagg.messages import (
 )
 from fededge.secagg.quantize import mean_error_bound
 from fededge.secagg.server import ServerRound
-from fededge.secagg.simulate import Simulation, make_config
+from fededge.testing.secagg import Simulation, make_config
 
 D = 500
 MAX_WEIGHT = 100.0

@@ -8,7 +8,7 @@ import numpy as np
 
 from fededge.secagg.graph import Stage
 from fededge.secagg.messages import MaskedInput, Message
-from fededge.secagg.simulate import Simulation, make_config
+from fededge.testing.secagg import Simulation, make_config
 
 D = 100_000
 
