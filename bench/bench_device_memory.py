@@ -31,7 +31,7 @@ import numpy as np
 from broker import Mosquitto  # tests/broker.py: a private mosquitto
 
 from bench._report import machine, write_section
-from fededge.cli.model import publish_initial
+from fededge.tasks import publish_initial
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.device.datasets import load_digits
 from fededge.protocol import Graph, ModelVersion, Plan

@@ -106,7 +106,7 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
 def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -> float:
     """Seconds from the first publish until n receipts say 'accepted' (durable and folded)."""
     from fededge.aggregator.service import Aggregator
-    from fededge.cli.model import publish_initial
+    from fededge.tasks import publish_initial
     from fededge.protocol import ModelVersion, Plan
     from fededge.settings import load_settings
 

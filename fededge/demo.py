@@ -8,11 +8,13 @@ demo harness: the aggregator never sees a label.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
 import math
 import queue
+import secrets
 import tempfile
 import time
 from collections.abc import Callable
@@ -22,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from fededge.errors import ConfigError, FededgeError, NotReadyError
 from fededge.protocol import Graph, ModelVersion, Plan
 from fededge.protocol.messages import SecureAggregation
 
@@ -41,7 +44,8 @@ class DemoConfig:
     alpha: float = 0.5
     broker: str | None = None
     mqtt_version: str | None = None
-    task: str = "digits-demo"
+    # None: a task of its own for every run (see ``run_demo``).
+    task: str | None = None
     state_dir: Path | None = None
     out_dir: Path = Path("demo-out")
     json_path: Path | None = None
@@ -83,8 +87,6 @@ class Summary:
 def demo_secure_aggregation(devices: int) -> SecureAggregation:
     """Rounds over the whole fleet: t = n/2 + 1, starting with 70% of the devices if need be."""
     if devices < 3:
-        from fededge.errors import ConfigError
-
         raise ConfigError(f"--secure-aggregation needs at least 3 devices, got {devices}")
     threshold = devices // 2 + 1
     return SecureAggregation(
@@ -112,14 +114,28 @@ def demo_plan(cfg: DemoConfig) -> Plan:
     )
 
 
+def run_task(cfg: DemoConfig) -> str:
+    """The task a demo run uses: ``cfg.task``, or ``digits-demo-<6 hex digits>``, new each run.
+
+    A run of its own task never meets a previous run's retained model, persistent sessions
+    or queued messages on a shared broker, so every run starts at version 0.
+    """
+    return cfg.task or f"digits-demo-{secrets.token_hex(3)}"
+
+
 def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda r: None) -> Summary:
-    """Run the demo to ``cfg.versions`` versions; return the per-version summary."""
+    """Run the demo to ``cfg.versions`` versions; return the per-version summary.
+
+    On a broker of the user's (``cfg.broker``) the run clears what it leaves behind at the
+    end: its task's retained messages and its clients' persistent sessions.
+    """
     from fededge.device.bundle import load_bundle, shipped_bundle_path
     from fededge.device.datasets import dirichlet_partition, load_digits, train_test_split
     from fededge.device.runtime import ModelRuntime
     from fededge.embedded_broker import EmbeddedBroker
 
     demo_plan(cfg)  # a bad configuration fails before anything starts
+    cfg = dataclasses.replace(cfg, task=run_task(cfg))
     name = {"mlp": "digits_mlp", "cnn": "digits_cnn"}[cfg.model]
     bundle = load_bundle(shipped_bundle_path(name))
     x, y = load_digits()
@@ -145,7 +161,19 @@ def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda 
         tmp = tempfile.TemporaryDirectory(prefix="fededge-demo-")
         state_dir = Path(tmp.name)
     try:
-        return _run(cfg, url, protocol, state_dir, bundle, parts, xte, yte, evaluator, on_version)
+        return _run(
+            cfg,
+            url,
+            protocol,
+            state_dir,
+            bundle,
+            parts,
+            xte,
+            yte,
+            evaluator,
+            on_version,
+            clear=embedded is None,
+        )
     finally:
         if embedded is not None:
             embedded.stop()
@@ -154,14 +182,20 @@ def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda 
 
 
 def _settings(
-    cfg: DemoConfig, url: str, protocol: str | None, state_dir: Path, **extra: Any
+    cfg: DemoConfig,
+    url: str,
+    protocol: str | None,
+    state_dir: Path,
+    client_id: str | None = None,
+    **extra: Any,
 ) -> Any:
     from fededge.settings import load_settings
 
+    broker = {"url": url, "protocol": protocol, "reconnect_max_delay": 2.0, "client_id": client_id}
     return load_settings(
         None,
         {
-            "broker": {"url": url, "protocol": protocol, "reconnect_max_delay": 2.0},
+            "broker": broker,
             "task": cfg.task,
             "state_dir": state_dir,
             **extra,
@@ -180,13 +214,17 @@ def _run(
     yte: np.ndarray,
     evaluator: Any,
     on_version: Callable[[VersionRow], None],
+    *,
+    clear: bool,
 ) -> Summary:
     import threading
 
     from fededge.aggregator.service import Aggregator
-    from fededge.cli.model import publish_initial
     from fededge.device.client import Client
+    from fededge.tasks import aggregator_client_id, clear_task, publish_initial
 
+    if cfg.task is None:
+        raise NotReadyError("_run needs the run's task (run_task)")
     plan = demo_plan(cfg)
     agg_settings = _settings(
         cfg, url, protocol, state_dir, aggregator={"metrics": False, "status_interval": 2.0}
@@ -200,6 +238,7 @@ def _run(
         time=time.time(),
     )
     publish_initial(agg_settings, graph, mv0, plan, force=True)
+    client_ids = [aggregator_client_id(agg_settings)]
     agg = Aggregator(agg_settings)
     versions: queue.Queue[tuple[ModelVersion, float]] = queue.Queue()
     agg.on_new_version(lambda m, _old, _new: versions.put((m, time.monotonic())))
@@ -209,6 +248,8 @@ def _run(
         target=agg.run, args=(stop.is_set,), name="aggregator", daemon=True
     )
     agg_thread.start()
+    # Every version of this run is published after this instant: durations are never negative.
+    t_start = time.monotonic()
 
     clients: list[Client] = []
     try:
@@ -222,11 +263,14 @@ def _run(
             clients[i].fit(parts[i][0][idx], parts[i][1][idx])
 
         for i in range(cfg.devices):
+            client_id = f"fededge-{cfg.task}-dev-{i:02d}"
+            client_ids.append(client_id)
             s = _settings(
                 cfg,
                 url,
                 protocol,
                 state_dir,
+                client_id=client_id,
                 device={"device_id": f"dev-{i:02d}", "metrics": False, "seed": cfg.seed * 1000 + i},
             )
             c = Client(s)
@@ -247,7 +291,6 @@ def _run(
         row0 = VersionRow(0, float(acc0), float(loss0), 0, 0.0)
         summary.versions.append(row0)
         on_version(row0)
-        t_start = time.monotonic()
         last = t_start
         deadline = t_start + cfg.timeout
         while summary.versions[-1].version < cfg.versions:
@@ -275,6 +318,11 @@ def _run(
             except Exception:
                 log.exception("closing %s", c.device_id)
         agg.close()
+        if clear:
+            try:
+                clear_task(agg_settings, client_ids)
+            except FededgeError as e:
+                log.warning("could not clear demo task %s from the broker: %s", cfg.task, e)
 
 
 def _feed_on_version(feed: Callable[[int], None], i: int, *_version: object) -> None:

@@ -7,6 +7,6 @@ cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-/work/venv-tf/bin/python}"
 export TF_CPP_MIN_LOG_LEVEL=2 PYTHONHASHSEED=0
 for model in mlp cnn; do
-  "$PYTHON" -m fededge.device.build --model "$model" --out "fededge/models/digits_$model" --seed 0
+  "$PYTHON" -m fededge.build --model "$model" --output "fededge/models/digits_$model" --seed 0
 done
 sha256sum fededge/models/*/*

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from fededge.aggregator.service import Aggregator
-from fededge.cli.model import publish_initial
+from fededge.tasks import publish_initial
 from fededge.mqtt import Message, MqttClient
 from fededge.protocol import ModelVersion, Plan, Receipt, Topics, Update, decode_json
 from fededge.settings import Settings, load_settings

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from fededge.cli.model import publish_initial
+from fededge.tasks import publish_initial
 from fededge.device.bundle import Bundle, load_bundle, shipped_bundle_path
 from fededge.device.datasets import dirichlet_partition, load_digits, train_test_split
 from fededge.protocol import Graph, ModelVersion, Plan

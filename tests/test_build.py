@@ -10,7 +10,8 @@ import pytest
 
 pytest.importorskip("tensorflow", reason="needs TensorFlow (the convert extra)")
 
-from fededge.device.build import build_bundle, initial_weights, main, tf_train_step
+from fededge.build.builder import build_bundle, initial_weights, tf_train_step
+from fededge.cli import main
 from fededge.device.bundle import GRAPH_FILE, load_bundle, shipped_bundle_path
 from fededge.device.runtime import ModelRuntime
 
@@ -62,7 +63,7 @@ def test_initial_weights_depend_on_seed_only() -> None:
 
 def test_cli_builds_cnn(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cnn"
-    assert main(["--model", "cnn", "--out", str(out), "--seed", "3"]) == 0
+    assert main(["model", "build", "--model", "cnn", "-o", str(out), "--seed", "3"]) == 0
     b = load_bundle(out)
     assert b.spec.input_shape == (8, 8, 1) and b.spec.extra["seed"] == 3
     assert "graph sha256" in capsys.readouterr().out

@@ -7,7 +7,7 @@ import pytest
 
 from fededge.device.bundle import Bundle, load_bundle, shipped_bundle_path
 from fededge.device.datasets import dirichlet_partition, load_digits, train_test_split
-from fededge.device.reference import mlp_train_step
+from fededge.build.reference import mlp_train_step
 from fededge.device.runtime import ModelRuntime
 from fededge.device.training import LocalUpdate, clip_and_noise, global_norm, local_update
 

@@ -1,4 +1,8 @@
-"""The ``fededge`` command line: one click group, one module per command family."""
+"""The ``fededge`` command line: one click group, one module per command family.
+
+Every command is listed here, by name and ``module:attribute``, and imported only when it runs
+(or when the help lists it): ``fededge device`` loads neither rich nor the aggregator.
+"""
 
 from __future__ import annotations
 
@@ -7,33 +11,32 @@ import sys
 import click
 
 from fededge import __version__
-from fededge.cli.common import run_command
+from fededge.cli.common import LazyGroup, run_command
 from fededge.errors import FededgeError
 
+COMMANDS = {
+    "aggregator": "fededge.cli.aggregator:aggregator",
+    "config": "fededge.cli.config:config",
+    "demo": "fededge.cli.demo:demo",
+    "device": "fededge.cli.device:device",
+    "model": "fededge.cli.model:model",
+    "status": "fededge.cli.fleet:status",
+    "watch": "fededge.cli.fleet:watch",
+}
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+
+@click.group(
+    cls=LazyGroup,
+    lazy=COMMANDS,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
 @click.version_option(__version__, prog_name="fededge")
 def cli() -> None:
     """Federated learning for fleets of edge devices over MQTT."""
 
 
-def _register() -> None:
-    from fededge.cli import aggregator, config, model
-
-    cli.add_command(config.config)
-    cli.add_command(aggregator.aggregator)
-    cli.add_command(model.model)
-    for optional in ("device", "fleet", "demo"):
-        try:
-            mod = __import__(f"fededge.cli.{optional}", fromlist=["register"])
-        except ImportError:
-            continue
-        mod.register(cli)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``fededge`` console script; returns the exit code."""
-    _register()
     return run_command(cli, argv)
 
 

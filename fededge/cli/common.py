@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import logging
 import sys
 from collections.abc import Callable
@@ -19,6 +20,33 @@ F = TypeVar("F", bound=Callable[..., Any])
 log = logging.getLogger("fededge.cli")
 
 
+class LazyGroup(click.Group):
+    """A group whose subcommands are imported only when run or listed (click's LazyGroup).
+
+    ``lazy`` maps a command name to ``"module:attribute"``. Running one command imports only
+    its module, so ``fededge device`` never loads rich or the aggregator; an import error in a
+    command's module surfaces as an error when that command (or the help) runs, never as a
+    silently missing command.
+    """
+
+    def __init__(self, *args: Any, lazy: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy = dict(lazy or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = self.lazy.get(cmd_name)
+        if target is None:
+            return super().get_command(ctx, cmd_name)
+        module, _, attr = target.partition(":")
+        command = getattr(importlib.import_module(module), attr)
+        if not isinstance(command, click.Command):
+            raise TypeError(f"{target} is {type(command).__name__}, not a click command")
+        return command
+
+
 def settings_options(f: F) -> F:
     """Add --config/--broker/--task/--state-dir/--log-level; pass ``settings`` to the command."""
 
@@ -28,7 +56,11 @@ def settings_options(f: F) -> F:
     @click.option("--task", help="Task name (default: digits).")
     @click.option("--prefix", "topic_prefix", help="Topic prefix (default: fededge).")
     @click.option("--state-dir", type=click.Path(path_type=Path), help="State directory.")
-    @click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]))
+    @click.option(
+        "--log-level",
+        type=click.Choice(["debug", "info", "warning", "error"]),
+        help="Log level (default: info).",
+    )
     @functools.wraps(f)
     def wrapper(
         config_path: Path | None,
@@ -75,9 +107,22 @@ def run_command(group: click.Group, argv: list[str] | None) -> int:
     return rv if isinstance(rv, int) else 0
 
 
+def quiet_transport(settings: Settings) -> None:
+    """At the default level, keep the transport's connect/close lines off a one-shot command."""
+    if settings.log_level == "info":
+        logging.getLogger("fededge.mqtt").setLevel(logging.WARNING)
+
+
 def echo_err(message: str) -> None:
     click.echo(message, err=True)
     sys.stderr.flush()
 
 
-__all__ = ["Settings", "echo_err", "run_command", "settings_options"]
+__all__ = [
+    "LazyGroup",
+    "Settings",
+    "echo_err",
+    "quiet_transport",
+    "run_command",
+    "settings_options",
+]

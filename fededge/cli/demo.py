@@ -10,12 +10,14 @@ import click
 from fededge.logs import setup_logging
 
 
-def register(cli: click.Group) -> None:
-    cli.add_command(demo)
-
-
 @click.command()
-@click.option("--devices", default=10, show_default=True, type=click.IntRange(1, 200))
+@click.option(
+    "--devices",
+    default=10,
+    show_default=True,
+    type=click.IntRange(1, 200),
+    help="Simulated devices, each with its own non-IID share of the data.",
+)
 @click.option(
     "--versions",
     default=40,
@@ -23,7 +25,13 @@ def register(cli: click.Group) -> None:
     type=click.IntRange(1, 10_000),
     help="Stop after this many model versions.",
 )
-@click.option("--model", type=click.Choice(["mlp", "cnn"]), default="mlp", show_default=True)
+@click.option(
+    "--model",
+    type=click.Choice(["mlp", "cnn"]),
+    default="mlp",
+    show_default=True,
+    help="Shipped model bundle to train (digits_mlp or digits_cnn).",
+)
 @click.option(
     "--noise",
     default=0.0,
@@ -45,11 +53,22 @@ def register(cli: click.Group) -> None:
     type=click.FloatRange(0, min_open=True),
     help="Dirichlet concentration of the non-IID split (smaller = more skewed).",
 )
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
-@click.option("--mqtt-version", type=click.Choice(["3.1.1", "5"]))
 @click.option(
-    "--out",
+    "--seed",
+    default=0,
+    show_default=True,
+    type=int,
+    help="Seed of the data split, the partitions and the devices' noise.",
+)
+@click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
+@click.option(
+    "--mqtt-version",
+    type=click.Choice(["3.1.1", "5"]),
+    help="MQTT protocol with --broker (the embedded broker speaks 3.1.1).",
+)
+@click.option(
+    "-o",
+    "--output",
     "out_dir",
     default=Path("demo-out"),
     show_default=True,
@@ -67,6 +86,7 @@ def register(cli: click.Group) -> None:
     default="warning",
     show_default=True,
     type=click.Choice(["debug", "info", "warning", "error"]),
+    help="Log level of the aggregator and devices.",
 )
 def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) -> int:
     """Federated learning on one machine: devices learn digits together, data stays local."""

@@ -3,7 +3,7 @@
 ``status`` reads the task's retained messages (model, plan, aggregator and device statuses,
 per-version metrics) for a short, bounded time and prints a summary; ``watch`` prints one
 decoded line per message that crosses the broker. Both only subscribe: they never publish, so
-they work with a read-only ACL. ``register`` also attaches ``model pull`` and ``model inspect``.
+they work with a read-only ACL.
 """
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import logging
 import os
 import queue
 import sys
@@ -24,7 +23,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from fededge.cli.common import settings_options
+from fededge.cli.common import quiet_transport, settings_options
 from fededge.cli.render import (
     MAX_MESSAGE,
     STYLES,
@@ -39,8 +38,8 @@ from fededge.cli.render import (
     raw_line,
     sha_short,
 )
-from fededge.errors import FededgeError, ProtocolError
-from fededge.mqtt import MqttClient
+from fededge.errors import FededgeError, NotReadyError, ProtocolError
+from fededge.mqtt import MqttClient, read_retained
 from fededge.protocol import (
     AggregatorStatus,
     DeviceStatus,
@@ -53,17 +52,8 @@ from fededge.protocol import (
 from fededge.protocol.messages import flat_size
 from fededge.settings import Settings
 
-# Retained messages arrive right after each SUBACK; once the model is in and nothing has come
-# for this long, the broker has sent everything it holds for these filters.
-QUIET_SECONDS = 0.3
 DEFAULT_WAIT = 2.0
 ONLINE_STATES = ("online", "training")
-
-
-def quiet_transport(settings: Settings) -> None:
-    """At the default level, keep the transport's connect/close lines off a one-shot command."""
-    if settings.log_level == "info":
-        logging.getLogger("fededge.mqtt").setLevel(logging.WARNING)
 
 
 @dataclass
@@ -142,33 +132,24 @@ def _absorb(snap: Snapshot, topics: Topics, topic: str, payload: bytes) -> None:
 
 
 def collect_status(settings: Settings, wait: float = DEFAULT_WAIT) -> Snapshot:
-    """Read the task's retained state from the broker within ``wait`` seconds."""
+    """Read the task's retained state from the broker (see ``read_retained`` for when it stops)."""
     topics = Topics(settings.topic_prefix, settings.task)
     snap = Snapshot(settings.task, settings.broker.url, settings.topic_prefix)
-    client = MqttClient(
-        settings.broker, f"fededge-status-{uuid.uuid4().hex[:10]}", persistent=False, name="status"
-    )
-    with client:  # connects (TransportError if unreachable), disconnects at the end
-        deadline = time.monotonic() + wait
-        for f in (
+    held = read_retained(
+        settings.broker,
+        [
             topics.model,
             topics.plan,
             topics.aggregator_status,
             topics.version_metrics_filter,
             topics.device_status_filter,
-        ):
-            client.subscribe(f, qos=1)
-        last = time.monotonic()
-        while True:
-            now = time.monotonic()
-            if now >= deadline or (snap.model is not None and now - last >= QUIET_SECONDS):
-                break
-            try:
-                msg = client.messages.get(timeout=min(0.05, deadline - now))
-            except queue.Empty:
-                continue
-            _absorb(snap, topics, msg.topic, msg.payload)
-            last = time.monotonic()
+        ],
+        wait=wait,
+        required=[topics.model],
+        name="status",
+    )
+    for topic, payload in held.items():
+        _absorb(snap, topics, topic, payload)
     return snap
 
 
@@ -177,7 +158,8 @@ def render_status(snap: Snapshot, last: int) -> None:
     out = console()
     out.print(Text.assemble(("task ", "bold"), (snap.task, "bold cyan"), f" on {snap.broker}"))
     m = snap.model
-    assert m is not None
+    if m is None:
+        raise NotReadyError("render_status needs a snapshot with a model")
     graph = "none" if set(m.graph_sha256) == {"0"} else sha_short(m.graph_sha256)
     parent = f" (parent v{m.parent})" if m.parent is not None else ""
     out.print(
@@ -384,15 +366,3 @@ def watch(settings: Settings, raw: bool, count: int | None, timeout: float | Non
     except BrokenPipeError:
         _silence_stdout()
     return 0
-
-
-def register(cli: click.Group) -> None:
-    """Add status and watch to the CLI, and pull and inspect to `fededge model`."""
-    from fededge.cli.model_io import inspect, pull
-
-    cli.add_command(status)
-    cli.add_command(watch)
-    model = cli.commands.get("model")
-    if isinstance(model, click.Group):
-        model.add_command(pull)
-        model.add_command(inspect)

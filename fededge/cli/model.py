@@ -2,26 +2,31 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
-import queue
 import time
-import uuid
 from pathlib import Path
 
 import click
 import numpy as np
 
-from fededge.cli.common import settings_options
-from fededge.errors import ConfigError, FededgeError, ProtocolError
-from fededge.protocol import Graph, ModelVersion, Plan, Topics, decode_json, decode_tensors
+from fededge.build.builder import ARCHS
+from fededge.cli.common import LazyGroup, settings_options
+from fededge.device.bundle import GRAPH_FILE
+from fededge.errors import ConfigError, ProtocolError
+from fededge.protocol import Graph, ModelVersion, Plan, decode_json, decode_tensors
 from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings
+from fededge.tasks import publish_initial
 
 log = logging.getLogger("fededge.model")
 MAX_FILE = 1 << 31
 
 
-@click.group()
+@click.group(
+    cls=LazyGroup,
+    lazy={"inspect": "fededge.cli.model_io:inspect", "pull": "fededge.cli.model_io:pull"},
+)
 def model() -> None:
     """Build, publish, fetch and inspect models."""
 
@@ -39,8 +44,7 @@ def load_init_payloads(
         b = load_bundle(bundle)
         graph = Graph(task=task, tflite=b.graph, spec=b.spec.to_json())
         tensors = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in b.weights.items()}
-    else:
-        assert weights is not None
+    elif weights is not None:
         try:
             payload = decode_tensors(weights.read_bytes(), max_bytes=MAX_FILE)
         except OSError as e:
@@ -76,55 +80,15 @@ def load_init_payloads(
     return graph, mv, plan
 
 
-def retained(settings: Settings, topic: str, wait: float = 1.5) -> bytes | None:
-    """The retained payload on ``topic`` (None if there is none), via a throwaway client."""
-    from fededge.mqtt import MqttClient
-
-    client = MqttClient(settings.broker, f"fededge-cli-{uuid.uuid4().hex[:10]}", persistent=False)
-    with client:  # connects, and disconnects at the end
-        client.subscribe(topic, qos=1)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            try:
-                msg = client.messages.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if msg.topic == topic and msg.retain:
-                return msg.payload or None
-    return None
-
-
-def publish_initial(
-    settings: Settings, graph: Graph | None, mv: ModelVersion, plan: Plan, *, force: bool = False
-) -> None:
-    """Publish graph, plan and version 0 retained; refuse to replace a live task unless forced."""
-    from fededge.mqtt import MqttClient
-
-    topics = Topics(settings.topic_prefix, settings.task)
-    existing = retained(settings, topics.model)
-    if existing is not None and not force:
-        try:
-            v = ModelVersion.from_bytes(existing, max_bytes=MAX_FILE).version
-            what = f"version {v}"
-        except FededgeError:
-            what = "an unreadable model message"
-        raise ConfigError(
-            f"task {settings.task!r} already has {what} on {topics.model}; use --force to replace "
-            "it (stop the aggregator and remove its state directory first)"
-        )
-    client = MqttClient(settings.broker, f"fededge-init-{uuid.uuid4().hex[:10]}", persistent=False)
-    with client:  # connects, and disconnects at the end
-        if graph is not None:
-            client.publish(topics.graph, graph.to_bytes(), retain=True, wait=True, timeout=30)
-        client.publish(topics.plan, plan.to_bytes(), retain=True, wait=True, timeout=30)
-        client.publish(topics.model, mv.to_bytes(), retain=True, wait=True, timeout=30)
-
-
 @model.command("init")
 @click.option("--bundle", type=click.Path(path_type=Path), help="Model bundle directory.")
 @click.option("--weights", type=click.Path(path_type=Path), help="Initial weights (safetensors).")
 @click.option("--plan", "plan_file", type=click.Path(path_type=Path), help="Plan JSON file.")
-@click.option("--force", is_flag=True, help="Replace a task that already has a model.")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Reset a task that already has a model (stop its aggregator and remove its state first).",
+)
 @settings_options
 def init(
     settings: Settings,
@@ -143,18 +107,33 @@ def init(
     )
 
 
-@model.command(
-    "build",
-    add_help_option=False,  # --help goes to the builder, which knows its own options
-    context_settings={"ignore_unknown_options": True},
+@model.command("build")
+@click.option(
+    "--model",
+    "arch",
+    type=click.Choice(sorted(ARCHS)),
+    required=True,
+    help="Architecture to build.",
 )
-@click.argument("args", nargs=-1, type=click.UNPROCESSED)
-def build(args: tuple[str, ...]) -> int:
-    """Build a model bundle with TensorFlow (needs the `convert` extra); --help for options."""
+@click.option(
+    "-o",
+    "--output",
+    "out_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="Bundle directory to (over)write.",
+)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights.")
+def build(arch: str, out_dir: Path, seed: int) -> int:
+    """Build a model bundle (graph, initial weights, spec) with TensorFlow (the `convert` extra)."""
+    from fededge.build.builder import build_bundle
+
     try:
-        from fededge.device.build import main as build_main
+        out = build_bundle(arch, out_dir, seed)
     except ImportError as e:
         raise ConfigError(
             f"`fededge model build` needs TensorFlow: pip install 'fededge[convert]' ({e})"
         ) from None
-    return int(build_main(list(args)) or 0)
+    digest = hashlib.sha256((out / GRAPH_FILE).read_bytes()).hexdigest()
+    click.echo(f"built {arch} bundle in {out} (graph sha256 {digest})")
+    return 0

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import queue
-import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +19,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fededge.aggregator.store import stored_version_path
-from fededge.cli.common import settings_options
+from fededge.cli.common import quiet_transport, settings_options
 from fededge.cli.render import MAX_MESSAGE, console, finite, fmt_time, human_bytes
 from fededge.device.bundle import (
     GRAPH_FILE,
@@ -34,7 +31,7 @@ from fededge.device.bundle import (
 )
 from fededge.errors import FededgeError, ModelError, ProtocolError
 from fededge.fsio import atomic_write
-from fededge.mqtt import MqttClient
+from fededge.mqtt import read_retained
 from fededge.protocol import (
     AggregatorStatus,
     DeviceStatus,
@@ -67,36 +64,30 @@ _JSON_KINDS: dict[str, Any] = {
 def fetch_retained(settings: Settings, wait: float) -> tuple[bytes | None, Graph | None]:
     """The retained model payload and graph of the task (None where nothing is retained)."""
     topics = Topics(settings.topic_prefix, settings.task)
-    model: bytes | None = None
-    graph: Graph | None = None
-    graph_seen = False
-    client = MqttClient(
-        settings.broker, f"fededge-pull-{uuid.uuid4().hex[:10]}", persistent=False, name="pull"
+    held = read_retained(
+        settings.broker, [topics.model, topics.graph], wait=wait, required=[topics.model]
     )
-    with client:
-        client.subscribe(topics.model, qos=1)
-        client.subscribe(topics.graph, qos=1)
-        deadline = time.monotonic() + wait
-        quiet_until = time.monotonic() + 0.5
-        while time.monotonic() < deadline:
-            if model is not None and (graph_seen or time.monotonic() > quiet_until):
-                break
-            try:
-                msg = client.messages.get(timeout=0.05)
-            except queue.Empty:
-                continue
-            if msg.topic == topics.model and msg.payload:
-                model = msg.payload
-            elif msg.topic == topics.graph and msg.payload:
-                graph_seen = True
-                try:
-                    graph = Graph.from_bytes(msg.payload, max_bytes=MAX_MESSAGE)
-                except ProtocolError as e:
-                    raise FededgeError(
-                        f"the retained graph on {msg.topic} is invalid: {e}"
-                    ) from None
-            quiet_until = time.monotonic() + 0.5
+    model = held.get(topics.model)
+    graph_bytes = held.get(topics.graph)
+    if model is not None and graph_bytes is None and _needs_graph(model):
+        # The model names a graph that was not in yet: wait for it (or for ``wait``).
+        graph_bytes = read_retained(
+            settings.broker, [topics.graph], wait=wait, required=[topics.graph]
+        ).get(topics.graph)
+    graph = None
+    if graph_bytes is not None:
+        try:
+            graph = Graph.from_bytes(graph_bytes, max_bytes=MAX_MESSAGE)
+        except ProtocolError as e:
+            raise FededgeError(f"the retained graph on {topics.graph} is invalid: {e}") from None
     return model, graph
+
+
+def _needs_graph(model: bytes) -> bool:
+    try:
+        return ModelVersion.from_bytes(model, max_bytes=MAX_MESSAGE).graph_sha256 != NO_GRAPH
+    except ProtocolError:
+        return False  # pull_version reports the invalid message
 
 
 def _from_state_dir(settings: Settings, version: int, latest: int | None) -> bytes:
@@ -204,8 +195,6 @@ def pull_version(
 @settings_options
 def pull(settings: Settings, version: int | None, out_dir: Path, wait: float) -> int:
     """Fetch a version (graph, weights, spec) into a bundle directory."""
-    from fededge.cli.fleet import quiet_transport
-
     quiet_transport(settings)
     info = pull_version(settings, version, out_dir, wait)
     bundle = "a bundle" if GRAPH_FILE in info["files"] else "weights only (task has no graph)"

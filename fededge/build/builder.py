@@ -1,17 +1,15 @@
 """Build model bundles (graph + initial weights + spec) with TensorFlow, at build time only.
 
-Run as ``python -m fededge.device.build --model mlp --out DIR`` (needs the ``convert`` extra).
+Run as ``fededge model build --model mlp -o DIR`` (needs the ``convert`` extra).
 The graphs are stateless: weights go in and come out as arrays, and only builtin TFLite ops are
 used, so any LiteRT or tflite-runtime >= 2.14 can train them. See docs/decisions.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -236,24 +234,3 @@ def tf_train_step(
         x.astype(np.float32), y.astype(np.int32), np.float32(lr), *[weights[n] for n in names]
     )
     return float(out["loss"].numpy()), {n: out[n].numpy() for n in names}
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Command line: build one bundle into a directory."""
-    p = argparse.ArgumentParser(prog="python -m fededge.device.build", description=__doc__)
-    p.add_argument("--model", choices=sorted(ARCHS), required=True)
-    p.add_argument("--out", type=Path, required=True, help="bundle directory to (over)write")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights")
-    args = p.parse_args(argv)
-    try:
-        out = build_bundle(args.model, args.out, args.seed)
-    except ModelError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    digest = hashlib.sha256((out / GRAPH_FILE).read_bytes()).hexdigest()
-    print(f"built {args.model} bundle in {out} (graph sha256 {digest})")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,7 +1,7 @@
 """A plain numpy MLP (forward, backward, SGD step): the reference the LiteRT MLP is checked against.
 
 Used by the tests and by bench/bench_train.py; it mirrors the ``mlp`` graph of
-:mod:`fededge.device.build` exactly, including the ReLU-as-``maximum(h, 0)`` subgradient of 1
+:mod:`fededge.build.builder` exactly, including the ReLU-as-``maximum(h, 0)`` subgradient of 1
 at 0.
 """
 

@@ -1,0 +1,94 @@
+"""A task's life on the broker: publish its version 0, and clear what it left behind.
+
+Used by ``fededge model init`` and by the demo (which must not import the CLI). The only
+transport it needs is :mod:`fededge.mqtt`; what it publishes is built by :mod:`fededge.protocol`.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+from fededge.errors import ConfigError, FededgeError
+from fededge.mqtt import MqttClient, discard_session, read_retained
+from fededge.protocol import AggregatorStatus, Graph, ModelVersion, Plan, Topics, decode_json
+from fededge.settings import Settings
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE = 1 << 31
+# How long `model init` looks for what the broker already holds for the task.
+INIT_WAIT = 1.5
+
+
+def aggregator_client_id(settings: Settings) -> str:
+    """The MQTT client id (and so the persistent session) of the task's aggregator."""
+    return settings.broker.client_id or f"fededge-aggregator-{settings.task}"
+
+
+def publish_initial(
+    settings: Settings, graph: Graph | None, mv: ModelVersion, plan: Plan, *, force: bool = False
+) -> None:
+    """Publish graph, plan and version 0 retained, as documented for ``fededge model init``.
+
+    A task that already has a model is refused unless ``force``. With ``force`` the task is
+    reset, which needs its aggregator stopped (a running one restores its own model over
+    ours): an aggregator whose retained status says ``online`` is refused, and the
+    aggregator's persistent session is discarded, so that at its next start it adopts this
+    version 0 and not a model message still queued for it from before the reset.
+    """
+    topics = Topics(settings.topic_prefix, settings.task)
+    held = read_retained(
+        settings.broker, [topics.model, topics.aggregator_status], wait=INIT_WAIT, name="init"
+    )
+    existing = held.get(topics.model)
+    if existing is not None and not force:
+        try:
+            v = ModelVersion.from_bytes(existing, max_bytes=MAX_MESSAGE).version
+            what = f"version {v}"
+        except FededgeError:
+            what = "an unreadable model message"
+        raise ConfigError(
+            f"task {settings.task!r} already has {what} on {topics.model}; use --force to replace "
+            "it (stop the aggregator and remove its state directory first)"
+        )
+    if force:
+        status = held.get(topics.aggregator_status)
+        try:
+            online = status is not None and decode_json(status, AggregatorStatus).state == "online"
+        except FededgeError:
+            online = False  # an unreadable status says nothing about a running aggregator
+        if online:
+            raise ConfigError(
+                f"the aggregator of task {settings.task!r} is online (retained status on "
+                f"{topics.aggregator_status}) and would restore its own model over version 0: "
+                "stop it and remove its state directory first"
+            )
+        discard_session(settings.broker, aggregator_client_id(settings))
+    client = MqttClient(settings.broker, f"fededge-init-{uuid.uuid4().hex[:10]}", persistent=False)
+    with client:  # connects, and disconnects at the end
+        if graph is not None:
+            client.publish(topics.graph, graph.to_bytes(), retain=True, wait=True, timeout=30)
+        client.publish(topics.plan, plan.to_bytes(), retain=True, wait=True, timeout=30)
+        client.publish(topics.model, mv.to_bytes(), retain=True, wait=True, timeout=30)
+
+
+def clear_task(settings: Settings, client_ids: Iterable[str] = (), *, wait: float = 5.0) -> int:
+    """Remove every retained message of the task and the persistent sessions of ``client_ids``.
+
+    For a task that is finished for good (the demo's own task at its end): its aggregator and
+    devices must be stopped. Returns how many retained messages were cleared.
+    """
+    topics = Topics(settings.topic_prefix, settings.task)
+    held = read_retained(settings.broker, [topics.all_filter], wait=wait, name="clear")
+    client = MqttClient(settings.broker, f"fededge-clear-{uuid.uuid4().hex[:10]}", persistent=False)
+    with client:
+        for topic in held:
+            client.publish(topic, b"", retain=True, wait=True, timeout=30)
+    for cid in client_ids:
+        discard_session(settings.broker, cid)
+    log.info("cleared task %s: %d retained messages", settings.task, len(held))
+    return len(held)
+
+
+__all__ = ["aggregator_client_id", "clear_task", "publish_initial"]
