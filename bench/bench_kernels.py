@@ -33,7 +33,7 @@ if __package__ in (None, ""):  # also runnable as `python bench/bench_kernels.py
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._report import machine, write_section
-from fededge import kernels
+from fededge.aggregator import kernels
 
 try:
     from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from numpy.typing import NDArray
 
-from fededge import kernels as K
+from fededge.aggregator import kernels as K
 
 SIZES = [0, 1, 7, 8, 9, 1000, 1001, 65537, 1 << 17]
 WEIGHTS = [0.0, 5e-324, 1e-30, 1.0, 37.0, 1e15]

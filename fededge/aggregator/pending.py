@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fededge import kernels
+from fededge.aggregator import kernels
 from fededge.aggregator.policy import Layout
 from fededge.aggregator.store import Store
 from fededge.aggregator.wal import SegmentWriter, read_segment

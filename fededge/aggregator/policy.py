@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fededge import kernels
+from fededge.aggregator import kernels
 from fededge.errors import ProtocolError
 from fededge.protocol import Plan, Update
 from fededge.protocol.vocab import RejectReason

@@ -15,14 +15,21 @@ import logging
 import random
 import time
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from fededge.errors import ProtocolError, SecAggError
 from fededge.mqtt import Message
-from fededge.protocol.messages import CheckIn, SecureAggregation, decode_json
-from fededge.protocol.topics import CHECKIN
+from fededge.protocol.messages import (
+    CheckIn,
+    ModelVersion,
+    Plan,
+    SecureAggregation,
+    Weights,
+    decode_json,
+)
+from fededge.protocol.topics import CHECKIN, Topics
 from fededge.protocol.vocab import check_name
 from fededge.secagg import (
     TO_ALL,
@@ -43,9 +50,6 @@ from fededge.secagg.messages import (
 )
 from fededge.secagg.quantize import max_scale
 
-if TYPE_CHECKING:
-    from fededge.aggregator.service import Aggregator
-
 log = logging.getLogger(__name__)
 # Device -> aggregator stage topics and the message type each must carry.
 STAGE_TYPES: dict[str, type[Any]] = {
@@ -57,21 +61,53 @@ STAGE_TYPES: dict[str, type[Any]] = {
 RETAINED = ("config", "status")  # aggregator -> all messages kept for devices that (re)connect
 
 
+class RoundHost(Protocol):
+    """What a :class:`RoundDriver` needs of the aggregator (fededge/aggregator/service.py)."""
+
+    topics: Topics
+
+    @property
+    def task(self) -> str: ...
+    @property
+    def model(self) -> ModelVersion | None: ...
+    @property
+    def plan(self) -> Plan: ...
+    def publish(
+        self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False
+    ) -> None: ...
+    def publish_version(
+        self,
+        weights: Weights,
+        metrics: dict[str, Any],
+        update_ids: list[str],
+        update_keys: list[str] | None = None,
+        *,
+        round_id: str | None = None,
+    ) -> ModelVersion:
+        """Store and announce the version after the current one (the round's result)."""
+        ...
+
+    def publish_status(self) -> None: ...
+    def bad_round_message(self) -> None:
+        """Count a rejected round message (a metric)."""
+        ...
+
+
 def effective_neighbours(sa: SecureAggregation, n: int) -> int:
     """The round's k for a cohort of n: the plan's, or n - 1 (complete graph) if 0 or too big."""
     return n - 1 if sa.neighbours == 0 or sa.neighbours >= n - 1 else sa.neighbours
 
 
 class RoundDriver:
-    """Runs secure-aggregation rounds for an :class:`Aggregator` whose plan asks for them.
+    """Runs secure-aggregation rounds for an aggregator whose plan asks for them.
 
     Everything runs on the aggregator's thread: ``on_message`` for every ``rounds/...`` message,
     ``tick`` from each step. Counters: ``rounds_done``, ``rounds_aborted``, ``rejected``.
     """
 
-    def __init__(self, agg: Aggregator, *, rng: random.Random | None = None) -> None:
-        self.agg = agg
-        self.topics = agg.topics
+    def __init__(self, host: RoundHost, *, rng: random.Random | None = None) -> None:
+        self.host = host
+        self.topics = host.topics
         self._rng = rng or random.SystemRandom()
         # device -> (check-in, first seen, last seen); the window runs from the first sighting
         self._checkins: dict[str, tuple[CheckIn, float, float]] = {}
@@ -89,7 +125,7 @@ class RoundDriver:
     # -- status --------------------------------------------------------------------------------
     @property
     def plan(self) -> SecureAggregation | None:
-        return self.agg.plan.secure_aggregation
+        return self.host.plan.secure_aggregation
 
     @property
     def round_id(self) -> str | None:
@@ -137,15 +173,15 @@ class RoundDriver:
         # back): clear what does not belong to the current or the last round.
         if payload and round_id not in (self.round_id, self._last_round):
             log.info("clearing the stale retained %s of round %s", kind, round_id)
-            self.agg.client.publish(self.topics.round_broadcast(round_id, kind), b"", retain=True)
+            self.host.publish(self.topics.round_broadcast(round_id, kind), b"", retain=True)
 
     def _on_checkin(self, device: str, payload: bytes) -> None:
-        if self.plan is None or self.agg.model is None:
+        if self.plan is None or self.host.model is None:
             return
         ci = decode_json(payload, CheckIn)
-        if ci.device != device or ci.task != self.agg.settings.task:
+        if ci.device != device or ci.task != self.host.task:
             raise ProtocolError(f"check-in on the topic of {device!r} names {ci.device!r}")
-        if ci.base_version != self.agg.model.version:
+        if ci.base_version != self.host.model.version:
             log.debug("check-in of %s on version %d ignored (stale)", device, ci.base_version)
             return
         if self.server is not None and device in self.server.config.cohort:
@@ -157,7 +193,7 @@ class RoundDriver:
 
     def _reject(self, what: str, why: str) -> None:
         self.rejected += 1
-        self.agg.metrics.bad_control.inc()
+        self.host.bad_round_message()
         log.warning("round message rejected (%s): %s", what, why)
 
     def _on_round_message(self, round_id: str, stage: str, device: str, payload: bytes) -> None:
@@ -191,14 +227,14 @@ class RoundDriver:
         if self.server is not None:
             self._send(self.server.advance(now))
             self._after(now)
-        elif self.plan is not None and self.agg.model is not None:
+        elif self.plan is not None and self.host.model is not None:
             if not self._warm:  # compile the kernels now, not inside the first round's stages
                 warmup()
                 self._warm = True
             self._maybe_start(now)
 
     def _maybe_start(self, now: float) -> None:
-        sa, model = self.plan, self.agg.model
+        sa, model = self.plan, self.host.model
         assert sa is not None and model is not None
         expiry = 3 * sa.checkin_interval
         for device, (ci, _, seen) in list(self._checkins.items()):
@@ -214,9 +250,9 @@ class RoundDriver:
             self._start(sa, sorted(self._rng.sample(ready, min(len(ready), sa.cohort_size))), now)
 
     def _start(self, sa: SecureAggregation, cohort: list[str], now: float) -> None:
-        model = self.agg.model
+        model = self.host.model
         assert model is not None
-        n, clip = len(cohort), self.agg.plan.clip_norm
+        n, clip = len(cohort), self.host.plan.clip_norm
         config = RoundConfig(
             round_id=f"v{model.version}-{uuid.uuid4().hex[:8]}",
             cohort=tuple(cohort),
@@ -232,7 +268,7 @@ class RoundDriver:
         self._examples = {d: self._checkins.pop(d)[0].num_examples for d in cohort}
         self._round_version = model.version
         if self._last_round is not None:
-            self.agg.client.publish(
+            self.host.publish(
                 self.topics.round_broadcast(self._last_round, "status"), b"", retain=True
             )
             self._last_round = None
@@ -240,7 +276,7 @@ class RoundDriver:
         log.info("round %s started: %d devices, t=%d, k=%d, d=%d", config.round_id, n,
                  config.threshold, config.neighbours, config.vector_length)  # fmt: skip
         self._send(self.server.start(now))
-        self.agg.publish_status()
+        self.host.publish_status()
 
     # -- output --------------------------------------------------------------------------------
     def _send(self, outgoing: list[Outgoing]) -> None:
@@ -254,7 +290,7 @@ class RoundDriver:
             t = self.topics
             topic = t.round_broadcast(rid, kind) if out.to == TO_ALL else t.round_to(rid, out.to)
             retain = out.to == TO_ALL and kind in RETAINED
-            self.agg.client.publish(topic, encode(out.message), qos=1, retain=retain)
+            self.host.publish(topic, encode(out.message), qos=1, retain=retain)
 
     def _after(self, now: float) -> None:
         server = self.server
@@ -265,16 +301,16 @@ class RoundDriver:
         self._last_round = rid
         self.last_dropped = {**server.dropped, **server.offenders}
         # The round's retained config goes; its status stays retained until the next round.
-        self.agg.client.publish(self.topics.round_broadcast(rid, "config"), b"", retain=True)
+        self.host.publish(self.topics.round_broadcast(rid, "config"), b"", retain=True)
         if server.stage == Stage.ABORTED:
             self.rounds_aborted += 1
             self.last_abort_reason = server.abort_reason
-            self.agg.publish_status()
+            self.host.publish_status()
             return
         self._finish(server)
 
     def _finish(self, server: ServerRound) -> None:
-        result, model = server.result, self.agg.model
+        result, model = server.result, self.host.model
         assert result is not None and model is not None
         rid = server.config.round_id
         if model.version != self._round_version:
@@ -285,7 +321,7 @@ class RoundDriver:
             self.rounds_aborted += 1
             log.warning("round %s: total weight %g, nothing to publish", rid, sum_w)
             return
-        step = self.agg.plan.server_learning_rate / sum_w
+        step = self.host.plan.server_learning_rate / sum_w
         weights, offset = {}, 0
         # DeviceRound flattens an update by sorted tensor name; undo exactly that.
         for name in sorted(model.weights):
@@ -304,4 +340,4 @@ class RoundDriver:
         }
         self.rounds_done += 1
         log.info("round %s done: %d survivors, total weight %.6g", rid, len(survivors), sum_w)
-        self.agg.publish_version(weights, metrics, [], round_id=rid)
+        self.host.publish_version(weights, metrics, [], round_id=rid)

@@ -1,0 +1,283 @@
+"""The sans-IO aggregator core: update and control messages in, effects out.
+
+``AggregatorCore`` owns everything the aggregator decides: validating an update, deduplicating
+it, staging and group-committing it through :class:`PendingVersion`, answering it, when a
+version completes and what is published then. It has no threads, sockets or clocks: the time
+comes in as ``now`` and everything that goes to the network comes out as effects
+(fededge/aggregator/effects.py) for the driver (fededge/aggregator/service.py) to carry out.
+Durable writes happen here, through the :class:`Store`: they are the state machine's own
+transitions and must precede the acknowledgements returned after them.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, Literal, Protocol
+
+from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
+from fededge.aggregator.metrics import AggregatorMetrics
+from fededge.aggregator.pending import dedup_key
+from fededge.aggregator.policy import check_update
+from fededge.aggregator.store import Store
+from fededge.aggregator.versions import VersionState
+from fededge.errors import ProtocolError
+from fededge.protocol import AggregatorStatus, ModelVersion, Receipt, Update
+from fededge.protocol.messages import Weights
+from fededge.protocol.vocab import RejectReason
+from fededge.settings import Settings
+
+log = logging.getLogger("fededge.aggregator.service")
+Status = Literal["accepted", "duplicate", "rejected"]
+
+
+class RoundView(Protocol):
+    """What the status message shows of the secure-aggregation rounds."""
+
+    @property
+    def round_id(self) -> str | None: ...
+    @property
+    def stage(self) -> str | None: ...
+    @property
+    def checked_in(self) -> int: ...
+
+
+class AggregatorCore:
+    """Validate, stage, commit, answer and complete versions; return what to publish."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        metrics: AggregatorMetrics,
+        *,
+        perf: Callable[[], float] = time.perf_counter,  # durations for metrics only
+    ) -> None:
+        self.settings = settings
+        self.cfg = settings.aggregator
+        self.metrics = metrics
+        self.state = VersionState(settings, store, metrics)
+        self.topics = self.state.topics
+        self.rounds: RoundView | None = None
+        self.accepted_total = 0
+        self.rejected_total = 0
+        self._perf = perf
+        self._staged: list[Incoming] = []
+        self._after_commit: list[tuple[Incoming, str, str]] = []  # copies of staged updates
+
+    def is_update(self, topic: str) -> bool:
+        return self.topics.device_of(topic, "updates") is not None
+
+    # -- updates ----------------------------------------------------------------------------
+    def ingest(self, msg: Incoming) -> list[Effect]:
+        """Validate one update: stage it for ``commit`` (no effects yet) or answer it now."""
+        model, pending = self.state.ready()
+        device = self.topics.device_of(msg.topic, "updates") or "?"
+        self.metrics.bytes_in.inc(len(msg.payload))
+        t0 = self._perf()
+        update: Update | None = None
+        try:
+            if len(msg.payload) > self.cfg.max_update_bytes:
+                raise ProtocolError(
+                    f"{len(msg.payload)} bytes exceed max_update_bytes={self.cfg.max_update_bytes}",
+                    reason=RejectReason.OVERSIZE,
+                )
+            update = Update.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
+            if self.state.plan.secure_aggregation is not None:
+                raise ProtocolError(
+                    "the plan asks for secure aggregation: send masked inputs in rounds",
+                    reason=RejectReason.SECURE_AGGREGATION,
+                )
+            uid = update.update_id
+            key = dedup_key(device, uid)
+            if pending.is_staged(key):
+                # A second copy in the same batch: answer only once the first is durable, or
+                # a crash before the commit would leave the device holding a false receipt.
+                self._after_commit.append((msg, device, uid))
+                return []
+            if key in self.state.dedup or pending.has(key):
+                self.metrics.duplicates.inc()
+                log.info("duplicate update device=%s update_id=%s: answered again", device, uid)
+                return self._answer(msg, device, uid, "duplicate")
+            if update.base_version < self.state.dedup.floor:
+                raise ProtocolError(
+                    f"base version {update.base_version} is older than the oldest version whose "
+                    f"update ids are remembered ({self.state.dedup.floor})",
+                    reason=RejectReason.STALE,
+                )
+            weight, norm = check_update(
+                update,
+                task=self.settings.task,
+                device=device,
+                current_version=model.version,
+                plan=self.state.plan,
+                layout=pending.layout,
+            )
+        except ProtocolError as e:
+            log.warning("rejected update device=%s topic=%s reason=%s: %s",
+                        device, msg.topic, e.reason, e.detail)  # fmt: skip
+            uid_or_none = update.update_id if update is not None else None
+            return self._reject(msg, device, uid_or_none, e.reason, e.detail)
+        finally:
+            self.metrics.kernel_seconds.inc(self._perf() - t0)
+        pending.stage(update, msg.payload, weight, norm)
+        self._staged.append(msg)
+        return []
+
+    def commit(self, now: float) -> list[Effect]:
+        """Make the staged updates durable; their receipts, and a version if one completes."""
+        _, pending = self.state.ready()
+        out: list[Effect] = []
+        if self._staged:
+            staged, self._staged = self._staged, []
+            t0 = self._perf()
+            updates = pending.commit()
+            self.metrics.commit_seconds.inc(self._perf() - t0)
+            target = pending.base.version + 1
+            for msg, update in zip(staged, updates, strict=True):
+                self.accepted_total += 1
+                self.metrics.accepted.inc()
+                out += self._answer(msg, update.device, update.update_id, "accepted", target)
+            self.metrics.pending.set(pending.sums.count)
+            self.metrics.pending_examples.set(pending.sums.examples)
+            if pending.sums.count >= self.state.plan.min_updates_per_version:
+                out += self._complete_version(now)
+        for msg, device, uid in self._after_commit:
+            self.metrics.duplicates.inc()
+            out += self._answer(msg, device, uid, "duplicate")
+        self._after_commit.clear()
+        return out
+
+    def internal_error(self, msg: Incoming) -> list[Effect]:
+        """A bug while handling ``msg``: the documented ``internal_error`` receipt, then the ack.
+
+        Called by the driver after logging the traceback; must not fail itself.
+        """
+        self.metrics.internal_errors.inc()
+        self._staged = [m for m in self._staged if m is not msg]
+        device = self.topics.device_of(msg.topic, "updates")
+        if device is None or self.state.model is None:
+            return [Ack(msg.handle)]
+        uid: str | None = None
+        try:
+            uid = Update.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes).update_id
+        except Exception:  # the update cannot be named: no receipt, the device times out
+            log.debug("update of the internal error cannot be named", exc_info=True)
+        detail = "the aggregator failed on this update (a bug; see its log)"
+        return self._reject(msg, device, uid, RejectReason.INTERNAL_ERROR, detail)
+
+    def _reject(
+        self, msg: Incoming, device: str, uid: str | None, reason: RejectReason, detail: str
+    ) -> list[Effect]:
+        self.rejected_total += 1
+        self.metrics.rejected.labels(reason.value).inc()
+        return self._answer(msg, device, uid, "rejected", None, reason, detail)
+
+    def _answer(
+        self,
+        msg: Incoming,
+        device: str,
+        update_id: str | None,
+        status: Status,
+        pending: int | None = None,
+        reason: RejectReason | None = None,
+        detail: str | None = None,
+    ) -> list[Effect]:
+        """The receipt (if the update can be named), then the acknowledgement."""
+        model, _ = self.state.ready()
+        out: list[Effect] = []
+        if update_id is not None and device != "?":
+            receipt = Receipt(
+                task=self.settings.task,
+                device=device,
+                update_id=update_id,
+                status=status,
+                reason=reason.value if reason is not None else None,
+                detail=detail[:1024] if detail else None,
+                version=model.version,
+                pending=pending,
+            )
+            out.append(Publish(self.topics.receipt(device), receipt.to_bytes()))
+        out.append(Ack(msg.handle))
+        return out
+
+    # -- versions ---------------------------------------------------------------------------
+    def _complete_version(self, now: float) -> list[Effect]:
+        _, pending = self.state.ready()
+        t0 = self._perf()
+        weights = pending.finalize(self.state.plan.server_learning_rate)
+        self.metrics.kernel_seconds.inc(self._perf() - t0)
+        _, effects = self.new_version(
+            weights, pending.metrics(), pending.sums.ids, pending.sums.keys(), now=now
+        )
+        return effects
+
+    def new_version(
+        self,
+        weights: Weights,
+        metrics: dict[str, Any],
+        update_ids: list[str],
+        update_keys: list[str] | None = None,
+        *,
+        round_id: str | None = None,
+        now: float,
+    ) -> tuple[ModelVersion, list[Effect]]:
+        """Store the next version (async FedAvg or a secure round's result); its effects."""
+        old, _ = self.state.ready()
+        model, effects = self.state.publish_version(
+            weights, metrics, update_ids, update_keys, round_id=round_id, now=now
+        )
+        # The status after the version names it; the callbacks run last.
+        return model, [
+            *effects,
+            self.status_publish(now),
+            NewVersion(model, old.version, model.version),
+        ]
+
+    # -- control ----------------------------------------------------------------------------
+    def control(self, msg: Incoming, now: float) -> list[Effect]:
+        """Handle a plan, graph or model message; the effects end with its acknowledgement."""
+        out: list[Effect] = []
+        try:
+            if msg.topic == self.topics.plan:
+                if self.state.on_plan(msg.payload):
+                    out += self._complete_version(now)
+            elif msg.topic == self.topics.graph:
+                self.state.on_graph(msg.payload)
+            elif msg.topic == self.topics.model:
+                out += self.state.on_model(msg.payload, now)
+            else:
+                log.debug("ignoring message on %s", msg.topic)
+        except ProtocolError as e:
+            self.metrics.bad_control.inc()
+            log.warning("rejected message on %s reason=%s: %s", msg.topic, e.reason, e.detail)
+            if msg.topic == self.topics.plan and self.state.model is not None:
+                # An invalid retained plan would leave devices on defaults (e.g. no noise):
+                # put the last valid one back.
+                out.append(Publish(self.topics.plan, self.state.plan.to_bytes(), retain=True))
+        out.append(Ack(msg.handle))
+        return out
+
+    # -- status -----------------------------------------------------------------------------
+    def status(self, state: Literal["online", "offline"], now: float) -> AggregatorStatus:
+        r = self.rounds
+        stage = r.stage if r is not None else None
+        return AggregatorStatus(
+            task=self.settings.task,
+            state=state,
+            version=self.state.model.version if self.state.model else None,
+            pending_updates=self.state.pending.sums.count if self.state.pending else 0,
+            pending_examples=self.state.pending.sums.examples if self.state.pending else 0,
+            min_updates_per_version=self.state.plan.min_updates_per_version,
+            accepted_total=self.accepted_total,
+            rejected_total=self.rejected_total,
+            time=now,
+            round_id=r.round_id if r is not None else None,
+            round_stage=stage,
+            checked_in=r.checked_in if r is not None and stage is not None else None,
+        )
+
+    def status_publish(self, now: float) -> Publish:
+        payload = self.status("online", now).to_bytes()
+        return Publish(self.topics.aggregator_status, payload, retain=True)

@@ -1,0 +1,213 @@
+"""The aggregator's durable state machine: plan, graph, current version, pending version.
+
+Part of the sans-IO core (see fededge/aggregator/core.py): it reads and writes the
+:class:`~fededge.aggregator.store.Store` itself (durable writes are the state machine's own
+transitions, and must be done before anything is acknowledged), but publishes nothing: every
+method that changes what devices should see returns :class:`Publish` effects.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from typing import Any
+
+from fededge.aggregator.dedup import DedupMemory
+from fededge.aggregator.effects import Effect, Publish
+from fededge.aggregator.metrics import AggregatorMetrics
+from fededge.aggregator.pending import PendingVersion
+from fededge.aggregator.store import Store
+from fededge.errors import NotReadyError, ProtocolError
+from fededge.protocol import Graph, ModelVersion, Plan, Topics, VersionMetrics, decode_json
+from fededge.protocol.messages import Weights
+from fededge.protocol.vocab import NO_GRAPH, RejectReason
+from fededge.settings import Settings
+
+log = logging.getLogger("fededge.aggregator.service")
+
+
+class VersionState:
+    """What the aggregator knows and has stored: plan, graph, model, pending, dedup memory."""
+
+    def __init__(self, settings: Settings, store: Store, metrics: AggregatorMetrics) -> None:
+        self.settings = settings
+        self.cfg = settings.aggregator
+        self.topics = Topics(settings.topic_prefix, settings.task)
+        self.store = store
+        self.metrics = metrics
+        self.plan = Plan()
+        self.graph: Graph | None = None
+        self.model: ModelVersion | None = None
+        self.pending: PendingVersion | None = None
+        self.dedup = DedupMemory(self.cfg.recent_update_ids)
+        self._model_sha = ""
+        self._published: deque[str] = deque(maxlen=8)  # sha256 of model payloads we published
+        self.version_started = 0.0  # wall-clock time the current version was published
+
+    def ready(self) -> tuple[ModelVersion, PendingVersion]:
+        """The current model and its pending version; NotReadyError before the first model."""
+        if self.model is None or self.pending is None:
+            raise NotReadyError(f"no model for task {self.settings.task!r} yet")
+        return self.model, self.pending
+
+    # -- state on disk ----------------------------------------------------------------------
+    def restore(self, now: float) -> int | None:
+        """Load plan, graph, versions and the pending version; the WAL records replayed."""
+        if (raw := self.store.read_blob("plan.json")) is not None:
+            self.plan = decode_json(raw, Plan)
+        if (raw := self.store.read_blob("graph.bin")) is not None:
+            self.graph = Graph.from_bytes(raw, max_bytes=1 << 31)
+        versions = self.store.version_numbers()
+        if not versions:
+            return None
+        for v in versions:
+            self.dedup.add_version(v, self.store.version_info(v).get("update_keys", []))
+        latest = versions[-1]
+        self._set_model(self.store.load_version(latest), self.store.read_version_bytes(latest))
+        model, pending = self.ready()
+        replayed = pending.recover()
+        self.version_started = model.time if model.time else now
+        return replayed
+
+    def _set_model(self, model: ModelVersion, payload: bytes) -> None:
+        self.model = model
+        self._model_sha = hashlib.sha256(payload).hexdigest()
+        self.pending = PendingVersion(
+            self.store,
+            model,
+            checkpoint_every=self.cfg.checkpoint_every,
+            parallel=self.cfg.parallel_kernels,
+            max_update_bytes=self.cfg.max_update_bytes,
+        )
+        self.metrics.version.set(model.version)
+        self.metrics.pending.set(0)
+        self.metrics.pending_examples.set(0)
+
+    # -- versions ---------------------------------------------------------------------------
+    def publish_version(
+        self,
+        weights: Weights,
+        metrics: dict[str, Any],
+        update_ids: list[str],
+        update_keys: list[str] | None,
+        *,
+        round_id: str | None,
+        now: float,
+    ) -> tuple[ModelVersion, list[Effect]]:
+        """Store the version after the current one; the publications that announce it."""
+        old, pending = self.ready()
+        new_version = old.version + 1
+        model = ModelVersion(
+            task=self.settings.task,
+            version=new_version,
+            weights=weights,
+            graph_sha256=self.graph.sha256 if self.graph else NO_GRAPH,
+            parent=old.version,
+            updates=metrics["updates"],
+            examples=metrics["examples"],
+            time=now,
+        )
+        payload = model.to_bytes()
+        seconds = max(0.0, now - self.version_started)  # the wall clock may step back (NTP)
+        info: dict[str, Any] = {
+            "metrics": metrics,
+            "seconds": seconds,
+            "update_ids": update_ids,
+            "update_keys": update_keys or [],
+        }
+        if round_id is not None:
+            info["round_id"] = round_id
+        self.store.write_version(payload, new_version, info, keep=self.cfg.versions_kept)
+        self.dedup.add_version(new_version, update_keys or [])
+        self.dedup.keep_from(self.store.version_numbers()[0])
+        pending.close()
+        self._set_model(model, payload)
+        self.store.discard_pending(keep_base=new_version)
+        self.version_started = now
+        self.metrics.versions.inc()
+        log.info(
+            "published version %d: updates=%d examples=%d train_loss=%s",
+            new_version,
+            metrics["updates"],
+            metrics["examples"],
+            metrics["train_loss"],
+        )
+        # The version is durable from here on: its announcement is best effort.
+        vm = VersionMetrics(
+            task=self.settings.task, version=new_version, seconds=seconds, time=now, **metrics
+        )
+        effects: list[Effect] = [
+            self._publish_model(payload),
+            Publish(self.topics.version_metrics(new_version), vm.to_bytes(), retain=True),
+        ]
+        expired = new_version - self.cfg.versions_kept
+        if expired >= 0:  # keep the broker's retained store bounded
+            effects.append(Publish(self.topics.version_metrics(expired), b"", retain=True))
+        return model, effects
+
+    def current(self) -> list[Effect]:
+        """Republish plan, graph and model (retained copies on the broker are ours)."""
+        model, _ = self.ready()
+        out: list[Effect] = [Publish(self.topics.plan, self.plan.to_bytes(), retain=True)]
+        if self.graph is not None:
+            out.append(Publish(self.topics.graph, self.graph.to_bytes(), retain=True))
+        out.append(self._publish_model(self.store.read_version_bytes(model.version)))
+        return out
+
+    def _publish_model(self, payload: bytes) -> Publish:
+        self._published.append(hashlib.sha256(payload).hexdigest())
+        return Publish(self.topics.model, payload, retain=True)
+
+    # -- control topics ---------------------------------------------------------------------
+    def on_plan(self, payload: bytes) -> bool:
+        """Adopt a new plan; True if the pending version is now complete."""
+        if not payload:
+            return False
+        plan = decode_json(payload, Plan)
+        if plan == self.plan:
+            return False
+        log.info("adopting new plan: %s", plan.model_dump_json())
+        self.plan = plan
+        self.store.write_blob("plan.json", plan.to_bytes())
+        return self.pending is not None and self.pending.sums.count >= plan.min_updates_per_version
+
+    def on_graph(self, payload: bytes) -> None:
+        if not payload:
+            return
+        graph = Graph.from_bytes(payload, max_bytes=1 << 31)
+        if graph.task != self.settings.task:
+            raise ProtocolError(f"graph is for task {graph.task!r}", reason=RejectReason.WRONG_TASK)
+        if self.graph is None or graph.sha256 != self.graph.sha256:
+            log.info("adopting graph sha256=%s (%d bytes)", graph.sha256, len(graph.tflite))
+            self.graph = graph
+            self.store.write_blob("graph.bin", payload)
+
+    def on_model(self, payload: bytes, now: float) -> list[Effect]:
+        if self.model is not None:
+            # Our own publications come back to us (we subscribe to the topic); only a payload
+            # we never published is foreign. An empty one cleared ours: restore it.
+            sha = hashlib.sha256(payload).hexdigest() if payload else ""
+            if payload and (sha in self._published or sha == self._model_sha):
+                return []
+            if payload:
+                log.warning("a foreign model message was published on %s; restoring ours",
+                            self.topics.model)  # fmt: skip
+            return [self._publish_model(self.store.read_version_bytes(self.model.version))]
+        if not payload:
+            return []
+        model = ModelVersion.from_bytes(payload, max_bytes=self.cfg.max_update_bytes)
+        if model.task != self.settings.task:
+            raise ProtocolError(f"model is for task {model.task!r}", reason=RejectReason.WRONG_TASK)
+        log.info("adopting model version %d from the broker", model.version)
+        self.store.write_version(
+            payload, model.version, {"adopted": True}, keep=self.cfg.versions_kept
+        )
+        if self.store.read_blob("plan.json") is None:
+            self.store.write_blob("plan.json", self.plan.to_bytes())
+        # No update keys of the adopted version are known: updates based on older versions
+        # could be resends of ones folded into it, so the window starts here.
+        self.dedup.add_version(model.version, [])
+        self._set_model(model, payload)
+        self.version_started = now
+        return []
