@@ -81,3 +81,11 @@ def test_secagg_simulation_from_the_kit() -> None:
     want = np.mean([x.astype(np.float64) for x, _ in inputs.values()], axis=0)
     assert weight == pytest.approx(5.0, abs=1e-3)
     np.testing.assert_allclose(total / weight, want, atol=1e-4)
+
+
+def test_version_comes_from_the_package_metadata() -> None:
+    from importlib.metadata import version
+
+    import fededge
+
+    assert fededge.__version__ == version("fededge")
