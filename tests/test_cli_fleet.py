@@ -25,9 +25,19 @@ from fededge.cli import main
 from fededge.cli.render import describe
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.logs import _Handler
-from fededge.mqtt import MqttClient
-from fededge.protocol import DeviceStatus, Graph, Plan, Receipt, Topics, Update
+from fededge.mqtt import MqttClient, read_retained
+from fededge.protocol import (
+    AggregatorStatus,
+    DeviceStatus,
+    Graph,
+    Plan,
+    Receipt,
+    Topics,
+    Update,
+    decode_json,
+)
 from fededge.settings import Settings as FededgeSettings
+from fededge.testing import wait_until
 
 MLP = shipped_bundle_path("digits_mlp")
 
@@ -51,6 +61,12 @@ def _publish(settings: FededgeSettings, topic: str, payload: bytes, retain: bool
     client = MqttClient(settings.broker, f"test-pub-{uuid.uuid4().hex[:8]}", persistent=False)
     with client:
         client.publish(topic, payload, qos=1, retain=retain, wait=True, timeout=10)
+
+
+def _aggregator_status(settings: FededgeSettings) -> AggregatorStatus:
+    topic = Topics(settings.topic_prefix, settings.task).aggregator_status
+    held = read_retained(settings.broker, [topic], wait=5, required=[topic])
+    return decode_json(held[topic], AggregatorStatus)
 
 
 def _run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -117,7 +133,7 @@ def test_status_json_and_table(broker, tmp_path, capsys) -> None:
             assert dev.receipt(dev.update(ones, base=v - 1, n=7 * v)).status == "accepted"
             dev.model(v)
         dev.close()
-        time.sleep(0.3)  # the aggregator's status after version 2
+        wait_until(lambda: _aggregator_status(s).version == 2, what="the status after v2")
         rc, out, err = _run(capsys, "status", "--broker", broker.url, "--task", s.task, "--json")
         assert rc == 0, err
         st = json.loads(out)

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from fededge.demo import DemoConfig, run_demo, write_outputs
+from fededge.demo import DemoConfig, VersionRow, run_demo, write_outputs
+from fededge.mqtt import read_retained
+from fededge.protocol import Topics
 
 
 @pytest.mark.slow
@@ -21,7 +23,7 @@ def test_demo_defaults_learn_digits(tmp_path) -> None:
             "-m",
             "fededge.cli",
             "demo",
-            "--out",
+            "-o",
             str(out),
             "--json",
             str(out / "summary.json"),
@@ -74,3 +76,27 @@ def test_demo_on_mosquitto_mqtt5(broker, tmp_path) -> None:
     png = write_outputs(summary, cfg)
     assert png.exists()
     assert json.loads((tmp_path / "s.json").read_text())["versions"][-1]["version"] == 3
+
+
+def test_two_demo_runs_in_a_row_on_one_broker_each_start_fresh(broker, tmp_path) -> None:
+    """A second run on the same broker reports its own versions, not the first run's."""
+    runs = []
+    for i in range(2):
+        cfg = DemoConfig(
+            devices=3,
+            versions=3,
+            broker=broker.url,
+            min_updates_per_version=3,
+            out_dir=tmp_path / str(i),
+        )
+        seen: list[VersionRow] = []
+        summary = run_demo(cfg, seen.append)
+        assert [r.version for r in seen] == [0, 1, 2, 3]
+        assert all(r.seconds >= 0 for r in seen)
+        assert all(r.updates >= 3 for r in seen[1:])
+        runs.append(summary)
+        # What the run leaves behind on the broker: nothing of its task.
+        topics = Topics("fededge", summary.task)
+        assert read_retained(broker.settings(), [topics.all_filter], wait=10) == {}
+    assert runs[0].task != runs[1].task
+    assert all(s.task.startswith("digits-demo-") for s in runs)

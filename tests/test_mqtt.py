@@ -19,8 +19,9 @@ import pytest
 from broker import Mosquitto, free_port, make_password_file, make_tls_files
 
 from fededge.errors import ConfigError, NotReadyError, TransportError
-from fededge.mqtt import Message, MqttClient, Will
+from fededge.mqtt import Message, MqttClient, Will, discard_session, read_retained
 from fededge.settings import BrokerSettings
+from fededge.testing import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -39,19 +40,21 @@ def get(client: MqttClient, timeout: float = 5.0) -> Message:
         pytest.fail(f"no message within {timeout} s")
 
 
-def nothing(client: MqttClient, wait: float = 0.3) -> None:
-    """Assert that no message arrives within ``wait`` seconds."""
-    with pytest.raises(queue.Empty):
-        client.messages.get(timeout=wait)
+def nothing(client: MqttClient) -> None:
+    """Assert that nothing is queued for ``client``, by an event rather than a wait.
 
-
-def until(cond: Callable[[], bool], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
+    The client publishes a marker to itself: the broker routes messages to a client in the
+    order it processes them, so anything already routed (or held in its session) arrives
+    before the marker. The marker is acknowledged and its subscription dropped, and the
+    UNSUBACK round trip proves the acknowledgement reached the broker.
+    """
+    marker = f"marker/{uuid.uuid4().hex}"
+    client.subscribe(marker, qos=1)
+    client.publish(marker, b"marker", qos=1, wait=True, timeout=10)
+    m = get(client)
+    assert (m.topic, m.payload) == (marker, b"marker"), f"unexpected message on {m.topic}"
+    client.ack(m)
+    client.unsubscribe(marker)
 
 
 @pytest.fixture
@@ -150,8 +153,8 @@ def test_close_sends_will_only_when_asked(
     topic = f"status/{uuid.uuid4().hex}"
     watcher = clients(settings)
     watcher.subscribe(topic)
-    clients(settings, will=Will(topic, b"gone", retain=False)).close()
-    nothing(watcher, 0.5)
+    clients(settings, will=Will(topic, b"not sent", retain=False)).close()
+    # The next will on the topic is the second client's: the first one's was never sent.
     clients(settings, will=Will(topic, b"gone", retain=False)).close(send_will=True)
     assert get(watcher).payload == b"gone"
 
@@ -220,16 +223,16 @@ def test_broker_crash_reconnect_and_resubscribe(
     sub.subscribe("crash/#")
     pub = clients(settings)
     fresh_broker.kill()  # nothing was saved: the broker forgets the session
-    assert until(lambda: not sub.connected and not pub.connected, 5)
+    wait_until(lambda: not sub.connected and not pub.connected)
     with pytest.raises(TransportError, match="not connected"):
         pub.publish("crash/x", b"", wait=True)
     with pytest.raises(TransportError, match="dropped"):
         pub.publish("crash/x", b"", qos=0)
     fresh_broker.start()
     assert sub.wait_connected(10) and pub.wait_connected(10)
-    assert until(lambda: sessions == [False], 5)
+    wait_until(lambda: sessions == [False])
     # The resubscription is not awaited; wait for the broker to log it before publishing.
-    assert until(lambda: fresh_broker.log_text().count("crash/#") >= 2, 5)
+    wait_until(lambda: fresh_broker.log_text().count("crash/#") >= 2)
     pub.publish("crash/x", b"back", wait=True, timeout=5)
     m = get(sub)
     assert m.payload == b"back"
@@ -251,13 +254,13 @@ def test_broker_clean_restart_keeps_session(
     assert get(sub).payload == b"before"
     fresh_broker.restart()
     assert sub.wait_connected(10) and pub.wait_connected(10)
-    assert until(lambda: sessions == [True], 5)
+    wait_until(lambda: sessions == [True])
     m = get(sub)  # the unacked message comes again, now on the new connection
     assert m.payload == b"before"
     sub.ack(m)
     # While the broker was down, a QoS 1 publish was kept by paho and sent after reconnect.
     fresh_broker.stop()
-    assert until(lambda: not pub.connected, 5)
+    wait_until(lambda: not pub.connected)
     pub.publish("restart/2", b"queued", qos=1)
     fresh_broker.start()
     m = get(sub, 10)
@@ -398,7 +401,7 @@ def test_connect_twice_and_listener_errors_are_logged(
         assert seen.wait(5)
         with pytest.raises(NotReadyError):
             c.connect()
-        assert until(lambda: "listener bug" in caplog.text, 5)
+        wait_until(lambda: "listener bug" in caplog.text)
         assert c.connected  # the client survived its listener's exception
     assert not c.connected
 
@@ -458,3 +461,65 @@ def test_publish_and_ack_from_other_threads(
     sub.close()
     again = clients(settings, cid, manual_ack=True)
     nothing(again)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_read_retained(
+    broker: Mosquitto, clients: Callable[..., MqttClient], protocol: str
+) -> None:
+    settings = broker.settings(protocol=protocol)
+    base = f"rr/{uuid.uuid4().hex}"
+    pub = clients(settings)
+    for name, payload in (("a", b"A"), ("b/1", b"B1"), ("b/2", b"B2"), ("gone", b"x")):
+        pub.publish(f"{base}/{name}", payload, retain=True, wait=True, timeout=5)
+    pub.publish(f"{base}/gone", b"", retain=True, wait=True, timeout=5)  # cleared
+    pub.publish(f"{base}/live", b"L", retain=False, wait=True, timeout=5)  # never retained
+    got = read_retained(settings, [f"{base}/a", f"{base}/b/+", f"{base}/none"], wait=10)
+    assert got == {f"{base}/a": b"A", f"{base}/b/1": b"B1", f"{base}/b/2": b"B2"}
+    assert read_retained(settings, [f"{base}/#"], wait=10, required=[f"{base}/a"]) == {
+        f"{base}/a": b"A",
+        f"{base}/b/1": b"B1",
+        f"{base}/b/2": b"B2",
+    }
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_read_retained_waits_for_a_required_topic(
+    broker: Mosquitto, clients: Callable[..., MqttClient], protocol: str
+) -> None:
+    settings = broker.settings(protocol=protocol)
+    topic = f"rr/{uuid.uuid4().hex}"
+    result: list[dict[str, bytes]] = []
+    reader = threading.Thread(
+        target=lambda: result.append(read_retained(settings, [topic], wait=3, required=[topic]))
+    )
+    reader.start()
+    # Published once the reader has subscribed (the broker logs its SUBSCRIBE), so it reaches
+    # the reader as a live message, not a retained one: the reader keeps waiting ...
+    wait_until(lambda: broker.log_text().count(topic) >= 1)
+    pub = clients(settings)
+    pub.publish(topic, b"live", retain=True, wait=True, timeout=5)
+    # ... until the wait ends, and then returns what was retained when it subscribed: nothing.
+    reader.join(90)
+    assert result == [{}]
+    assert read_retained(settings, [topic], wait=10, required=[topic]) == {topic: b"live"}
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_discard_session(
+    broker: Mosquitto, clients: Callable[..., MqttClient], protocol: str
+) -> None:
+    settings = broker.settings(protocol=protocol)
+    topic = f"ds/{uuid.uuid4().hex}"
+    cid = _id("ds")
+    first = clients(settings, cid, manual_ack=True)
+    first.subscribe(topic, qos=1)
+    first.close()
+    clients(settings).publish(topic, b"queued", qos=1, wait=True, timeout=5)
+    discard_session(settings, cid)
+    sessions: list[bool] = []
+    again = MqttClient(settings, cid, manual_ack=True)
+    again.add_connect_listener(sessions.append)
+    with again:
+        nothing(again)
+    assert sessions == [False]

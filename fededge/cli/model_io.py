@@ -418,7 +418,7 @@ def _print_info(info: dict[str, Any], indent: str = "") -> None:
 @click.argument("path", type=click.Path(exists=True, path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def inspect(path: Path, as_json: bool) -> int:
-    """Describe a bundle dir, .tflite, safetensors (weights, message) or JSON file."""
+    """Describe PATH: a bundle dir, .tflite, safetensors (weights, message) or JSON file."""
     if path.is_dir():
         info = inspect_bundle(path)
     else:
