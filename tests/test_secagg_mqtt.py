@@ -75,13 +75,13 @@ class Fleet:
         c = Client(client_settings(self.url, self.state, self.task, device,
                                    self.users.get(device)))  # fmt: skip
         record = self.offered.setdefault(device, [])
-        offer = c._secagg.offer
+        offer = c.core.secagg.offer
 
         def recording_offer(ready: ReadyInput) -> None:
             record.append(ready)
             offer(ready)
 
-        c._secagg.offer = recording_offer  # type: ignore[method-assign]
+        c.core.secagg.offer = recording_offer  # type: ignore[method-assign]
         self.clients[device] = c
         return c
 
@@ -174,7 +174,7 @@ def test_round_with_dropouts_publishes_the_survivors_mean(acl_broker: Any, tmp_p
         assert bound < 1e-4
         assert_close(agg.model, want, bound)
         # Every device took part; the spent updates were not resent in plaintext.
-        assert all(c._secagg.masked_sent == 1 for c in f.clients.values())
+        assert all(c.core.secagg.masked_sent == 1 for c in f.clients.values())
         assert agg.accepted_total == 0
 
 
@@ -218,7 +218,7 @@ def test_aggregator_restart_mid_round(acl_broker: Any, tmp_path: Path) -> None:
             assert agg.model is not None and agg.model.updates == 3
             assert agg.rounds.last_dropped.keys() == {"d03"}
         honest = [d for d in f.clients if d not in users]
-        assert all(f.clients[d]._secagg.masked_sent == 1 for d in honest)
+        assert all(f.clients[d].core.secagg.masked_sent == 1 for d in honest)
         assert all(len(f.offered[d]) == 1 for d in honest)  # trained once, used in round 2
         want = expected_version(base, [f.offered[d][-1] for d in honest], plan)
         assert_close(agg.model, want, error_bound(4, plan, 3 * 32))
@@ -255,7 +255,7 @@ def test_below_threshold_aborts_publishes_nothing_and_keeps_unrevealed_updates(
             wait_until(lambda: agg.rounds.rounds_aborted >= 2, 30, "two aborted rounds")
             assert agg.version == 0 and agg.rounds.rounds_done == 0
             assert "fewer than the threshold 3" in (agg.rounds.last_abort_reason or "")
-            honest = f.clients["d00"]._secagg
+            honest = f.clients["d00"].core.secagg
             # Nothing was revealed in an aborted round: the same update waits for the next one,
             # and its examples are still fresh.
             assert honest.masked_sent == 0 and honest.rounds_aborted >= 1 and honest.busy()
@@ -515,7 +515,7 @@ def test_protocol_violations_are_rejected_and_honest_devices_finish(
         inputs = [*honest, ReadyInput(0, split_like(base, deltas["rogue-a"]), 32, ())]
         want = expected_version(base, inputs, plan)
         assert_close(agg.model, want, error_bound(10, plan, 32 * 7))
-        assert all(c._secagg.masked_sent == 1 for c in f.clients.values())
+        assert all(c.core.secagg.masked_sent == 1 for c in f.clients.values())
 
 
 def split_like(base: ModelVersion, flat: np.ndarray) -> dict[str, np.ndarray]:

@@ -83,9 +83,10 @@ class Outbox:
         )
         return Entry(*rows[0]) if rows else None
 
-    def due(self, receipt_timeout: float) -> list[Entry]:
-        """Entries to (re)send now: never sent since the last reset, or unanswered too long."""
-        now = self._clock()
+    def due(self, receipt_timeout: float, now: float | None = None) -> list[Entry]:
+        """Entries to (re)send at ``now`` (default: the clock): never sent since the last reset,
+        or unanswered for ``receipt_timeout`` s."""
+        now = self._clock() if now is None else now
         # Ids first, payloads only for the entries that are due: this runs several times a
         # second while a backlog of large updates may wait for an aggregator that is down.
         rows = self.db.query("SELECT update_id FROM outbox ORDER BY rowid")
@@ -97,10 +98,11 @@ class Outbox:
             ]
         return [e for uid in due if (e := self.get(uid)) is not None]
 
-    def mark_sent(self, update_id: str) -> None:
-        """Record a (re)send: restarts its receipt timer and counts the attempt on disk."""
+    def mark_sent(self, update_id: str, now: float | None = None) -> None:
+        """Record a (re)send at ``now`` (default: the clock): restarts its receipt timer and
+        counts the attempt on disk."""
         with self._lock:
-            self._sent[update_id] = self._clock()
+            self._sent[update_id] = self._clock() if now is None else now
         with self.db.transaction() as c:
             c.execute("UPDATE outbox SET attempts = attempts + 1 WHERE update_id = ?", (update_id,))
 

@@ -1,39 +1,40 @@
 """The device side of synchronous SecAgg+ rounds: check in with a ready update, run its round.
 
-The MQTT edge of :class:`fededge.secagg.DeviceRound` (the pure state machine), owned by a
-:class:`fededge.device.client.Client` whose plan has a ``secure_aggregation`` section. Instead of
-publishing a plaintext update, the trainer hands its clipped delta to :meth:`Participant.offer`;
-the io thread then checks in on ``rounds/checkin/{device}`` every ``checkin_interval`` s until
-the aggregator puts the device in a round's cohort, runs the round, and forgets the update.
+A sans-IO driver of :class:`fededge.secagg.DeviceRound` (the pure state machine), owned by the
+device core (fededge/device/core.py) when the plan has a ``secure_aggregation`` section. Instead
+of a plaintext update, the trainer hands its clipped delta to :meth:`Participant.offer`; every
+``checkin_interval`` s :meth:`Participant.tick` asks for a check-in on
+``rounds/checkin/{device}`` until the aggregator puts the device in a round's cohort, then the
+round's messages go through :meth:`Participant.on_message`. Both return effects (Publish,
+WakeTrainer) for the driver; times are passed in. Calls are serialized by the core's driver.
 
 What happens to an update (docs/protocol.md (secure aggregation)):
 
-- its examples stay *fresh* until its masked input is sent, so an update that goes stale (a new
-  version arrived first) or whose round ends before the masked input left is either reused in
-  the next round (same base version) or dropped and retrained from the same examples;
-- once the masked input is sent the examples are marked used and the update is spent, whether
-  the round then finishes or aborts: reusing it in another round would let an aggregator
-  difference two sums that both contain it.
+- its examples stay *fresh* until its masked input is about to be sent, so an update that goes
+  stale (a new version arrived first) or whose round ends before the masked input left is either
+  reused in the next round (same base version) or dropped and retrained from the same examples;
+- its examples are marked used (one committed transaction) *before* the masked input is handed
+  out for publishing, and the update is spent from then on, whether the publish, the round or the
+  process then fails: reusing it in another round would let an aggregator difference two sums
+  that both contain it. A crash between the two loses that one update, never reuses it.
 """
 
 from __future__ import annotations
 
 import logging
-import threading
-import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from fededge.device.effects import Effect, Publish, WakeTrainer
 from fededge.device.examples import ExampleStore, StateDb
 from fededge.device.metrics import DeviceMetrics
 from fededge.errors import FededgeError, ProtocolError, SecAggError
-from fededge.mqtt import Message, MqttClient
 from fededge.protocol import Plan, Topics
 from fededge.protocol.messages import CheckIn
-from fededge.secagg import TO_SERVER, DeviceRound, Outgoing, RoundConfig, Stage, encode, warmup
+from fededge.secagg import TO_SERVER, DeviceRound, Outgoing, RoundConfig, Stage, encode
 from fededge.secagg import decode_payload as decode_round_payload
 from fededge.secagg.graph import TERMINAL
 from fededge.secagg.messages import MaskedInput, RoundStatus
@@ -52,10 +53,9 @@ class ReadyInput:
 
 
 class Participant:
-    """Runs this device's part in secure-aggregation rounds (io thread, except :meth:`offer`).
+    """Runs this device's part in secure-aggregation rounds.
 
-    ``version`` and ``plan`` are read through callables so the client stays their one owner;
-    ``on_spent`` is called when an update was used up (or dropped) so the trainer wakes up.
+    ``version`` and ``plan`` are read through callables so the core stays their one owner.
     """
 
     def __init__(
@@ -67,7 +67,6 @@ class Participant:
         *,
         version: Callable[[], int | None],
         plan: Callable[[], Plan],
-        on_spent: Callable[[], None],
     ) -> None:
         self.device_id = device_id
         self.topics = topics
@@ -75,116 +74,103 @@ class Participant:
         self._metrics = metrics
         self._version = version
         self._plan = plan
-        self._on_spent = on_spent
-        self._lock = threading.Lock()  # guards _ready against the trainer thread
         self._ready: ReadyInput | None = None
         self.round: DeviceRound | None = None
         self._round_input: ReadyInput | None = None
         self._masked_sent = False
-        self._heard = 0.0  # monotonic time of the round's last message
-        self._last_checkin = 0.0
+        self._heard = 0.0  # time of the round's last message
+        self._last_checkin: float | None = None
         self._seen_rounds: deque[str] = deque(maxlen=64)
-        self._warm = False
         self.rounds_done = 0
         self.rounds_aborted = 0
         self.masked_sent = 0
 
-    # -- trainer thread ------------------------------------------------------------------------
     def busy(self) -> bool:
         """Whether an update is waiting or in a round (the trainer must not make another)."""
-        with self._lock:
-            return self._ready is not None or self.round is not None
+        return self._ready is not None or self.round is not None
 
     def offer(self, ready: ReadyInput) -> None:
-        """Hand over a fresh update; the io thread checks in with it."""
-        with self._lock:
-            self._ready = ready
-            self._last_checkin = 0.0  # check in at the next tick
+        """Hand over a fresh update; the next tick checks in with it."""
+        self._ready = ready
+        self._last_checkin = None  # check in at the next tick
 
-    # -- io thread -----------------------------------------------------------------------------
     def subscriptions(self) -> list[str]:
         """What the device listens to: round configs, broadcasts and messages addressed to it."""
         t = self.topics
         return [t.round_broadcast_filter("config"), t.round_broadcast_filter("unmask_request"),
                 t.round_broadcast_filter("status"), t.round_to_filter(self.device_id)]  # fmt: skip
 
-    def tick(self, mqtt: MqttClient) -> None:
-        """Check in when due; abandon a round that went silent; drop a stale update."""
-        now = time.monotonic()
+    def tick(self, now: float, wall: float, connected: bool) -> list[Effect]:
+        """Check in when due; abandon a round that went silent; drop a stale update.
+
+        ``now`` is a monotonic time, ``wall`` the epoch time stamped on the check-in.
+        """
         plan = self._plan().secure_aggregation
         rnd = self.round
         if rnd is not None:
             # A stage lasts at most timeout_s; between two of our stages we wait for one.
             if now - self._heard > 2 * rnd.config.timeout_s + 5:
                 log.warning("round %s went silent; leaving it", rnd.config.round_id)
-                self._end_round(aborted=True)
-            return
-        if plan is not None and not self._warm:
-            # Load (or compile) the kernels before the first check-in, not inside a stage's
-            # deadline: with Numba installed and a cold cache this takes seconds.
-            warmup()
-            self._warm = True
-        with self._lock:
-            ready = self._ready
-            if ready is not None and (plan is None or ready.base_version != self._version()):
-                self._ready = None  # stale: its examples are still fresh, train again
-                ready = None
-                log.info("dropped a secure-aggregation update on an outdated version")
-                self._on_spent()
-            if ready is None or plan is None or now - self._last_checkin < plan.checkin_interval:
-                return
-            self._last_checkin = now
-        if mqtt.connected:
-            ci = CheckIn(task=self.topics.task, device=self.device_id,
-                         base_version=ready.base_version, num_examples=ready.num_examples,
-                         time=time.time())  # fmt: skip
-            mqtt.publish(self.topics.checkin(self.device_id), ci.to_bytes(), qos=1)
+                return self._end_round(aborted=True)
+            return []
+        ready = self._ready
+        if ready is not None and (plan is None or ready.base_version != self._version()):
+            self._ready = None  # stale: its examples are still fresh, train again
+            log.info("dropped a secure-aggregation update on an outdated version")
+            return [WakeTrainer()]
+        if ready is None or plan is None or not connected:
+            return []
+        if self._last_checkin is not None and now - self._last_checkin < plan.checkin_interval:
+            return []
+        self._last_checkin = now
+        ci = CheckIn(task=self.topics.task, device=self.device_id,
+                     base_version=ready.base_version, num_examples=ready.num_examples,
+                     time=wall)  # fmt: skip
+        return [Publish(self.topics.checkin(self.device_id), ci.to_bytes())]
 
-    def on_message(self, mqtt: MqttClient, msg: Message) -> None:
+    def on_message(self, topic: str, payload: bytes, now: float) -> list[Effect]:
         """Handle one ``rounds/...`` message; raises ProtocolError/SecAggError if refused."""
-        where = self.topics.parse_round(msg.topic)
-        if not msg.payload or where is None or where.round_id is None:
-            return  # a cleared retained message, or not a topic of ours
+        where = self.topics.parse_round(topic)
+        if not payload or where is None or where.round_id is None:
+            return []  # a cleared retained message, or not a topic of ours
         round_id, kind = where.round_id, where.type
         if kind == "config":
-            self._on_config(mqtt, round_id, msg.payload)
-            return
+            return self._on_config(round_id, payload, now)
         rnd = self.round
         if rnd is None or round_id != rnd.config.round_id:
-            return  # another round, or one we are not in
-        message = decode_round_payload(msg.payload, masked=False)
-        self._heard = time.monotonic()
+            return []  # another round, or one we are not in
+        message = decode_round_payload(payload, masked=False)
+        self._heard = now
+        ended: list[Effect] = []
         try:
             out = rnd.handle(message)
         finally:
             if rnd.stage in TERMINAL:
                 done = isinstance(message, RoundStatus) and message.status == "done"
-                self._end_round(aborted=not done)
-        self._send(mqtt, out)
+                ended = self._end_round(aborted=not done)
+        return self._send(out) + ended
 
-    def _on_config(self, mqtt: MqttClient, round_id: str, payload: bytes) -> None:
+    def _on_config(self, round_id: str, payload: bytes, now: float) -> list[Effect]:
         if round_id in self._seen_rounds or self.round is not None:
-            return
+            return []
         config = RoundConfig.from_json(payload)
         if self.device_id not in config.cohort:
-            return
+            return []
         self._seen_rounds.append(round_id)
-        with self._lock:
-            ready = self._ready
+        ready = self._ready
         plan = self._plan()
         if ready is None or ready.base_version != self._version():
             log.info("selected for round %s without a current update; not joining", round_id)
-            return
+            return []
         self._check_config(config, plan, ready)
         rnd = DeviceRound(self.device_id, config)
         out = rnd.set_input(ready.delta, float(ready.num_examples))
         out += rnd.start()
-        with self._lock:
-            self.round, self._round_input, self._ready = rnd, ready, None
+        self.round, self._round_input, self._ready = rnd, ready, None
         self._masked_sent = False
-        self._heard = time.monotonic()
+        self._heard = now
         log.info("joined round %s (%d devices)", round_id, len(config.cohort))
-        self._send(mqtt, out)
+        return self._send(out)
 
     def _check_config(self, config: RoundConfig, plan: Plan, ready: ReadyInput) -> None:
         """Refuse a round whose parameters are weaker than the plan's (or do not fit)."""
@@ -209,56 +195,57 @@ class Participant:
         if problems:
             raise SecAggError(f"round {config.round_id}: " + "; ".join(problems))
 
-    def _send(self, mqtt: MqttClient, out: list[Outgoing]) -> None:
+    def _send(self, out: list[Outgoing]) -> list[Effect]:
         rnd = self.round
+        effects: list[Effect] = []
         for o in out:
             if o.to != TO_SERVER:
                 raise SecAggError(f"a device message addressed to {o.to!r}")
             rid = o.message.round_id
-            topic = self.topics.round_stage(rid, o.message.TYPE, self.device_id)
-            mqtt.publish(topic, encode(o.message), qos=1)
             if isinstance(o.message, MaskedInput):
-                self._spend_examples()
+                self._spend_examples()  # committed before the masked input can leave
+            topic = self.topics.round_stage(rid, o.message.TYPE, self.device_id)
+            effects.append(Publish(topic, encode(o.message)))
         if rnd is not None and rnd.stage in TERMINAL:
-            self._end_round(aborted=rnd.stage == Stage.ABORTED)
+            effects += self._end_round(aborted=rnd.stage == Stage.ABORTED)
+        return effects
 
     def _spend_examples(self) -> None:
-        # The masked input is out: the update is spent whatever the round's outcome.
-        self._masked_sent = True
-        self.masked_sent += 1
-        self._metrics.updates_sent.inc()
-        self._metrics.publishes.inc()
+        # From here the update is spent whatever happens next (publish, round, crash).
         ready = self._round_input
         if ready is not None:
             with self._db.transaction() as c:
                 ExampleStore.mark_used_in(c, ready.example_ids)
+        self._masked_sent = True
+        self.masked_sent += 1
+        self._metrics.updates_sent.inc()
+        self._metrics.publishes.inc()
 
-    def _end_round(self, *, aborted: bool) -> None:
+    def _end_round(self, *, aborted: bool) -> list[Effect]:
         rnd = self.round
         if rnd is None:
-            return
+            return []
         if aborted:
             self.rounds_aborted += 1
         else:
             self.rounds_done += 1
-        with self._lock:
-            self.round = None
-            keep = not self._masked_sent and self._round_input is not None
-            if keep and self._ready is None:
-                self._ready = self._round_input  # nothing was revealed: try the next round
-                self._last_checkin = 0.0
-            self._round_input = None
+        self.round = None
+        keep = not self._masked_sent and self._round_input is not None
+        if keep and self._ready is None:
+            self._ready = self._round_input  # nothing was revealed: try the next round
+            self._last_checkin = None
+        self._round_input = None
         log.info("round %s %s%s", rnd.config.round_id, "aborted" if aborted else "done",
                  "" if self._masked_sent else " (update kept for the next round)")  # fmt: skip
-        if not keep:
-            self._on_spent()
+        return [] if keep else [WakeTrainer()]
 
 
-def handle_safely(participant: Participant, mqtt: MqttClient, msg: Message) -> bool:
-    """Pass a message to the participant; False (logged) if it was refused."""
+def handle_safely(
+    participant: Participant, topic: str, payload: bytes, now: float
+) -> list[Effect] | None:
+    """Pass a message to the participant; its effects, or None (logged) if it was refused."""
     try:
-        participant.on_message(mqtt, msg)
-        return True
+        return participant.on_message(topic, payload, now)
     except (ProtocolError, SecAggError, FededgeError, ValueError) as e:
-        log.warning("refused round message on %s: %s", msg.topic, e)
-        return False
+        log.warning("refused round message on %s: %s", topic, e)
+        return None

@@ -13,8 +13,11 @@ eps = n / scale (rounding errors are unbiased, independent, each in (-1, 1) / sc
 mean S_d / S_w is then off by at most eps * (1 + C) / (S_w - eps) per coordinate
 (:func:`mean_error_bound`).
 
-Kernels come from fededge.native (Numba, aggregator install); a device without Numba uses the
-numpy versions here, which produce bit-identical results.
+Kernels come from fededge.native (Numba, aggregator install), loaded only when asked for with
+:func:`load_kernels` (the aggregator's :class:`ServerRound` and :func:`warmup` do): a device never
+imports Numba, even where it is installed (it costs ~70 MiB of RSS, and the device unit forbids
+W^X memory, so it could not run anyway), and uses the numpy versions here, which produce
+bit-identical results.
 """
 
 from __future__ import annotations
@@ -29,11 +32,8 @@ import numpy.typing as npt
 
 from fededge.errors import ConfigError
 
-_kernels: ModuleType | None
-try:
-    _kernels = importlib.import_module("fededge.native.secagg")
-except ImportError:  # devices need not install Numba
-    _kernels = None
+_kernels: ModuleType | None = None
+_tried = False
 
 U32 = npt.NDArray[np.uint32]
 F64 = npt.NDArray[np.float64]
@@ -43,8 +43,23 @@ _TWO_POW_M32 = 1.0 / 4294967296.0
 _CHUNK = 1 << 16  # numpy fallback works in chunks to bound its temporaries
 
 
+def load_kernels() -> bool:
+    """Use the Numba kernels from now on if Numba is installed; whether they are in use.
+
+    Idempotent and cheap after the first call. Only the aggregator side calls it.
+    """
+    global _kernels, _tried
+    if not _tried:
+        _tried = True
+        try:
+            _kernels = importlib.import_module("fededge.native.secagg")
+        except ImportError:  # an install without Numba
+            _kernels = None
+    return _kernels is not None
+
+
 def has_kernels() -> bool:
-    """Whether the Numba kernels are available (else the numpy fallbacks run)."""
+    """Whether the Numba kernels are in use (else the numpy fallbacks run)."""
     return _kernels is not None
 
 
@@ -169,7 +184,9 @@ def sub_mod(acc: U32, x: U32, bits: int) -> None:
 
 
 def warmup() -> None:
-    """Compile (or load from Numba's cache) every kernel now, not inside a round's deadline."""
+    """Load the kernels and compile them (or load them from Numba's cache) now, not inside a
+    round's deadline (aggregator side; a device has nothing to warm up)."""
+    load_kernels()
     x = np.zeros(2, dtype=np.float32)
     words = np.zeros(2, dtype=np.uint32)
     sum_squares(x)

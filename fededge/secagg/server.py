@@ -37,7 +37,7 @@ from fededge.secagg.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
-from fededge.secagg.quantize import FixedPoint, add_mod, sub_mod
+from fededge.secagg.quantize import FixedPoint, add_mod, load_kernels, sub_mod
 
 log = logging.getLogger(__name__)
 _DEVICE_STAGE = {
@@ -67,6 +67,7 @@ class ServerRound:
     def __init__(
         self, config: RoundConfig, rng: crypto.RandomSource = crypto.system_random
     ) -> None:
+        load_kernels()  # the aggregator's sums use Numba where installed (devices never load it)
         self.config = config
         self.stage = Stage.ADVERTISE
         self.abort_reason: str | None = None
