@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -337,10 +338,11 @@ def test_pull_weights_only_task_and_missing_task(broker, tmp_path, capsys) -> No
     assert rc == 1 and "has no model" in err
 
 
-def _inspect(capsys: pytest.CaptureFixture[str], path: Path) -> dict:
+def _inspect(capsys: pytest.CaptureFixture[str], path: Path) -> dict[str, Any]:
     rc, out, err = _run(capsys, "model", "inspect", str(path), "--json")
     assert rc == 0, err
-    return json.loads(out)
+    info: dict[str, Any] = json.loads(out)
+    return info
 
 
 def test_inspect_every_kind(tmp_path, capsys) -> None:

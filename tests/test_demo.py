@@ -69,7 +69,7 @@ def test_demo_on_mosquitto_mqtt5(broker, tmp_path) -> None:
         out_dir=tmp_path,
         json_path=tmp_path / "s.json",
     )
-    seen = []
+    seen: list[VersionRow] = []
     summary = run_demo(cfg, seen.append)
     assert [r.version for r in seen] == [0, 1, 2, 3]
     assert summary.broker == broker.url

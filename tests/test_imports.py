@@ -62,8 +62,8 @@ def _imports(module: str, path: Path) -> set[str]:
                 # `from pkg import mod` imports the module pkg.mod; `from mod import name` mod.
                 sub = f"{base}.{alias.name}"
                 out.add(sub if sub in MODULES else base)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
+        for sub_node in ast.iter_child_nodes(node):
+            visit(sub_node)
 
     visit(ast.parse(path.read_text(), str(path)))
     return {m for m in out if m in MODULES and m != module}

@@ -14,6 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from broker import Mosquitto, free_port, make_password_file, make_tls_files
@@ -62,7 +63,7 @@ def clients() -> Iterator[Callable[..., MqttClient]]:
     """Connected clients closed at the end of the test: ``make(settings, client_id, **kw)``."""
     made: list[MqttClient] = []
 
-    def make(settings: BrokerSettings, client_id: str | None = None, **kw: object) -> MqttClient:
+    def make(settings: BrokerSettings, client_id: str | None = None, **kw: Any) -> MqttClient:
         c = MqttClient(settings, client_id or _id("c"), **kw)
         made.append(c)
         c.connect()
