@@ -76,7 +76,7 @@ def test_hostile_updates_rejected_and_state_intact(broker, tmp_path) -> None:
         dev = Sender(s)
         first = dev.update(good)
         assert dev.receipt(first).status == "accepted"
-        cases = {
+        cases: dict[str, dict[str, np.ndarray]] = {
             "wrong_shape": {"b": np.zeros(4, np.float32), "w": good["w"]},
             "wrong_names": {"b": good["b"], "x": good["w"]},
             "wrong_dtype": {"b": good["b"].astype(np.float64), "w": good["w"]},
@@ -133,11 +133,13 @@ def good_bytes(s, delta) -> bytes:
 
 
 def _rejected(agg) -> float:
-    return sum(
-        s.value
-        for m in agg.metrics.rejected.collect()
-        for s in m.samples
-        if s.name.endswith("_total")
+    return float(
+        sum(
+            s.value
+            for m in agg.metrics.rejected.collect()
+            for s in m.samples
+            if s.name.endswith("_total")
+        )
     )
 
 
@@ -150,10 +152,12 @@ def wait_for(cond, timeout: float = 20) -> None:
         time.sleep(0.05)
 
 
-def test_waits_for_a_broker_that_is_down_at_start(fresh_broker, tmp_path) -> None:
+def test_waits_for_a_broker_that_is_down_at_start(fresh_broker, tmp_path, caplog) -> None:
+    import logging
     import threading
 
     from fededge.aggregator.service import Aggregator
+    from fededge.testing import wait_until
 
     s = make_settings(fresh_broker.url, tmp_path)
     s.broker.reconnect_min_delay = 0.2
@@ -162,9 +166,21 @@ def test_waits_for_a_broker_that_is_down_at_start(fresh_broker, tmp_path) -> Non
     fresh_broker.stop()
     agg = Aggregator(s)
     started = threading.Event()
-    t = threading.Thread(target=lambda: (agg.start(wait_for_model=30), started.set()), daemon=True)
+
+    def start() -> None:
+        agg.start(wait_for_model=30)
+        started.set()
+
+    caplog.set_level(logging.WARNING, "fededge.aggregator.service")
+    t = threading.Thread(target=start, daemon=True)
     t.start()
-    assert not started.wait(2.0)  # retrying with backoff, not failing
+    # Retrying with backoff, not failing: two refused attempts, and still not started.
+    wait_until(
+        lambda: sum("broker not reachable" in r.getMessage() for r in caplog.records) >= 2,
+        30,
+        "two connection attempts",
+    )
+    assert not started.is_set() and t.is_alive()
     fresh_broker.start()
     assert started.wait(30)
     assert agg.version == 0
@@ -215,3 +231,60 @@ def test_update_ids_count_per_device_and_metrics_are_bounded(broker, tmp_path) -
         victim.close()
         squatter.close()
     assert v1.updates == 3
+
+
+def _buggy_check(monkeypatch) -> None:
+    """Make validation fail like a bug would, by update id: bug*, misuse*, disk*."""
+    from fededge.aggregator import core, policy
+    from fededge.errors import NotReadyError, StorageError
+
+    real = policy.check_update
+
+    def check(update, **kw):
+        uid = update.update_id
+        if uid.startswith("bug"):
+            raise ZeroDivisionError("a bug in validation")
+        if uid.startswith("misuse"):
+            raise NotReadyError("a misuse")
+        if uid.startswith("disk"):
+            raise StorageError("the disk failed")
+        return real(update, **kw)
+
+    monkeypatch.setattr(core, "check_update", check)
+
+
+def test_a_bug_on_an_update_answers_internal_error_and_the_service_goes_on(
+    broker, tmp_path, monkeypatch
+) -> None:
+    _buggy_check(monkeypatch)
+    s = make_settings(broker.url, tmp_path)
+    base = init_task(s, _weights(), Plan(min_updates_per_version=1))
+    good = {k: np.full(v.shape, 0.1, np.float32) for k, v in base.weights.items()}
+    with running_aggregator(s) as agg:
+        dev = Sender(s)
+        for uid in ("bug-1", "misuse-1"):  # NotReadyError is a misuse, not a disk failure
+            r = dev.receipt(dev.update(good, uid=uid))
+            assert (r.status, r.reason) == ("rejected", "internal_error"), r
+        assert dev.receipt(dev.update(good)).status == "accepted"
+        dev.model(1)
+        dev.close()
+    reg = agg.metrics.registry
+    assert reg.get_sample_value("fededge_updates_rejected_total", {"reason": "internal_error"}) == 2
+    assert reg.get_sample_value("fededge_internal_errors_total") == 2
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+def test_a_storage_error_on_an_update_stops_the_service(broker, tmp_path, monkeypatch) -> None:
+    from fededge.errors import StorageError
+    from fededge.testing import wait_until
+
+    _buggy_check(monkeypatch)
+    s = make_settings(broker.url, tmp_path)
+    base = init_task(s, _weights(), Plan(min_updates_per_version=1))
+    good = {k: np.full(v.shape, 0.1, np.float32) for k, v in base.weights.items()}
+    dev = Sender(s)
+    with pytest.raises(StorageError), running_aggregator(s) as agg:
+        dev.update(good, uid="disk-1")
+        reg = agg.metrics.registry
+        wait_until(lambda: reg.get_sample_value("fededge_update_bytes_total"), 20, "the update")
+    dev.close()

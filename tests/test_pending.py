@@ -169,7 +169,9 @@ def test_checkpoint_with_many_ids_reloads(tmp_path) -> None:
     store = Store(tmp_path)
     ids = [f"{i:064d}" for i in range(20_000)]  # a header well above the 1 MiB network limit
     store.write_checkpoint(3, 0, np.zeros(D + 10), {"count": len(ids), "ids": ids})
-    _seg, acc, state = store.load_checkpoint(3)
+    ck = store.load_checkpoint(3)
+    assert ck is not None
+    _seg, acc, state = ck
     assert state["ids"] == ids and acc.shape == (D + 10,)
 
 
@@ -182,3 +184,68 @@ def test_second_instance_is_refused_before_touching_files(tmp_path) -> None:
     assert tmp.exists()
     store.close()
     Store(tmp_path).close()
+
+
+def _three_records(tmp_path) -> tuple[Store, PendingVersion, list[int]]:
+    """A segment with three committed records; the byte offset where each one starts."""
+    rng = np.random.default_rng(5)
+    store = Store(tmp_path)
+    p = _pending(store)
+    seg = store.segment_path(3, 0)
+    offsets = []
+    for i in range(3):
+        offsets.append(seg.stat().st_size if seg.exists() else 0)
+        u, raw = _update(i, rng)
+        p.stage(u, raw, 1.0, 1.0)
+        p.commit()
+    p.close()
+    store.close()
+    return store, p, offsets
+
+
+def test_bad_record_in_the_middle_stops_with_the_repair_command(tmp_path) -> None:
+    store, _, offsets = _three_records(tmp_path)
+    ((_, seg),) = store.segments(3)
+    data = bytearray(seg.read_bytes())
+    data[offsets[1] + 40] ^= 0xFF  # bit rot inside the second record; the third is intact
+    seg.write_bytes(bytes(data))
+    q = _pending(Store(tmp_path))
+    with pytest.raises(StorageError) as e:
+        q.recover()
+    msg = str(e.value)
+    assert str(seg) in msg and f"at byte {offsets[1]}" in msg and "1 valid record" in msg
+    assert f"fededge aggregator repair-wal --state-dir {tmp_path.parent.parent}" in msg
+    assert seg.read_bytes() == bytes(data)  # nothing was cut
+
+
+def test_repair_wal_reports_then_truncates_keeping_a_copy(tmp_path) -> None:
+    from fededge.cli import main
+
+    state = tmp_path / "state"
+    root = state / "aggregator" / "t"
+    root.mkdir(parents=True)
+    store, _, offsets = _three_records(root)
+    ((_, seg),) = store.segments(3)
+    data = bytearray(seg.read_bytes())
+    data[offsets[1] + 40] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    args = ["aggregator", "repair-wal", "--state-dir", str(state), "--task", "t"]
+    assert main(args) == 1  # reported, not repaired
+    assert seg.read_bytes() == bytes(data)
+    assert main([*args, "--yes"]) == 0
+    assert seg.stat().st_size == offsets[1]
+    assert seg.with_name(seg.name + ".bad").read_bytes() == bytes(data)
+    assert main(args) == 0  # clean now
+    q = _pending(Store(root))
+    assert q.recover() == 1 and q.sums.ids == ["u0"]  # the operator accepted losing u1, u2
+
+
+def test_torn_tail_after_a_torn_group_is_still_cut_silently(tmp_path) -> None:
+    store, _, offsets = _three_records(tmp_path)
+    ((_, seg),) = store.segments(3)
+    size = seg.stat().st_size
+    with seg.open("r+b") as f:  # the last record half written, as after a crash mid-append
+        f.truncate(offsets[2] + (size - offsets[2]) // 2)
+    q = _pending(Store(tmp_path))
+    assert q.recover() == 2 and q.sums.ids == ["u0", "u1"]
+    assert seg.stat().st_size == offsets[2]

@@ -155,14 +155,18 @@ def accumulate_group(
         v.flags.writeable = False
         views.append(v)
     k, j = len(views), 0
+    # The fold kernels take their rows as separate arguments (fixed arity, spelled out).
     while j + 8 <= k:
-        _acc.fold8(acc, *views[j : j + 8], w[j : j + 8])
+        a, b, c, d, e, f, g, h = views[j : j + 8]
+        _acc.fold8(acc, a, b, c, d, e, f, g, h, w[j : j + 8])
         j += 8
     if j + 4 <= k:
-        _acc.fold4(acc, *views[j : j + 4], w[j : j + 4])
+        a, b, c, d = views[j : j + 4]
+        _acc.fold4(acc, a, b, c, d, w[j : j + 4])
         j += 4
     if j + 2 <= k:
-        _acc.fold2(acc, *views[j : j + 2], w[j : j + 2])
+        a, b = views[j : j + 2]
+        _acc.fold2(acc, a, b, w[j : j + 2])
         j += 2
     if j < k:
         _acc.fold1(acc, views[j], w[j : j + 1])

@@ -60,24 +60,43 @@ class SegmentWriter:
         self._f.close()
 
 
-def read_segment(path: Path, *, repair: bool) -> Iterator[Record]:
-    """Yield the valid records of a segment; a torn or corrupt tail is cut off (if ``repair``).
+@dataclass(frozen=True)
+class Damage:
+    """The first bad record of a segment: where, why, and what valid data follows it."""
 
-    Only the tail can be torn: records are acknowledged after fsync, so everything before the
-    first bad record was durable, and nothing after it was ever acknowledged.
-    """
+    path: Path
+    offset: int
+    problem: str
+    size: int  # of the whole file
+    records_after: int  # valid records found after the bad one
+
+    @property
+    def torn_tail(self) -> bool:
+        """Nothing valid follows: a crash in the middle of an append (normal, never acked)."""
+        return self.records_after == 0
+
+    def describe(self) -> str:
+        return (
+            f"{self.path}: {self.problem} at byte {self.offset} of {self.size}, followed by "
+            f"{self.records_after} valid record(s)"
+        )
+
+
+def repair_command(path: Path) -> str:
+    """The command that repairs the segment at ``path`` (``{state}/aggregator/{task}/pending``)."""
+    state_dir, task = path.parent.parent.parent.parent, path.parent.parent.name
+    return f"fededge aggregator repair-wal --state-dir {state_dir} --task {task}"
+
+
+def scan_segment(path: Path) -> tuple[list[Record], Damage | None]:
+    """The valid records before the first bad one, and what is wrong with the rest (if any)."""
     data = path.read_bytes()
+    records: list[Record] = []
     pos = 0
     while pos < len(data):
         bad = _check(data, pos)
         if bad:
-            log.warning("write-ahead log %s: %s at byte %d; dropping the tail", path, bad, pos)
-            if repair:
-                with path.open("r+b") as f:
-                    f.truncate(pos)
-                    f.flush()
-                    os.fsync(f.fileno())
-            return
+            return records, Damage(path, pos, bad, len(data), _count_valid(data, pos + 1))
         _, hlen, plen, _ = _PREFIX.unpack_from(data, pos)
         start = pos + _PREFIX.size
         try:
@@ -85,8 +104,66 @@ def read_segment(path: Path, *, repair: bool) -> Iterator[Record]:
         except json.JSONDecodeError as e:  # CRC passed, so this is a bug, not a torn write
             msg = f"write-ahead log {path}: record at {pos} has a bad header: {e}"
             raise StorageError(msg) from e
-        yield Record(header=header, payload=data[start + hlen : start + hlen + plen])
+        records.append(Record(header=header, payload=data[start + hlen : start + hlen + plen]))
         pos = start + hlen + plen
+    return records, None
+
+
+def _count_valid(data: bytes, pos: int) -> int:
+    """Valid records anywhere from ``pos`` on (searching for the magic at every offset)."""
+    n = 0
+    while (pos := data.find(_MAGIC, pos)) >= 0:
+        if _check(data, pos) is None:
+            _, hlen, plen, _ = _PREFIX.unpack_from(data, pos)
+            n += 1
+            pos += _PREFIX.size + hlen + plen
+        else:
+            pos += 1
+    return n
+
+
+def read_segment(path: Path, *, repair: bool) -> Iterator[Record]:
+    """Yield the records of a segment; cut off a torn tail (if ``repair``), stop on corruption.
+
+    Records are acknowledged after fsync, so a crash can only tear the tail: a bad record with
+    nothing valid after it is cut off (it was never acknowledged). A bad record *followed by
+    valid ones* is corruption of acknowledged data: StorageError naming the file, the offset
+    and the repair command; the operator decides to accept the loss.
+    """
+    records, damage = scan_segment(path)
+    if damage is not None and not damage.torn_tail:
+        raise StorageError(
+            f"write-ahead log {damage.describe()}: the records after it were acknowledged and "
+            f"would be lost. Stop the aggregator and run `{repair_command(path)}` to inspect "
+            "it; with --yes that truncates the segment there (keeping a .bad copy)"
+        )
+    if damage is not None:
+        log.warning("write-ahead log %s: %s at byte %d (a torn tail); dropping it",
+                    path, damage.problem, damage.offset)  # fmt: skip
+        if repair:
+            _truncate(path, damage.offset)
+    yield from records
+
+
+def truncate_at_damage(path: Path) -> Damage | None:
+    """Keep a copy as ``<segment>.bad`` and truncate the segment at its first bad record."""
+    _, damage = scan_segment(path)
+    if damage is None:
+        return None
+    bad = path.with_name(path.name + ".bad")
+    bad.write_bytes(path.read_bytes())
+    with bad.open("rb") as f:
+        os.fsync(f.fileno())
+    _truncate(path, damage.offset)
+    return damage
+
+
+def _truncate(path: Path, size: int) -> None:
+    with path.open("r+b") as f:
+        f.truncate(size)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(path.parent)
 
 
 def _check(data: bytes, pos: int) -> str | None:
