@@ -66,6 +66,7 @@ def test_every_option_and_argument_has_help(path: str, cmd: click.Command) -> No
 
 
 def test_wait_and_output_are_spelled_one_way() -> None:
+    wait_helps = set()
     for path, cmd in ALL:
         for p in cmd.params:
             if not isinstance(p, click.Option):
@@ -74,8 +75,10 @@ def test_wait_and_output_are_spelled_one_way() -> None:
             assert "--out" not in names, f"{path}: --out (use -o/--output)"
             if names & {"-o", "--output"}:
                 assert p.opts == ["-o", "--output"], f"{path}: {p.opts}"
-            if any(n.startswith("--wait") for n in names) and "--wait" in names:
+            if "--wait" in names:
                 assert p.opts == ["--wait"] and isinstance(p.type, click.FloatRange), path
+                wait_helps.add(p.help)
+    assert len(wait_helps) == 1, wait_helps
 
 
 def test_a_broken_command_module_is_an_error_not_a_missing_command() -> None:

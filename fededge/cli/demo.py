@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from pathlib import Path
 
@@ -93,15 +94,16 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
     from rich.console import Console
     from rich.table import Table
 
-    from fededge.demo import DemoConfig, VersionRow, run_demo, write_outputs
+    from fededge.demo import DemoConfig, VersionRow, run_demo, run_task, write_outputs
 
     setup_logging(log_level)
     cfg = DemoConfig(out_dir=out_dir, json_path=json_path, **kw)  # type: ignore[arg-type]
+    cfg = dataclasses.replace(cfg, task=run_task(cfg))
     console = Console(highlight=False)
     where = cfg.broker or "an embedded broker (amqtt)"
     console.print(
         f"[bold]fededge demo[/]: {cfg.devices} devices ({cfg.model}, non-IID digits, "
-        f"alpha={cfg.alpha}) on {where}, until version {cfg.versions}"
+        f"alpha={cfg.alpha}) on {where}, task {cfg.task}, until version {cfg.versions}"
     )
     console.print(" version  updates  held-out accuracy    loss   seconds")
     t0 = time.monotonic()

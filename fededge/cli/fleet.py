@@ -261,7 +261,7 @@ def render_status(snap: Snapshot, last: int) -> None:
     type=click.FloatRange(0.1, 600),
     default=DEFAULT_WAIT,
     show_default=True,
-    help="Longest time to collect retained messages, s.",
+    help="Longest wait for the broker's retained messages, s.",
 )
 @click.option(
     "--last",

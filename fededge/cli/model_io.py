@@ -190,7 +190,7 @@ def pull_version(
     type=click.FloatRange(0.1, 600),
     default=5.0,
     show_default=True,
-    help="Longest wait for the retained messages, s.",
+    help="Longest wait for the broker's retained messages, s.",
 )
 @settings_options
 def pull(settings: Settings, version: int | None, out_dir: Path, wait: float) -> int:
