@@ -51,7 +51,7 @@ def _drop_cli_log_handler() -> Iterator[None]:
     root = logging.getLogger()
     for h in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(h)
-    logging.getLogger("fededge.mqtt").setLevel(logging.NOTSET)  # see fleet.quiet_transport
+    logging.getLogger("fededge.mqtt").setLevel(logging.NOTSET)  # see common.quiet_transport
 
 
 def _weights() -> dict[str, np.ndarray]:
