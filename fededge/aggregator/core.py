@@ -65,6 +65,7 @@ class AggregatorCore:
         self._perf = perf
         self._staged: list[Incoming] = []
         self._after_commit: list[tuple[Incoming, str, str]] = []  # copies of staged updates
+        self._last_status: float | None = None  # when the last status was published
 
     def is_update(self, topic: str) -> bool:
         return self.topics.device_of(topic, "updates") is not None
@@ -278,6 +279,15 @@ class AggregatorCore:
             checked_in=r.checked_in if r is not None and stage is not None else None,
         )
 
+    def tick(self, now: float) -> list[Effect]:
+        """A timer tick: the periodic status, every ``status_interval`` seconds."""
+        last = self._last_status
+        # A wall clock that stepped back (NTP) publishes now rather than never.
+        if last is None or not 0 <= now - last <= self.cfg.status_interval:
+            return [self.status_publish(now)]
+        return []
+
     def status_publish(self, now: float) -> Publish:
+        self._last_status = now
         payload = self.status("online", now).to_bytes()
         return Publish(self.topics.aggregator_status, payload, retain=True)

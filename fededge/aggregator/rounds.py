@@ -227,15 +227,13 @@ class RoundDriver:
         if self.server is not None:
             self._send(self.server.advance(now))
             self._after(now)
-        elif self.plan is not None and self.host.model is not None:
+        elif (sa := self.plan) is not None and (model := self.host.model) is not None:
             if not self._warm:  # compile the kernels now, not inside the first round's stages
                 warmup()
                 self._warm = True
-            self._maybe_start(now)
+            self._maybe_start(sa, model, now)
 
-    def _maybe_start(self, now: float) -> None:
-        sa, model = self.plan, self.host.model
-        assert sa is not None and model is not None
+    def _maybe_start(self, sa: SecureAggregation, model: ModelVersion, now: float) -> None:
         expiry = 3 * sa.checkin_interval
         for device, (ci, _, seen) in list(self._checkins.items()):
             if ci.base_version != model.version or now - seen > expiry:
@@ -247,11 +245,12 @@ class RoundDriver:
         if len(ready) >= sa.cohort_size or (
             len(ready) >= sa.min_cohort and now - first >= sa.checkin_window
         ):
-            self._start(sa, sorted(self._rng.sample(ready, min(len(ready), sa.cohort_size))), now)
+            cohort = sorted(self._rng.sample(ready, min(len(ready), sa.cohort_size)))
+            self._start(sa, model, cohort, now)
 
-    def _start(self, sa: SecureAggregation, cohort: list[str], now: float) -> None:
-        model = self.host.model
-        assert model is not None
+    def _start(
+        self, sa: SecureAggregation, model: ModelVersion, cohort: list[str], now: float
+    ) -> None:
         n, clip = len(cohort), self.host.plan.clip_norm
         config = RoundConfig(
             round_id=f"v{model.version}-{uuid.uuid4().hex[:8]}",
@@ -280,10 +279,12 @@ class RoundDriver:
 
     # -- output --------------------------------------------------------------------------------
     def _send(self, outgoing: list[Outgoing]) -> None:
-        assert self.server is not None or not outgoing
+        if not outgoing:
+            return
+        if self.server is None:
+            raise SecAggError("messages of a round that is not running")
+        rid = self.server.config.round_id
         for out in outgoing:
-            assert self.server is not None
-            rid = self.server.config.round_id
             kind = out.message.TYPE
             if out.to == TO_SERVER:
                 raise SecAggError("the server addressed a message to itself")
@@ -311,9 +312,10 @@ class RoundDriver:
 
     def _finish(self, server: ServerRound) -> None:
         result, model = server.result, self.host.model
-        assert result is not None and model is not None
         rid = server.config.round_id
-        if model.version != self._round_version:
+        if result is None:
+            raise SecAggError(f"round {rid} is done but has no result")
+        if model is None or model.version != self._round_version:
             log.warning("round %s finished on an outdated version; result dropped", rid)
             return
         sum_wd, sum_w = result

@@ -43,6 +43,87 @@ def _incoming(msg: Message) -> Incoming:
     return Incoming(msg.topic, msg.payload, msg)
 
 
+def connect_with_retry(
+    client: MqttClient,
+    settings: Settings,
+    tick: Callable[[], object],
+    should_stop: Callable[[], bool],
+) -> None:
+    """Connect, retrying with exponential backoff until connected or ``should_stop()``."""
+    delay = settings.broker.reconnect_min_delay
+    while True:
+        try:
+            client.connect()
+            return
+        except TransportError as e:
+            if should_stop():
+                raise
+            log.warning("broker not reachable (%s); retrying in %.1f s", e, delay)
+        end = time.monotonic() + delay
+        while time.monotonic() < end:
+            tick()
+            if should_stop():
+                raise TransportError("stopped while waiting for the broker")
+            time.sleep(min(0.2, delay))
+        delay = min(delay * 2, settings.broker.reconnect_max_delay)
+
+
+def carry_out(
+    client: MqttClient,
+    effects: list[Effect],
+    callbacks: list[NewVersionCallback],
+    *,
+    strict: bool = False,
+) -> None:
+    """Carry out the core's effects in order; a failed publication is logged unless ``strict``."""
+    for e in effects:
+        if isinstance(e, Ack):
+            if isinstance(e.handle, Message):
+                client.ack(e.handle)
+        elif isinstance(e, Publish):
+            try:
+                client.publish(e.topic, e.payload, qos=e.qos, retain=e.retain)
+            except FededgeError as err:
+                if strict:
+                    raise
+                # A lost receipt: the device resends and gets a "duplicate" receipt.
+                log.warning("publication on %s failed: %s", e.topic, err)
+        elif isinstance(e, NewVersion):
+            for cb in callbacks:
+                try:
+                    cb(e.model, e.old, e.new)
+                except Exception:  # logged with its traceback; the service goes on
+                    log.exception("on_new_version callback %r failed", cb)
+
+
+class _RoundHost:
+    """The narrow view of the aggregator a :class:`RoundDriver` gets (``rounds.RoundHost``)."""
+
+    def __init__(self, agg: Aggregator) -> None:
+        self._agg = agg
+        self.topics = agg.topics
+        self.publish_version = agg.publish_version
+        self.publish_status = agg.publish_status
+
+    @property
+    def task(self) -> str:
+        return self._agg.settings.task
+
+    @property
+    def model(self) -> ModelVersion | None:
+        return self._agg.model
+
+    @property
+    def plan(self) -> Plan:
+        return self._agg.plan
+
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
+        self._agg.client.publish(topic, payload, qos=qos, retain=retain)
+
+    def bad_round_message(self) -> None:
+        self._agg.metrics.bad_control.inc()
+
+
 class Aggregator:
     """Asynchronous buffered FedAvg over MQTT (the seed's server, durable and validated).
 
@@ -59,11 +140,10 @@ class Aggregator:
         self.metrics = AggregatorMetrics()
         self.metrics_port: int | None = None
         self.core = AggregatorCore(settings, self.store, self.metrics)
-        self.rounds = RoundDriver(self)  # secure aggregation, when the plan asks for it
+        self.rounds = RoundDriver(_RoundHost(self))  # secure aggregation, when the plan asks for it
         self.core.rounds = self.rounds
         self._callbacks: list[NewVersionCallback] = []
         self._deferred: list[Message] = []
-        self._last_status = 0.0
         self._client_id = (
             client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}"
         )
@@ -88,10 +168,6 @@ class Aggregator:
     @property
     def version(self) -> int | None:
         return self.model.version if self.model else None
-
-    @property
-    def task(self) -> str:
-        return self.settings.task
 
     @property
     def model(self) -> ModelVersion | None:
@@ -146,7 +222,7 @@ class Aggregator:
                     f"aggregator.metrics_port={self.cfg.metrics_port}: cannot listen on "
                     f"{self.cfg.metrics_host}: {e.strerror}"
                 ) from None
-        self._connect(tick, should_stop)
+        connect_with_retry(self.client, self.settings, tick, should_stop)
         on_connected()
         for t in (self.topics.plan, self.topics.graph, self.topics.model):
             self.client.subscribe(t, qos=1)
@@ -181,24 +257,6 @@ class Aggregator:
             self.pending.sums.count if self.pending else 0,
             self.plan.min_updates_per_version,
         )
-
-    def _connect(self, tick: Callable[[], object], should_stop: Callable[[], bool]) -> None:
-        delay = self.settings.broker.reconnect_min_delay
-        while True:
-            try:
-                self.client.connect()
-                return
-            except TransportError as e:
-                if should_stop():
-                    raise
-                log.warning("broker not reachable (%s); retrying in %.1f s", e, delay)
-            end = time.monotonic() + delay
-            while time.monotonic() < end:
-                tick()
-                if should_stop():
-                    raise TransportError("stopped while waiting for the broker")
-                time.sleep(min(0.2, delay))
-            delay = min(delay * 2, self.settings.broker.reconnect_max_delay)
 
     def run(
         self, should_stop: Callable[[], bool], *, tick: Callable[[], object] = lambda: None
@@ -259,8 +317,7 @@ class Aggregator:
 
     def _tick(self) -> None:
         self.rounds.tick()
-        if time.monotonic() - self._last_status > self.cfg.status_interval:
-            self.publish_status()
+        self._execute(self.core.tick(time.time()))
 
     @contextlib.contextmanager
     def _guard(self, msg: Message) -> Iterator[None]:
@@ -305,32 +362,9 @@ class Aggregator:
 
     # -- effects ----------------------------------------------------------------------------
     def _execute(self, effects: list[Effect], *, strict: bool = False) -> None:
-        """Carry out the core's effects in order; a failed publication is logged, not fatal."""
-        for e in effects:
-            if isinstance(e, Ack):
-                if isinstance(e.handle, Message):
-                    self.client.ack(e.handle)
-            elif isinstance(e, Publish):
-                if e.topic == self.topics.aggregator_status:
-                    self._last_status = time.monotonic()
-                try:
-                    self.client.publish(e.topic, e.payload, qos=e.qos, retain=e.retain)
-                except FededgeError as err:
-                    if strict:
-                        raise
-                    # A lost receipt: the device resends and gets a "duplicate" receipt.
-                    log.warning("publication on %s failed: %s", e.topic, err)
-            elif isinstance(e, NewVersion):
-                for cb in self._callbacks:
-                    try:
-                        cb(e.model, e.old, e.new)
-                    except Exception:  # logged with its traceback; the service goes on
-                        log.exception("on_new_version callback %r failed", cb)
+        carry_out(self.client, effects, self._callbacks, strict=strict)
 
-    # -- what the round driver needs (fededge.aggregator.rounds.RoundHost) ------------------
-    def publish(self, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
-        self.client.publish(topic, payload, qos=qos, retain=retain)
-
+    # -- publishing ---------------------------------------------------------------------------
     def publish_version(
         self,
         weights: Weights,
@@ -350,9 +384,6 @@ class Aggregator:
     def publish_status(self) -> None:
         """Publish the retained status now (e.g. when a secure-aggregation round changes)."""
         self._execute([self.core.status_publish(time.time())])
-
-    def bad_round_message(self) -> None:
-        self.metrics.bad_control.inc()
 
     def _offline(self) -> bytes:
         return self.core.status("offline", time.time()).to_bytes()
