@@ -8,7 +8,8 @@ rounding error stays ~1e-16 relative per update however many updates are folded.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit, prange
+
+from ._jit import njit, prange
 
 # Every kernel is compiled lazily on first call (no import-time compile) and cached on disk
 # (NUMBA_CACHE_DIR in the systemd units); ``fededge.kernels.warmup()`` triggers compilation.

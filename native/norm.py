@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import njit
+
+from ._jit import njit
 
 
 # fastmath only as "reassoc": LLVM may reorder the sum into SIMD partial sums (5x faster, the

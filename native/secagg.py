@@ -8,7 +8,8 @@ float64); ``mask`` is ``2**bits - 1`` as an int64.
 from __future__ import annotations
 
 import numpy as np
-from numba import njit
+
+from ._jit import njit
 
 # Stochastic rounding draws u from a counter-based hash (Chris Wellons' "lowbias32", applied twice
 # with the two key halves), so element i's number depends only on (key, i): no state, any order,

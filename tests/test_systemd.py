@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import itertools
 import os
 import queue
 import shutil
@@ -31,7 +30,7 @@ def notify_socket(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[s
     path = tmp_path / "notify.sock"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(path))
-        sock.settimeout(2.0)
+        sock.settimeout(30.0)
         monkeypatch.setenv("NOTIFY_SOCKET", str(path))
         yield sock
 
@@ -68,7 +67,7 @@ def test_notify_reaches_an_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> N
     name = f"fededge-test-{os.getpid()}-{time.monotonic_ns()}"
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(b"\0" + name.encode())
-        sock.settimeout(2.0)
+        sock.settimeout(30.0)
         monkeypatch.setenv("NOTIFY_SOCKET", "@" + name)
         assert systemd.notify("READY=1", "STATUS=abstract") is True
         assert _recv(sock) == "READY=1\nSTATUS=abstract"
@@ -154,6 +153,8 @@ def test_watchdog_rejects_a_nonpositive_interval() -> None:
 
 
 def test_sigterm_becomes_a_request_checked_at_a_safe_point() -> None:
+    # What was there before (SIGINT is ignored, not Python's handler, under a background shell).
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     shutdown = systemd.install_signal_handlers()
     try:
         shutdown.check()  # nothing requested yet
@@ -171,11 +172,10 @@ def test_sigterm_becomes_a_request_checked_at_a_safe_point() -> None:
         # A second signal means "now": it raises straight from the handler.
         with pytest.raises(systemd.ShutdownRequested, match="SIGINT"):
             os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(1)
+            time.sleep(60)  # interrupted at once by the raising handler
     finally:
         shutdown.restore()
-    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
 
 def test_shutdown_can_be_requested_without_signals() -> None:
@@ -394,20 +394,27 @@ class NotifyCapture:
                 continue
             self.messages.append((time.monotonic() - self.started, data.decode()))
 
-    def wait_for(self, line: str, timeout: float) -> float:
-        """Collect until a datagram contains ``line``; seconds since start when it arrived."""
+    def wait_for(self, line: str, timeout: float, *, count: int = 1, after: float = 0.0) -> float:
+        """Collect until ``count`` datagrams received at or after ``after`` (seconds since
+        start) contain ``line``; when the last of them arrived. ``timeout`` is a ceiling."""
+
+        def arrived() -> list[float]:
+            return [t for t in self.times(line) if t >= after][count - 1 : count]
+
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for t, message in self.messages:
-                if line in message.split("\n"):
-                    return t
+        while not arrived():
             if self.process.poll() is not None:
-                self.collect(time.monotonic() + 0.2)
-                if not any(line in m.split("\n") for _, m in self.messages):
+                self.collect(time.monotonic() + 0.2)  # what it sent before it exited
+                if not arrived():
                     break
+            elif time.monotonic() > deadline:
+                break
             self.collect(min(deadline, time.monotonic() + 0.2))
+        if found := arrived():
+            return found[0]
         raise AssertionError(
-            f"no {line!r} within {timeout}s (exit code {self.process.poll()}); got {self.messages}"
+            f"not {count} x {line!r} within {timeout}s (exit code {self.process.poll()}); "
+            f"got {self.messages}"
         )
 
     def times(self, line: str) -> list[float]:
@@ -480,14 +487,11 @@ def test_a_main_loop_reports_ready_pings_and_stops_on_sigterm(
     notified: Callable[..., NotifyCapture],
 ) -> None:
     run = notified([sys.executable, "-c", _LOOP], watchdog_usec=600_000)
-    run.wait_for("READY=1", timeout=30)
-    run.collect(time.monotonic() + 1.5)
-    pings = run.times("WATCHDOG=1")
-    assert len(pings) >= 3, run.messages
-    gaps = [b - a for a, b in itertools.pairwise(pings)]
-    # Never faster than a third of the timeout; never slower than the timeout (0.6 s), with
-    # room for a loaded CI machine.
-    assert min(gaps) >= 0.19 and max(gaps) < 0.6, gaps
+    ready_at = run.wait_for("READY=1", timeout=60)
+    # Pings keep coming from the running loop. Their spacing (at most one per third of the
+    # timeout) is tested with a fake clock above: measured here, under load, it would be the
+    # scheduling of this test process, not the loop's behaviour.
+    run.wait_for("WATCHDOG=1", timeout=60, count=3, after=ready_at)
     assert run.terminate() == 0
     assert "STOPPING=1\nSTATUS=SIGTERM" in [m for _, m in run.messages]
 
@@ -517,10 +521,7 @@ def test_aggregator_daemon_speaks_sd_notify(
     )
     run = notified(cmd, watchdog_usec=1_500_000, env={"FEDEDGE_AGGREGATOR__METRICS": "false"})
     ready_at = run.wait_for("READY=1", timeout=120)  # a cold Numba cache compiles first
-    run.collect(time.monotonic() + 2.5)
-    pings = [t for t in run.times("WATCHDOG=1") if t >= ready_at]
-    assert len(pings) >= 3, run.messages
-    # Pinged from the running main loop, never further apart than the watchdog timeout.
-    assert max(b - a for a, b in itertools.pairwise(pings)) < 1.5, pings
+    # Pinged from the running main loop (the spacing is tested with a fake clock above).
+    run.wait_for("WATCHDOG=1", timeout=60, count=3, after=ready_at)
     assert run.terminate() == 0
     assert any(m.startswith("STOPPING=1") for _, m in run.messages), run.messages

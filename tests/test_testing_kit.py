@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -20,7 +21,7 @@ PLAN = DIGITS_PLAN.model_copy(update={"min_updates_per_version": 2, "examples_pe
 
 
 def test_wait_until_returns_the_value_and_times_out() -> None:
-    values = iter([None, 0, [], {"v": 1}])
+    values: Iterator[object] = iter([None, 0, [], {"v": 1}])
     assert wait_until(lambda: next(values), 5, "a value", interval=0) == {"v": 1}
     with pytest.raises(TimeoutError, match="waiting for nothing"):
         wait_until(lambda: False, 0.05, "nothing")
