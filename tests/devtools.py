@@ -8,17 +8,19 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fededge.tasks import publish_initial
 from fededge.device.bundle import Bundle, load_bundle, shipped_bundle_path
 from fededge.device.datasets import dirichlet_partition, load_digits, train_test_split
 from fededge.protocol import Graph, ModelVersion, Plan
 from fededge.settings import Settings, load_settings
+from fededge.tasks import publish_initial
+from fededge.testing import wait_until
+
+__all__ = ["wait_until"]  # re-exported: the one wait of the test suite
 
 # The plan the device tests (and the demo) use for digits_mlp: measured to pass 0.85 held-out
 # accuracy in ~6 versions with 5 non-IID devices (Dirichlet alpha 0.5).
@@ -93,14 +95,6 @@ def cycle(part: tuple[np.ndarray, np.ndarray], start: int, n: int) -> tuple[np.n
     """``n`` examples of a part from position ``start``, wrapping around."""
     idx = (start + np.arange(n)) % len(part[0])
     return part[0][idx], part[1][idx]
-
-
-def wait_until(cond: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):

@@ -139,16 +139,19 @@ def test_sigkill_with_update_in_outbox_delivers_it_exactly_once(broker, tmp_path
         assert len(ids) == 1
         d = Daemon(broker.url, task, state, "k1", FEDEDGE_DEVICE__RECEIPT_TIMEOUT="1").start()
         d.wait(lambda st: st["outbox"] == 1 and st["connected"], 30, "restart")
-        time.sleep(1.5)  # at least one timed resend while the aggregator is still down
+        # At least one timed resend while the aggregator is still down (the first send of this
+        # process is attempt 2).
+        wait_until(lambda: "(attempt 3)" in d.log.read_text(), 30, "a timed resend")
         with running_aggregator(agg_settings) as agg:
             wait_until(lambda: agg.version == 1, 20, "version 1")
             st = d.wait(lambda st: st["outbox"] == 0 and st["version"] == 1, 20, "receipt")
-            time.sleep(2.5)  # two more receipt timeouts: nothing is resent, nothing new counted
+            # Settled: nothing is left to resend, and a late copy would count as a duplicate.
             assert agg.model is not None
             assert (agg.model.updates, agg.model.examples) == (1, 8)
             assert agg.store.version_info(1)["update_ids"] == ids
             assert agg.accepted_total == 1 and agg.version == 1
-            assert agg.metrics.duplicates._value.get() >= 1  # the queued copy and/or resends
+            dups = agg.metrics.registry.get_sample_value("fededge_updates_duplicate_total")
+            assert dups is not None and dups >= 1  # the queued copy and/or resends
             assert st["updates_sent"] == 0  # this process made no new update: the old was resent
         assert d.terminate() == 0
     finally:
@@ -177,9 +180,13 @@ def test_sigterm_stops_gracefully_with_sd_notify_and_metrics(broker, tmp_path) -
 
     try:
         d.wait(lambda st: st["version"] == 0, 30, "version 0")
-        time.sleep(0.5)  # a few watchdog periods (600 ms / 3)
-        drain()
-        assert "READY=1" in got and got.count("WATCHDOG=1") >= 2
+
+        def pinged() -> bool:  # a few watchdog periods (600 ms / 3)
+            drain()
+            return got.count("WATCHDOG=1") >= 2
+
+        wait_until(pinged, 30, "two watchdog pings")
+        assert "READY=1" in got
         assert any(line.startswith("STATUS=version 0") for line in got), got
         port = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", d.log.read_text())
         assert port is not None
@@ -244,3 +251,64 @@ def test_five_daemons_learn_digits(broker, tmp_path) -> None:
         for d in daemons:
             d.cleanup()
     print("accuracy by version", json.dumps(history))
+
+
+_IMPORT_LINE = re.compile(r"^import time:\s+\d+ \|\s+\d+ \|\s*(\S+)\s*$")
+
+
+def test_device_process_imports_no_numba_rich_tensorflow_or_aggregator(broker, tmp_path) -> None:
+    """What `fededge device` has imported once it serves, trains and answers: a device's needs.
+
+    Python itself reports every import on stderr (PYTHONPROFILEIMPORTTIME), lazy ones included,
+    so nothing in the daemon has to cooperate.
+    """
+    task = new_task()
+    s = make_settings(broker.url, tmp_path / "agg", task=task)
+    publish_task(s, DIGITS_PLAN.model_copy(update={"examples_per_update": 8}))
+    (part,), x_te, _ = digits_split(1)
+    d = Daemon(broker.url, task, tmp_path / "dev", "imp", PYTHONPROFILEIMPORTTIME="1").start()
+    try:
+        d.wait(lambda st: st["version"] == 0, 30, "version 0")
+        assert d.post("/predict", {"x": x_te[:2].tolist()})["version"] == 0
+        d.post("/examples", _examples(part, 0, 8))
+        d.wait(lambda st: st["updates_sent"] == 1, 30, "a training run")  # the trainer ran
+        assert d.terminate() == 0
+    finally:
+        d.cleanup()
+    imported = {m[1] for line in d.log.read_text().splitlines() if (m := _IMPORT_LINE.match(line))}
+    assert {"fededge.device.client", "fededge.device.training", "paho"} <= imported
+    roots = {name.split(".")[0] for name in imported}
+    assert not roots & {"numba", "llvmlite", "rich", "tensorflow", "keras", "pygments"}
+    unwanted = {
+        n
+        for n in imported
+        if n.startswith(
+            ("fededge.aggregator", "fededge.native", "fededge.build", "fededge.testing")
+        )
+    }
+    unwanted |= {n for n in imported if n.startswith("fededge.cli.") and n not in (
+        "fededge.cli.__main__", "fededge.cli.common", "fededge.cli.device")}  # fmt: skip
+    assert not unwanted
+
+
+def test_metrics_port_in_use_fails_before_connecting(tmp_path) -> None:
+    """A second device on the port of the first stops at once with a clear error, never connects."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with socket.socket() as nothing:  # a broker address where nothing listens
+            nothing.bind(("127.0.0.1", 0))
+            dead = f"mqtt://127.0.0.1:{nothing.getsockname()[1]}"
+        d = Daemon(dead, new_task(), tmp_path / "dev", "m1")
+        d.args += ["--metrics-port", str(port)]
+        d.start()
+        try:
+            assert d.proc is not None
+            assert d.proc.wait(60) == 2  # a configuration error
+        finally:
+            d.cleanup()
+    text = d.log.read_text()
+    assert f"device.metrics_port={port} (--metrics-port" in text
+    assert "configuration error" in text
+    assert "connect" not in text.replace("before connecting", "")  # it never tried

@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fededge.device.bundle import BundleSpec
 from fededge.device.effects import Adopted, Effect, Persist
+from fededge.device.spec import BundleSpec
 from fededge.errors import ProtocolError
 from fededge.protocol import ModelVersion
 from fededge.protocol.vocab import NO_GRAPH, RejectReason

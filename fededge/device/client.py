@@ -35,13 +35,14 @@ from typing import Any
 
 import numpy as np
 
-from fededge.device.bundle import Bundle, BundleSpec, load_bundle, parse_spec, validate_graph
+from fededge.device.bundle import Bundle, load_bundle, validate_graph
 from fededge.device.core import DeviceCore
 from fededge.device.effects import Adopted, Effect, Persist, Publish, WakeTrainer
 from fededge.device.examples import ExampleStore, StateDb, validate_examples, validate_inputs
 from fededge.device.metrics import DeviceMetrics
 from fededge.device.outbox import Outbox
 from fededge.device.runtime import ModelRuntime
+from fededge.device.spec import BundleSpec, parse_spec
 from fededge.device.training import local_update
 from fededge.errors import (
     FededgeError,

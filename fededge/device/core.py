@@ -33,12 +33,12 @@ from typing import TYPE_CHECKING, Any
 
 from fededge import __version__
 from fededge.device.adoption import Current, ModelSlot
-from fededge.device.bundle import BundleSpec
 from fededge.device.effects import Adopted, Effect, Persist, Publish, WakeTrainer
 from fededge.device.examples import Batch, ExampleStore, StateDb
 from fededge.device.metrics import DeviceMetrics
 from fededge.device.outbox import Outbox
 from fededge.device.secagg_client import Participant, ReadyInput, handle_safely
+from fededge.device.spec import BundleSpec
 from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, Update
 
 if TYPE_CHECKING:

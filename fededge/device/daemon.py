@@ -29,6 +29,17 @@ def _summary(client: Client) -> str:
     )
 
 
+def _serve_metrics(client: Client, host: str, port: int) -> int:
+    try:
+        return client.metrics.serve(host, port)
+    except OSError as e:
+        raise ConfigError(
+            f"device.metrics_port={port} (--metrics-port, FEDEDGE_DEVICE__METRICS_PORT): cannot "
+            f"listen on {host}: {e.strerror}; give each device on a host its own port, or set "
+            "device.metrics=false"
+        ) from None
+
+
 def run(
     settings: Settings, shutdown: systemd.Shutdown, *, bundle: Bundle | Path | None = None
 ) -> int:
@@ -43,6 +54,9 @@ def run(
     client = Client(settings, bundle=bundle)
     api: ApiServer | None = None
     try:
+        if cfg.metrics:  # before connecting: a port in use is a configuration error, said now
+            port = _serve_metrics(client, cfg.metrics_host, cfg.metrics_port)
+            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, port)
         client.start(retry=True)
         api = ApiServer(
             client,
@@ -52,15 +66,6 @@ def run(
             max_request_bytes=cfg.max_request_bytes,
         )
         api.start()
-        if cfg.metrics:
-            try:
-                port = client.metrics.serve(cfg.metrics_host, cfg.metrics_port)
-            except OSError as e:
-                raise ConfigError(
-                    f"device.metrics_port={cfg.metrics_port}: cannot listen on "
-                    f"{cfg.metrics_host}: {e.strerror}"
-                ) from None
-            log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, port)
         line = _summary(client)
         systemd.ready(line)
         log.info("device %s ready: %s", cfg.device_id, line)

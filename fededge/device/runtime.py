@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fededge.device.bundle import BundleSpec, parse_spec
+from fededge.device.spec import BundleSpec, parse_spec
 from fededge.errors import ModelError
 
 try:
