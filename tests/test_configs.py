@@ -16,11 +16,17 @@ from pathlib import Path
 
 import paho.mqtt.client as mqtt
 import pytest
-from broker import find_mosquitto, free_port, make_password_file, make_tls_files, wait_port
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fededge.settings import load_settings
+from fededge.testing.broker import (
+    find_mosquitto,
+    free_port,
+    make_password_file,
+    make_tls_files,
+    wait_port,
+)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOMLS = sorted(CONFIGS.glob("*.toml"))

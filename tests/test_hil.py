@@ -19,7 +19,6 @@ from typing import Any
 import numpy as np
 import pytest
 from aggtools import make_settings
-from broker import Mosquitto, free_port
 from devtools import DIGITS_PLAN, call, cycle, digits_split, mlp_bundle, new_task, publish_task
 from netns import Host, Impairment, Network, unavailable_reason
 
@@ -29,6 +28,7 @@ from fededge.device.runtime import ModelRuntime
 from fededge.device.training import local_update
 from fededge.protocol import ModelVersion
 from fededge.testing import wait_until
+from fededge.testing.broker import Mosquitto, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.broker]
 
