@@ -1,6 +1,7 @@
 """Numba kernels that fold float32 updates into a float64 weighted sum and turn it into a model.
 
-Pure functions over contiguous 1-D/2-D arrays; no validation here (see ``fededge.kernels``).
+Pure functions over contiguous 1-D/2-D arrays; no validation here (see
+``fededge.aggregator.kernels``).
 All arithmetic is float64: an update is widened before it is weighted, so the accumulator's
 rounding error stays ~1e-16 relative per update however many updates are folded.
 """
@@ -12,7 +13,8 @@ import numpy as np
 from ._jit import njit, prange
 
 # Every kernel is compiled lazily on first call (no import-time compile) and cached on disk
-# (NUMBA_CACHE_DIR in the systemd units); ``fededge.kernels.warmup()`` triggers compilation.
+# (NUMBA_CACHE_DIR in the systemd units); ``fededge.aggregator.kernels.warmup()`` triggers
+# compilation.
 # nogil lets a service fold updates on a worker thread while the MQTT loop keeps running.
 
 
