@@ -69,5 +69,18 @@ class NotReadyError(FededgeError):
     """
 
 
+class SignatureError(FededgeError):
+    """A message that must be signed is unsigned, signed by an untrusted key, or forged.
+
+    ``reason``: ``unsigned``, ``unknown_key``, ``bad_signature``, ``malformed`` or
+    ``unsupported_version`` (of the envelope); used as a metric label.
+    """
+
+    def __init__(self, detail: str, *, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
 class SecAggError(FededgeError):
     """A secure-aggregation protocol violation or an aborted round."""
