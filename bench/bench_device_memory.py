@@ -9,6 +9,12 @@ version 0), and a real daemon process started. "Idle" is VmRSS once the daemon s
 model, has answered predictions and sits waiting; "training" is the peak (VmHWM) after apps
 handed in enough examples for several training runs (the plan asks for 512 examples per update,
 5 epochs), sampled every 5 ms as well. No aggregator runs, so updates wait in the outbox.
+
+"Libraries" is the baseline the daemon is judged against: a bare Python process that imports
+what a device needs (numpy, LiteRT, pydantic-settings, paho, cryptography, sqlite3,
+prometheus_client, click) and nothing else, measured in the same run; the table shows the
+daemon's idle RSS, the baseline, their difference and ratio. ``--print`` prints the section
+instead of writing docs/benchmarks.md.
 """
 
 from __future__ import annotations
@@ -25,21 +31,51 @@ from typing import Any
 
 if __package__ in (None, ""):  # also runnable as `python bench/bench_device_memory.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 import numpy as np
-from broker import Mosquitto  # tests/broker.py: a private mosquitto
 
 from bench._report import machine, write_section
-from fededge.tasks import publish_initial
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.device.datasets import load_digits
 from fededge.protocol import Graph, ModelVersion, Plan
 from fededge.settings import load_settings
+from fededge.tasks import publish_initial
+from fededge.testing.broker import Mosquitto
 
 PLAN = Plan(epochs=5, batch_size=32, learning_rate=0.1, examples_per_update=512,
             min_updates_per_version=5, clip_norm=5.0, noise_stddev=0.001)  # fmt: skip
 RUNS = 6
+LIBRARIES = (
+    "numpy",
+    "ai_edge_litert.interpreter",
+    "pydantic_settings",
+    "paho.mqtt.client",
+    "cryptography.hazmat.primitives.asymmetric.x25519",
+    "cryptography.hazmat.primitives.ciphers.aead",
+    "sqlite3",
+    "prometheus_client",
+    "click",
+)
+
+
+def baseline_mib(modules: tuple[str, ...] = LIBRARIES) -> float:
+    """VmRSS of a Python process that imported ``modules`` together and nothing else."""
+    code = (
+        "import importlib, sys\n"
+        f"for m in {list(modules)!r}: importlib.import_module(m)\n"
+        "print('ready', flush=True)\n"
+        "sys.stdin.read()\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline().strip() != b"ready":
+            raise RuntimeError("baseline process failed")
+        return _proc_kib(proc.pid, "VmRSS") / 1024
+    finally:
+        proc.kill()
+        proc.wait(10)
 
 
 def _proc_kib(pid: int, key: str) -> int:
@@ -127,11 +163,14 @@ def measure(bundle_name: str, work: Path) -> dict[str, float]:
 
 def main() -> None:
     rows = []
+    base = min(baseline_mib() for _ in range(3))
+    bare = min(baseline_mib(()) for _ in range(3))
     with tempfile.TemporaryDirectory(prefix="fededge-bench-") as tmp:
         for name in ("digits_mlp", "digits_cnn"):
             r = measure(name, Path(tmp) / name)
             rows.append(
-                f"| {name} | {int(r['params']):,} | {r['idle']:.1f} | {r['peak']:.1f} | "
+                f"| {name} | {int(r['params']):,} | {r['idle']:.1f} | {base:.1f} | "
+                f"{r['idle'] - base:+.1f} | {r['idle'] / base:.2f} | {r['peak']:.1f} | "
                 f"{r['peak'] - r['idle']:+.1f} | {r['after']:.1f} | {r['seconds']:.2f} |"
             )
     md = "\n".join([
@@ -143,14 +182,21 @@ def main() -> None:
         "LiteRT, paho, SQLite, the local API) against a private Mosquitto. Idle = VmRSS after "
         "adopting version 0 and answering 20 predictions; peak = VmHWM/sampled VmRSS over "
         f"{RUNS} training runs of {PLAN.examples_per_update} examples x {PLAN.epochs} epochs "
-        "(each run handed in over the local API as one JSON batch, which also costs memory).",
+        "(each run handed in over the local API as one JSON batch, which also costs memory). "
+        "Libraries = VmRSS of a bare Python process that imported numpy, LiteRT, "
+        "pydantic-settings, paho, cryptography, sqlite3, prometheus_client and click together "
+        f"(min of 3; the interpreter alone: {bare:.1f} MiB).",
         "",
-        "| bundle | parameters | idle RSS MiB | peak RSS MiB | training - idle MiB | "
-        "RSS after MiB | time for all runs s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| bundle | parameters | idle RSS MiB | libraries MiB | idle - libraries MiB | "
+        "idle / libraries | peak RSS MiB | training - idle MiB | RSS after MiB | "
+        "time for all runs s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         *rows,
     ])  # fmt: skip
-    write_section("device_memory", md)
+    if "--print" in sys.argv[1:]:
+        print(md)
+    else:
+        write_section("device_memory", md)
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -34,10 +35,9 @@ from fededge.device.metrics import DeviceMetrics
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.protocol import Plan, Topics
 from fededge.protocol.messages import CheckIn
-from fededge.secagg import TO_SERVER, DeviceRound, Outgoing, RoundConfig, Stage, encode
-from fededge.secagg import decode_payload as decode_round_payload
-from fededge.secagg.graph import TERMINAL
-from fededge.secagg.messages import MaskedInput, RoundStatus
+
+if TYPE_CHECKING:  # fededge.secagg is imported on the first round message, not by every device
+    from fededge.secagg import DeviceRound, Outgoing, RoundConfig
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,10 @@ class Participant:
         where = self.topics.parse_round(topic)
         if not payload or where is None or where.round_id is None:
             return []  # a cleared retained message, or not a topic of ours
+        from fededge.secagg.graph import TERMINAL
+        from fededge.secagg.messages import RoundStatus
+        from fededge.secagg.messages import decode_payload as decode_round_payload
+
         round_id, kind = where.round_id, where.type
         if kind == "config":
             return self._on_config(round_id, payload, now)
@@ -151,6 +155,8 @@ class Participant:
         return self._send(out) + ended
 
     def _on_config(self, round_id: str, payload: bytes, now: float) -> list[Effect]:
+        from fededge.secagg import DeviceRound, RoundConfig
+
         if round_id in self._seen_rounds or self.round is not None:
             return []
         config = RoundConfig.from_json(payload)
@@ -196,6 +202,10 @@ class Participant:
             raise SecAggError(f"round {config.round_id}: " + "; ".join(problems))
 
     def _send(self, out: list[Outgoing]) -> list[Effect]:
+        from fededge.secagg import TO_SERVER, Stage, encode
+        from fededge.secagg.graph import TERMINAL
+        from fededge.secagg.messages import MaskedInput
+
         rnd = self.round
         effects: list[Effect] = []
         for o in out:
