@@ -17,7 +17,9 @@ from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 31
-# How long `model init` looks for what the broker already holds for the task.
+# `model init` concludes that a task has no model only after this much silence from the
+# broker: publishing over a live task because a large model was slow to arrive would be
+# far worse than a slow `model init`.
 INIT_WAIT = 1.5
 
 
@@ -39,7 +41,11 @@ def publish_initial(
     """
     topics = Topics(settings.topic_prefix, settings.task)
     held = read_retained(
-        settings.broker, [topics.model, topics.aggregator_status], wait=INIT_WAIT, name="init"
+        settings.broker,
+        [topics.model, topics.aggregator_status],
+        wait=10 * INIT_WAIT,
+        quiet=INIT_WAIT,
+        name="init",
     )
     existing = held.get(topics.model)
     if existing is not None and not force:
