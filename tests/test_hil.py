@@ -148,8 +148,10 @@ class Aggregator(Proc):
         self.versions = state_dir / "aggregator" / task / "versions"
 
     def info(self, version: int) -> dict[str, Any] | None:
-        path = self.versions / f"{version:08d}.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        """A stored version's metadata, once it is complete (the store writes weights last)."""
+        if not (self.versions / f"{version:08d}.safetensors").exists():
+            return None
+        return json.loads((self.versions / f"{version:08d}.json").read_text())  # type: ignore[no-any-return]
 
     def wait_version(self, version: int, timeout: float = 60) -> dict[str, Any]:
         def info() -> dict[str, Any] | None:
