@@ -29,6 +29,7 @@ from devtools import (
 from fededge.device.api import ApiServer
 from fededge.device.client import Client
 from fededge.errors import ConfigError
+from fededge.testing import wait_until
 
 pytestmark = pytest.mark.broker
 CHUNKED = b"POST /predict HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n"
@@ -221,7 +222,7 @@ def test_connection_limit_answers_503(api) -> None:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.connect(str(server.path))
             socks.append(s)
-        time.sleep(0.1)
+        wait_until(lambda: server.connections == 8, 10, "8 connections served")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(5)
             s.connect(str(server.path))
@@ -229,7 +230,7 @@ def test_connection_limit_answers_503(api) -> None:
     finally:
         for s in socks:
             s.close()
-    time.sleep(0.2)
+    wait_until(lambda: server.connections == 0, 10, "the connections closed")
     _alive(server)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from devtools import DIGITS_PLAN, mlp_bundle
 
 from fededge.device.adoption import ModelSlot
 from fededge.device.core import DeviceCore
@@ -29,7 +30,6 @@ from fededge.secagg.graph import Stage
 from fededge.secagg.messages import decode_payload
 from fededge.secagg.server import ServerRound
 from fededge.testing.secagg import make_config
-from tests.devtools import DIGITS_PLAN, mlp_bundle
 
 TASK = "coretask"
 PLAN = DIGITS_PLAN.model_copy(update={"examples_per_update": 8, "max_staleness": 1})

@@ -231,7 +231,7 @@ def test_five_daemons_learn_digits(broker, tmp_path) -> None:
                 for d, part in zip(daemons, parts, strict=True):
                     d.post("/examples", _examples(part, pos, n))
                 pos += n
-                wait_until(lambda v=v: (agg.version or 0) > v, 30, f"version {v + 1}")
+                wait_until(lambda: (agg.version or 0) > v, 30, f"version {v + 1}")  # noqa: B023
                 assert agg.model is not None
                 acc = float(np.mean(np.argmax(rt.infer(x_te, agg.model.weights), 1) == y_te))
                 history.append(acc)

@@ -8,8 +8,8 @@ import threading
 import numpy as np
 import pytest
 
-from fededge.device.bundle import Bundle, load_bundle, shipped_bundle_path
 from fededge.build.reference import mlp_forward, mlp_train_step
+from fededge.device.bundle import Bundle, load_bundle, shipped_bundle_path
 from fededge.device.runtime import EVAL_CHUNK, RUNTIME_NAME, ModelRuntime
 
 

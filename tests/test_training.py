@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from fededge.build.reference import mlp_train_step
 from fededge.device.bundle import Bundle, load_bundle, shipped_bundle_path
 from fededge.device.datasets import dirichlet_partition, load_digits, train_test_split
-from fededge.build.reference import mlp_train_step
 from fededge.device.runtime import ModelRuntime
 from fededge.device.training import LocalUpdate, clip_and_noise, global_norm, local_update
 

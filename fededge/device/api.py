@@ -252,6 +252,7 @@ class ApiServer(socketserver.UnixStreamServer):
         self.read_timeout = read_timeout
         self.request_deadline = request_deadline
         self._slots = threading.BoundedSemaphore(max_connections)
+        self._serving = 0  # connections being served now (see :attr:`connections`)
         self._deadlines: dict[socket.socket, float] = {}
         self._lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -317,6 +318,8 @@ class ApiServer(socketserver.UnixStreamServer):
                 )
             self.shutdown_request(request)
             return
+        with self._lock:
+            self._serving += 1
         t = threading.Thread(
             target=self._serve_connection,
             args=(request, client_address),
@@ -332,7 +335,15 @@ class ApiServer(socketserver.UnixStreamServer):
             log.exception("api connection failed")
         finally:
             self.shutdown_request(request)
+            with self._lock:
+                self._serving -= 1
             self._slots.release()
+
+    @property
+    def connections(self) -> int:
+        """How many connections are being served now (at most ``max_connections``)."""
+        with self._lock:
+            return self._serving
 
     def arm(self, sock: socket.socket) -> None:
         """Start the deadline of the request about to be read on ``sock``."""
