@@ -108,6 +108,11 @@ def test_model_build_is_a_click_command(capsys: pytest.CaptureFixture[str]) -> N
     out = capsys.readouterr().out
     assert "Usage: fededge model build" in out and "-o, --output" in out and "--model" in out
     assert main(["model", "build", "--model", "nosuch", "-o", "x"]) == 2
+    # scripts/build_models.sh runs the same command as `python -m fededge.build`.
+    proc = subprocess.run(
+        [sys.executable, "-m", "fededge.build", "--help"], capture_output=True, text=True
+    )
+    assert proc.returncode == 0 and "Usage: fededge model build" in proc.stdout, proc.stderr
 
 
 # --- model init against an aggregator --------------------------------------------------------
