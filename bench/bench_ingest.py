@@ -19,9 +19,11 @@ import threading
 import time
 import uuid
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -51,9 +53,15 @@ def _payloads(task: str, n: int, d: int) -> list[bytes]:
     ]
 
 
-def _publisher(port: int, topic_fmt: str, task: str, n: int, d: int, go: mp.Event) -> None:
+class EventLike(Protocol):
+    """A multiprocessing event, as the publisher process sees it."""
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+def _publisher(port: int, topic_fmt: str, task: str, n: int, d: int, go: EventLike) -> None:
     payloads = _payloads(task, n, d)
-    c = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}")
+    c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}")
     c.max_inflight_messages_set(20)
     c.max_queued_messages_set(0)
     c.connect("127.0.0.1", port)
@@ -80,7 +88,7 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
         if len(got) == n:
             done.set()
 
-    sub = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=f"sub-{task}")
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{task}")
     sub.on_message = on_message
     sub.connect("127.0.0.1", port)
     sub.subscribe(f"fededge/{task}/updates/+", qos=1)
@@ -106,9 +114,9 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
 def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -> float:
     """Seconds from the first publish until n receipts say 'accepted' (durable and folded)."""
     from fededge.aggregator.service import Aggregator
-    from fededge.tasks import publish_initial
     from fededge.protocol import ModelVersion, Plan
     from fededge.settings import load_settings
+    from fededge.tasks import publish_initial
 
     task = f"agg{uuid.uuid4().hex[:6]}"
     settings = load_settings(
@@ -193,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     mib = args.updates * size / MiB
 
     def rate(xs: list[float]) -> float:
-        return mib / statistics.median(xs)
+        return float(mib / statistics.median(xs))
 
     raw_rate, agg_rate, nofs_rate = rate(raw), rate(agg), rate(agg_nofsync)
     ratio = agg_rate / raw_rate

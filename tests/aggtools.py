@@ -14,12 +14,11 @@ from typing import Any
 import numpy as np
 
 from fededge.aggregator.service import Aggregator
-from fededge.tasks import publish_initial
 from fededge.mqtt import Message, MqttClient
 from fededge.protocol import ModelVersion, Plan, Receipt, Topics, Update, decode_json
+from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings, load_settings
-
-NO_GRAPH = "0" * 64
+from fededge.tasks import publish_initial
 
 
 def make_settings(

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 from aggtools import Sender, init_task, make_settings, running_aggregator
 
 from fededge.protocol import Plan
+from fededge.protocol.vocab import RejectReason
+from fededge.testing import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -114,14 +118,9 @@ def test_hostile_updates_rejected_and_state_intact(broker, tmp_path) -> None:
         v1 = dev.model(1)
         dev.close()
     np.testing.assert_allclose(v1.weights["b"], base.weights["b"] + 0.1, rtol=1e-6)
-    assert agg.metrics.duplicates._value.get() == 1
-    reasons = {
-        s.labels["reason"]: s.value
-        for m in agg.metrics.rejected.collect()
-        for s in m.samples
-        if s.name.endswith("_total")
-    }
-    assert reasons["oversize"] == 1 and reasons["malformed"] >= 5
+    assert _metric(agg, "fededge_updates_duplicate_total") == 1
+    assert _metric(agg, "fededge_updates_rejected_total", reason="oversize") == 1
+    assert _metric(agg, "fededge_updates_rejected_total", reason="malformed") >= 5
 
 
 def good_bytes(s, delta) -> bytes:
@@ -132,24 +131,17 @@ def good_bytes(s, delta) -> bytes:
     ).to_bytes()
 
 
+def _metric(agg, name: str, **labels: str) -> float:
+    value = agg.metrics.registry.get_sample_value(name, labels)
+    return 0.0 if value is None else float(value)
+
+
 def _rejected(agg) -> float:
-    return float(
-        sum(
-            s.value
-            for m in agg.metrics.rejected.collect()
-            for s in m.samples
-            if s.name.endswith("_total")
-        )
-    )
+    return sum(_metric(agg, "fededge_updates_rejected_total", reason=r) for r in RejectReason)
 
 
-def wait_for(cond, timeout: float = 20) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout
-    while not cond():
-        assert time.monotonic() < deadline, "condition not reached"
-        time.sleep(0.05)
+def wait_for(cond: Callable[[], object], timeout: float = 20) -> None:
+    wait_until(cond, timeout, "the condition")
 
 
 def test_waits_for_a_broker_that_is_down_at_start(fresh_broker, tmp_path, caplog) -> None:
@@ -157,7 +149,6 @@ def test_waits_for_a_broker_that_is_down_at_start(fresh_broker, tmp_path, caplog
     import threading
 
     from fededge.aggregator.service import Aggregator
-    from fededge.testing import wait_until
 
     s = make_settings(fresh_broker.url, tmp_path)
     s.broker.reconnect_min_delay = 0.2
@@ -197,7 +188,7 @@ def test_invalid_retained_plan_is_replaced_by_the_last_valid_one(broker, tmp_pat
     topics = Topics(s.topic_prefix, s.task)
     with running_aggregator(s) as agg, MqttClient(s.broker, "plan-vandal", persistent=False) as c:
         c.publish(topics.plan, b'{"v": 1, "kind": "plan", "epochs": -3}', retain=True, wait=True)
-        wait_for(lambda: agg.metrics.bad_control._value.get() >= 1)
+        wait_for(lambda: _metric(agg, "fededge_control_messages_rejected_total") >= 1)
         c.subscribe(topics.plan)
 
         def restored() -> bool:
@@ -276,7 +267,6 @@ def test_a_bug_on_an_update_answers_internal_error_and_the_service_goes_on(
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
 def test_a_storage_error_on_an_update_stops_the_service(broker, tmp_path, monkeypatch) -> None:
     from fededge.errors import StorageError
-    from fededge.testing import wait_until
 
     _buggy_check(monkeypatch)
     s = make_settings(broker.url, tmp_path)

@@ -6,12 +6,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from aggtools import Sender, init_task, make_settings
+
+from fededge.testing import wait_until
 
 pytestmark = pytest.mark.broker
 
@@ -42,11 +43,14 @@ def _start(tmp_path: Path, url: str, task: str, log: Path) -> subprocess.Popen[b
 
 
 def _wait_ready(proc: subprocess.Popen[bytes], log: Path, count: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while log.read_text().count("aggregator ready") < count:
+    def ready() -> bool:
         assert proc.poll() is None, log.read_text()[-3000:]
-        assert time.monotonic() < deadline, log.read_text()[-3000:]
-        time.sleep(0.1)
+        return log.read_text().count("aggregator ready") >= count
+
+    try:
+        wait_until(ready, timeout, f"aggregator ready x{count}", interval=0.1)
+    except TimeoutError:
+        raise AssertionError(log.read_text()[-3000:]) from None
 
 
 def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None:
