@@ -156,7 +156,6 @@ class AggregatorCore:
         Called by the driver after logging the traceback; must not fail itself.
         """
         self.metrics.internal_errors.inc()
-        self._staged = [m for m in self._staged if m is not msg]
         device = self.topics.device_of(msg.topic, "updates")
         if device is None or self.state.model is None:
             return [Ack(msg.handle)]
