@@ -155,7 +155,7 @@ def _weights(d: Path) -> dict[str, np.ndarray]:
         (lambda w: w.update(dense2_bias=np.full(10, np.nan, np.float32)), "non-finite"),
     ],
 )
-def test_bad_weights(bundle_dir: Path, change, message: str) -> None:  # type: ignore[no-untyped-def]
+def test_bad_weights(bundle_dir: Path, change, message: str) -> None:
     w = _weights(bundle_dir)
     change(w)
     (bundle_dir / WEIGHTS_FILE).write_bytes(save_weights(w))
