@@ -1,7 +1,10 @@
 """Public testing kit: what fededge's own tests use, for your tests too.
 
 - :func:`wait_until` — the one way to wait for an event (never sleep-then-assert);
-- ``fededge.testing.broker`` — a private Mosquitto on a free port (and a pytest fixture);
+- ``fededge.testing.broker`` — a private Mosquitto on a free port;
+- ``fededge.testing.pytest_plugin`` — its pytest fixtures: in your ``conftest.py`` write
+  ``pytest_plugins = ["fededge.testing.pytest_plugin"]`` (the only module here that imports
+  pytest);
 - ``fededge.testing.fleet`` — in-process aggregator and device helpers;
 - ``fededge.testing.secagg`` — a whole SecAgg+ round simulated in memory.
 
