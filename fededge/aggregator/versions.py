@@ -24,6 +24,7 @@ from fededge.protocol.messages import Weights
 from fededge.protocol.vocab import NO_GRAPH, RejectReason
 from fededge.settings import Settings
 
+# The service's logger: log lines keep the name they had before the core was split out.
 log = logging.getLogger("fededge.aggregator.service")
 
 
