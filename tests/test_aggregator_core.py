@@ -307,3 +307,24 @@ def test_versions_leaving_the_store_take_the_window_with_them(tmp_path: Path) ->
     assert h.store.version_numbers() == [2, 3] and h.core.state.dedup.floor == 2
     assert only_receipt(h.send("u1", base=1)).reason == RejectReason.STALE
     assert only_receipt(h.send("u2", base=2)).status == "duplicate"
+
+
+def test_status_on_the_timer_and_after_a_clock_step(tmp_path: Path) -> None:
+    h = Harness(tmp_path, Plan(), status_interval=10.0)
+    (first,) = h.core.tick(100.0)
+    assert isinstance(first, Publish) and first.topic == h.topics.aggregator_status
+    assert first.retain
+    assert h.core.tick(105.0) == []
+    assert len(h.core.tick(111.0)) == 1
+    assert len(h.core.tick(50.0)) == 1  # the wall clock stepped back: publish, do not stall
+    status = h.core.status("online", 50.0)
+    assert (status.version, status.pending_updates, status.time) == (0, 0, 50.0)
+
+
+def test_graph_of_another_task_is_refused(tmp_path: Path) -> None:
+    from fededge.protocol import Graph
+
+    h = Harness(tmp_path, Plan())
+    out = h.control(h.topics.graph, Graph(task="other", tflite=b"x", spec={}).to_bytes())
+    assert out[:-1] == [] and h.core.state.graph is None
+    assert h.metric("fededge_control_messages_rejected_total") == 1
