@@ -57,6 +57,8 @@ def test_every_command_is_registered_and_loads() -> None:
 def test_every_option_and_argument_has_help(path: str, cmd: click.Command) -> None:
     assert cmd.help, f"{path}: no help text"
     for p in cmd.params:
+        if isinstance(p, click.Option) and p.hidden:
+            continue
         if isinstance(p, click.Option):
             assert p.help, f"{path} {'/'.join(p.opts)}: no help text"
         else:  # click arguments have no help of their own: the command's text names them
@@ -69,8 +71,8 @@ def test_wait_and_output_are_spelled_one_way() -> None:
     wait_helps = set()
     for path, cmd in ALL:
         for p in cmd.params:
-            if not isinstance(p, click.Option):
-                continue
+            if not isinstance(p, click.Option) or p.hidden:
+                continue  # hidden: a compatibility spelling, not shown in --help
             names = set(p.opts) | set(p.secondary_opts)
             assert "--out" not in names, f"{path}: --out (use -o/--output)"
             if names & {"-o", "--output"}:
