@@ -98,6 +98,9 @@ class AggregatorSettings(_Section):
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 picks a free port")
     recent_update_ids: int = Field(100_000, ge=100, description="update ids remembered for dedup")
     status_interval: float = Field(10.0, gt=0, description="seconds between status publications")
+    signing_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM, 0600) that signs model versions and receipts"
+    )
 
 
 class DeviceSettings(_Section):
@@ -137,6 +140,35 @@ class DeviceSettings(_Section):
         return v
 
 
+class TrustSettings(_Section):
+    """Whose signatures this process trusts (docs/security.md). Empty: it trusts the broker.
+
+    Each value is a public key (``ed25519:<base64>``) or the path of a file holding one;
+    several keys separated by commas are all trusted (key rotation).
+    """
+
+    owner_key: str | None = Field(None, description="model owner's public key(s): plan, graph")
+    aggregator_key: str | None = Field(
+        None, description="aggregator's public key(s): model versions, receipts"
+    )
+
+
+class PrivacySettings(_Section):
+    """The device's privacy floor: a plan or round below it is refused (no training, no update)."""
+
+    require_secure_aggregation: bool = Field(
+        False, description="refuse plans without secure aggregation"
+    )
+    min_noise_multiplier: float = Field(
+        0.0, ge=0, description="refuse plans whose noise sigma/clip is below this"
+    )
+    max_clip_norm: float | None = Field(
+        None, gt=0, description="refuse plans whose clip norm is above this"
+    )
+    min_threshold: int = Field(1, ge=1, description="refuse secure rounds with a lower threshold t")
+    min_cohort: int = Field(1, ge=1, description="refuse secure rounds with fewer devices")
+
+
 def _default_device_id() -> str:
     host = re.sub(r"[^A-Za-z0-9_.-]", "-", socket.gethostname())[:64]
     return host or "device"
@@ -168,6 +200,8 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     aggregator: AggregatorSettings = Field(default_factory=AggregatorSettings)
     device: DeviceSettings = Field(default_factory=DeviceSettings)
+    trust: TrustSettings = Field(default_factory=TrustSettings)
+    privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
     @field_validator("task")
     @classmethod
