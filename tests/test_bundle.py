@@ -187,7 +187,8 @@ GOOD = json.loads((MLP / SPEC_FILE).read_text())
     ("edit", "message"),
     [
         ({"format": "other"}, "format is 'other'"),
-        ({"format_version": 2}, "format_version 2 is not supported"),
+        ({"format_version": 3}, "format_version 3 is not supported"),
+        ({"format_version": 2}, "missing field .task."),
         ({"num_classes": True}, "'num_classes' = True is not of the expected type"),
         ({"batch_size": 0}, "batch_size 0 out of range"),
         ({"input_shape": [8, 8, 1, 1, 1]}, "at most 4 dimensions"),

@@ -20,7 +20,6 @@ import numpy as np
 
 from fededge.device.bundle import (
     FORMAT_NAME,
-    FORMAT_VERSION,
     GRAPH_FILE,
     SPEC_FILE,
     WEIGHTS_FILE,
@@ -202,7 +201,7 @@ def build_bundle(model: str, out_dir: Path, seed: int = 0) -> Path:
     weights = initial_weights(model, seed)
     spec = {
         "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
+        "format_version": 1,  # the digits bundles stay version 1 (classification)
         "model": arch.bundle_name,
         "input_shape": list(arch.input_shape),
         "input_dtype": "float32",

@@ -142,7 +142,7 @@ class Client:
         spec = self.core.spec
         if spec is None:
             raise NotReadyError("the task's graph has not arrived yet: its input shape is unknown")
-        xa, ya = validate_examples(x, y, spec.input_shape, spec.num_classes)
+        xa, ya = validate_examples(x, y, spec.input_shape, spec)
         added = self.examples.add(xa, ya)
         self.metrics.examples_added.inc(added)
         fresh = self.examples.fresh_count(int(np.prod(spec.input_shape)))

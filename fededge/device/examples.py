@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from fededge.device.spec import BundleSpec, check_labels
 from fededge.errors import InputError, StorageError
 
 SCHEMA_VERSION = 1
@@ -147,14 +148,26 @@ def validate_inputs(x: Any, input_shape: tuple[int, ...]) -> np.ndarray:
 
 
 def validate_examples(
-    x: Any, y: Any, input_shape: tuple[int, ...], num_classes: int
+    x: Any, y: Any, input_shape: tuple[int, ...], labels: int | BundleSpec
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Check untrusted labelled examples; return (x float32 [n, *shape], y int32).
+    """Check untrusted labelled examples; return (x float32 [n, *shape], y).
+
+    ``labels`` is the bundle's spec (its task says what a label is) or, for a classification
+    model, the number of classes. Class ids come back int32 ``[n]``; float labels (binary 0/1,
+    multi-hot rows, regression targets) float32 ``[n, *label_shape]``.
 
     Raises InputError naming what is wrong: shape, non-numbers, NaN/Inf, labels out of
     range or not one per example.
     """
     xa = validate_inputs(x, input_shape)
+    if isinstance(labels, BundleSpec) and not labels.task.integer_labels:
+        ya = _numeric(y, "y")
+        try:
+            return xa, check_labels(ya, len(xa), labels)
+        except ValueError as e:
+            shape = "shape" in str(e)
+            raise InputError(str(e), reason="bad_shape" if shape else "bad_label") from None
+    num_classes = labels.num_classes if isinstance(labels, BundleSpec) else labels
     ya = np.asarray(y) if isinstance(y, np.ndarray) else _labels(y)
     if ya.shape != (len(xa),):
         raise InputError(
@@ -196,6 +209,16 @@ def _labels(value: Any) -> np.ndarray:
         raise InputError("a label is out of range", reason="bad_label") from None
 
 
+def _decode_labels(values: list[Any]) -> np.ndarray:
+    if all(isinstance(v, int) for v in values):
+        return np.fromiter(values, dtype=np.int32, count=len(values))
+    if all(isinstance(v, bytes) for v in values) and len({len(v) for v in values}) == 1:
+        return (
+            np.frombuffer(b"".join(values), dtype="<f4").reshape(len(values), -1).astype(np.float32)
+        )
+    raise StorageError("stored labels mix class ids and float labels of different sizes")
+
+
 class ExampleStore:
     """Labelled examples kept in the state database, bounded by count and age."""
 
@@ -224,7 +247,14 @@ class ExampleStore:
         dim = int(np.prod(x.shape[1:]))
         flat = np.ascontiguousarray(x.reshape(n, dim), dtype="<f4")
         now = self._clock()
-        rows = [(now, dim, flat[i].tobytes(), int(y[i])) for i in range(n)]
+        # Class ids are stored as integers (as always); float labels (binary, multi-hot,
+        # regression targets) as little-endian float32 bytes in the same column.
+        if np.issubdtype(y.dtype, np.integer):
+            labels: list[int | bytes] = [int(v) for v in y]
+        else:
+            yf = np.ascontiguousarray(np.asarray(y).reshape(n, -1), dtype="<f4")
+            labels = [yf[i].tobytes() for i in range(n)]
+        rows = [(now, dim, flat[i].tobytes(), labels[i]) for i in range(n)]
         with self.db.transaction() as c:
             c.executemany("INSERT INTO examples (created, dim, x, y) VALUES (?, ?, ?, ?)", rows)
             self._retain(c, now)
@@ -262,6 +292,9 @@ class ExampleStore:
     def take(self, n: int, input_shape: tuple[int, ...]) -> Batch | None:
         """The newest ``n`` fresh examples of this shape, or None if fewer exist; not yet marked.
 
+        Labels come back as stored: int32 ``[n]`` class ids, or float32 ``[n, k]`` rows (the
+        runtime reshapes them to the task's label shape).
+
         Call :meth:`mark_used` (or :meth:`mark_used_in` inside the transaction storing the
         update) once the batch has produced an update.
         """
@@ -274,7 +307,7 @@ class ExampleStore:
             return None
         rows.reverse()  # oldest first inside the batch; training shuffles anyway
         x = np.frombuffer(b"".join(r[1] for r in rows), dtype="<f4").reshape(n, *input_shape)
-        y = np.fromiter((r[2] for r in rows), dtype=np.int32, count=n)
+        y = _decode_labels([r[2] for r in rows])
         return Batch(tuple(int(r[0]) for r in rows), x.astype(np.float32), y)
 
     @staticmethod

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from fededge.device.spec import BundleSpec, parse_spec
+from fededge.device.spec import BundleSpec, check_labels, parse_spec
 from fededge.errors import ModelError
 
 try:
@@ -83,12 +83,16 @@ def check_signatures(graph: bytes, spec: BundleSpec) -> None:
     except (ValueError, RuntimeError) as e:
         raise ModelError(f"the graph's signatures cannot be read: {e}") from None
     x = [-1, *spec.input_shape]
+    y = [-1, *spec.task.label_shape]
+    out = [-1, *spec.task.output_shape]
     weights = {w.name: list(w.shape) for w in spec.weights}
+    metrics: dict[str, list[int]] = {m: [] for m in spec.metric_names}
     wanted: dict[str, tuple[dict[str, list[int]], dict[str, list[int]]]] = {
-        "train": ({"x": x, "y": [-1], "lr": [], **weights}, {"loss": [], **weights}),
-        "infer": ({"x": x, **weights}, {"probs": [-1, spec.num_classes]}),
-        "eval": ({"x": x, "y": [-1], **weights}, {"loss": [], "accuracy": []}),
+        "train": ({"x": x, "y": y, "lr": [], **weights}, {"loss": [], **weights}),
+        "infer": ({"x": x, **weights}, {spec.task.output_name: out}),
+        "eval": ({"x": x, "y": y, **weights}, metrics),
     }
+    y_dtype = np.int32 if spec.task.integer_labels else np.float32
     for sig in spec.signatures:
         where = f"signature {sig!r}"
         if sig not in present:
@@ -109,7 +113,7 @@ def check_signatures(graph: bytes, spec: BundleSpec) -> None:
         except (ValueError, RuntimeError) as e:
             raise ModelError(f"{where}: cannot be prepared by the runtime: {e}") from None
         for name, shape in inputs.items():
-            dtype = np.int32 if name == "y" else np.float32
+            dtype = y_dtype if name == "y" else np.float32
             _expect(where, in_details, name, shape, dtype)
         for name, shape in outputs.items():
             # Output shapes of dynamic-batch graphs may be reported resolved or as -1.
@@ -179,7 +183,9 @@ def _probe_main() -> int:
         check_signatures(graph, spec)
         rt = ModelRuntime(graph, spec)
         x = np.zeros((1, *spec.input_shape), np.float32)
-        y = np.zeros(1, np.int32)
+        y = np.zeros(
+            (1, *spec.task.label_shape), np.int32 if spec.task.integer_labels else np.float32
+        )
         w = {ws.name: np.zeros(ws.shape, np.float32) for ws in spec.weights}
         rt.train_step(x, y, 0.01, w)
         rt.infer(x, w)
@@ -248,14 +254,7 @@ class ModelRuntime:
         return np.ascontiguousarray(x)
 
     def _y(self, y: np.ndarray, n: int) -> np.ndarray:
-        y = np.asarray(y)
-        if y.shape != (n,) or not np.issubdtype(y.dtype, np.integer):
-            raise ValueError(
-                f"y must be {n} integer labels, got {y.dtype} of shape {list(y.shape)}"
-            )
-        if n and (y.min() < 0 or y.max() >= self.spec.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.spec.num_classes})")
-        return np.ascontiguousarray(y, dtype=np.int32)
+        return check_labels(np.asarray(y), n, self.spec)
 
     def _w(self, weights: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         out = {}
@@ -286,31 +285,71 @@ class ModelRuntime:
         return float(out["loss"]), {n: out[n] for n in self._names}
 
     def infer(self, x: np.ndarray, weights: dict[str, np.ndarray]) -> np.ndarray:
-        """Class probabilities, shape [batch, num_classes]."""
+        """The model's outputs: class probabilities ``[batch, num_classes]`` for classification,
+        sigmoid probabilities for binary and multi-label tasks, predictions for regression."""
         xb, w = self._x(x), self._w(weights)
+        name = self.spec.task.output_name
         parts = [
-            self._infer.run("infer", {"x": xb[i : i + EVAL_CHUNK], **w})["probs"]
+            self._infer.run("infer", {"x": xb[i : i + EVAL_CHUNK], **w})[name]
             for i in range(0, len(xb), EVAL_CHUNK)
         ]
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
-    def evaluate(
+    def metrics(
         self, x: np.ndarray, y: np.ndarray, weights: dict[str, np.ndarray]
-    ) -> tuple[float, float]:
-        """Mean cross-entropy loss and accuracy of ``weights`` on (x, y)."""
+    ) -> dict[str, float]:
+        """``loss`` and the task's metrics (``spec.metric_names``) of ``weights`` on (x, y)."""
         xb = self._x(x)
         yb, w = self._y(y, len(xb)), self._w(weights)
-        loss = acc = 0.0
+        names = self.spec.metric_names
+        sums = dict.fromkeys(names, 0.0)
         for i in range(0, len(xb), EVAL_CHUNK):
             xs, ys = xb[i : i + EVAL_CHUNK], yb[i : i + EVAL_CHUNK]
             if "eval" in self.spec.signatures:
                 out = self._train.run("eval", {"x": xs, "y": ys, **w})
-                l_i, a_i = float(out["loss"]), float(out["accuracy"])
+                part = {m: float(out[m]) for m in names}
             else:
-                probs = self._infer.run("infer", {"x": xs, **w})["probs"]
-                p = np.clip(probs[np.arange(len(ys)), ys], 1e-12, 1.0)
-                l_i = float(-np.mean(np.log(p)))
-                a_i = float(np.mean(np.argmax(probs, axis=1) == ys))
-            loss += l_i * len(xs)
-            acc += a_i * len(xs)
-        return loss / len(xb), acc / len(xb)
+                part = _metrics_from_outputs(
+                    self.spec, self._infer.run("infer", {"x": xs, **w}), ys
+                )
+            for m in names:
+                sums[m] += part[m] * len(xs)
+        return {m: v / len(xb) for m, v in sums.items()}
+
+    def evaluate(
+        self, x: np.ndarray, y: np.ndarray, weights: dict[str, np.ndarray]
+    ) -> tuple[float, float]:
+        """Mean loss and accuracy of ``weights`` on (x, y) (tasks that have an accuracy)."""
+        m = self.metrics(x, y, weights)
+        if "accuracy" not in m:
+            raise ModelError(f"a {self.spec.task.type} task has no accuracy; use metrics()")
+        return m["loss"], m["accuracy"]
+
+
+def _metrics_from_outputs(
+    spec: BundleSpec, out: dict[str, np.ndarray], y: np.ndarray
+) -> dict[str, float]:
+    """Loss and metrics from ``infer``'s outputs, for graphs without an ``eval`` signature."""
+    task = spec.task
+    if task.type == "regression":
+        err = out["outputs"].reshape(len(y), -1) - y.reshape(len(y), -1)
+        mse, mae = float(np.mean(err**2)), float(np.mean(np.abs(err)))
+        loss = {"mse": mse, "mae": mae}.get(task.loss)
+        if loss is None:  # huber, delta 1
+            a = np.abs(err)
+            loss = float(np.mean(np.where(a <= 1, 0.5 * err**2, a - 0.5)))
+        return {"loss": loss, "mse": mse, "mae": mae}
+    probs = out["probs"]
+    if task.type == "classification":
+        p = np.clip(probs[np.arange(len(y)), y], 1e-12, 1.0)
+        return {
+            "loss": float(-np.mean(np.log(p))),
+            "accuracy": float(np.mean(np.argmax(probs, axis=1) == y)),
+        }
+    p = np.clip(probs.reshape(y.shape), 1e-7, 1 - 1e-7)
+    bce = float(-np.mean(y * np.log(p) + (1 - y) * np.log(1 - p)))
+    hit = (p > 0.5) == (y > 0.5)
+    res = {"loss": bce, "accuracy": float(np.mean(hit))}
+    if task.type == "multilabel":
+        res["exact_match"] = float(np.mean(np.all(hit, axis=1)))
+    return res

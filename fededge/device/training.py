@@ -100,11 +100,13 @@ def local_update(
             f"learning_rate ({learning_rate}) > 0"
         )
     x = np.ascontiguousarray(x, dtype=np.float32)
-    y = np.ascontiguousarray(y, dtype=np.int32)
+    y = np.ascontiguousarray(y, dtype=np.int32 if runtime.spec.task.integer_labels else np.float32)
     base = {k: np.ascontiguousarray(v, dtype=np.float32) for k, v in base_weights.items()}
     eval_loss = eval_acc = None
     if evaluate_first:
-        eval_loss, eval_acc = runtime.evaluate(x, y, base)
+        # The update message carries an accuracy only: tasks without one report their loss.
+        m = runtime.metrics(x, y, base)
+        eval_loss, eval_acc = m["loss"], m.get("accuracy")
     weights = base
     loss_sum = 0.0
     for _ in range(epochs):
