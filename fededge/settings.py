@@ -8,7 +8,7 @@ import re
 import socket
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import pydantic
@@ -21,6 +21,9 @@ from pydantic_settings import (
 )
 
 from fededge.errors import ConfigError
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from fededge.protocol.vocab import check_name
 
 # The TOML file of the Settings being built; a context variable so that no global state leaks
@@ -86,7 +89,12 @@ class BrokerSettings(_Section):
 class AggregatorSettings(_Section):
     """Operational settings of the aggregator service (learning parameters live in the plan)."""
 
-    max_update_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="largest update payload")
+    max_update_bytes: int | None = Field(
+        None,
+        ge=1024,
+        description="largest update payload; default: what the model's size implies "
+        "(2x the model message + 64 KiB); when set, that is capped at this",
+    )
     versions_kept: int = Field(10, ge=1, description="model versions kept on disk")
     checkpoint_every: int = Field(32, ge=1, description="accumulator checkpoint every N updates")
     fsync: bool = Field(True, description="fsync the write-ahead log before acknowledging")
@@ -151,6 +159,25 @@ class TrustSettings(_Section):
     aggregator_key: str | None = Field(
         None, description="aggregator's public key(s): model versions, receipts"
     )
+
+    def owner_keys(self) -> list[Ed25519PublicKey]:
+        """The model owner's trusted keys (empty: plans and graphs are not verified)."""
+        return trusted_keys(self.owner_key, "trust.owner_key")
+
+    def aggregator_keys(self) -> list[Ed25519PublicKey]:
+        """The aggregator's trusted keys (empty: models and receipts are not verified)."""
+        return trusted_keys(self.aggregator_key, "trust.aggregator_key")
+
+
+def trusted_keys(value: str | None, what: str) -> list[Ed25519PublicKey]:
+    """Public keys from a comma-separated list of ``ed25519:...`` texts or key file paths."""
+    if value is None or not value.strip():
+        return []
+    # Imported here: fededge.keys imports cryptography's serialization, which a process that
+    # trusts nobody need not load.
+    from fededge.keys import load_public
+
+    return [load_public(part, what) for part in value.split(",") if part.strip()]
 
 
 class PrivacySettings(_Section):

@@ -6,14 +6,20 @@ transport it needs is :mod:`fededge.mqtt`; what it publishes is built by :mod:`f
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from fededge.errors import ConfigError, FededgeError
 from fededge.mqtt import MqttClient, discard_session, read_retained
 from fededge.protocol import AggregatorStatus, Graph, ModelVersion, Plan, Topics, decode_json
+from fededge.protocol.signing import SignedKind, open_message, sign
 from fededge.settings import Settings
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 1 << 31
@@ -29,9 +35,20 @@ def aggregator_client_id(settings: Settings) -> str:
 
 
 def publish_initial(
-    settings: Settings, graph: Graph | None, mv: ModelVersion, plan: Plan, *, force: bool = False
-) -> None:
+    settings: Settings,
+    graph: Graph | None,
+    mv: ModelVersion,
+    plan: Plan,
+    *,
+    force: bool = False,
+    sign_key: Ed25519PrivateKey | None = None,
+) -> Plan:
     """Publish graph, plan and version 0 retained, as documented for ``fededge model init``.
+
+    With ``sign_key`` (the model owner's) the three are signed (kinds graph, plan, model).
+    The plan's ``generation`` is at least the retained plan's, and one above it with
+    ``force``: a re-initialisation that devices accept although its version 0 is lower than
+    the version they have (docs/protocol.md, "plan"). Returns the plan as published.
 
     A task that already has a model is refused unless ``force``. With ``force`` the task is
     reset, which needs its aggregator stopped (a running one restores its own model over
@@ -42,7 +59,7 @@ def publish_initial(
     topics = Topics(settings.topic_prefix, settings.task)
     held = read_retained(
         settings.broker,
-        [topics.model, topics.aggregator_status],
+        [topics.model, topics.plan, topics.aggregator_status],
         wait=10 * INIT_WAIT,
         quiet=INIT_WAIT,
         name="init",
@@ -50,7 +67,8 @@ def publish_initial(
     existing = held.get(topics.model)
     if existing is not None and not force:
         try:
-            v = ModelVersion.from_bytes(existing, max_bytes=MAX_MESSAGE).version
+            body = open_message(existing, SignedKind.MODEL, None).payload
+            v = ModelVersion.from_bytes(body, max_bytes=MAX_MESSAGE).version
             what = f"version {v}"
         except FededgeError:
             what = "an unreadable model message"
@@ -71,12 +89,37 @@ def publish_initial(
                 "stop it and remove its state directory first"
             )
         discard_session(settings.broker, aggregator_client_id(settings))
+    generation = plan.generation
+    if (old := _retained_generation(held.get(topics.plan))) is not None:
+        generation = max(generation, old + 1 if force and existing is not None else old)
+    if generation != plan.generation:
+        log.info("plan generation %d (the retained plan has %s)", generation, old)
+        plan = plan.model_copy(update={"generation": generation})
+    mv = dataclasses.replace(mv, generation=generation)
+
+    def signed(payload: bytes, kind: SignedKind) -> bytes:
+        return payload if sign_key is None else sign(payload, kind, sign_key)
+
     client = MqttClient(settings.broker, f"fededge-init-{uuid.uuid4().hex[:10]}", persistent=False)
     with client:  # connects, and disconnects at the end
         if graph is not None:
-            client.publish(topics.graph, graph.to_bytes(), retain=True, wait=True, timeout=30)
-        client.publish(topics.plan, plan.to_bytes(), retain=True, wait=True, timeout=30)
-        client.publish(topics.model, mv.to_bytes(), retain=True, wait=True, timeout=30)
+            payload = signed(graph.to_bytes(), SignedKind.GRAPH)
+            client.publish(topics.graph, payload, retain=True, wait=True, timeout=30)
+        payload = signed(plan.to_bytes(), SignedKind.PLAN)
+        client.publish(topics.plan, payload, retain=True, wait=True, timeout=30)
+        payload = signed(mv.to_bytes(), SignedKind.MODEL)
+        client.publish(topics.model, payload, retain=True, wait=True, timeout=30)
+    return plan
+
+
+def _retained_generation(raw: bytes | None) -> int | None:
+    """The generation of the retained plan (None if there is none or it is unreadable)."""
+    if not raw:
+        return None
+    try:
+        return decode_json(open_message(raw, SignedKind.PLAN, None).payload, Plan).generation
+    except FededgeError:
+        return None
 
 
 def clear_task(settings: Settings, client_ids: Iterable[str] = (), *, wait: float = 5.0) -> int:

@@ -22,8 +22,9 @@ def _weights() -> dict[str, np.ndarray]:
 def test_exact_weighted_mean(broker, tmp_path) -> None:
     s = make_settings(broker.url, tmp_path)
     plan = Plan(
-        min_updates_per_version=3, clip_norm=100.0, server_learning_rate=0.5, max_examples_weight=40
-    )
+        min_updates_per_version=3, clip_norm=100.0, server_learning_rate=0.5, max_examples_weight=40,
+        max_updates_per_device=3, max_weight=1000,
+    )  # fmt: skip
     base = init_task(s, _weights(), plan)
     rng = np.random.default_rng(0)
     deltas = [
@@ -73,7 +74,7 @@ def test_staleness_window_and_weighting(broker, tmp_path) -> None:
 
 def test_hostile_updates_rejected_and_state_intact(broker, tmp_path) -> None:
     s = make_settings(broker.url, tmp_path, max_update_bytes=1 << 20)
-    plan = Plan(min_updates_per_version=2, clip_norm=1.0)
+    plan = Plan(min_updates_per_version=2, clip_norm=1.0, max_updates_per_device=2)
     base = init_task(s, _weights(), plan)
     good = {k: np.full(v.shape, 0.1, np.float32) for k, v in base.weights.items()}
     with running_aggregator(s) as agg:
@@ -204,7 +205,8 @@ def test_invalid_retained_plan_is_replaced_by_the_last_valid_one(broker, tmp_pat
 
 def test_update_ids_count_per_device_and_metrics_are_bounded(broker, tmp_path) -> None:
     s = make_settings(broker.url, tmp_path)
-    base = init_task(s, _weights(), Plan(min_updates_per_version=3, clip_norm=100.0))
+    plan = Plan(min_updates_per_version=3, clip_norm=100.0, max_updates_per_device=2)
+    base = init_task(s, _weights(), plan)
     one = {k: np.ones_like(v) for k, v in base.weights.items()}
     with running_aggregator(s) as agg:
         victim, squatter = Sender(s, "victim"), Sender(s, "squatter")

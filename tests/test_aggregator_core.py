@@ -169,7 +169,7 @@ def test_secure_aggregation_plan_rejects_plain_updates(tmp_path: Path) -> None:
 
 
 def test_version_completes_and_is_announced(tmp_path: Path) -> None:
-    h = Harness(tmp_path, Plan(min_updates_per_version=2))
+    h = Harness(tmp_path, Plan(min_updates_per_version=2, max_updates_per_device=2))
     only_receipt(h.send("u1"))
     out = h.send("u2")
     assert receipts(out)[0].pending == 1  # the version the update goes into
@@ -198,7 +198,7 @@ def test_stale_update_rejected(tmp_path: Path) -> None:
 def test_plan_change_completes_the_version(tmp_path: Path) -> None:
     h = Harness(tmp_path, Plan(min_updates_per_version=3))
     h.send("u1")
-    h.send("u2")
+    h.send("u2", device="dev2")
     out = h.control(h.topics.plan, Plan(min_updates_per_version=2).to_bytes())
     assert any(isinstance(e, NewVersion) and e.new == 1 for e in out)
     assert h.core.state.plan.min_updates_per_version == 2
@@ -266,7 +266,7 @@ def test_dedup_memory_forgets_whole_versions_and_raises_the_floor() -> None:
 def test_capped_dedup_memory_never_counts_a_resend_twice(tmp_path: Path) -> None:
     # 60 updates per version, 100 ids remembered, staleness 5: the old count-capped memory
     # forgot 20 ids of version 1 while updates based on version 0 were still accepted.
-    plan = Plan(min_updates_per_version=60, max_staleness=5)
+    plan = Plan(min_updates_per_version=60, max_staleness=5, max_updates_per_device=60)
     h = Harness(tmp_path, plan, recent_update_ids=100)
     for i in range(60):
         h.send(f"a{i}")
@@ -290,7 +290,8 @@ def test_capped_dedup_memory_never_counts_a_resend_twice(tmp_path: Path) -> None
 def test_every_id_inside_the_window_is_remembered(tmp_path: Path) -> None:
     # Below the cap, the window is every version kept: each id folded into versions 1..4 is
     # answered "duplicate", whatever base version the resend names.
-    h = Harness(tmp_path, Plan(min_updates_per_version=2, max_staleness=3), versions_kept=10)
+    plan = Plan(min_updates_per_version=2, max_staleness=3, max_updates_per_device=2)
+    h = Harness(tmp_path, plan, versions_kept=10)
     ids = [uuid.uuid4().hex[:8] for _ in range(8)]
     for uid in ids:
         h.send(uid)

@@ -61,7 +61,8 @@ def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None
     init_task(
         s,
         {"w": np.zeros(d, np.float32)},
-        Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000),
+        Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000,
+             max_updates_per_device=10),  # fmt: skip
     )
     log = tmp_path / "aggregator.log"
     proc = _start(tmp_path, broker.url, s.task, log)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from fededge.device.metrics import DeviceMetrics
 from fededge.device.runtime import ModelRuntime
 from fededge.device.secagg_client import Participant, ReadyInput
 from fededge.device.training import local_update
+from fededge.device.trust import TRUST_FILE, Refused, dump_generation
 from fededge.errors import ProtocolError
 from fededge.protocol import Graph, ModelVersion, Plan, Receipt, Topics, Update
 from fededge.protocol.messages import SecureAggregation
@@ -111,15 +113,27 @@ def test_a_model_for_another_graph_waits_and_bad_ones_are_refused(tmp_path: Path
         core.is_new_graph("other", "00" * 32)
 
 
-def test_the_same_version_again_is_ignored_and_going_back_is_logged(
+def test_the_same_version_again_is_ignored_and_going_back_needs_a_new_generation(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     core = ready_core(tmp_path, version=5)
     again = core.current.model if core.current else None
     assert again is not None and core.on_model(again, None) == []
+    with pytest.raises(Refused) as e:  # a replayed (or forged, if unsigned) older version
+        core.on_model(model(2), None)
+    assert e.value.reason == "old_version" and core.version == 5
+    # A re-initialisation: the owner's plan raises the generation, version 0 comes with it.
+    effects = core.on_plan(PLAN.model_copy(update={"generation": 1}), b"{}")
+    assert Persist(TRUST_FILE, dump_generation(1)) in effects and core.generation == 1
     with caplog.at_level(logging.WARNING, "fededge.device.adoption"):
-        assert adopted(core.on_model(model(2), None)) == [2]
-    assert "went back from 5 to 2" in caplog.text and core.version == 2
+        assert adopted(core.on_model(replace(model(0), generation=1), None)) == [0]
+    assert "went back from 5 to 0" in caplog.text and core.version == 0
+    # The old generation's versions, however high, and its plan are refused from now on.
+    with pytest.raises(Refused) as e:
+        core.on_model(model(9), None)
+    assert e.value.reason == "old_generation" and core.version == 0
+    with pytest.raises(Refused):
+        core.on_plan(PLAN, b"{}")
 
 
 def test_no_training_without_the_owners_plan(tmp_path: Path) -> None:

@@ -22,9 +22,10 @@ from fededge.aggregator.pending import dedup_key
 from fededge.aggregator.policy import check_update
 from fededge.aggregator.store import Store
 from fededge.aggregator.versions import VersionState
-from fededge.errors import ProtocolError
+from fededge.errors import ProtocolError, SignatureError
 from fededge.protocol import AggregatorStatus, ModelVersion, Receipt, Update
 from fededge.protocol.messages import Weights
+from fededge.protocol.signing import SignedKind
 from fededge.protocol.vocab import RejectReason
 from fededge.settings import Settings
 
@@ -77,15 +78,24 @@ class AggregatorCore:
         model, pending = self.state.ready()
         device = self.topics.device_of(msg.topic, "updates") or "?"
         self.metrics.bytes_in.inc(len(msg.payload))
+        if msg.qos == 0:
+            # QoS 0 has no acknowledgement and no redelivery, so "a receipt means durable"
+            # cannot hold for it; devices always use QoS 1. Dropped without a receipt.
+            self.metrics.qos0.inc()
+            log.warning("dropped a QoS 0 update device=%s topic=%s (updates must use QoS 1)",
+                        device, msg.topic)  # fmt: skip
+            return [Ack(msg.handle)]
         t0 = self._perf()
         update: Update | None = None
+        limit = self.state.update_limit
         try:
-            if len(msg.payload) > self.cfg.max_update_bytes:
+            if len(msg.payload) > limit:
                 raise ProtocolError(
-                    f"{len(msg.payload)} bytes exceed max_update_bytes={self.cfg.max_update_bytes}",
+                    f"{len(msg.payload)} bytes exceed the update limit of {limit} bytes "
+                    "(max_update_bytes, or 2x the model message)",
                     reason=RejectReason.OVERSIZE,
                 )
-            update = Update.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes)
+            update = Update.from_bytes(msg.payload, max_bytes=limit)
             if self.state.plan.secure_aggregation is not None:
                 raise ProtocolError(
                     "the plan asks for secure aggregation: send masked inputs in rounds",
@@ -107,6 +117,14 @@ class AggregatorCore:
                     f"base version {update.base_version} is older than the oldest version whose "
                     f"update ids are remembered ({self.state.dedup.floor})",
                     reason=RejectReason.STALE,
+                )
+            quota = self.state.plan.max_updates_per_device
+            if pending.device_count(device) >= quota:
+                # After deduplication: a resend of a counted update is a duplicate, not this.
+                raise ProtocolError(
+                    f"device {device} already has {quota} update(s) in version "
+                    f"{pending.base.version + 1} (max_updates_per_device)",
+                    reason=RejectReason.DEVICE_QUOTA,
                 )
             weight, norm = check_update(
                 update,
@@ -162,7 +180,7 @@ class AggregatorCore:
             return [Ack(msg.handle)]
         uid: str | None = None
         try:
-            uid = Update.from_bytes(msg.payload, max_bytes=self.cfg.max_update_bytes).update_id
+            uid = Update.from_bytes(msg.payload, max_bytes=self.state.update_limit).update_id
         except Exception:  # the update cannot be named: no receipt, the device times out
             log.debug("update of the internal error cannot be named", exc_info=True)
         detail = "the aggregator failed on this update (a bug; see its log)"
@@ -199,7 +217,8 @@ class AggregatorCore:
                 version=model.version,
                 pending=pending,
             )
-            out.append(Publish(self.topics.receipt(device), receipt.to_bytes()))
+            payload = self.state.sign(SignedKind.RECEIPT, receipt.to_bytes())
+            out.append(Publish(self.topics.receipt(device), payload))
         out.append(Ack(msg.handle))
         return out
 
@@ -250,13 +269,18 @@ class AggregatorCore:
                 out += self.state.on_model(msg.payload, now)
             else:
                 log.debug("ignoring message on %s", msg.topic)
-        except ProtocolError as e:
+        except (ProtocolError, SignatureError) as e:
             self.metrics.bad_control.inc()
+            kind = msg.topic.rsplit("/", 1)[-1]
+            if isinstance(e, SignatureError):
+                self.metrics.untrusted.labels(kind, e.reason).inc()
+            elif e.reason is RejectReason.STALE:
+                self.metrics.untrusted.labels(kind, "old_generation").inc()
             log.warning("rejected message on %s reason=%s: %s", msg.topic, e.reason, e.detail)
             if msg.topic == self.topics.plan and self.state.model is not None:
-                # An invalid retained plan would leave devices on defaults (e.g. no noise):
-                # put the last valid one back.
-                out.append(Publish(self.topics.plan, self.state.plan.to_bytes(), retain=True))
+                # An invalid retained plan would leave devices on defaults (e.g. no noise), a
+                # hostile one on its values: put the last valid one back, as it was signed.
+                out.append(self.state.plan_publish())
         out.append(Ack(msg.handle))
         return out
 

@@ -18,6 +18,7 @@ class Incoming:
     topic: str
     payload: bytes
     handle: object = None
+    qos: int = 1
 
 
 @dataclass(frozen=True)

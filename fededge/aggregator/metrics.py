@@ -33,6 +33,15 @@ class AggregatorMetrics:
         self.bad_control = Counter(
             "fededge_control_messages_rejected", "Bad model/plan/graph messages", registry=r
         )
+        self.untrusted = Counter(
+            "fededge_control_messages_untrusted",
+            "Plan/graph/model messages refused by the trust rules, by kind and reason",
+            ["kind", "reason"],
+            registry=r,
+        )
+        self.qos0 = Counter(
+            "fededge_updates_qos0_refused", "Updates published with QoS 0, dropped", registry=r
+        )
         self.internal_errors = Counter(
             "fededge_internal_errors", "Messages dropped by an internal error (a bug)", registry=r
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -101,6 +102,7 @@ class PendingVersion:
         self._staged: list[tuple[Update, float, float]] = []
         self._staged_raw: list[bytes] = []
         self._writer: SegmentWriter | None = None
+        self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
 
     # -- recovery ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -119,6 +121,7 @@ class PendingVersion:
             self.acc = acc
             self.sums = _Sums(**state)
             self._ids = set(self.sums.keys())
+            self._per_device = Counter(self.sums.devices)
             self._segment = seg + 1
         replayed = 0
         for seg, path in self.store.segments(version):
@@ -155,6 +158,14 @@ class PendingVersion:
     def is_staged(self, key: str) -> bool:
         """Whether the update with this dedup key waits in the current group commit."""
         return any(dedup_key(u.device, u.update_id) == key for u, _, _ in self._staged)
+
+    def device_count(self, device: str) -> int:
+        """Updates of ``device`` in this version, folded or staged (max_updates_per_device).
+
+        Derived from durable state: the checkpoint's ``devices`` and the replayed WAL rebuild
+        it after a crash, so the quota survives ``kill -9``.
+        """
+        return self._per_device[device] + sum(1 for u, _, _ in self._staged if u.device == device)
 
     def stage(self, update: Update, raw: bytes, weight: float, norm: float) -> None:
         """Hold an accepted update for the next group commit (not yet durable, not folded)."""
@@ -217,6 +228,7 @@ class PendingVersion:
         for update, weight, norm in group:
             self.sums.add(update, weight, norm)
             self._ids.add(dedup_key(update.device, update.update_id))
+            self._per_device[update.device] += 1
 
     # -- completion -------------------------------------------------------------------------
     def finalize(self, server_lr: float) -> dict[str, NDArray[np.float32]]:

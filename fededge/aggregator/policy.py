@@ -50,6 +50,14 @@ def norm_bound(plan: Plan, size: int) -> float:
     return plan.clip_norm * (1 + 1e-5) + plan.noise_stddev * (math.sqrt(size) + 10.0)
 
 
+def weight_cap(plan: Plan) -> int:
+    """The largest weight one update can have: ``max_weight``, else ``examples_per_update``.
+
+    A device trains on ``examples_per_update`` examples; claiming more buys no more say.
+    """
+    return plan.max_weight if plan.max_weight is not None else plan.examples_per_update
+
+
 def check_update(
     update: Update,
     *,
@@ -123,7 +131,7 @@ def check_update(
             f"update norm {norm:.6g} exceeds the bound {bound:.6g}",
             reason=RejectReason.NORM_TOO_LARGE,
         )
-    weight = float(min(update.num_examples, plan.max_examples_weight))
+    weight = float(min(update.num_examples, plan.max_examples_weight, weight_cap(plan)))
     if staleness:
         weight *= (1.0 + staleness) ** (-plan.staleness_exponent)
     return weight, norm

@@ -33,6 +33,7 @@ from fededge.errors import (
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import Graph, ModelVersion, Plan, Topics
 from fededge.protocol.messages import Weights
+from fededge.protocol.roster import trusted_keys
 from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ NewVersionCallback = Callable[[ModelVersion, int, int], object]
 
 
 def _incoming(msg: Message) -> Incoming:
-    return Incoming(msg.topic, msg.payload, msg)
+    return Incoming(msg.topic, msg.payload, msg, msg.qos)
 
 
 def connect_with_retry(
@@ -140,7 +141,10 @@ class Aggregator:
         self.metrics = AggregatorMetrics()
         self.metrics_port: int | None = None
         self.core = AggregatorCore(settings, self.store, self.metrics)
-        self.rounds = RoundDriver(_RoundHost(self))  # secure aggregation, when the plan asks for it
+        # secure aggregation, when the plan asks for it; the roster is verified with the owner key
+        self.rounds = RoundDriver(
+            _RoundHost(self), owner_keys=trusted_keys(settings.trust.owner_key)
+        )
         self.core.rounds = self.rounds
         self._callbacks: list[NewVersionCallback] = []
         self._deferred: list[Message] = []
@@ -335,7 +339,7 @@ class Aggregator:
 
     def _control(self, msg: Message) -> None:
         with self._guard(msg):
-            if self.topics.parse_round(msg.topic) is not None:
+            if self.topics.parse_round(msg.topic) is not None or msg.topic == self.topics.roster:
                 try:
                     self.rounds.on_message(msg)
                 except ProtocolError as e:

@@ -19,10 +19,19 @@ from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.store import Store
 from fededge.errors import NotReadyError, ProtocolError
+from fededge.keys import load_private
 from fededge.protocol import Graph, ModelVersion, Plan, Topics, VersionMetrics, decode_json
 from fededge.protocol.messages import Weights
+from fededge.protocol.signing import SignedKind, open_message, sign
 from fededge.protocol.vocab import NO_GRAPH, RejectReason
 from fededge.settings import Settings
+
+# Largest model message adopted from the broker when max_update_bytes is not set; also the
+# bound for replaying the WAL (local data that was accepted under the limit of its time).
+MAX_MODEL_MESSAGE = 257 * 1024 * 1024
+# What an update may carry beyond the model's own bytes (metadata, header): the default
+# max_update_bytes is 2x the model message plus this.
+UPDATE_SLACK = 64 * 1024
 
 # The service's logger: log lines keep the name they had before the core was split out.
 log = logging.getLogger("fededge.aggregator.service")
@@ -43,8 +52,20 @@ class VersionState:
         self.pending: PendingVersion | None = None
         self.dedup = DedupMemory(self.cfg.recent_update_ids)
         self._model_sha = ""
+        self._model_bytes = 0  # size of the current version's (unsigned) message
         self._published: deque[str] = deque(maxlen=8)  # sha256 of model payloads we published
         self.version_started = 0.0  # wall-clock time the current version was published
+        # Trust (docs/security.md): our signing key, and the keys whose plan, graph and first
+        # model we accept. The owner's messages are kept as received (plan_raw, graph_raw) and
+        # republished byte for byte: re-encoding a signed message would break its signature.
+        self.signer = load_private(self.cfg.signing_key, "aggregator.signing_key") if (
+            self.cfg.signing_key is not None) else None  # fmt: skip
+        self.owner_keys = settings.trust.owner_keys()
+        self.model_keys = [*self.owner_keys, *settings.trust.aggregator_keys()]
+        if self.signer is not None and self.model_keys:
+            self.model_keys.append(self.signer.public_key())
+        self.plan_raw: bytes | None = None  # the plan message as received (None: defaults)
+        self.graph_raw: bytes | None = None
 
     def ready(self) -> tuple[ModelVersion, PendingVersion]:
         """The current model and its pending version; NotReadyError before the first model."""
@@ -55,10 +76,14 @@ class VersionState:
     # -- state on disk ----------------------------------------------------------------------
     def restore(self, now: float) -> int | None:
         """Load plan, graph, versions and the pending version; the WAL records replayed."""
+        # Our own files, verified when they arrived: unwrapped without checking again.
         if (raw := self.store.read_blob("plan.json")) is not None:
-            self.plan = decode_json(raw, Plan)
+            self.plan = decode_json(open_message(raw, SignedKind.PLAN, None).payload, Plan)
+            self.plan_raw = raw
         if (raw := self.store.read_blob("graph.bin")) is not None:
-            self.graph = Graph.from_bytes(raw, max_bytes=1 << 31)
+            body = open_message(raw, SignedKind.GRAPH, None).payload
+            self.graph = Graph.from_bytes(body, max_bytes=1 << 31)
+            self.graph_raw = raw
         versions = self.store.version_numbers()
         if not versions:
             return None
@@ -71,15 +96,27 @@ class VersionState:
         self.version_started = model.time if model.time else now
         return replayed
 
+    @property
+    def update_limit(self) -> int:
+        """The largest update accepted: what the model's size implies, capped by the setting."""
+        implied = 2 * self._model_bytes + UPDATE_SLACK if self._model_bytes else MAX_MODEL_MESSAGE
+        cap = self.cfg.max_update_bytes
+        return implied if cap is None else min(implied, cap)
+
+    def sign(self, kind: SignedKind, payload: bytes) -> bytes:
+        """``payload`` in a signed envelope for ``kind`` (unchanged without a signing key)."""
+        return payload if self.signer is None else sign(payload, kind, self.signer)
+
     def _set_model(self, model: ModelVersion, payload: bytes) -> None:
         self.model = model
         self._model_sha = hashlib.sha256(payload).hexdigest()
+        self._model_bytes = len(payload)
         self.pending = PendingVersion(
             self.store,
             model,
             checkpoint_every=self.cfg.checkpoint_every,
             parallel=self.cfg.parallel_kernels,
-            max_update_bytes=self.cfg.max_update_bytes,
+            max_update_bytes=max(MAX_MODEL_MESSAGE, self.update_limit),
         )
         self.metrics.version.set(model.version)
         self.metrics.pending.set(0)
@@ -108,6 +145,7 @@ class VersionState:
             updates=metrics["updates"],
             examples=metrics["examples"],
             time=now,
+            generation=self.plan.generation,
         )
         payload = model.to_bytes()
         seconds = max(0.0, now - self.version_started)  # the wall clock may step back (NTP)
@@ -150,39 +188,52 @@ class VersionState:
     def current(self) -> list[Effect]:
         """Republish plan, graph and model (retained copies on the broker are ours)."""
         model, _ = self.ready()
-        out: list[Effect] = [Publish(self.topics.plan, self.plan.to_bytes(), retain=True)]
-        if self.graph is not None:
-            out.append(Publish(self.topics.graph, self.graph.to_bytes(), retain=True))
+        out: list[Effect] = [self.plan_publish()]
+        if self.graph_raw is not None:
+            out.append(Publish(self.topics.graph, self.graph_raw, retain=True))
         out.append(self._publish_model(self.store.read_version_bytes(model.version)))
         return out
 
+    def plan_publish(self) -> Publish:
+        """The plan as the owner published it (our built-in defaults before any)."""
+        raw = self.plan_raw if self.plan_raw is not None else self.plan.to_bytes()
+        return Publish(self.topics.plan, raw, retain=True)
+
     def _publish_model(self, payload: bytes) -> Publish:
-        self._published.append(hashlib.sha256(payload).hexdigest())
-        return Publish(self.topics.model, payload, retain=True)
+        signed = self.sign(SignedKind.MODEL, payload)
+        self._published.append(hashlib.sha256(signed).hexdigest())
+        return Publish(self.topics.model, signed, retain=True)
 
     # -- control topics ---------------------------------------------------------------------
     def on_plan(self, payload: bytes) -> bool:
         """Adopt a new plan; True if the pending version is now complete."""
-        if not payload:
+        if not payload or payload == self.plan_raw:
             return False
-        plan = decode_json(payload, Plan)
-        if plan == self.plan:
-            return False
-        log.info("adopting new plan: %s", plan.model_dump_json())
-        self.plan = plan
-        self.store.write_blob("plan.json", plan.to_bytes())
+        body = open_message(payload, SignedKind.PLAN, self.owner_keys).payload
+        plan = decode_json(body, Plan)
+        if plan.generation < self.plan.generation:
+            raise ProtocolError(
+                f"plan generation {plan.generation} is older than the current "
+                f"{self.plan.generation} (a replayed plan?)",
+                reason=RejectReason.STALE,
+            )
+        if plan != self.plan:
+            log.info("adopting new plan: %s", plan.model_dump_json())
+        self.plan, self.plan_raw = plan, payload
+        self.store.write_blob("plan.json", payload)
         return self.pending is not None and self.pending.sums.count >= plan.min_updates_per_version
 
     def on_graph(self, payload: bytes) -> None:
-        if not payload:
+        if not payload or payload == self.graph_raw:
             return
-        graph = Graph.from_bytes(payload, max_bytes=1 << 31)
+        body = open_message(payload, SignedKind.GRAPH, self.owner_keys).payload
+        graph = Graph.from_bytes(body, max_bytes=1 << 31)
         if graph.task != self.settings.task:
             raise ProtocolError(f"graph is for task {graph.task!r}", reason=RejectReason.WRONG_TASK)
         if self.graph is None or graph.sha256 != self.graph.sha256:
             log.info("adopting graph sha256=%s (%d bytes)", graph.sha256, len(graph.tflite))
-            self.graph = graph
-            self.store.write_blob("graph.bin", payload)
+        self.graph, self.graph_raw = graph, payload
+        self.store.write_blob("graph.bin", payload)
 
     def on_model(self, payload: bytes, now: float) -> list[Effect]:
         if self.model is not None:
@@ -191,13 +242,21 @@ class VersionState:
             sha = hashlib.sha256(payload).hexdigest() if payload else ""
             if payload and (sha in self._published or sha == self._model_sha):
                 return []
+            ours = self._publish_model(self.store.read_version_bytes(self.model.version))
+            if sha == hashlib.sha256(ours.payload).hexdigest():
+                return []  # our signed copy, retained from before a restart
             if payload:
                 log.warning("a foreign model message was published on %s; restoring ours",
                             self.topics.model)  # fmt: skip
-            return [self._publish_model(self.store.read_version_bytes(self.model.version))]
+            return [ours]
         if not payload:
             return []
-        model = ModelVersion.from_bytes(payload, max_bytes=self.cfg.max_update_bytes)
+        # The first model (from `fededge model init`): signed by the owner (or by us, if our
+        # state was lost) when we trust keys. Stored unwrapped; we sign what we publish.
+        payload = open_message(payload, SignedKind.MODEL, self.model_keys).payload
+        model = ModelVersion.from_bytes(
+            payload, max_bytes=self.cfg.max_update_bytes or MAX_MODEL_MESSAGE
+        )
         if model.task != self.settings.task:
             raise ProtocolError(f"model is for task {model.task!r}", reason=RejectReason.WRONG_TASK)
         log.info("adopting model version %d from the broker", model.version)
@@ -205,7 +264,7 @@ class VersionState:
             payload, model.version, {"adopted": True}, keep=self.cfg.versions_kept
         )
         if self.store.read_blob("plan.json") is None:
-            self.store.write_blob("plan.json", self.plan.to_bytes())
+            self.store.write_blob("plan.json", self.plan_publish().payload)
         # No update keys of the adopted version are known: updates based on older versions
         # could be resends of ones folded into it, so the window starts here.
         self.dedup.add_version(model.version, [])

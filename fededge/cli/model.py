@@ -89,6 +89,11 @@ def load_init_payloads(
     is_flag=True,
     help="Reset a task that already has a model (stop its aggregator and remove its state first).",
 )
+@click.option(
+    "--sign-key",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="The model owner's private key (fededge keys generate): sign graph, plan and model.",
+)
 @settings_options
 def init(
     settings: Settings,
@@ -96,10 +101,14 @@ def init(
     weights: Path | None,
     plan_file: Path | None,
     force: bool,
+    sign_key: Path | None,
 ) -> None:
     """Publish version 0 of a task (graph, plan and weights, all retained)."""
+    from fededge.keys import load_private
+
+    key = load_private(sign_key, "--sign-key") if sign_key is not None else None
     graph, mv, plan = load_init_payloads(settings.task, bundle, weights, plan_file)
-    publish_initial(settings, graph, mv, plan, force=force)
+    publish_initial(settings, graph, mv, plan, force=force, sign_key=key)
     n = sum(a.size for a in mv.weights.values())
     click.echo(
         f"published task {settings.task!r} version 0: {len(mv.weights)} tensors, {n} parameters, "

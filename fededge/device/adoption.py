@@ -3,8 +3,10 @@
 A model version names the graph it was trained for (``graph_sha256``, or NO_GRAPH for "the
 task's graph"): it waits until that graph is known, then replaces the current version as a
 whole (one assignment, so a prediction sees either the old or the new version, never a mix).
-The same version again (a retained copy after a reconnect) changes nothing; a lower version is
-adopted with a warning (the task was re-initialised).
+The same version again (a retained copy after a reconnect) changes nothing. Whether a lower
+version may replace the current one is the core's decision (plan generations, see
+fededge/device/trust.py); here it is only logged. A version is persisted as it arrived (its
+signed envelope included), so a restart can verify it again.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class ModelSlot:
         self.runtime: ModelRuntime | None = None
         self.current: Current | None = None
         self.waiting: ModelVersion | None = None  # its graph has not arrived yet
+        self._waiting_raw: bytes | None = None  # that version's message, as it arrived
 
     def is_new_graph(self, task: str, sha256: str) -> bool:
         """Whether a graph with this hash is worth validating; ProtocolError if for another task."""
@@ -66,7 +69,7 @@ class ModelSlot:
         waiting = self.waiting
         if waiting is None:
             return []
-        return self.adopt(waiting, waiting.to_bytes())
+        return self.adopt(waiting, self._waiting_raw)
 
     def adopt(self, mv: ModelVersion, raw: bytes | None) -> list[Effect]:
         """Make ``mv`` current if its graph is known (``raw`` is then persisted); else let it wait."""
@@ -77,7 +80,7 @@ class ModelSlot:
         spec, runtime = self.spec, self.runtime
         if spec is None or runtime is None or mv.graph_sha256 not in (NO_GRAPH, spec.graph_sha256):
             log.info("model version %d waits for its graph %s", mv.version, mv.graph_sha256[:12])
-            self.waiting = mv
+            self.waiting, self._waiting_raw = mv, raw
             return []
         if not weights_fit(mv, spec):
             raise ProtocolError(
@@ -94,11 +97,11 @@ class ModelSlot:
         if old is not None and old.version == mv.version and old.model.time == mv.time:
             return []  # the same version again (retained copy after a reconnect)
         if old is not None and mv.version < old.version:
-            log.warning("model version went back from %d to %d (task re-initialised?)",
-                        old.version, mv.version)  # fmt: skip
+            log.warning("model version went back from %d to %d (generation %d: the task was "
+                        "re-initialised)", old.version, mv.version, mv.generation)  # fmt: skip
         weights = {k: np.array(v, dtype=np.float32, copy=True) for k, v in mv.weights.items()}
         self.current = Current(mv.version, weights, runtime, mv)  # the atomic swap
-        self.waiting = None
+        self.waiting, self._waiting_raw = None, None
         log.info("adopted model version %d", mv.version, extra={"version": mv.version})
         effects: list[Effect] = [] if raw is None else [Persist("model.bin", raw)]
         effects.append(Adopted(mv, old.version if old else None))

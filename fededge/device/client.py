@@ -40,6 +40,7 @@ from fededge.device.examples import ExampleStore, StateDb, validate_examples, va
 from fededge.device.metrics import DeviceMetrics
 from fededge.device.outbox import Outbox
 from fededge.device.spec import BundleSpec
+from fededge.device.trust import TRUST_FILE, TrustRules, load_generation
 from fededge.errors import (
     FededgeError,
     NotReadyError,
@@ -76,9 +77,19 @@ class Client:
         self.examples = ExampleStore(
             self.db, max_examples=self.cfg.max_examples, max_age=self.cfg.max_example_age
         )
+        try:
+            trust = TrustRules.from_settings(settings)
+            generation = load_generation((self.state_dir / TRUST_FILE).read_bytes())
+        except FileNotFoundError:
+            generation = 0
+        except BaseException:
+            self.db.close()
+            os.close(self._lockfile)
+            raise
         self.core = DeviceCore(self.device_id, self.topics, self.db, self.examples, self.metrics,
-                               receipt_timeout=self.cfg.receipt_timeout)  # fmt: skip
-        self._driver = Driver(self.core, settings, self.state_dir)
+                               receipt_timeout=self.cfg.receipt_timeout,
+                               privacy=settings.privacy, generation=generation)  # fmt: skip
+        self._driver = Driver(self.core, settings, self.state_dir, trust)
         self._threads: list[threading.Thread] = []
         self._started = False
         try:
@@ -170,6 +181,9 @@ class Client:
         if self._started:
             raise NotReadyError("Client.start() called twice")
         self._started = True
+        if missing := self._driver.trust.untrusted():
+            log.warning("no %s set: this device trusts whoever can publish on the broker "
+                        "for them (docs/security.md)", " and no ".join(missing))  # fmt: skip
         try:
             self._driver.connect()
         except TransportError as e:

@@ -39,7 +39,9 @@ from fededge.device.metrics import DeviceMetrics
 from fededge.device.outbox import Outbox
 from fededge.device.secagg_client import Participant, ReadyInput, handle_safely
 from fededge.device.spec import BundleSpec
+from fededge.device.trust import TRUST_FILE, Refused, dump_generation, privacy_refusal
 from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, Update
+from fededge.settings import PrivacySettings
 
 if TYPE_CHECKING:
     from fededge.device.runtime import ModelRuntime
@@ -70,6 +72,8 @@ class DeviceCore:
         metrics: DeviceMetrics,
         *,
         receipt_timeout: float,
+        privacy: PrivacySettings | None = None,
+        generation: int = 0,
     ) -> None:
         self.device_id = device_id
         self.topics = topics
@@ -82,6 +86,10 @@ class DeviceCore:
         self.plan_known = False  # a plan from the task's owner, live or cached
         self.training = False
         self.updates_sent = 0
+        self.privacy = privacy if privacy is not None else PrivacySettings()
+        self.generation = generation  # highest plan generation seen (persisted in trust.json)
+        self.refused: str | None = None  # why the current plan is not used (privacy floor)
+        self._made = (-1, 0)  # (base version, plain updates made on it): max_updates_per_device
         self._db = db
         self._resend_all = False
         self._status_due = True
@@ -117,17 +125,67 @@ class DeviceCore:
         return effects + self._adopted(self.model.set_graph(spec, runtime))
 
     def on_model(self, mv: ModelVersion, raw: bytes | None) -> list[Effect]:
-        """A model version (``raw`` to persist once adopted; None when it came from disk)."""
-        return self._adopted(self.model.adopt(mv, raw))
+        """A model version (``raw`` to persist once adopted; None when it came from disk).
+
+        Refused (:class:`Refused`) if it is older than what the device has: a generation below
+        the highest seen, or a lower version of the current model's generation. Only a higher
+        generation - a re-initialisation the owner signed - may take the version back.
+        """
+        cur = self.model.current
+        if mv.generation < self.generation:
+            raise Refused(
+                f"model version {mv.version} is of generation {mv.generation}, older than "
+                f"{self.generation}",
+                reason="old_generation",
+            )
+        if cur is not None and mv.generation <= cur.model.generation and mv.version < cur.version:
+            raise Refused(
+                f"model version {mv.version} is older than the current {cur.version} "
+                f"(generation {mv.generation})",
+                reason="old_version",
+            )
+        effects = self._adopted(self.model.adopt(mv, raw))
+        return effects + self._raise_generation(mv.generation)
 
     def on_plan(self, plan: Plan, raw: bytes | None) -> list[Effect]:
-        """The task's plan (``raw`` to persist; None when it came from disk)."""
-        if plan == self.plan and self.plan_known:
+        """The task's plan (``raw`` to persist; None when it came from disk).
+
+        Refused (:class:`Refused`) if its generation is below the highest seen. A plan below
+        the privacy floor is kept (and persisted) but not used: no training, nothing sent,
+        and the status says why until a plan above the floor arrives.
+        """
+        if plan.generation < self.generation:
+            raise Refused(
+                f"plan generation {plan.generation} is older than {self.generation}",
+                reason="old_generation",
+            )
+        refusal = privacy_refusal(plan, self.privacy)
+        if plan == self.plan and self.plan_known and refusal == self.refused:
             return []
-        log.info("adopting plan %s", plan.model_dump_json())
-        self.plan, self.plan_known = plan, True
         effects: list[Effect] = [] if raw is None else [Persist("plan.json", raw)]
+        effects += self._raise_generation(plan.generation)
+        self.plan, self.plan_known = plan, True
+        self._status_due = True
+        if refusal is not None:
+            if refusal != self.refused:
+                self.metrics.refused.labels("plan", "privacy_floor").inc()
+            log.warning("plan refused, not training or sending: %s", refusal,
+                        extra={"reason": "privacy_floor"})  # fmt: skip
+            self.refused = refusal
+            return effects
+        if self.refused is not None:
+            log.info("the plan is above the privacy floor again: taking part")
+        self.refused = None
+        log.info("adopting plan %s", plan.model_dump_json())
         return [*effects, WakeTrainer()]
+
+    def _raise_generation(self, generation: int) -> list[Effect]:
+        if generation <= self.generation:
+            return []
+        log.info("plan generation %d -> %d (task re-initialised by its owner)",
+                 self.generation, generation)  # fmt: skip
+        self.generation = generation
+        return [Persist(TRUST_FILE, dump_generation(generation))]
 
     def on_receipt(self, r: Receipt) -> list[Effect]:
         """Settle the outbox entry a receipt names, whatever its status."""
@@ -149,6 +207,8 @@ class DeviceCore:
 
     def on_round_message(self, topic: str, payload: bytes, now: float) -> list[Effect]:
         """A secure-aggregation round message; a refused one is counted and logged."""
+        if self.refused is not None:
+            return []  # below the privacy floor: no part in rounds
         effects = handle_safely(self.secagg, topic, payload, now)
         if effects is None:
             self.metrics.bad_messages.inc()
@@ -174,9 +234,10 @@ class DeviceCore:
         ``now``: monotonic seconds (receipt timeouts); ``wall``: epoch seconds (message times).
         """
         effects: list[Effect] = []
-        if connected:
-            effects += self._pump_outbox(now)
-        effects += self.secagg.tick(now, wall, connected)
+        if self.refused is None:  # below the privacy floor nothing is sent
+            if connected:
+                effects += self._pump_outbox(now)
+            effects += self.secagg.tick(now, wall, connected)
         last = self._last_status
         if self._status_due or last is None or now - last > STATUS_INTERVAL:
             self._status_due = False
@@ -224,6 +285,7 @@ class DeviceCore:
             updates_sent=self.updates_sent + self.secagg.masked_sent,
             software=f"fededge {__version__}"[:64],
             time=wall,
+            refused=self.refused if online else None,
         )
         return Publish(self.topics.device_status(self.device_id), msg.to_bytes(), retain=True)
 
@@ -243,13 +305,17 @@ class DeviceCore:
             "updates_sent": self.updates_sent + self.secagg.masked_sent,
             "graph_sha256": spec.graph_sha256 if spec else None,
             "software": f"fededge {__version__}",
+            "refused": self.refused,
+            "generation": self.generation,
         }
 
     # -- training --------------------------------------------------------------------------------
     def trainable(self) -> bool:
         """Whether enough fresh examples wait for a version and a plan from the task's owner."""
         cur = self.model.current
-        if cur is None or not self.plan_known:
+        if cur is None or not self.plan_known or self.refused is not None:
+            return False
+        if self._quota_reached(cur.version):
             return False
         dim = math.prod(cur.runtime.spec.input_shape)
         return self.examples.fresh_count(dim) >= self.plan.examples_per_update
@@ -257,8 +323,10 @@ class DeviceCore:
     def next_job(self) -> TrainJob | None:
         """What to train now, or None; marks the core as training until :meth:`trained`."""
         cur, plan = self.model.current, self.plan
-        if cur is None or not self.plan_known:
-            return None  # no model yet, or no plan from the task's owner
+        if cur is None or not self.plan_known or self.refused is not None:
+            return None  # no model yet, no plan from the task's owner, or below the floor
+        if self._quota_reached(cur.version):
+            return None  # the aggregator takes no more of ours into this version
         if plan.secure_aggregation is not None and self.secagg.busy():
             return None  # one update at a time waits for its round
         batch = self.examples.take(plan.examples_per_update, cur.runtime.spec.input_shape)
@@ -300,6 +368,8 @@ class DeviceCore:
         with self._db.transaction() as c:  # the update and the use of its examples, atomically
             Outbox.put_in(c, uid, base, lu.num_examples, payload)
             ExampleStore.mark_used_in(c, job.batch.ids)
+        made_base, made = self._made
+        self._made = (base, made + 1 if made_base == base else 1)
         self.updates_sent += 1
         self.metrics.updates_sent.inc()
         log.info(
@@ -309,6 +379,15 @@ class DeviceCore:
         if not connected or self.outbox.was_sent(uid):
             return [], True
         return [self._send(uid, payload, now)], True
+
+    def _quota_reached(self, version: int) -> bool:
+        """Whether this device already made ``max_updates_per_device`` plain updates on
+        ``version``: the aggregator would refuse another (``device_quota``), so its examples
+        wait for the next version instead of being spent."""
+        if self.plan.secure_aggregation is not None:
+            return False
+        base, made = self._made
+        return base == version and made >= self.plan.max_updates_per_device
 
     def end_training(self) -> None:
         """A run ended without :meth:`trained` (it failed): its examples stay fresh."""

@@ -22,19 +22,23 @@ from fededge.device.bundle import validate_graph
 from fededge.device.core import DeviceCore
 from fededge.device.effects import Adopted, Effect, Persist, Publish, WakeTrainer
 from fededge.device.runtime import ModelRuntime
+from fededge.device.secagg_client import configure_participant
 from fededge.device.spec import BundleSpec, parse_spec
 from fededge.device.training import local_update
+from fededge.device.trust import Refused, TrustRules
 from fededge.errors import (
     FededgeError,
     ModelError,
     NotReadyError,
     ProtocolError,
+    SignatureError,
     StorageError,
     TransportError,
 )
 from fededge.fsio import atomic_write
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import Graph, ModelVersion, Plan, Receipt, decode_json
+from fededge.protocol.signing import SignedKind
 from fededge.settings import Settings
 
 log = logging.getLogger("fededge.device.client")
@@ -48,8 +52,11 @@ NewVersionCallback = Callable[[ModelVersion, "int | None", int], None]
 class Driver:
     """The io and training loops of one device, and the lock that serializes its core."""
 
-    def __init__(self, core: DeviceCore, settings: Settings, state_dir: Path) -> None:
+    def __init__(
+        self, core: DeviceCore, settings: Settings, state_dir: Path, trust: TrustRules
+    ) -> None:
         self.core = core
+        self.trust = trust
         self.settings = settings
         self.cfg = settings.device
         self.device_id = core.device_id
@@ -64,6 +71,7 @@ class Driver:
         self.changed = threading.Condition()
         self.beat = time.monotonic()
         self.mqtt: MqttClient | None = None
+        configure_participant(core.secagg, settings, state_dir)  # identity key, roster, floor
 
     # -- effects ------------------------------------------------------------------------------
     def apply(self, effects: list[Effect]) -> None:
@@ -94,10 +102,15 @@ class Driver:
         self.apply(effects)
 
     def load_cached(self) -> None:
-        """Restore graph, plan and model from the state directory (works before the broker)."""
+        """Restore graph, plan and model from the state directory (works before the broker).
+
+        They are kept as they arrived and verified again: a device given trust keys later does
+        not go on using what it took from the broker unverified.
+        """
         try:
             raw = (self.state_dir / "graph.bin").read_bytes()
-            g = Graph.from_bytes(raw, max_bytes=MAX_GRAPH_MESSAGE)
+            body = self.trust.open(SignedKind.GRAPH, raw)
+            g = Graph.from_bytes(body, max_bytes=MAX_GRAPH_MESSAGE)
             spec = parse_spec(g.spec)
             if self.core.is_new_graph(g.task, g.sha256):
                 validate_graph(g.tflite, spec, isolate=False)  # was probed when it arrived
@@ -108,13 +121,15 @@ class Driver:
             log.warning("ignoring the cached graph: %s", e)
         with contextlib.suppress(FileNotFoundError):
             try:
-                plan = decode_json((self.state_dir / "plan.json").read_bytes(), Plan)
+                raw = (self.state_dir / "plan.json").read_bytes()
+                plan = decode_json(self.trust.open(SignedKind.PLAN, raw), Plan)
                 self.apply(self.core.on_plan(plan, None))
-            except ProtocolError as e:
+            except (ProtocolError, SignatureError, Refused) as e:
                 log.warning("ignoring the cached plan: %s", e)
         try:
             raw = (self.state_dir / "model.bin").read_bytes()
-            mv = ModelVersion.from_bytes(raw, max_bytes=MAX_MODEL_MESSAGE)
+            body = self.trust.open(SignedKind.MODEL, raw)
+            mv = ModelVersion.from_bytes(body, max_bytes=MAX_MODEL_MESSAGE)
             self.apply(self.core.on_model(mv, None))
         except FileNotFoundError:
             pass
@@ -187,19 +202,29 @@ class Driver:
         try:
             with self.lock:
                 if msg.topic == t.receipt(self.device_id):
-                    effects = self.core.on_receipt(decode_json(msg.payload, Receipt))
-                elif msg.topic.startswith(f"{t.base}/rounds/"):
+                    body = self.trust.open(SignedKind.RECEIPT, msg.payload)
+                    effects = self.core.on_receipt(decode_json(body, Receipt))
+                elif msg.topic.startswith(f"{t.base}/rounds/") or msg.topic == t.roster:
                     effects = self.core.on_round_message(msg.topic, msg.payload, time.monotonic())
                 elif not msg.payload or msg.topic not in (t.model, t.plan):
                     effects = []  # a cleared retained message, or the graph (below)
                 elif msg.topic == t.model:
-                    mv = ModelVersion.from_bytes(msg.payload, max_bytes=MAX_MODEL_MESSAGE)
+                    body = self.trust.open(SignedKind.MODEL, msg.payload)
+                    mv = ModelVersion.from_bytes(body, max_bytes=MAX_MODEL_MESSAGE)
                     effects = self.core.on_model(mv, msg.payload)
                 else:
-                    effects = self.core.on_plan(decode_json(msg.payload, Plan), msg.payload)
+                    body = self.trust.open(SignedKind.PLAN, msg.payload)
+                    effects = self.core.on_plan(decode_json(body, Plan), msg.payload)
             self.apply(effects)
             if msg.topic == t.graph and msg.payload:
                 self.on_graph(msg.payload)
+        except (SignatureError, Refused) as e:
+            # Never adopted, never acted on (a forged receipt settles nothing).
+            kind = msg.topic.rsplit("/", 1)[-1] if msg.topic in (t.plan, t.graph, t.model) \
+                else "receipt"  # fmt: skip
+            self.core.metrics.refused.labels(kind, e.reason).inc()
+            log.warning("refused %s message on %s reason=%s: %s", kind, msg.topic, e.reason,
+                        e.detail, extra={"topic": msg.topic, "reason": e.reason})  # fmt: skip
         except (ProtocolError, ModelError) as e:
             self.core.metrics.bad_messages.inc()
             log.warning("rejected message on %s: %s", msg.topic, e, extra={"topic": msg.topic})
@@ -208,7 +233,8 @@ class Driver:
             log.exception("internal error handling a message on %s", msg.topic)
 
     def on_graph(self, payload: bytes) -> None:
-        g = Graph.from_bytes(payload, max_bytes=MAX_GRAPH_MESSAGE)
+        body = self.trust.open(SignedKind.GRAPH, payload)
+        g = Graph.from_bytes(body, max_bytes=MAX_GRAPH_MESSAGE)
         with self.lock:
             if not self.core.is_new_graph(g.task, g.sha256):
                 return

@@ -40,6 +40,13 @@ class DeviceMetrics:
         self.bad_messages = Counter(
             "fededge_device_messages_rejected", "Malformed messages from the broker", registry=r
         )
+        self.refused = Counter(
+            "fededge_device_messages_refused",
+            "Plans, graphs, models and receipts refused by the trust rules or the privacy "
+            "floor, by kind and reason",
+            ["kind", "reason"],
+            registry=r,
+        )
         self.api_requests = Counter(
             "fededge_device_api_requests", "Local API requests", ["path", "code"], registry=r
         )

@@ -44,8 +44,8 @@ class SecureAggregation(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     cohort_size: int = Field(10, ge=3, le=10_000)
-    min_cohort: int = Field(3, ge=3, le=10_000)
-    threshold: int = Field(2, ge=2, le=10_000)
+    min_cohort: int = Field(7, ge=3, le=10_000)
+    threshold: int = Field(6, ge=2, le=10_000)
     neighbours: int = Field(0, ge=0, le=10_000)
     stage_timeout: float = Field(30.0, gt=0, le=3600)
     checkin_window: float = Field(10.0, ge=0, le=3600)
@@ -61,6 +61,10 @@ class SecureAggregation(BaseModel):
             raise ValueError("threshold must be < min_cohort (a round needs t < cohort size)")
         if self.neighbours and (self.neighbours % 2 or self.neighbours < self.threshold):
             raise ValueError("neighbours must be 0 (complete graph) or even and >= threshold")
+        # Devices refuse t <= k/2 (t <= n/2 on the complete graph): a plan must not ask for it.
+        k = self.cohort_size if self.neighbours == 0 else min(self.neighbours, self.cohort_size)
+        if 2 * self.threshold <= k:
+            raise ValueError(f"threshold must be more than half of {k} (cohort size or neighbours)")
         return self
 
 
@@ -81,6 +85,18 @@ class Plan(_Json):
     max_examples_weight: int = Field(10_000, ge=1)
     evaluate: bool = True
     secure_aggregation: SecureAggregation | None = None  # None: asynchronous buffered FedAvg
+    # Trust (protocol.md, "plan"): each omitted from the JSON while it has its default, so a
+    # plan that does not use them keeps its v1 bytes.
+    generation: int = Field(0, ge=0, lt=1 << 53)  # raised by the owner to re-initialise a task
+    max_updates_per_device: int = Field(1, ge=1, le=1_000_000)  # per device per version
+    max_weight: int | None = Field(None, ge=1)  # weight cap; None: examples_per_update
+
+    def to_bytes(self) -> bytes:
+        omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
+        return self.model_dump_json(exclude_none=True, exclude=omit).encode()
+
+
+_PLAN_OMITTED = {"generation": 0, "max_updates_per_device": 1}
 
 
 class Receipt(_Json):
@@ -109,6 +125,7 @@ class DeviceStatus(_Json):
     updates_sent: int = Field(0, ge=0)
     software: str = Field("", max_length=64)
     time: float = Field(0.0, ge=0)
+    refused: str | None = Field(None, max_length=256)  # why the device does not take part
 
 
 class AggregatorStatus(_Json):
@@ -270,6 +287,7 @@ class ModelVersion:
     updates: int = 0
     examples: int = 0
     time: float = 0.0
+    generation: int = 0  # the plan generation it belongs to (omitted when 0)
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -284,6 +302,8 @@ class ModelVersion:
         }
         if self.parent is not None:
             meta["parent"] = str(self.parent)
+        if self.generation:
+            meta["generation"] = str(self.generation)
         return encode_tensors(self.weights, meta)
 
     @classmethod
@@ -303,6 +323,7 @@ class ModelVersion:
             updates=_meta_int(m, "updates") if "updates" in m else 0,
             examples=_meta_int(m, "examples") if "examples" in m else 0,
             time=_meta_float(m, "time", 0.0, 1e11) or 0.0,
+            generation=_meta_int(m, "generation") if "generation" in m else 0,
         )
 
 

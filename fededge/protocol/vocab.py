@@ -51,3 +51,4 @@ class RejectReason(StrEnum):
     NON_FINITE = "non_finite"
     NORM_TOO_LARGE = "norm_too_large"
     INTERNAL_ERROR = "internal_error"
+    DEVICE_QUOTA = "device_quota"

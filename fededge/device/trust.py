@@ -1,0 +1,129 @@
+"""What a device trusts: signed control messages, the plan generation, its privacy floor.
+
+Pure rules, no I/O (part of the device core): the driver opens every plan, graph, model and
+receipt through :meth:`TrustRules.open` before decoding it, and the core checks generations and
+the privacy floor. See docs/security.md for the threats these answer.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from fededge.errors import FededgeError
+from fededge.protocol import Plan
+from fededge.protocol.signing import SignedKind, open_message
+from fededge.settings import PrivacySettings, Settings
+
+#: The state file that keeps the highest plan generation seen across restarts.
+TRUST_FILE = "trust.json"
+
+
+class Refused(FededgeError):
+    """A verified control message the device will not use (an older generation or version).
+
+    ``reason`` (``old_generation``, ``old_version``) is a metric label, like a
+    :class:`~fededge.errors.SignatureError`'s.
+    """
+
+    def __init__(self, detail: str, *, reason: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class TrustRules:
+    """The keys a device verifies control messages with (none: it trusts the broker)."""
+
+    owner_keys: list[Ed25519PublicKey] = field(default_factory=list)
+    aggregator_keys: list[Ed25519PublicKey] = field(default_factory=list)
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrustRules:
+        return cls(settings.trust.owner_keys(), settings.trust.aggregator_keys())
+
+    def keys_for(self, kind: SignedKind) -> list[Ed25519PublicKey]:
+        """Whose signature a message of ``kind`` needs (empty: it is not verified).
+
+        Plans and graphs are the owner's. Models are the aggregator's, and the owner may sign
+        one too (version 0 from ``fededge model init``), so a device can start before the
+        aggregator has re-signed it; receipts are the aggregator's alone.
+        """
+        if kind in (SignedKind.PLAN, SignedKind.GRAPH):
+            return self.owner_keys
+        if kind is SignedKind.MODEL:
+            return [*self.aggregator_keys, *self.owner_keys] if self.aggregator_keys else []
+        if kind is SignedKind.RECEIPT:
+            return self.aggregator_keys
+        return []
+
+    def open(self, kind: SignedKind, data: bytes) -> bytes:
+        """The v1 message inside ``data``; SignatureError if it needs a signature it lacks."""
+        return open_message(data, kind, self.keys_for(kind)).payload
+
+    def untrusted(self) -> list[str]:
+        """The settings left empty, for the start-up warning."""
+        missing = []
+        if not self.owner_keys:
+            missing.append("trust.owner_key (plans and graphs)")
+        if not self.aggregator_keys:
+            missing.append("trust.aggregator_key (models and receipts)")
+        return missing
+
+
+def privacy_refusal(plan: Plan, floor: PrivacySettings) -> str | None:
+    """Why ``plan`` is below the device's privacy floor, or None if it is not.
+
+    The noise multiplier is sigma / C (``noise_stddev / clip_norm``), the quantity DP-SGD
+    accounting is stated in.
+    """
+    problems = []
+    multiplier = plan.noise_stddev / plan.clip_norm
+    if multiplier < floor.min_noise_multiplier:
+        problems.append(
+            f"noise multiplier {multiplier:.4g} (noise_stddev/clip_norm) is below "
+            f"privacy.min_noise_multiplier={floor.min_noise_multiplier:g}"
+        )
+    if floor.max_clip_norm is not None and plan.clip_norm > floor.max_clip_norm:
+        problems.append(
+            f"clip_norm {plan.clip_norm:g} is above privacy.max_clip_norm={floor.max_clip_norm:g}"
+        )
+    sa = plan.secure_aggregation
+    if sa is None:
+        if floor.require_secure_aggregation:
+            problems.append(
+                "the plan has no secure_aggregation (privacy.require_secure_aggregation)"
+            )
+    else:
+        if sa.threshold < floor.min_threshold:
+            problems.append(
+                f"secure_aggregation.threshold {sa.threshold} is below "
+                f"privacy.min_threshold={floor.min_threshold}"
+            )
+        if sa.min_cohort < floor.min_cohort:
+            problems.append(
+                f"secure_aggregation.min_cohort {sa.min_cohort} is below "
+                f"privacy.min_cohort={floor.min_cohort}"
+            )
+    if not problems:
+        return None
+    return ("privacy_floor: " + "; ".join(problems))[:256]
+
+
+def load_generation(raw: bytes | None) -> int:
+    """The generation kept in ``trust.json`` (0 if absent or unreadable: the state files of
+    plan and model raise it again when they load)."""
+    if not raw:
+        return 0
+    try:
+        value = json.loads(raw).get("generation", 0)
+    except (ValueError, AttributeError, RecursionError):
+        return 0
+    return value if type(value) is int and value >= 0 else 0
+
+
+def dump_generation(generation: int) -> bytes:
+    return json.dumps({"generation": generation}).encode()
