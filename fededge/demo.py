@@ -55,6 +55,9 @@ class DemoConfig:
     learning_rate: float = 0.1
     min_updates_per_version: int = 10
     timeout: float = 600.0
+    # An example of examples/ (fededge.demo_examples) instead of the digits: its prebuilt bundle,
+    # data, learning rate and batch size; the demo reports the task's metric.
+    example: str | None = None
 
 
 @dataclass
@@ -66,6 +69,8 @@ class VersionRow:
     loss: float
     updates: int
     seconds: float
+    # Every metric of the task (loss, its metrics, and extras such as the anomaly AUC).
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -77,10 +82,22 @@ class Summary:
     final_accuracy: float
     versions: list[VersionRow] = field(default_factory=list)
     plot: str | None = None
+    example: str | None = None
+    metric: str = "accuracy"  # the task's primary metric
+    final_metric: float = math.nan
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d.pop("plot")
+        if self.example is None:  # the digits summary keeps its keys
+            for k in ("example", "metric", "final_metric"):
+                d.pop(k)
+            for v in d["versions"]:
+                v.pop("metrics")
+        else:
+            d.pop("final_accuracy")
+            for v in d["versions"]:
+                v.pop("accuracy")
         return d
 
 
@@ -120,7 +137,8 @@ def run_task(cfg: DemoConfig) -> str:
     A run of its own task never meets a previous run's retained model, persistent sessions
     or queued messages on a shared broker, so every run starts at version 0.
     """
-    return cfg.task or f"digits-demo-{secrets.token_hex(3)}"
+    what = (cfg.example or "digits").replace("_", "-")
+    return cfg.task or f"{what}-demo-{secrets.token_hex(3)}"
 
 
 def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda r: None) -> Summary:
@@ -136,16 +154,29 @@ def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda 
 
     demo_plan(cfg)  # a bad configuration fails before anything starts
     cfg = dataclasses.replace(cfg, task=run_task(cfg))
-    name = {"mlp": "digits_mlp", "cnn": "digits_cnn"}[cfg.model]
-    bundle = load_bundle(shipped_bundle_path(name))
-    x, y = load_digits()
-    rng = np.random.default_rng(cfg.seed)
-    xtr, ytr, xte, yte = train_test_split(x, y, 0.2, rng)
+    extra: Callable[[Any, dict[str, np.ndarray]], dict[str, float]] = lambda rt, w: {}  # noqa: E731
+    if cfg.example is not None:
+        from fededge.demo_examples import extra_metrics, get_example
+
+        ex = get_example(cfg.example)
+        bundle = load_bundle(shipped_bundle_path(ex.name))
+        data = ex.data(cfg.seed)
+        xtr, ytr, xte, yte = data.x_train, data.y_train, data.x_test, data.y_test
+        groups = data.groups
+        extra = functools.partial(extra_metrics, ex, data)
+    else:
+        name = {"mlp": "digits_mlp", "cnn": "digits_cnn"}[cfg.model]
+        bundle = load_bundle(shipped_bundle_path(name))
+        x, y = load_digits()
+        rng = np.random.default_rng(cfg.seed)
+        xtr, ytr, xte, yte = train_test_split(x, y, 0.2, rng)
+        groups = ytr
+    min_size = min(40, len(groups) // (2 * cfg.devices))  # diabetes has 354 training people
     parts_idx = dirichlet_partition(
-        ytr, cfg.devices, cfg.alpha, np.random.default_rng(cfg.seed + 1), min_size=40
+        groups, cfg.devices, cfg.alpha, np.random.default_rng(cfg.seed + 1), min_size=min_size
     )
     parts = [(xtr[i], ytr[i]) for i in parts_idx]
-    evaluator = ModelRuntime.from_bundle(bundle)
+    evaluator = _Evaluator(ModelRuntime.from_bundle(bundle), xte, yte, extra)
 
     embedded = None
     url = cfg.broker
@@ -280,15 +311,18 @@ def _run(
             clients.append(c)
         for c in clients:
             c.start()
-        loss0, acc0 = evaluator.evaluate(xte, yte, mv0.weights)
+        m0 = evaluator(mv0.weights)
         summary = Summary(
             task=cfg.task,
             broker=url,
             devices=cfg.devices,
             secure_aggregation=cfg.secure_aggregation,
-            final_accuracy=float(acc0),
+            final_accuracy=m0.get("accuracy", math.nan),
+            example=cfg.example,
+            metric=evaluator.primary,
+            final_metric=m0[evaluator.primary],
         )
-        row0 = VersionRow(0, float(acc0), float(loss0), 0, 0.0)
+        row0 = VersionRow(0, m0.get("accuracy", math.nan), m0["loss"], 0, 0.0, m0)
         summary.versions.append(row0)
         on_version(row0)
         last = t_start
@@ -302,11 +336,15 @@ def _run(
                 for i in range(cfg.devices):  # no version for a while: more data everywhere
                     feed(i)
                 continue
-            loss, acc = evaluator.evaluate(xte, yte, model.weights)
-            row = VersionRow(model.version, float(acc), float(loss), model.updates, when - last)
+            m = evaluator(model.weights)
+            row = VersionRow(
+                model.version, m.get("accuracy", math.nan), m["loss"], model.updates,
+                when - last, m,
+            )  # fmt: skip
             last = when
             summary.versions.append(row)
-            summary.final_accuracy = float(acc)
+            summary.final_accuracy = m.get("accuracy", math.nan)
+            summary.final_metric = m[evaluator.primary]
             on_version(row)
         return summary
     finally:
@@ -325,6 +363,25 @@ def _run(
                 log.warning("could not clear demo task %s from the broker: %s", cfg.task, e)
 
 
+class _Evaluator:
+    """Held-out metrics of a model version: the graph's ``eval`` plus the example's extras."""
+
+    def __init__(
+        self,
+        runtime: Any,
+        x: np.ndarray,
+        y: np.ndarray,
+        extra: Callable[[Any, dict[str, np.ndarray]], dict[str, float]],
+    ) -> None:
+        self.runtime, self.x, self.y, self.extra = runtime, x, y, extra
+        self.primary = runtime.spec.task.primary_metric
+
+    def __call__(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
+        out = self.runtime.metrics(self.x, self.y, weights)
+        out.update(self.extra(self.runtime, weights))
+        return out
+
+
 def _feed_on_version(feed: Callable[[int], None], i: int, *_version: object) -> None:
     feed(i)
 
@@ -339,15 +396,20 @@ def write_outputs(summary: Summary, cfg: DemoConfig) -> Path:
     cfg.out_dir.mkdir(parents=True, exist_ok=True)
     vs = [r.version for r in summary.versions]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax1.plot(vs, [r.accuracy for r in summary.versions], marker="o", ms=3)
-    ax1.set(xlabel="model version", ylabel="held-out accuracy", ylim=(0, 1), title="Accuracy")
-    ax1.axhline(0.9, color="grey", lw=0.8, ls="--")
+    if summary.example is None:
+        ax1.plot(vs, [r.accuracy for r in summary.versions], marker="o", ms=3)
+        ax1.set(xlabel="model version", ylabel="held-out accuracy", ylim=(0, 1), title="Accuracy")
+        ax1.axhline(0.9, color="grey", lw=0.8, ls="--")
+    else:
+        ax1.plot(vs, [r.metrics[summary.metric] for r in summary.versions], marker="o", ms=3)
+        ax1.set(xlabel="model version", ylabel=f"held-out {summary.metric}", title=summary.metric)
     ax2.plot(vs, [r.loss for r in summary.versions], marker="o", ms=3, color="tab:orange")
     ax2.set(xlabel="model version", ylabel="held-out loss", title="Loss")
     for ax in (ax1, ax2):
         ax.grid(alpha=0.3)
     sa = ", secure aggregation" if summary.secure_aggregation else ""
-    fig.suptitle(f"fededge demo: {summary.devices} devices, non-IID digits{sa}")
+    what = summary.example or "digits"
+    fig.suptitle(f"fededge demo: {summary.devices} devices, non-IID {what}{sa}")
     fig.tight_layout()
     png = cfg.out_dir / "accuracy.png"
     fig.savefig(png, dpi=110)

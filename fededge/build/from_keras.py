@@ -468,6 +468,23 @@ class _ConvertError(Exception):
         self.ops = ops
 
 
+def _one_layer_module(s: Any, ws: list[str], sig: list[Any]) -> Any:
+    import tensorflow as tf
+
+    def train(x: Any, *w: Any) -> dict[str, Any]:
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            tape.watch(w)
+            m = dict(zip(ws, w, strict=True))
+            y = tf.reduce_sum(s.fn(x, m.__getitem__))
+        gs = tape.gradient(y, [x, *w])
+        return {"g": tf.add_n([tf.reduce_sum(g) for g in gs])}
+
+    one = tf.Module()
+    one.train = tf.function(train, input_signature=sig)
+    return one
+
+
 def _locate(steps: list[Any], input_shape: tuple[int, ...], weights: list[Any]) -> str:
     """Convert each layer's training graph alone; name the first layer whose gradient fails."""
     import tensorflow as tf
@@ -478,21 +495,10 @@ def _locate(steps: list[Any], input_shape: tuple[int, ...], weights: list[Any]) 
         shape = [int(d) for d in h.shape[1:]]
         ws = [n for n in s.weights]
 
-        class One(tf.Module):  # type: ignore[misc]
-            @tf.function(  # type: ignore[untyped-decorator]
-                input_signature=[tf.TensorSpec([None, *shape], tf.float32, name="x")]
-                + [tf.TensorSpec(wvals[n].shape, tf.float32, name=n) for n in ws]
-            )
-            def train(self, x: Any, *w: Any, s: Any = s, ws: list[str] = ws) -> dict[str, Any]:
-                with tf.GradientTape() as tape:
-                    tape.watch(x)
-                    tape.watch(w)
-                    m = dict(zip(ws, w, strict=True))
-                    y = tf.reduce_sum(s.fn(x, lambda n: m[n]))
-                gs = tape.gradient(y, [x, *w])
-                return {"g": tf.reduce_sum(gs[0]) + sum(tf.reduce_sum(g) for g in gs[1:])}
-
-        one = One()
+        sig = [tf.TensorSpec([None, *shape], tf.float32, name="x")] + [
+            tf.TensorSpec(wvals[n].shape, tf.float32, name=n) for n in ws
+        ]
+        one = _one_layer_module(s, ws, sig)
         with tempfile.TemporaryDirectory() as tmp:
             tf.saved_model.save(one, tmp, signatures={"train": one.train})
             conv = tf.lite.TFLiteConverter.from_saved_model(tmp, signature_keys=["train"])
@@ -553,7 +559,7 @@ def check_bundle(
         out = module.train(x, y, np.float32(lr), *[w_tf[n] for n in names])
         tf_loss = float(out["loss"].numpy())
         w_tf = {n: out[n].numpy() for n in names}
-        diffs = [abs(loss - tf_loss)] + [
+        diffs = [abs(loss - tf_loss) / (1.0 + abs(tf_loss))] + [
             float(np.max(np.abs(w_rt[n] - w_tf[n]) / (1.0 + np.abs(w_tf[n])))) for n in names
         ]
         worst = max(worst, *diffs)

@@ -21,10 +21,13 @@ from fededge.logs import setup_logging
 )
 @click.option(
     "--versions",
-    default=40,
-    show_default=True,
     type=click.IntRange(1, 10_000),
-    help="Stop after this many model versions.",
+    help="Stop after this many model versions [default: 40, or the example's].",
+)
+@click.option(
+    "--example",
+    help="Run an example model of examples/ instead of the digits: diabetes_regression, "
+    "sensor_autoencoder, multilabel, transfer_digits (prebuilt bundles; no TensorFlow).",
 )
 @click.option(
     "--model",
@@ -97,28 +100,56 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
     from fededge.demo import DemoConfig, VersionRow, run_demo, run_task, write_outputs
 
     setup_logging(log_level)
+    if kw["versions"] is None:
+        kw.pop("versions")
+    example = kw.get("example")
+    if example is not None:
+        from fededge.demo_examples import get_example
+
+        ex = get_example(str(example))
+        kw.setdefault("versions", ex.versions)
+        kw.update(learning_rate=ex.learning_rate, epochs=ex.epochs)
     cfg = DemoConfig(out_dir=out_dir, json_path=json_path, **kw)  # type: ignore[arg-type]
     cfg = dataclasses.replace(cfg, task=run_task(cfg))
     console = Console(highlight=False)
     where = cfg.broker or "an embedded broker (amqtt)"
+    what = f"{cfg.model}, non-IID digits" if example is None else f"{example}, non-IID"
     console.print(
-        f"[bold]fededge demo[/]: {cfg.devices} devices ({cfg.model}, non-IID digits, "
+        f"[bold]fededge demo[/]: {cfg.devices} devices ({what}, "
         f"alpha={cfg.alpha}) on {where}, task {cfg.task}, until version {cfg.versions}"
     )
-    console.print(" version  updates  held-out accuracy    loss   seconds")
     t0 = time.monotonic()
+    if example is None:
+        console.print(" version  updates  held-out accuracy    loss   seconds")
 
-    def show(r: VersionRow) -> None:
-        bar = "█" * round(r.accuracy * 20)
-        console.print(
-            f" {r.version:7d}  {r.updates:7d}  {r.accuracy:8.3f} {bar:<20s} {r.loss:6.3f} "
-            f"{r.seconds:8.2f}"
-        )
+        def show(r: VersionRow) -> None:
+            bar = "█" * round(r.accuracy * 20)
+            console.print(
+                f" {r.version:7d}  {r.updates:7d}  {r.accuracy:8.3f} {bar:<20s} {r.loss:6.3f} "
+                f"{r.seconds:8.2f}"
+            )
+    else:
+        header: list[str] = []
+
+        def show(r: VersionRow) -> None:
+            names = [k for k in r.metrics if k != "loss"]
+            if not header:
+                header.extend(names)
+                cols = "".join(f"{'held-out ' + n:>18s}" for n in names)
+                console.print(f" version  updates{cols}    loss   seconds")
+            vals = "".join(f"{r.metrics[n]:18.4f}" for n in header)
+            console.print(f" {r.version:7d}  {r.updates:7d}{vals} {r.loss:7.4f} {r.seconds:8.2f}")
 
     summary = run_demo(cfg, show)
     png = write_outputs(summary, cfg)
     table = Table(show_header=False, box=None)
-    table.add_row("final held-out accuracy", f"[bold]{summary.final_accuracy:.3f}[/]")
+    if example is None:
+        table.add_row("final held-out accuracy", f"[bold]{summary.final_accuracy:.3f}[/]")
+    else:
+        final = summary.versions[-1].metrics
+        for k, v in final.items():
+            style = "bold" if k == summary.metric else ""
+            table.add_row(f"final held-out {k}", f"[{style}]{v:.4f}[/]" if style else f"{v:.4f}")
     table.add_row("versions", str(summary.versions[-1].version))
     table.add_row("wall time", f"{time.monotonic() - t0:.1f} s")
     table.add_row("plot", str(png))

@@ -121,9 +121,52 @@ def init(
     "--model",
     "arch",
     type=click.Choice(sorted(ARCHS)),
-    required=True,
-    help="Architecture to build.",
+    help="A shipped digits architecture to build (or give --keras).",
 )
+@click.option(
+    "--keras",
+    "keras_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="A Keras 3 model file (.keras) to turn into a bundle.",
+)
+@click.option(
+    "--task",
+    type=click.Choice(["classification", "binary", "multilabel", "regression"]),
+    help="What the --keras model predicts (required with --keras).",
+)
+@click.option("--loss", help="Loss (default per task: sparse_categorical_crossentropy, "
+              "binary_crossentropy, or mse; regression also takes mae, huber).")  # fmt: skip
+@click.option(
+    "--trainable",
+    multiple=True,
+    metavar="LAYER",
+    help="Train only these layers (repeat); the others are frozen into the graph. "
+    "Default: Keras's own trainable flags.",
+)
+@click.option(
+    "--batch-size", type=click.IntRange(1, 65536), default=32, show_default=True,
+    help="The bundle's batch size.",
+)  # fmt: skip
+@click.option(
+    "--check/--no-check",
+    default=True,
+    show_default=True,
+    help="Run a few LiteRT train steps against TensorFlow's (1e-5) and require the loss to fall.",
+)
+@click.option(
+    "--sample",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Check on this data (.npz with arrays x and y) instead of random data.",
+)
+@click.option("--check-lr", type=click.FloatRange(0, min_open=True), default=0.05,
+              show_default=True, help="Learning rate of the check's train steps.")  # fmt: skip
+@click.option(
+    "--normalize",
+    "normalize_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Standardise inputs inside the graph with the per-feature mean/std of x in this .npz.",
+)
+@click.option("--name", help="The bundle's model name (default: the Keras model's).")
 @click.option(
     "-o",
     "--output",
@@ -133,16 +176,75 @@ def init(
     help="Bundle directory to (over)write.",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the initial weights.")
-def build(arch: str, out_dir: Path, seed: int) -> int:
-    """Build a model bundle (graph, initial weights, spec) with TensorFlow (the `convert` extra)."""
-    from fededge.build.builder import build_bundle
+def build(
+    arch: str | None,
+    keras_path: Path | None,
+    task: str | None,
+    loss: str | None,
+    trainable: tuple[str, ...],
+    batch_size: int,
+    check: bool,
+    sample: Path | None,
+    check_lr: float,
+    normalize_path: Path | None,
+    name: str | None,
+    out_dir: Path,
+    seed: int,
+) -> int:
+    """Build a model bundle (graph, initial weights, spec) with TensorFlow (the `convert` extra).
 
-    try:
-        out = build_bundle(arch, out_dir, seed)
-    except ImportError as e:
-        raise ConfigError(
-            f"`fededge model build` needs TensorFlow: pip install 'fededge[convert]' ({e})"
-        ) from None
-    digest = hashlib.sha256((out / GRAPH_FILE).read_bytes()).hexdigest()
-    click.echo(f"built {arch} bundle in {out} (graph sha256 {digest})")
+    Either a shipped digits architecture (--model) or any Keras 3 model of supported layers
+    (--keras FILE --task TASK); see docs/models.md.
+    """
+    if (arch is None) == (keras_path is None):
+        raise ConfigError("give exactly one of --model NAME or --keras FILE")
+    if keras_path is None:
+        from fededge.build.builder import build_bundle
+
+        try:
+            out = build_bundle(arch or "", out_dir, seed)
+        except ImportError as e:
+            raise ConfigError(
+                f"`fededge model build` needs TensorFlow: pip install 'fededge[convert]' ({e})"
+            ) from None
+        digest = hashlib.sha256((out / GRAPH_FILE).read_bytes()).hexdigest()
+        click.echo(f"built {arch} bundle in {out} (graph sha256 {digest})")
+        return 0
+    if task is None:
+        raise ConfigError("--keras needs --task classification|binary|multilabel|regression")
+    from fededge.build.from_keras import build_bundle as build_keras
+
+    data = _npz(sample, "--sample", ("x", "y")) if sample else None
+    norm = None
+    if normalize_path is not None:
+        x = _npz(normalize_path, "--normalize", ("x",))[0].astype(np.float64)
+        norm = (x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6))
+    built = build_keras(
+        keras_path, task, output=out_dir, loss=loss, trainable=list(trainable) or None,
+        batch_size=batch_size, name=name, normalization=norm, check=check,
+        sample=(data[0], data[1]) if data else None, check_lr=check_lr, seed=seed,
+    )  # fmt: skip
+    n = sum(w.size for w in built.weights.values())
+    click.echo(
+        f"built {built.spec['model']} ({task}, loss {built.spec['task']['loss']}) in {out_dir}: "
+        f"{n} trainable parameters travel, {built.frozen_parameters} frozen in the graph "
+        f"(graph sha256 {built.spec['graph_sha256']})"
+    )
+    if built.check is not None:
+        c = built.check
+        click.echo(
+            f"check: {c['steps']} LiteRT train steps == TensorFlow's (max difference "
+            f"{c['max_difference']:.1e}); loss {c['loss_first']:.4f} -> {c['loss_after']:.4f}"
+        )
     return 0
+
+
+def _npz(path: Path, option: str, keys: tuple[str, ...]) -> list[np.ndarray]:
+    try:
+        with np.load(path) as z:
+            missing = [k for k in keys if k not in z]
+            if missing:
+                raise ConfigError(f"{option} {path}: no array named {missing[0]!r}")
+            return [np.asarray(z[k]) for k in keys]
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{option} {path}: not a readable .npz file ({e})") from None

@@ -23,6 +23,7 @@ from fededge.cli.common import quiet_transport, settings_options
 from fededge.cli.render import MAX_MESSAGE, console, finite, fmt_time, human_bytes
 from fededge.device.bundle import (
     GRAPH_FILE,
+    BundleSpec,
     SPEC_FILE,
     WEIGHTS_FILE,
     load_bundle,
@@ -269,11 +270,24 @@ def _graph_info(graph: bytes) -> dict[str, Any]:
     }
 
 
+def task_summary(spec: BundleSpec) -> str:
+    """One line: what the bundle predicts, its labels, loss and the metrics ``eval`` returns."""
+    t = spec.task
+    what = f"{t.num_classes} classes" if t.num_classes else f"outputs {list(t.output_shape)}"
+    norm = ", inputs normalised in the graph" if t.normalization else ""
+    return (
+        f"{t.type} ({what}; labels {t.label_dtype} {list(t.label_shape)} per example; "
+        f"loss {t.loss}; eval: {', '.join(spec.metric_names)}; format {spec.format_version}{norm})"
+    )
+
+
 def inspect_bundle(root: Path) -> dict[str, Any]:
     """Describe a bundle directory and say whether `load_bundle` accepts it."""
     info: dict[str, Any] = {"kind": "bundle", "path": str(root)}
     try:
-        info["spec"] = parse_spec((root / SPEC_FILE).read_bytes()).to_json()
+        spec = parse_spec((root / SPEC_FILE).read_bytes())
+        info["task"] = task_summary(spec)
+        info["spec"] = spec.to_json()
     except (OSError, ModelError) as e:
         info["spec_error"] = str(e)
     graph_path = root / GRAPH_FILE

@@ -189,7 +189,7 @@ def _probe_main() -> int:
         w = {ws.name: np.zeros(ws.shape, np.float32) for ws in spec.weights}
         rt.train_step(x, y, 0.01, w)
         rt.infer(x, w)
-        rt.evaluate(x, y, w)
+        rt.metrics(x, y, w)
     except ModelError as e:
         print(e)
         return _PROBE_BAD
