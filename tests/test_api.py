@@ -125,6 +125,17 @@ def test_curl(api) -> None:
         ("POST", "/predict", b'{"x": [[1e400' + b", 0" * 63 + b"]]}", 400, "non_finite"),
         ("POST", "/predict", b"[" * 100_000 + b"]" * 100_000, 413, "too_large"),
         ("POST", "/predict", b"[" * 30_000 + b"]" * 30_000, 400, "bad_json"),
+        # Python refuses to convert integers of over 4300 digits (a ValueError, not a 500).
+        ("POST", "/predict", b'{"x": [[' + b"9" * 5000 + b", 0" * 63 + b"]]}", 400, "bad_json"),
+        (
+            "POST",
+            "/examples",
+            b'{"x": [[0' + b", 0" * 63 + b']], "y": [' + b"1" * 4301 + b"]}",
+            400,
+            "bad_json",
+        ),
+        ("POST", "/predict", b'{"x": [[' + b"9" * 4000 + b", 0" * 63 + b"]]}", 400, "bad_type"),
+        ("POST", "/examples", {"x": [[0.5] * 64], "y": [10**400]}, 400, "bad_label"),
         ("POST", "/examples", {"x": [[0.5] * 64], "y": [10]}, 400, "bad_label"),
         ("POST", "/examples", {"x": [[0.5] * 64], "y": [1, 2]}, 400, "bad_shape"),
         ("POST", "/examples", {"x": [[0.5] * 64], "y": ["1"]}, 400, "bad_label"),

@@ -198,8 +198,8 @@ class _Handler(BaseHTTPRequestHandler):
             raise ApiError(400, "short_body", f"got {len(data)} of {length} body bytes")
         try:
             return json.loads(data, parse_constant=_no_constants)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ApiError(400, "bad_json", f"body is not valid JSON: {e}") from None
+        except ValueError as e:  # bad JSON or UTF-8, and integers of over 4300 digits
+            raise ApiError(400, "bad_json", f"body is not valid JSON: {str(e)[:200]}") from None
         except RecursionError:
             raise ApiError(400, "bad_json", "JSON nested too deeply") from None
 
