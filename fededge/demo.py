@@ -234,6 +234,33 @@ def _settings(
     )
 
 
+def _demo_keys(state_dir: Path, task: str) -> tuple[Any, dict[str, str], Path]:
+    """The demo is its own model owner and aggregator operator: fresh keys for each run, and
+    devices that trust only them (docs/security.md)."""
+    from fededge.keys import generate, public_text
+
+    keys = state_dir / "keys"
+    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+    owner = generate(keys / f"{task}-owner.key", overwrite=True)
+    agg_file = keys / f"{task}-aggregator.key"
+    agg = generate(agg_file, overwrite=True)
+    trust = {"owner_key": public_text(owner.public_key()),
+             "aggregator_key": public_text(agg.public_key())}  # fmt: skip
+    return owner, trust, agg_file
+
+
+def _demo_privacy(plan: Plan) -> dict[str, Any]:
+    """The demo devices' privacy floor: exactly the demo's own plan (a weaker one is refused)."""
+    sa = plan.secure_aggregation
+    return {
+        "min_noise_multiplier": plan.noise_stddev / plan.clip_norm,
+        "max_clip_norm": plan.clip_norm,
+        "require_secure_aggregation": sa is not None,
+        "min_threshold": sa.threshold if sa is not None else 1,
+        "min_cohort": sa.min_cohort if sa is not None else 1,
+    }
+
+
 def _run(
     cfg: DemoConfig,
     url: str,
@@ -257,9 +284,11 @@ def _run(
     if cfg.task is None:
         raise NotReadyError("_run needs the run's task (run_task)")
     plan = demo_plan(cfg)
+    owner_key, trust, agg_key_file = _demo_keys(state_dir, cfg.task)
     agg_settings = _settings(
-        cfg, url, protocol, state_dir, aggregator={"metrics": False, "status_interval": 2.0}
-    )
+        cfg, url, protocol, state_dir, trust={"owner_key": trust["owner_key"]},
+        aggregator={"metrics": False, "status_interval": 2.0, "signing_key": agg_key_file},
+    )  # fmt: skip
     graph = Graph(task=cfg.task, tflite=bundle.graph, spec=bundle.spec.to_json())
     mv0 = ModelVersion(
         task=cfg.task,
@@ -268,7 +297,7 @@ def _run(
         graph_sha256=graph.sha256,
         time=time.time(),
     )
-    publish_initial(agg_settings, graph, mv0, plan, force=True)
+    publish_initial(agg_settings, graph, mv0, plan, force=True, sign_key=owner_key)
     client_ids = [aggregator_client_id(agg_settings)]
     agg = Aggregator(agg_settings)
     versions: queue.Queue[tuple[ModelVersion, float]] = queue.Queue()
@@ -303,6 +332,8 @@ def _run(
                 state_dir,
                 client_id=client_id,
                 device={"device_id": f"dev-{i:02d}", "metrics": False, "seed": cfg.seed * 1000 + i},
+                trust=trust,
+                privacy=_demo_privacy(plan),
             )
             c = Client(s)
             # New data arrives with each model version a device receives, so it trains on the
