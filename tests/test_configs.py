@@ -75,6 +75,8 @@ def _localise(conf: str, tmp: Path, ports: tuple[int, int], files: dict[str, Pat
             line = f"listener {plain} 127.0.0.1"
         elif line == "listener 8883":
             line = f"listener {tls} 127.0.0.1"
+        elif line == "listener 8884":  # mTLS (tests/test_shipped_broker.py exercises it)
+            line = f"listener {free_port()} 127.0.0.1"
         elif key == "user":
             # Started as root, Mosquitto would drop to "mosquitto", which cannot use pytest's
             # private temp folders; "root" keeps the current user.
