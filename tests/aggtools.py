@@ -16,6 +16,7 @@ import numpy as np
 from fededge.aggregator.service import Aggregator
 from fededge.mqtt import Message, MqttClient
 from fededge.protocol import ModelVersion, Plan, Receipt, Topics, Update, decode_json
+from fededge.protocol.signing import SignedKind, open_message
 from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings, load_settings
 from fededge.tasks import publish_initial
@@ -84,6 +85,8 @@ class Sender:
         self.client.subscribe(self.topics.model, qos=1)
         self.receipts: dict[str, Receipt] = {}
         self.models: dict[int, ModelVersion] = {}
+        self.raw_receipts: dict[str, bytes] = {}  # as received (signed, if the aggregator signs)
+        self.raw_models: dict[int, bytes] = {}
 
     def update(
         self,
@@ -107,9 +110,9 @@ class Sender:
         self.raw(u.to_bytes())
         return uid
 
-    def raw(self, payload: bytes, device: str | None = None) -> None:
+    def raw(self, payload: bytes, device: str | None = None, qos: int = 1) -> None:
         self.client.publish(
-            self.topics.update(device or self.device), payload, qos=1, wait=True, timeout=10
+            self.topics.update(device or self.device), payload, qos=qos, wait=True, timeout=10
         )
 
     def _pump(self, timeout: float) -> None:
@@ -117,12 +120,17 @@ class Sender:
             msg: Message = self.client.messages.get(timeout=timeout)
         except queue.Empty:
             return
+        # Signed envelopes are unwrapped unverified here; tests that check signatures verify
+        # the raw copies.
         if msg.topic == self.topics.model and msg.payload:
-            mv = ModelVersion.from_bytes(msg.payload, max_bytes=1 << 30)
+            body = open_message(msg.payload, SignedKind.MODEL, None).payload
+            mv = ModelVersion.from_bytes(body, max_bytes=1 << 30)
             self.models[mv.version] = mv
+            self.raw_models[mv.version] = msg.payload
         elif msg.topic == self.topics.receipt(self.device):
-            r = decode_json(msg.payload, Receipt)
+            r = decode_json(open_message(msg.payload, SignedKind.RECEIPT, None).payload, Receipt)
             self.receipts[r.update_id] = r
+            self.raw_receipts[r.update_id] = msg.payload
 
     def receipt(self, uid: str, timeout: float = 20) -> Receipt:
         deadline = time.monotonic() + timeout

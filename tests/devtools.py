@@ -8,6 +8,7 @@ import socket
 import time
 import uuid
 import zlib
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,15 +71,21 @@ def device_settings(
 
 
 def publish_task(
-    settings: Settings, plan: Plan = DIGITS_PLAN, bundle: Bundle | None = None
+    settings: Settings,
+    plan: Plan = DIGITS_PLAN,
+    bundle: Bundle | None = None,
+    *,
+    sign_key: Any = None,
+    force: bool = False,
 ) -> ModelVersion:
-    """Publish graph, plan and version 0 of the digits MLP for ``settings.task`` (retained)."""
+    """Publish graph, plan and version 0 of the digits MLP for ``settings.task`` (retained),
+    signed with the owner's ``sign_key`` if given."""
     b = bundle or mlp_bundle()
     graph = Graph(task=settings.task, tflite=b.graph, spec=b.spec.to_json())
     mv = ModelVersion(task=settings.task, version=0, weights=dict(b.weights),
                       graph_sha256=graph.sha256, time=time.time())  # fmt: skip
-    publish_initial(settings, graph, mv, plan)
-    return mv
+    published = publish_initial(settings, graph, mv, plan, sign_key=sign_key, force=force)
+    return replace(mv, generation=published.generation)
 
 
 def digits_split(

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fededge.aggregator import kernels
-from fededge.errors import ProtocolError
+from fededge.errors import ProtocolError, SecAggError
 from fededge.protocol import Plan, Update
 from fededge.protocol.vocab import RejectReason
 
@@ -135,3 +135,45 @@ def check_update(
     if staleness:
         weight *= (1.0 + staleness) ** (-plan.staleness_exponent)
     return weight, norm
+
+
+def check_secure_sum(
+    sum_wd: np.ndarray,
+    sum_w: float,
+    *,
+    survivors: int,
+    clip: float,
+    max_weight: float,
+    scale: float,
+) -> None:
+    """Refuse an unmasked secure-aggregation sum that honest devices cannot have produced.
+
+    ``sum_wd`` and ``sum_w`` are the decoded sums (fededge.secagg.quantize: each device adds
+    ``w~ = min(w, max_weight) / max_weight`` in [0, 1] and ``w~ * delta`` with
+    ``||delta|| <= clip``, both scaled back by ``max_weight``). For ``n`` survivors an honest
+    sum has ``0 < S_w <= n`` and ``||S_d|| <= clip * S_w`` (triangle inequality), where
+    ``S = sum / max_weight``; each decoded entry is off by less than ``eps = n / scale``, so
+    the bounds are widened by that rounding. One device that encoded a weight above 1 or a
+    delta above the clip norm (inputs nobody can check, they are masked) breaks them; the
+    round must then be aborted, not published. Raises SecAggError naming the bound.
+    """
+    n = survivors
+    if n < 1:
+        raise SecAggError("a secure sum without survivors")
+    eps = n / scale
+    s_w = sum_w / max_weight
+    if not (math.isfinite(s_w) and s_w > 0):
+        raise SecAggError(f"total weight {s_w:.6g} (in units of max_weight) is not positive")
+    if s_w > n + eps:
+        raise SecAggError(
+            f"total weight {s_w:.6g} exceeds {n} survivors x 1 (a device claimed more than "
+            "max_weight)"
+        )
+    d = int(sum_wd.size)
+    norm = float(np.linalg.norm(np.asarray(sum_wd, dtype=np.float64))) / max_weight
+    bound = clip * (s_w + eps) + eps * math.sqrt(d)
+    if not (math.isfinite(norm) and norm <= bound):
+        raise SecAggError(
+            f"norm of the weighted sum {norm:.6g} exceeds clip x total weight "
+            f"{bound:.6g} (a device sent a delta above the clip norm)"
+        )
