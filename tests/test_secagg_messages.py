@@ -17,12 +17,14 @@ from fededge.protocol.tensors import encode_tensors
 from fededge.secagg.messages import (
     CIPHERTEXT_BYTES,
     AdvertiseKeys,
+    ConsistencyCheck,
     MaskedInput,
     PeerKeys,
     RelayedShares,
     RoundConfig,
     RoundStatus,
     ShareKeys,
+    SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
     decode_json,
@@ -35,11 +37,13 @@ CONFIG = make_config("r-1", ["a", "b", "c", "d"], 10, threshold=2, neighbours=2)
 SHARE = b"\x00\x02" + bytes(range(66))
 MESSAGES = [
     CONFIG,
-    AdvertiseKeys("r-1", "a", bytes(range(32)), bytes(range(1, 33))),
-    PeerKeys("r-1", "a", {"b": (bytes(32), b"\x01" * 32)}),
+    AdvertiseKeys("r-1", "a", bytes(range(32)), bytes(range(1, 33)), b"\x05" * 64),
+    PeerKeys("r-1", "a", {"b": (bytes(32), b"\x01" * 32, b"\x02" * 64)}),
     ShareKeys("r-1", "a", {"b": b"\x07" * CIPHERTEXT_BYTES}),
     RelayedShares("r-1", "b", {"a": b"\x07" * CIPHERTEXT_BYTES}),
-    UnmaskRequest("r-1", ("a", "b", "c"), ("d",)),
+    SurvivorSet("r-1", ("a", "b", "c")),
+    ConsistencyCheck("r-1", "b", b"\x03" * 64),
+    UnmaskRequest("r-1", ("a", "b", "c"), {"a": b"\x04" * 64, "b": b"\x03" * 64}),
     UnmaskShares("r-1", "b", {"a": SHARE}, {"d": SHARE}),
     RoundStatus("r-1", "aborted", "too few devices", 0),
 ]
@@ -52,7 +56,7 @@ def test_round_trip(msg: object) -> None:
     assert back == msg
     assert encode(back) == data  # canonical: sorted keys, compact
     obj = json.loads(data)
-    assert obj["v"] == 1 and obj["type"] == msg.TYPE
+    assert obj["v"] == 2 and obj["type"] == msg.TYPE
 
 
 def test_decode_payload_follows_the_topic() -> None:
@@ -85,11 +89,12 @@ def test_config_fields_are_exactly_the_documented_ones() -> None:
 
 def test_advertise_wire_format_is_stable() -> None:
     """A test vector: the exact bytes of one message."""
-    msg = AdvertiseKeys("r-1", "a", bytes(32), b"\xff" * 32)
+    msg = AdvertiseKeys("r-1", "a", bytes(32), b"\xff" * 32, b"\x11" * 64)
     assert msg.to_json() == (
         b'{"device":"a","enc_key":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",'
         b'"mask_key":"//////////////////////////////////////////8=","round_id":"r-1",'
-        b'"type":"advertise","v":1}'
+        b'"signature":"EREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREREQ==",'
+        b'"type":"advertise","v":2}'
     )
 
 
@@ -98,7 +103,7 @@ def test_masked_input_is_safetensors_with_metadata() -> None:
     data = MaskedInput("r-1", "a", vec).to_bytes()
     (n,) = struct.unpack("<Q", data[:8])
     header = json.loads(data[8 : 8 + n])
-    meta = {"fededge": "1", "kind": "masked_input", "round_id": "r-1", "device": "a"}
+    meta = {"fededge": "2", "kind": "masked_input", "round_id": "r-1", "device": "a"}
     assert header["__metadata__"] == meta
     assert header["y"]["dtype"] == "U32" and header["y"]["shape"] == [11]
     assert data[8 + n :] == vec.astype("<u4").tobytes()  # raw little-endian words
@@ -120,18 +125,19 @@ def test_masked_input_is_safetensors_with_metadata() -> None:
 @pytest.mark.parametrize(
     ("mutate", "field"),
     [
-        (lambda o: o.update(v=2), "'v'"),
+        (lambda o: o.update(v=1), "'v'"),
         (lambda o: o.update(v=True), "'v'"),
         (lambda o: o.update(extra=1), "unexpected"),
         (lambda o: o.pop("device"), "missing"),
         (lambda o: o.update(device="a/b"), "'device'"),
         (lambda o: o.update(enc_key="AAAA"), "'enc_key'"),
         (lambda o: o.update(mask_key="not base64!"), "'mask_key'"),
+        (lambda o: o.update(signature="AAAA"), "'signature'"),
         (lambda o: o.update(type="share"), "missing"),
     ],
 )
 def test_strict_decoding_names_the_field(mutate: object, field: str) -> None:
-    obj = json.loads(AdvertiseKeys("r-1", "a", bytes(32), bytes(32)).to_json())
+    obj = json.loads(AdvertiseKeys("r-1", "a", bytes(32), bytes(32), bytes(64)).to_json())
     mutate(obj)  # type: ignore[operator]
     with pytest.raises(ProtocolError, match=field):
         decode_json(json.dumps(obj))
@@ -161,14 +167,14 @@ def test_config_validation(change: dict[str, object], field: str) -> None:
 
 def test_duplicate_keys_and_oversize_are_rejected() -> None:
     with pytest.raises(ProtocolError, match="duplicate"):
-        decode_json(b'{"v":1,"v":1,"type":"status"}')
+        decode_json(b'{"v":2,"v":2,"type":"status"}')
     with pytest.raises(ProtocolError, match="exceeds"):
         decode_json(b" " * (5 << 20))
     with pytest.raises(ProtocolError, match="unknown message type"):
-        decode_json(b'{"v":1,"type":"nope"}')
+        decode_json(b'{"v":2,"type":"nope"}')
     with pytest.raises(ProtocolError, match="ids must be unique and sorted"):
         UnmaskRequest.from_json(
-            b'{"v":1,"type":"unmask_request","round_id":"r","survivors":["b","a"],"dropped":[]}'
+            b'{"v":2,"type":"unmask_request","round_id":"r","survivors":["b","a"],"signatures":{}}'
         )
 
 
@@ -182,7 +188,7 @@ json_values = st.recursive(
 
 
 def _templated(type_: str, body: dict[str, object]) -> bytes:
-    return json.dumps({"v": 1, "type": type_, **body}).encode()
+    return json.dumps({"v": 2, "type": type_, **body}).encode()
 
 
 @settings(max_examples=300, deadline=None)

@@ -19,19 +19,23 @@ from typing import Any
 import numpy as np
 import pytest
 from aggtools import make_settings, running_aggregator
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from devtools import DIGITS_PLAN, broker_overrides, digits_split, new_task, publish_task, wait_until
+from secagg_tools import enroll, make_identities, publish_roster
 
 from fededge.device.client import Client
 from fededge.device.secagg_client import ReadyInput
+from fededge.keys import public_text
 from fededge.mqtt import MqttClient
 from fededge.protocol import ModelVersion, Plan, Topics
 from fededge.protocol.messages import SecureAggregation
+from fededge.protocol.roster import Roster
 from fededge.secagg.quantize import max_scale, mean_error_bound
 from fededge.settings import Settings, load_settings
 
 pytestmark = pytest.mark.broker
 
-STAGES = ("advertise", "share", "masked", "unmask")
+STAGES = ("advertise", "share", "masked", "consistency", "unmask")
 
 
 def acl_file(directory: Path) -> Path:
@@ -92,8 +96,19 @@ class Fleet:
 
 
 @contextlib.contextmanager
-def fleet(url: str, state: Path, task: str, users: dict[str, str], n: int) -> Iterator[Fleet]:
+def fleet(
+    url: str,
+    state: Path,
+    task: str,
+    users: dict[str, str],
+    n: int,
+    extra: dict[str, Ed25519PrivateKey] | None = None,
+) -> Iterator[Fleet]:
+    """n device clients, enrolled (with ``extra`` identities) in a roster, started."""
     f = Fleet(url, state, task, users)
+    broker = load_settings(None, {"broker": broker_overrides(url)}).broker
+    others = {name: public_text(k.public_key()) for name, k in (extra or {}).items()}
+    enroll(broker, state, task, [f"d{i:02d}" for i in range(n)], extra=others)
     try:
         for i in range(n):
             f.add(f"d{i:02d}")
@@ -181,20 +196,20 @@ def test_round_with_dropouts_publishes_the_survivors_mean(acl_broker: Any, tmp_p
 def test_round_starts_after_the_checkin_window_with_fewer_devices(
     broker: Any, tmp_path: Path
 ) -> None:
-    """Four ready devices of a wanted six: the round starts once the window has passed."""
+    """Five ready devices of a wanted six: the round starts once the window has passed."""
     task = new_task()
-    plan = sa_plan(cohort_size=6, min_cohort=3, threshold=2, checkin_window=2.0)
+    plan = sa_plan(cohort_size=6, min_cohort=5, threshold=4, checkin_window=2.0)
     s = make_settings(broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
-    parts, _, _ = digits_split(4)
-    with running_aggregator(s) as agg, fleet(broker.url, tmp_path, task, {}, 4) as f:
+    parts, _, _ = digits_split(5)
+    with running_aggregator(s) as agg, fleet(broker.url, tmp_path, task, {}, 5) as f:
         wait_until(lambda: all(c.version == 0 for c in f.clients.values()), 30, "version 0")
         feed(f, parts)
         wait_until(lambda: agg.version == 1, 30, "version 1")
-        assert agg.model is not None and agg.model.updates == 4
+        assert agg.model is not None and agg.model.updates == 5
         assert agg.rounds.last_dropped == {}
         want = expected_version(base, [f.offered[d][-1] for d in f.clients], plan)
-        assert_close(agg.model, want, error_bound(4, plan, 4 * 32))
+        assert_close(agg.model, want, error_bound(5, plan, 5 * 32))
 
 
 @pytest.mark.slow
@@ -203,7 +218,7 @@ def test_aggregator_restart_mid_round(acl_broker: Any, tmp_path: Path) -> None:
     leave the dead round, check in again with the same (unrevealed) updates, and a new round
     publishes. The dead round's retained config is cleared."""
     task = new_task()
-    plan = sa_plan(cohort_size=4, min_cohort=4, threshold=2, stage_timeout=3.0)
+    plan = sa_plan(cohort_size=4, min_cohort=4, threshold=3, stage_timeout=3.0)
     s = make_settings(acl_broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
     parts, _, _ = digits_split(4)
@@ -322,6 +337,10 @@ def test_twenty_device_processes_with_dropouts_and_a_kill(acl_broker: Any, tmp_p
     watcher.connect()
     watcher.subscribe(f"{topics.base}/rounds/+/unmask_request")
     daemons: dict[str, Daemon] = {}
+    enrolled: dict[str, str] = {}
+    for i in range(20):
+        enrolled.update(make_identities(tmp_path / f"p{i:02d}", task, [f"p{i:02d}"]))
+    publish_roster(s.broker, task, Roster(task, 1, enrolled), Ed25519PrivateKey.generate())
     try:
         for i in range(20):
             name = f"p{i:02d}"
@@ -370,15 +389,25 @@ def test_twenty_device_processes_with_dropouts_and_a_kill(acl_broker: Any, tmp_p
 class Rogue:
     """A cohort member speaking the protocol through a real DeviceRound, with one misbehaviour."""
 
-    def __init__(self, url: str, task: str, name: str, mode: str, delta: np.ndarray) -> None:
+    def __init__(
+        self,
+        url: str,
+        task: str,
+        name: str,
+        mode: str,
+        delta: np.ndarray,
+        identity: Ed25519PrivateKey,
+        roster: dict[str, Any],
+    ) -> None:
         from fededge.settings import BrokerSettings
 
         self.name, self.mode, self.delta = name, mode, delta
+        self.identity, self.roster = identity, roster
         self.topics = Topics("fededge", task)
         self.base = f"{self.topics.base}/rounds"
         self.mqtt = MqttClient(BrokerSettings(url=url), f"rogue-{task}-{name}", persistent=False)
         self.mqtt.connect()
-        for t in ("+/config", f"+/to/{name}", "+/unmask_request", "+/status"):
+        for t in ("+/config", f"+/to/{name}", "+/survivors", "+/unmask_request", "+/status"):
             self.mqtt.subscribe(f"{self.base}/{t}")
         self.round: Any = None
         self.stop = threading.Event()
@@ -424,7 +453,7 @@ class Rogue:
             parsed = decode_json(msg.payload)
             if isinstance(parsed, RoundConfig):
                 if self.round is None and self.name in parsed.cohort:
-                    self.round = DeviceRound(self.name, parsed)
+                    self.round = DeviceRound(self.name, parsed, self.identity, self.roster)
                     if self.mode == "wrong-stage":  # a masked input before any keys
                         words = np.zeros(parsed.vector_length + 1, dtype=np.uint32)
                         self._publish("masked", MaskedInput(parsed.round_id, self.name,
@@ -449,7 +478,7 @@ def test_protocol_violations_are_rejected_and_honest_devices_finish(
     from fededge.secagg.messages import AdvertiseKeys
 
     task = new_task()
-    plan = sa_plan(cohort_size=10, min_cohort=10, threshold=4, stage_timeout=3.0)
+    plan = sa_plan(cohort_size=10, min_cohort=10, threshold=6, stage_timeout=3.0)
     s = make_settings(broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
     parts, _, _ = digits_split(6)
@@ -466,12 +495,16 @@ def test_protocol_violations_are_rejected_and_honest_devices_finish(
     attacker.subscribe(f"{rb}/+/advertise/d00")
     attacker.subscribe(f"{rb}/+/config")
     rogues: list[Rogue] = []
-    with running_aggregator(s) as agg, fleet(broker.url, tmp_path, task, {}, 6) as f:
+    rogue_ids = {name: Ed25519PrivateKey.generate() for name in deltas}
+    with running_aggregator(s) as agg, fleet(broker.url, tmp_path, task, {}, 6, rogue_ids) as f:
         try:
             wait_until(lambda: all(c.version == 0 for c in f.clients.values()), 30, "version 0")
             modes = {"rogue-a": "bad-ciphertext", "rogue-b": "wrong-stage",
                      "rogue-c": "wrong-length", "rogue-d": "unknown-shares"}  # fmt: skip
-            rogues = [Rogue(broker.url, task, n, m, deltas[n]) for n, m in modes.items()]
+            wait_until(lambda: f.clients["d00"].core.secagg.roster is not None, 30, "roster")
+            roster = f.clients["d00"].core.secagg._roster_keys
+            rogues = [Rogue(broker.url, task, n, m, deltas[n], rogue_ids[n], roster)
+                      for n, m in modes.items()]  # fmt: skip
             # A stale check-in and one for the wrong device are refused (or ignored).
             bad = CheckIn(task=task, device="d05", base_version=0, num_examples=5).to_bytes()
             attacker.publish(f"{rb}/checkin/d04", bad)
@@ -489,7 +522,7 @@ def test_protocol_violations_are_rejected_and_honest_devices_finish(
             injected = [
                 (f"{rb}/{rid}/advertise/ghost",  # not in the cohort
                  AdvertiseKeys(rid, "ghost", ghost, crypto.generate_keypair(
-                     crypto.system_random).public).to_json()),
+                     crypto.system_random).public, bytes(64)).to_json()),
                 (f"{rb}/old-round/advertise/d00", advert),  # another round
                 (f"{rb}/{rid}/advertise/d01", advert),  # d00's message under d01's name
                 (f"{rb}/{rid}/share/d02", b"\x00garbage"),  # undecodable, on an honest topic

@@ -15,17 +15,13 @@ from fededge.secagg.messages import (
     AdvertiseKeys,
     MaskedInput,
     Message,
-    PeerKeys,
-    RelayedShares,
-    RoundConfig,
     RoundStatus,
     ShareKeys,
-    UnmaskRequest,
     UnmaskShares,
 )
 from fededge.secagg.quantize import mean_error_bound
 from fededge.secagg.server import ServerRound
-from fededge.testing.secagg import Simulation, make_config
+from fededge.testing.secagg import Simulation, identity_keys, make_config, roster_of
 
 D = 500
 MAX_WEIGHT = 100.0
@@ -109,12 +105,12 @@ def test_dropouts_at_every_stage() -> None:
         Stage.MASKED: ["dev09"],
         Stage.UNMASK: ["dev13"],
     }
-    sim = run(16, threshold=5, neighbours=10, offline=offline)
+    sim = run(16, threshold=6, neighbours=10, offline=offline)
     assert_correct(sim, set(devices) - {"dev01", "dev05", "dev09"})
 
 
 def test_complete_graph_is_plain_secagg() -> None:
-    sim = run(6, threshold=3, neighbours=5, offline={Stage.MASKED: ["dev02"]})
+    sim = run(6, threshold=4, neighbours=5, offline={Stage.MASKED: ["dev02"]})
     assert_correct(sim, set(cohort(6)) - {"dev02"})
 
 
@@ -161,7 +157,7 @@ def test_bad_ciphertext_is_survived() -> None:
             return [ShareKeys(msg.round_id, msg.device, cts)]
         return [msg]
 
-    sim = run(12, threshold=4, neighbours=8, tamper=tamper, offline={Stage.UNMASK: ["dev02"]})
+    sim = run(12, threshold=5, neighbours=8, tamper=tamper, offline={Stage.UNMASK: ["dev02"]})
     assert_correct(sim, set(cohort(12)))
     assert sum("authentication" in p for dev in sim.devices.values() for p in dev.problems) == 1
 
@@ -197,7 +193,8 @@ def test_duplicates_replays_and_foreign_rounds() -> None:
         if isinstance(msg, ShareKeys) and msg.device == "dev02":
             return [msg, ShareKeys("other-round", msg.device, msg.ciphertexts)]
         if isinstance(msg, AdvertiseKeys) and msg.device == "dev05":
-            forged = AdvertiseKeys(msg.round_id, msg.device, msg.mask_key, msg.enc_key)
+            forged = AdvertiseKeys(msg.round_id, msg.device, msg.mask_key, msg.enc_key,
+                                   msg.signature)  # fmt: skip
             return [msg, forged]  # conflicting second message: the sender is dropped
         if isinstance(msg, MaskedInput) and msg.device == "dev06":
             return [msg, MaskedInput(msg.round_id, msg.device, msg.vector + np.uint32(1))]
@@ -215,9 +212,11 @@ def test_duplicates_replays_and_foreign_rounds() -> None:
 def test_late_message_is_rejected() -> None:
     devices = cohort(8)
     cfg = make_config("r", devices, D, 3, 4)
-    server = ServerRound(cfg, crypto.deterministic_random(b"s"))
+    ids = identity_keys(devices)
+    server = ServerRound(cfg, crypto.deterministic_random(b"s"), roster=roster_of(ids))
     server.start(0.0)
-    rounds = {d: DeviceRound(d, cfg, crypto.deterministic_random(d.encode())) for d in devices}
+    rounds = {d: DeviceRound(d, cfg, ids[d], roster_of(ids), rng=crypto.deterministic_random(
+        d.encode())) for d in devices}  # fmt: skip
     adverts = {d: r.start()[0].message for d, r in rounds.items()}
     for d in devices[1:]:
         server.handle(adverts[d], 1.0)
@@ -227,72 +226,23 @@ def test_late_message_is_rejected() -> None:
     with pytest.raises(SecAggError, match="left the round"):
         server.handle(adverts["dev00"], 101.0)
     with pytest.raises(SecAggError, match="not in the cohort"):
-        server.handle(AdvertiseKeys("r", "stranger", bytes(32), bytes(32)), 101.0)
+        server.handle(AdvertiseKeys("r", "stranger", bytes(32), bytes(32), bytes(64)), 101.0)
     with pytest.raises(SecAggError, match="does not accept"):
         server.handle(RoundStatus("r", "done", "", 1), 101.0)
 
 
-def _device_after_masking() -> tuple[DeviceRound, RoundConfig]:
-    """Drive one device by hand up to its masked input, playing the server and its neighbours."""
-    devices = cohort(6)
-    cfg = make_config("r", devices, 10, 3, 5)
-    devs = {d: DeviceRound(d, cfg, crypto.deterministic_random(d.encode())) for d in devices}
-    keys = {}
-    for d, dev in devs.items():
-        adv = dev.start()[0].message
-        assert isinstance(adv, AdvertiseKeys)
-        keys[d] = (adv.enc_key, adv.mask_key)
-    shares: dict[str, dict[str, bytes]] = {}
-    for d, dev in devs.items():
-        out = dev.handle(PeerKeys("r", d, {p: keys[p] for p in devices if p != d}))[0].message
-        assert isinstance(out, ShareKeys)
-        shares[d] = dict(out.ciphertexts)
-    me = devs["dev00"]
-    me.set_input(np.ones(10, np.float32), 1.0)
-    relayed = {s: shares[s]["dev00"] for s in devices if s != "dev00"}
-    (masked,) = me.handle(RelayedShares("r", "dev00", relayed))
-    assert isinstance(masked.message, MaskedInput)
-    return me, cfg
-
-
-def test_device_refuses_inconsistent_or_repeated_unmask_requests() -> None:
-    me, _ = _device_after_masking()
-    everyone = tuple(cohort(6))
-    with pytest.raises(SecAggError, match="both survived and dropped"):
-        me.handle(UnmaskRequest("r", everyone, ("dev01",)))
-    with pytest.raises(SecAggError, match="neither survived nor dropped"):
-        me.handle(UnmaskRequest("r", everyone[:4], ()))
-    with pytest.raises(SecAggError, match="not listed"):
-        me.handle(UnmaskRequest("r", everyone[1:], ("dev00",)))
-    with pytest.raises(SecAggError, match="round"):
-        me.handle(UnmaskRequest("other", everyone, ()))
-    (answer,) = me.handle(UnmaskRequest("r", everyone[:4], everyone[4:]))
-    assert isinstance(answer.message, UnmaskShares)
-    assert set(answer.message.self_mask_shares) == {"dev01", "dev02", "dev03"}
-    assert set(answer.message.key_shares) == {"dev04", "dev05"}
-    # A second request, e.g. claiming the survivors dropped, would reveal both secrets: refused.
-    with pytest.raises(SecAggError, match="stage"):
-        me.handle(UnmaskRequest("r", everyone[:1] + everyone[4:], everyone[1:4]))
-
-
-def test_device_rejects_wrong_stage_and_foreign_keys() -> None:
-    cfg = make_config("r", cohort(6), 10, 3, 4)
-    dev = DeviceRound("dev00", cfg, crypto.deterministic_random(b"d"))
-    dev.start()
-    with pytest.raises(SecAggError, match="stage"):
-        dev.handle(RelayedShares("r", "dev00", {}))
-    with pytest.raises(SecAggError, match="addressed"):
-        dev.handle(PeerKeys("r", "dev01", {}))
-    with pytest.raises(SecAggError, match="fewer than the threshold"):
-        dev.handle(PeerKeys("r", "dev00", {}))
-    graph = neighbour_graph("r", cfg.cohort, 4)
-    stranger = next(d for d in cfg.cohort if d != "dev00" and d not in graph["dev00"])
-    with pytest.raises(SecAggError, match="not neighbours"):
-        dev.handle(PeerKeys("r", "dev00", {stranger: (bytes(32), bytes(32))}))
-    with pytest.raises(SecAggError, match="expects 10"):
-        dev.set_input(np.zeros(9, np.float32), 1.0)
-    with pytest.raises(SecAggError, match="not in the cohort"):
-        DeviceRound("nobody", cfg)
+def test_server_drops_a_device_whose_advertisement_is_not_signed_by_it() -> None:
+    devices = cohort(8)
+    cfg = make_config("r", devices, D, 3, 4)
+    ids = identity_keys(devices)
+    server = ServerRound(cfg, crypto.deterministic_random(b"s"), roster=roster_of(ids))
+    server.start(0.0)
+    dev = DeviceRound("dev01", cfg, ids["dev01"], roster_of(ids))
+    adv = dev.start()[0].message
+    assert isinstance(adv, AdvertiseKeys)
+    with pytest.raises(SecAggError, match="not signed"):
+        server.handle(AdvertiseKeys("r", "dev02", adv.enc_key, adv.mask_key, adv.signature), 1.0)
+    assert "dev02" in server.dropped
 
 
 def test_neighbour_graph_is_deterministic_regular_and_connected() -> None:

@@ -7,6 +7,10 @@ docs/protocol.md (secure aggregation), feeds device messages back in, calls ``ad
 the server is DONE, turns the unmasked *sum* into the next version through the aggregator's own
 publication path. An aborted round publishes nothing. No code here sees an individual update:
 masked inputs go straight into the server's running sum.
+
+Rounds need the model owner's signed roster (``{prefix}/{task}/roster``): cohorts are drawn
+from enrolled devices only, and the server checks the identity signatures devices check too
+(round protocol v2), so one bad signature drops its sender instead of failing the round.
 """
 
 from __future__ import annotations
@@ -15,11 +19,13 @@ import logging
 import random
 import time
 import uuid
+from collections.abc import Sequence
 from typing import Any, Protocol
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from fededge.errors import ProtocolError, SecAggError
+from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.mqtt import Message
 from fededge.protocol.messages import (
     CheckIn,
@@ -29,6 +35,7 @@ from fededge.protocol.messages import (
     Weights,
     decode_json,
 )
+from fededge.protocol.roster import Roster, open_roster
 from fededge.protocol.topics import CHECKIN, Topics
 from fededge.protocol.vocab import check_name
 from fededge.secagg import (
@@ -44,6 +51,7 @@ from fededge.secagg import (
 from fededge.secagg import decode_payload as decode_round_payload
 from fededge.secagg.messages import (
     AdvertiseKeys,
+    ConsistencyCheck,
     MaskedInput,
     ShareKeys,
     UnmaskShares,
@@ -56,6 +64,7 @@ STAGE_TYPES: dict[str, type[Any]] = {
     Stage.ADVERTISE.value: AdvertiseKeys,
     Stage.SHARE.value: ShareKeys,
     Stage.MASKED.value: MaskedInput,
+    Stage.CONSISTENCY.value: ConsistencyCheck,
     Stage.UNMASK.value: UnmaskShares,
 }
 RETAINED = ("config", "status")  # aggregator -> all messages kept for devices that (re)connect
@@ -105,8 +114,18 @@ class RoundDriver:
     ``tick`` from each step. Counters: ``rounds_done``, ``rounds_aborted``, ``rejected``.
     """
 
-    def __init__(self, host: RoundHost, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        host: RoundHost,
+        *,
+        rng: random.Random | None = None,
+        owner_keys: Sequence[Ed25519PublicKey] = (),
+    ) -> None:
         self.host = host
+        self._owner_keys = list(owner_keys)  # verify the roster with them (else: unverified)
+        self.roster: Roster | None = None
+        self._roster_keys: dict[str, Ed25519PublicKey] = {}
+        self._said_no_roster = False
         self.topics = host.topics
         self._rng = rng or random.SystemRandom()
         # device -> (check-in, first seen, last seen); the window runs from the first sighting
@@ -150,12 +169,16 @@ class RoundDriver:
         """
         t = self.topics
         stages = [(t.round_stage_filter(s), 1) for s in STAGE_TYPES]
-        return [(t.checkin_filter, 0), *stages, (t.round_broadcast_filter("config"), 1),
+        return [(t.roster, 1), (t.checkin_filter, 0), *stages,
+                (t.round_broadcast_filter("config"), 1),
                 (t.round_broadcast_filter("status"), 1)]  # fmt: skip
 
     # -- input ---------------------------------------------------------------------------------
     def on_message(self, msg: Message) -> None:
-        """Handle one ``rounds/...`` message; ProtocolError for a bad check-in."""
+        """Handle one ``rounds/...`` or roster message; ProtocolError for a bad one."""
+        if msg.topic == self.topics.roster:
+            self._on_roster(msg.payload)
+            return
         where = self.topics.parse_round(msg.topic)
         if where is None:
             return
@@ -167,6 +190,21 @@ class RoundDriver:
             where.kind == "stage" and where.round_id and where.device and where.type in STAGE_TYPES
         ):
             self._on_round_message(where.round_id, where.type, where.device, msg.payload)
+
+    def _on_roster(self, payload: bytes) -> None:
+        if not payload:
+            return
+        try:
+            roster = open_roster(payload, self._owner_keys or None)
+        except FededgeError as e:
+            raise ProtocolError(f"roster refused: {e}") from None
+        if roster.task != self.host.task:
+            raise ProtocolError(f"roster for task {roster.task!r}")
+        if self.roster is not None and roster.serial < self.roster.serial:
+            raise ProtocolError(f"roster serial {roster.serial} is older than {self.roster.serial}")
+        self.roster, self._roster_keys = roster, roster.public_keys()
+        self._said_no_roster = False
+        log.info("roster %d: %d devices enrolled", roster.serial, len(roster.devices))
 
     def _on_retained(self, round_id: str, kind: str, payload: bytes) -> None:
         # Retained round messages left by an earlier aggregator process (or our own, coming
@@ -240,8 +278,16 @@ class RoundDriver:
                 del self._checkins[device]
         if not self._checkins:
             return
-        first = min(first for _, first, _ in self._checkins.values())
-        ready = sorted(self._checkins)
+        if self.roster is None:
+            if not self._said_no_roster:
+                self._said_no_roster = True
+                log.warning("devices check in but there is no roster: secure rounds need one "
+                            "(fededge keys enroll)")  # fmt: skip
+            return
+        ready = sorted(d for d in self._checkins if d in self._roster_keys)
+        if not ready:
+            return
+        first = min(self._checkins[d][1] for d in ready)
         if len(ready) >= sa.cohort_size or (
             len(ready) >= sa.min_cohort and now - first >= sa.checkin_window
         ):
@@ -271,7 +317,7 @@ class RoundDriver:
                 self.topics.round_broadcast(self._last_round, "status"), b"", retain=True
             )
             self._last_round = None
-        self.server = ServerRound(config)
+        self.server = ServerRound(config, roster=self._roster_keys)
         log.info("round %s started: %d devices, t=%d, k=%d, d=%d", config.round_id, n,
                  config.threshold, config.neighbours, config.vector_length)  # fmt: skip
         self._send(self.server.start(now))

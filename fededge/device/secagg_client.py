@@ -8,6 +8,13 @@ of a plaintext update, the trainer hands its clipped delta to :meth:`Participant
 round's messages go through :meth:`Participant.on_message`. Both return effects (Publish,
 WakeTrainer) for the driver; times are passed in. Calls are serialized by the core's driver.
 
+Against a malicious aggregator (round protocol v2): the device has a long-term Ed25519 identity
+key (``identity.key`` in its state directory, made on first start) and follows the model owner's
+signed roster (``{prefix}/{task}/roster``, verified with ``trust.owner_key``). It checks in only
+when it is enrolled in the roster under its own key, joins only rounds whose cohort is all
+enrolled and whose threshold meets t > k/2 and its privacy floor, takes each round message only
+from the topic of its type, and leaves a round on any refused, second or contradictory message.
+
 What happens to an update (docs/protocol.md (secure aggregation)):
 
 - its examples stay *fresh* until its masked input is about to be sent, so an update that goes
@@ -25,19 +32,26 @@ import logging
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from fededge.device.effects import Effect, Publish, WakeTrainer
+from fededge.device.effects import Effect, Persist, Publish, WakeTrainer
 from fededge.device.examples import ExampleStore, StateDb
 from fededge.device.metrics import DeviceMetrics
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.protocol import Plan, Topics
 from fededge.protocol.messages import CheckIn
+from fededge.protocol.roster import Roster, open_roster, trusted_keys
 
 if TYPE_CHECKING:  # fededge.secagg is imported on the first round message, not by every device
     from fededge.secagg import DeviceRound, Outgoing, RoundConfig
+    from fededge.settings import Settings
+
+IDENTITY_FILE = "identity.key"
+ROSTER_FILE = "roster.bin"
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +98,58 @@ class Participant:
         self.rounds_done = 0
         self.rounds_aborted = 0
         self.masked_sent = 0
+        # Trust (configure): without an identity key and a roster that enrolls it, the device
+        # takes part in no secure round.
+        self.identity: Ed25519PrivateKey | None = None
+        self._owner_keys: list[Ed25519PublicKey] = []
+        self._min_threshold = 1
+        self._min_cohort = 1
+        self.roster: Roster | None = None
+        self._roster_keys: dict[str, Ed25519PublicKey] = {}
+        self.not_ready: str | None = "no identity key"  # why it would not check in, or None
+        self._said: str | None = None
+
+    def configure(
+        self,
+        identity: Ed25519PrivateKey,
+        owner_keys: Sequence[Ed25519PublicKey] = (),
+        *,
+        min_threshold: int = 1,
+        min_cohort: int = 1,
+        roster: bytes | None = None,
+    ) -> None:
+        """Set the identity key, the owner's keys (roster signatures), the floor, a cached roster.
+
+        Without owner keys a roster is taken unverified (the device trusts the broker; the
+        driver warns at start).
+        """
+        self.identity = identity
+        self._owner_keys = list(owner_keys)
+        self._min_threshold, self._min_cohort = min_threshold, min_cohort
+        if roster is not None:
+            try:
+                self._take_roster(roster)
+            except FededgeError as e:
+                log.warning("ignoring the cached roster: %s", e)
+        self._update_readiness()
+
+    def _update_readiness(self) -> None:
+        from fededge.keys import public_text
+
+        if self.identity is None:
+            self.not_ready = "no identity key"
+        elif self.roster is None:
+            self.not_ready = "no roster yet (the owner enrolls devices with `fededge keys enroll`)"
+        else:
+            mine = self._roster_keys.get(self.device_id)
+            own = self.identity.public_key().public_bytes_raw()
+            if mine is None:
+                self.not_ready = (f"not enrolled in roster {self.roster.serial} (identity key "
+                                  f"{public_text(self.identity.public_key())})")  # fmt: skip
+            elif mine.public_bytes_raw() != own:
+                self.not_ready = f"enrolled in roster {self.roster.serial} under another key"
+            else:
+                self.not_ready = None
 
     def busy(self) -> bool:
         """Whether an update is waiting or in a round (the trainer must not make another)."""
@@ -97,8 +163,10 @@ class Participant:
     def subscriptions(self) -> list[str]:
         """What the device listens to: round configs, broadcasts and messages addressed to it."""
         t = self.topics
-        return [t.round_broadcast_filter("config"), t.round_broadcast_filter("unmask_request"),
-                t.round_broadcast_filter("status"), t.round_to_filter(self.device_id)]  # fmt: skip
+        from fededge.secagg.messages import BROADCAST_TYPES
+
+        return [t.roster, *(t.round_broadcast_filter(b) for b in sorted(BROADCAST_TYPES)),
+                t.round_to_filter(self.device_id)]  # fmt: skip
 
     def tick(self, now: float, wall: float, connected: bool) -> list[Effect]:
         """Check in when due; abandon a round that went silent; drop a stale update.
@@ -120,6 +188,11 @@ class Participant:
             return [WakeTrainer()]
         if ready is None or plan is None or not connected:
             return []
+        if self.not_ready is not None:
+            if self._said != self.not_ready:  # once per reason, not every tick
+                self._said = self.not_ready
+                log.warning("not checking in for secure aggregation: %s", self.not_ready)
+            return []
         if self._last_checkin is not None and now - self._last_checkin < plan.checkin_interval:
             return []
         self._last_checkin = now
@@ -129,36 +202,80 @@ class Participant:
         return [Publish(self.topics.checkin(self.device_id), ci.to_bytes())]
 
     def on_message(self, topic: str, payload: bytes, now: float) -> list[Effect]:
-        """Handle one ``rounds/...`` message; raises ProtocolError/SecAggError if refused."""
+        """Handle one ``rounds/...`` or roster message; raises ProtocolError/SecAggError if refused.
+
+        A refused message on the topics of the round the device is in also ends its part in it.
+        """
+        if topic == self.topics.roster:
+            return self._on_roster(payload)
         where = self.topics.parse_round(topic)
         if not payload or where is None or where.round_id is None:
             return []  # a cleared retained message, or not a topic of ours
         from fededge.secagg.graph import TERMINAL
-        from fededge.secagg.messages import RoundStatus
+        from fededge.secagg.messages import ADDRESSED_TYPES, BROADCAST_TYPES
         from fededge.secagg.messages import decode_payload as decode_round_payload
 
         round_id, kind = where.round_id, where.type
-        if kind == "config":
-            return self._on_config(round_id, payload, now)
         rnd = self.round
+        if kind == "config" and (rnd is None or round_id != rnd.config.round_id):
+            return self._on_config(round_id, payload, now)
         if rnd is None or round_id != rnd.config.round_id:
             return []  # another round, or one we are not in
-        message = decode_round_payload(payload, masked=False)
         self._heard = now
         ended: list[Effect] = []
         try:
+            try:
+                message = decode_round_payload(payload, masked=False)
+            except ProtocolError as e:
+                raise SecAggError(f"undecodable message on {topic}: {e}") from None
+            if where.kind == "broadcast":
+                allowed = kind == message.TYPE and kind in BROADCAST_TYPES
+            else:
+                allowed = where.kind == "to" and where.device == self.device_id
+                allowed = allowed and message.TYPE in ADDRESSED_TYPES
+            if not allowed:
+                raise SecAggError(f"a {message.TYPE} message on the topic {topic}")
             out = rnd.handle(message)
+        except SecAggError as e:
+            rnd.fail(str(e))
+            raise
         finally:
             if rnd.stage in TERMINAL:
-                done = isinstance(message, RoundStatus) and message.status == "done"
-                ended = self._end_round(aborted=not done)
+                ended = self._end_round(aborted=rnd.stage.value != "done")
         return self._send(out) + ended
+
+    def _on_roster(self, payload: bytes) -> list[Effect]:
+        if not payload:
+            return []  # a cleared retained roster changes nothing we know
+        if not self._take_roster(payload):
+            return []
+        return [Persist(ROSTER_FILE, payload)]
+
+    def _take_roster(self, payload: bytes) -> bool:
+        """Adopt a roster message if it is newer; whether it was adopted."""
+        roster = open_roster(payload, self._owner_keys or None)
+        if roster.task != self.topics.task:
+            raise ProtocolError(f"roster for task {roster.task!r}")
+        cur = self.roster
+        if cur is not None:
+            if roster.serial < cur.serial:
+                raise ProtocolError(f"roster serial {roster.serial} is older than {cur.serial}")
+            if roster.serial == cur.serial:
+                if roster != cur:
+                    raise ProtocolError(f"a different roster with the same serial {cur.serial}")
+                return False
+        self.roster, self._roster_keys = roster, roster.public_keys()
+        self._update_readiness()
+        log.info("roster %d: %d devices enrolled%s", roster.serial, len(roster.devices),
+                 "" if self.not_ready is None else f"; {self.not_ready}")  # fmt: skip
+        return True
 
     def _on_config(self, round_id: str, payload: bytes, now: float) -> list[Effect]:
         from fededge.secagg import DeviceRound, RoundConfig
+        from fededge.secagg.device import Floor
 
         if round_id in self._seen_rounds or self.round is not None:
-            return []
+            return []  # a round we already saw (a replay, or its retained config) or we are busy
         config = RoundConfig.from_json(payload)
         if self.device_id not in config.cohort:
             return []
@@ -169,7 +286,14 @@ class Participant:
             log.info("selected for round %s without a current update; not joining", round_id)
             return []
         self._check_config(config, plan, ready)
-        rnd = DeviceRound(self.device_id, config)
+        if self.not_ready is not None or self.identity is None:
+            raise SecAggError(f"round {round_id}: not joining: {self.not_ready}")
+        floor = Floor(self._min_threshold, self._min_cohort)
+        try:
+            rnd = DeviceRound(self.device_id, config, self.identity, self._roster_keys,
+                              floor=floor)  # fmt: skip
+        except SecAggError as e:
+            raise SecAggError(f"round {round_id}: refused: {e}") from None
         out = rnd.set_input(ready.delta, float(ready.num_examples))
         out += rnd.start()
         self.round, self._round_input, self._ready = rnd, ready, None
@@ -259,3 +383,25 @@ def handle_safely(
     except (ProtocolError, SecAggError, FededgeError, ValueError) as e:
         log.warning("refused round message on %s: %s", topic, e)
         return None
+
+
+def configure_participant(participant: Participant, settings: Settings, state_dir: Path) -> None:
+    """Give the participant its identity key (made on first start, 0600), the owner's keys,
+    the privacy floor and the cached roster, from the device's settings and state directory."""
+    from fededge.keys import load_or_create, public_text
+
+    identity = load_or_create(state_dir / IDENTITY_FILE)
+    log.info("device identity key %s (%s); the model owner enrolls it with `fededge keys "
+             "enroll --add %s KEY`", public_text(identity.public_key()),
+             state_dir / IDENTITY_FILE, participant.device_id)  # fmt: skip
+    try:
+        cached: bytes | None = (state_dir / ROSTER_FILE).read_bytes()
+    except FileNotFoundError:
+        cached = None
+    participant.configure(
+        identity,
+        trusted_keys(settings.trust.owner_key),
+        min_threshold=settings.privacy.min_threshold,
+        min_cohort=settings.privacy.min_cohort,
+        roster=cached,
+    )

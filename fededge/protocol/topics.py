@@ -49,6 +49,11 @@ class Topics:
         return f"{self.base}/graph"
 
     @property
+    def roster(self) -> str:
+        """Retained, the model owner's signed roster of device identity keys."""
+        return f"{self.base}/roster"
+
+    @property
     def aggregator_status(self) -> str:
         return f"{self.base}/aggregator/status"
 

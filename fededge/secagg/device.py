@@ -1,20 +1,31 @@
-"""The device side of a SecAgg+ round as a pure state machine: messages in, messages out."""
+"""The device side of a SecAgg+ round as a pure state machine: messages in, messages out.
+
+Round protocol v2 holds against an actively malicious aggregator (Bonawitz et al. 2017 and
+Bell et al. 2020, malicious variant): neighbours' advertisements must carry a valid signature of
+their enrolled identity key, a device masks only when at least t neighbours' bundles decrypted,
+reveals shares only after t valid signatures on the survivor set it signed, and any refused,
+second or contradictory message ends its participation (fail closed).
+"""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fededge.errors import SecAggError
-from fededge.secagg import crypto
-from fededge.secagg.graph import Stage, check_stage, connected, neighbour_graph
+from fededge.secagg import crypto, identity
+from fededge.secagg.graph import TERMINAL, Stage, check_stage, connected, neighbour_graph
 from fededge.secagg.messages import (
     BUNDLE_BYTES,
     TO_SERVER,
     AdvertiseKeys,
+    ConsistencyCheck,
     MaskedInput,
     Message,
     Outgoing,
@@ -23,6 +34,7 @@ from fededge.secagg.messages import (
     RoundConfig,
     RoundStatus,
     ShareKeys,
+    SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
 )
@@ -41,26 +53,84 @@ def flatten(
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.float32)
 
 
-class DeviceRound:
-    """One device's part in one round: keys, shares, masked input, unmasking.
+@dataclass(frozen=True)
+class Floor:
+    """A device's privacy floor for rounds (settings ``privacy.min_threshold``/``min_cohort``)."""
 
-    Create it from the server's RoundConfig, send what :meth:`start` returns, feed every message
-    for this round to :meth:`handle`, and give the update with :meth:`set_input` at any time
-    before the masked-input stage ends. Rejected messages raise SecAggError and change nothing.
+    min_threshold: int = 1
+    min_cohort: int = 1
+
+
+def effective_k(config: RoundConfig) -> int:
+    """The neighbour count of the round's graph (n - 1 for the complete graph)."""
+    return min(config.neighbours, len(config.cohort) - 1)
+
+
+def check_parameters(config: RoundConfig, floor: Floor) -> None:
+    """Refuse a round whose threshold cannot protect a device (SecAggError naming why).
+
+    Each honest neighbour answers one unmask request, so the aggregator gets both secrets of a
+    device only from 2t of its k neighbours: t > k/2 rules that out (t > n/2 on the complete
+    graph, the original SecAgg bound). The floor is the device owner's own minimum.
+    """
+    n, t, k = len(config.cohort), config.threshold, effective_k(config)
+    complete = k >= n - 1
+    if complete and 2 * t <= n:
+        raise SecAggError(f"threshold {t} is not above half of the cohort of {n} (complete graph)")
+    if not complete and 2 * t <= k:
+        raise SecAggError(f"threshold {t} is not above half of the {k} neighbours")
+    if t < floor.min_threshold:
+        raise SecAggError(f"threshold {t} is below this device's floor {floor.min_threshold}")
+    if n < floor.min_cohort:
+        raise SecAggError(f"cohort of {n} is below this device's floor {floor.min_cohort}")
+
+
+def _fingerprint(msg: Message) -> bytes:
+    if isinstance(msg, MaskedInput):  # never sent to a device; kept total for the type
+        return hashlib.sha256(np.ascontiguousarray(msg.vector).tobytes()).digest()
+    return hashlib.sha256(msg.to_json()).digest()
+
+
+class DeviceRound:
+    """One device's part in one round: keys, shares, masked input, consistency, unmasking.
+
+    Create it from the server's RoundConfig with the device's identity key and the roster of
+    enrolled identity keys (construction refuses a round that cannot protect the device: a
+    cohort member not enrolled, t too low, below the floor). Send what :meth:`start` returns,
+    feed every message for this round to :meth:`handle`, and give the update with
+    :meth:`set_input` before the masked-input stage ends. An identical redelivery of a message
+    is ignored; any refused, second or contradictory message raises SecAggError *and* ends the
+    device's participation (stage ABORTED, ``abort_reason`` set, secrets forgotten).
     """
 
     def __init__(
-        self, device_id: str, config: RoundConfig, rng: crypto.RandomSource = crypto.system_random
+        self,
+        device_id: str,
+        config: RoundConfig,
+        identity_key: Ed25519PrivateKey,
+        roster: identity.Roster,
+        *,
+        floor: Floor = Floor(),
+        rng: crypto.RandomSource = crypto.system_random,
     ) -> None:
         if device_id not in config.cohort:
             raise SecAggError(
                 f"device {device_id!r} is not in the cohort of round {config.round_id!r}"
             )
+        mine = roster.get(device_id)
+        if mine is None or mine.public_bytes_raw() != identity_key.public_key().public_bytes_raw():
+            raise SecAggError(f"device {device_id!r} is not enrolled in the roster with its key")
+        strangers = [d for d in config.cohort if d not in roster]
+        if strangers:
+            raise SecAggError(f"cohort members not enrolled in the roster: {strangers[:10]}")
+        check_parameters(config, floor)
         self.device_id = device_id
         self.config = config
         self.stage = Stage.ADVERTISE
         self.abort_reason: str | None = None
-        self.problems: list[str] = []  # neighbours whose bundles failed to decrypt, for the log
+        self.problems: list[str] = []  # neighbours refused or whose bundles failed, for the log
+        self._identity = identity_key
+        self._roster = roster
         self._rng = rng
         self._fixed = FixedPoint(config.bits, config.clip, config.scale, config.max_weight)
         self._graph = neighbour_graph(config.round_id, config.cohort, config.neighbours)
@@ -68,21 +138,23 @@ class DeviceRound:
         self._enc = crypto.generate_keypair(rng)
         self._mask = crypto.generate_keypair(rng)
         self._self_seed = rng(crypto.SEED_BYTES)
-        self._peers: dict[str, tuple[bytes, bytes]] = {}
-        self._held: dict[
-            str, tuple[bytes, bytes]
-        ] = {}  # neighbour -> (mask-key share, self-mask share)
+        self._peers: dict[str, tuple[bytes, bytes]] = {}  # verified neighbours' (enc, mask)
+        # neighbour -> (mask-key share, self-mask share)
+        self._held: dict[str, tuple[bytes, bytes]] = {}
         self._partners: tuple[str, ...] | None = None  # neighbours to mask with
+        self._signed: tuple[str, ...] | None = None  # the survivor set this device signed
         self._encoded: npt.NDArray[np.uint32] | None = None
         self._masked_sent = False
+        self._seen: dict[str, bytes] = {}  # message type -> fingerprint of the one accepted
 
     # ------------------------------------------------------------------------------- inputs
     def start(self) -> list[Outgoing]:
-        """Stage 1: advertise the two public keys."""
+        """Stage 1: advertise the two public keys, signed by the identity key."""
         check_stage(self.stage, Stage.ADVERTISE, what="advertising keys")
-        msg = AdvertiseKeys(
-            self.config.round_id, self.device_id, self._enc.public, self._mask.public
-        )
+        cfg, me = self.config, self.device_id
+        data = identity.advertise_data(cfg, me, self._enc.public, self._mask.public)
+        msg = AdvertiseKeys(cfg.round_id, me, self._enc.public, self._mask.public,
+                            identity.sign(self._identity, data))  # fmt: skip
         return [Outgoing(TO_SERVER, msg)]
 
     def set_input(
@@ -106,27 +178,51 @@ class DeviceRound:
         return self._maybe_send_masked()
 
     def handle(self, msg: Message) -> list[Outgoing]:
-        """React to one message from the server; returns the messages to send."""
+        """React to one message from the server; returns the messages to send.
+
+        A refused message raises SecAggError and ends this device's part in the round.
+        """
+        if self.stage in TERMINAL:
+            return []  # the round is over for us; nothing more is revealed
+        try:
+            return self._handle(msg)
+        except SecAggError as exc:
+            self.fail(str(exc))
+            raise
+
+    def fail(self, reason: str) -> None:
+        """End this device's participation (logged), forgetting its secrets."""
+        if self.stage in TERMINAL:
+            return
+        log.warning("round %s: leaving the round: %s", self.config.round_id, reason)
+        self.stage, self.abort_reason = Stage.ABORTED, reason
+        self._forget()
+
+    def _handle(self, msg: Message) -> list[Outgoing]:
         if msg.round_id != self.config.round_id:
             raise SecAggError(
                 f"message for round {msg.round_id!r}, this is {self.config.round_id!r}"
             )
+        seen = self._seen.get(msg.TYPE)
+        if seen is not None:
+            if seen == _fingerprint(msg):
+                return []  # an at-least-once redelivery
+            raise SecAggError(f"a second, different {msg.TYPE} message")
         if isinstance(msg, RoundStatus):
             return self._on_status(msg)
-        check_stage(
-            self.stage,
-            Stage.ADVERTISE,
-            Stage.SHARE,
-            Stage.MASKED,
-            Stage.UNMASK,
-            what=f"a {msg.TYPE} message",
-        )
         if isinstance(msg, PeerKeys | RelayedShares) and msg.device != self.device_id:
             raise SecAggError(f"{msg.TYPE} message addressed to {msg.device!r}")
+        if isinstance(msg, RoundConfig):
+            if msg != self.config:
+                raise SecAggError("a different config for this round")
+            return []
+        self._seen[msg.TYPE] = _fingerprint(msg)
         if isinstance(msg, PeerKeys):
             return self._on_peer_keys(msg)
         if isinstance(msg, RelayedShares):
             return self._on_relay(msg)
+        if isinstance(msg, SurvivorSet):
+            return self._on_survivors(msg)
         if isinstance(msg, UnmaskRequest):
             return self._on_unmask(msg)
         raise SecAggError(f"a device does not accept {msg.TYPE} messages")
@@ -146,31 +242,36 @@ class DeviceRound:
         unknown = set(msg.keys) - self._graph[me]
         if unknown:
             raise SecAggError(f"keys for devices that are not neighbours: {sorted(unknown)}")
-        if len(msg.keys) < cfg.threshold:
+        peers: dict[str, tuple[bytes, bytes]] = {}
+        for peer, (enc, mask, sig) in sorted(msg.keys.items()):
+            data = identity.advertise_data(cfg, peer, enc, mask)
+            if identity.verify(self._roster.get(peer), sig, data):
+                peers[peer] = (enc, mask)
+            else:  # a substituted, replayed or forged key: that neighbour counts as dropped
+                self.problems.append(f"advertisement of {peer!r} is not signed by its identity")
+                log.warning("round %s: %s", cfg.round_id, self.problems[-1])
+        if len(peers) < cfg.threshold:
             raise SecAggError(
-                f"{len(msg.keys)} neighbours advertised, fewer than the threshold {cfg.threshold}"
+                f"{len(peers)} neighbours with validly signed keys, fewer than the threshold "
+                f"{cfg.threshold}"
             )
-        all_keys = [k for pair in msg.keys.values() for k in pair] + [
-            self._enc.public,
-            self._mask.public,
-        ]
+        all_keys = [k for pair in peers.values() for k in pair]
+        all_keys += [self._enc.public, self._mask.public]
         if len(set(all_keys)) != len(all_keys):
-            raise SecAggError(
-                "two advertised public keys are equal"
-            )  # a copied key would leak masks
-        peers = sorted(msg.keys)
-        xs = [self._index[p] for p in peers]
+            raise SecAggError("two advertised public keys are equal")  # a copy would leak masks
+        names = sorted(peers)
+        xs = [self._index[p] for p in names]
         key_shares = crypto.split_secret(self._mask.private, xs, cfg.threshold, self._rng)
         seed_shares = crypto.split_secret(self._self_seed, xs, cfg.threshold, self._rng)
         cts = {}
         agreement = crypto.KeyAgreement(self._enc.private)
-        for peer, s_share, b_share in zip(peers, key_shares, seed_shares, strict=True):
-            shared = agreement.with_peer(msg.keys[peer][0])
+        for peer, s_share, b_share in zip(names, key_shares, seed_shares, strict=True):
+            shared = agreement.with_peer(peers[peer][0])
             key = crypto.share_key(shared, cfg.round_id, me, peer)
             cts[peer] = crypto.encrypt_bundle(
                 key, cfg.round_id, me, peer, s_share + b_share, self._rng
             )
-        self._peers = dict(msg.keys)
+        self._peers = peers
         self.stage = Stage.SHARE
         return [Outgoing(TO_SERVER, ShareKeys(cfg.round_id, me, cts))]
 
@@ -184,7 +285,7 @@ class DeviceRound:
             )
         held = {}
         agreement = crypto.KeyAgreement(self._enc.private)
-        for sender, ct in msg.ciphertexts.items():
+        for sender, ct in sorted(msg.ciphertexts.items()):
             try:
                 shared = agreement.with_peer(self._peers[sender][0])
                 key = crypto.share_key(shared, cfg.round_id, sender, me)
@@ -199,10 +300,17 @@ class DeviceRound:
                         )
                 held[sender] = (s_share, b_share)
             except SecAggError as exc:
-                # The server counts the sender as live, so we still mask with it; we just cannot
-                # help reconstruct its secrets. Others hold shares too; the round goes on.
+                # We still mask with its sender (the server counts it live) but cannot help
+                # rebuild its secrets; others hold shares too.
                 self.problems.append(str(exc))
                 log.warning("round %s: %s", cfg.round_id, exc)
+        if len(held) < cfg.threshold:
+            # An empty or gutted relay: masking with fewer than t partners would let the
+            # aggregator strip the pairwise masks (or there are none), so nothing is sent.
+            raise SecAggError(
+                f"{len(held)} neighbours' bundles decrypted, fewer than the threshold "
+                f"{cfg.threshold}: no masked input"
+            )
         self._held = held
         self._partners = tuple(sorted(msg.ciphertexts))
         self.stage = Stage.MASKED
@@ -225,30 +333,51 @@ class DeviceRound:
         self._masked_sent = True
         return [Outgoing(TO_SERVER, MaskedInput(cfg.round_id, me, y))]
 
-    def _on_unmask(self, msg: UnmaskRequest) -> list[Outgoing]:
-        # Only one answer per round: a second request (perhaps with other lists) is refused, so the
-        # server never gets both the self-mask and the mask key of one device from us.
-        check_stage(self.stage, Stage.MASKED, what="an unmask request")
-        if not self._masked_sent:
-            raise SecAggError("unmask request before this device sent its masked input")
+    def _check_survivors(self, survivors: tuple[str, ...]) -> None:
         cfg, me = self.config, self.device_id
-        survivors, dropped = set(msg.survivors), set(msg.dropped)
-        if survivors & dropped:
-            raise SecAggError(f"devices both survived and dropped: {sorted(survivors & dropped)}")
         if me not in survivors:
             raise SecAggError("this device is not listed as a survivor")
-        if not (survivors | dropped) <= set(cfg.cohort):
-            raise SecAggError("unmask lists name devices outside the cohort")
+        if not set(survivors) <= set(cfg.cohort):
+            raise SecAggError("the survivor set names devices outside the cohort")
         if len(survivors) < cfg.threshold:
             raise SecAggError(
                 f"{len(survivors)} survivors, fewer than the threshold {cfg.threshold}"
             )
-        assert self._partners is not None  # set with the relay, before the masked input
-        unclassified = set(self._partners) - survivors - dropped
-        if unclassified:
-            raise SecAggError(f"neighbours neither survived nor dropped: {sorted(unclassified)}")
         if not connected(self._graph, survivors):
             raise SecAggError("survivors are not connected: their partial sums would be revealed")
+
+    def _on_survivors(self, msg: SurvivorSet) -> list[Outgoing]:
+        # Stage 4, the consistency check: sign the one survivor set we were sent. We never sign
+        # another, so two different sets cannot both collect t honest signatures.
+        check_stage(self.stage, Stage.MASKED, what="a survivor set")
+        if not self._masked_sent:
+            raise SecAggError("survivor set before this device sent its masked input")
+        self._check_survivors(msg.survivors)
+        cfg = self.config
+        sig = identity.sign(self._identity, identity.consistency_data(cfg, msg.survivors))
+        self._signed = msg.survivors
+        self.stage = Stage.CONSISTENCY
+        return [Outgoing(TO_SERVER, ConsistencyCheck(cfg.round_id, self.device_id, sig))]
+
+    def _on_unmask(self, msg: UnmaskRequest) -> list[Outgoing]:
+        # Only one answer per round (a second request ends our part), only for the set we signed
+        # and only once t cohort members signed that same set: the server never gets both the
+        # self-mask and the mask key of one device from us.
+        check_stage(self.stage, Stage.CONSISTENCY, what="an unmask request")
+        cfg, me = self.config, self.device_id
+        if msg.survivors != self._signed:
+            raise SecAggError("the unmask request's survivor set is not the one this device signed")
+        data = identity.consistency_data(cfg, msg.survivors)
+        signers = identity.valid_signers(self._roster, msg.signatures, data, msg.survivors)
+        if len(signers) < cfg.threshold:
+            raise SecAggError(
+                f"{len(signers)} valid signatures on the survivor set, fewer than the threshold "
+                f"{cfg.threshold}"
+            )
+        if self._partners is None:  # unreachable: the CONSISTENCY stage follows the relay
+            raise SecAggError("unmask request before the relay")
+        survivors = set(msg.survivors)
+        dropped = set(self._partners) - survivors
         b_shares = {d: shares[1] for d, shares in self._held.items() if d in survivors}
         s_shares = {d: shares[0] for d, shares in self._held.items() if d in dropped}
         self.stage = Stage.UNMASK
@@ -257,3 +386,6 @@ class DeviceRound:
     def _forget(self) -> None:
         self._encoded = None
         self._held = {}
+        self._self_seed = b""
+        self._mask = crypto.KeyPair(b"", self._mask.public)
+        self._enc = crypto.KeyPair(b"", self._enc.public)

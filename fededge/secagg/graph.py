@@ -16,6 +16,7 @@ class Stage(StrEnum):
     ADVERTISE = "advertise"
     SHARE = "share"
     MASKED = "masked"
+    CONSISTENCY = "consistency"
     UNMASK = "unmask"
     DONE = "done"
     ABORTED = "aborted"

@@ -1,7 +1,7 @@
 """SecAgg+ round messages: frozen dataclasses with strict JSON (and safetensors) encodings.
 
-Every control message is a JSON object with ``"v": 1`` and a ``"type"``; bytes travel as standard
-base64. Decoding is strict: unknown, missing or duplicated fields, wrong types, out-of-range values
+Every control message is a JSON object with ``"v": 2`` and a ``"type"``; bytes travel as standard
+base64 (version 2 added identity signatures and the consistency check, docs/protocol.md). Decoding is strict: unknown, missing or duplicated fields, wrong types, out-of-range values
 and wrong byte lengths raise ProtocolError naming the field. A masked input travels as safetensors
 (one little-endian ``U32`` tensor ``"y"``; ``__metadata__`` with ``fededge``, ``kind``,
 ``round_id``, ``device``) through the project's codec in fededge.protocol.tensors.
@@ -25,7 +25,9 @@ from fededge.protocol.tensors import decode_tensors, encode_tensors
 from fededge.protocol.vocab import NAME_PATTERN, is_name
 from fededge.secagg.crypto import KEY_BYTES, NONCE_BYTES, SHARE_BYTES, TAG_BYTES
 
-PROTOCOL_VERSION = 1
+SIGNATURE_BYTES = 64  # Ed25519
+
+PROTOCOL_VERSION = 2
 TO_SERVER = "@server"
 TO_ALL = "@all"
 MAX_JSON_BYTES = 4 << 20
@@ -196,45 +198,47 @@ class RoundConfig:
 
 @dataclass(frozen=True)
 class AdvertiseKeys:
-    """Device -> server: the device's two X25519 public keys (stage 1)."""
+    """Device -> server: the device's two X25519 public keys, signed by its identity (stage 1)."""
 
     TYPE: ClassVar[str] = "advertise"
     round_id: str
     device: str
     enc_key: bytes
     mask_key: bytes
+    signature: bytes  # Ed25519 over fededge.secagg.identity.advertise_data
 
     def to_json(self) -> bytes:
         """The message as compact, key-sorted JSON bytes."""
         body = {"round_id": self.round_id, "device": self.device}
-        return _dump(
-            self.TYPE, {**body, "enc_key": _enc(self.enc_key), "mask_key": _enc(self.mask_key)}
-        )
+        keys = {"enc_key": _enc(self.enc_key), "mask_key": _enc(self.mask_key)}
+        return _dump(self.TYPE, {**body, **keys, "signature": _enc(self.signature)})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> AdvertiseKeys:
         """Strictly decode; raises ProtocolError naming the bad field."""
-        o = _fields(parse_json(data), cls.TYPE, ("round_id", "device", "enc_key", "mask_key"))
+        names = ("round_id", "device", "enc_key", "mask_key", "signature")
+        o = _fields(parse_json(data), cls.TYPE, names)
         return cls(
             _id("round_id", o["round_id"]),
             _id("device", o["device"]),
             _b64("enc_key", o["enc_key"], KEY_BYTES),
             _b64("mask_key", o["mask_key"], KEY_BYTES),
+            _b64("signature", o["signature"], SIGNATURE_BYTES),
         )
 
 
 @dataclass(frozen=True)
 class PeerKeys:
-    """Server -> one device: the public keys (enc, mask) of its neighbours that advertised."""
+    """Server -> one device: its neighbours' signed advertisements, as (enc, mask, signature)."""
 
     TYPE: ClassVar[str] = "keys"
     round_id: str
     device: str
-    keys: Mapping[str, tuple[bytes, bytes]]
+    keys: Mapping[str, tuple[bytes, bytes, bytes]]
 
     def to_json(self) -> bytes:
         """The message as compact, key-sorted JSON bytes."""
-        keys = {d: [_enc(c), _enc(s)] for d, (c, s) in self.keys.items()}
+        keys = {d: [_enc(c), _enc(s), _enc(g)] for d, (c, s, g) in self.keys.items()}
         return _dump(self.TYPE, {"round_id": self.round_id, "device": self.device, "keys": keys})
 
     @classmethod
@@ -243,15 +247,16 @@ class PeerKeys:
         o = _fields(parse_json(data), cls.TYPE, ("round_id", "device", "keys"))
         raw = o["keys"]
         if not isinstance(raw, dict) or len(raw) > MAX_COHORT:
-            raise ProtocolError("field 'keys': expected an object of device -> [enc, mask]")
-        keys: dict[str, tuple[bytes, bytes]] = {}
-        for d, pair in raw.items():
+            raise ProtocolError("field 'keys': expected an object of device -> [enc, mask, sig]")
+        keys: dict[str, tuple[bytes, bytes, bytes]] = {}
+        for d, triple in raw.items():
             _id("keys key", d)
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise ProtocolError(f"field 'keys[{d}]': expected [enc_key, mask_key]")
+            if not isinstance(triple, list) or len(triple) != 3:
+                raise ProtocolError(f"field 'keys[{d}]': expected [enc_key, mask_key, signature]")
             keys[d] = (
-                _b64(f"keys[{d}][0]", pair[0], KEY_BYTES),
-                _b64(f"keys[{d}][1]", pair[1], KEY_BYTES),
+                _b64(f"keys[{d}][0]", triple[0], KEY_BYTES),
+                _b64(f"keys[{d}][1]", triple[1], KEY_BYTES),
+                _b64(f"keys[{d}][2]", triple[2], SIGNATURE_BYTES),
             )
         return cls(_id("round_id", o["round_id"]), _id("device", o["device"]), keys)
 
@@ -305,27 +310,76 @@ class RelayedShares:
 
 
 @dataclass(frozen=True)
+class SurvivorSet:
+    """Server -> all: the devices whose masked input is in the sum; each survivor signs it."""
+
+    TYPE: ClassVar[str] = "survivors"
+    round_id: str
+    survivors: tuple[str, ...]
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        return _dump(self.TYPE, {"round_id": self.round_id, "survivors": list(self.survivors)})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> SurvivorSet:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "survivors"))
+        return cls(_id("round_id", o["round_id"]), _ids("survivors", o["survivors"], min_len=1))
+
+
+@dataclass(frozen=True)
+class ConsistencyCheck:
+    """Device -> server: its identity signature over the survivor set it was sent (stage 4)."""
+
+    TYPE: ClassVar[str] = "consistency"
+    round_id: str
+    device: str
+    signature: bytes  # Ed25519 over fededge.secagg.identity.consistency_data
+
+    def to_json(self) -> bytes:
+        """The message as compact, key-sorted JSON bytes."""
+        body = {"round_id": self.round_id, "device": self.device}
+        return _dump(self.TYPE, {**body, "signature": _enc(self.signature)})
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> ConsistencyCheck:
+        """Strictly decode; raises ProtocolError naming the bad field."""
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "device", "signature"))
+        return cls(
+            _id("round_id", o["round_id"]),
+            _id("device", o["device"]),
+            _b64("signature", o["signature"], SIGNATURE_BYTES),
+        )
+
+
+@dataclass(frozen=True)
 class UnmaskRequest:
-    """Server -> all: who survived (send self-mask shares) and who dropped (send key shares)."""
+    """Server -> all: the survivor set again, with the survivors' signatures over it.
+
+    A device answers only if at least t of them are valid; it sends self-mask shares of the
+    survivors and mask-key shares of the neighbours it masked with that are not survivors.
+    """
 
     TYPE: ClassVar[str] = "unmask_request"
     round_id: str
     survivors: tuple[str, ...]
-    dropped: tuple[str, ...]
+    signatures: Mapping[str, bytes]
 
     def to_json(self) -> bytes:
         """The message as compact, key-sorted JSON bytes."""
-        body = {"survivors": list(self.survivors), "dropped": list(self.dropped)}
+        sigs = {d: _enc(s) for d, s in self.signatures.items()}
+        body = {"survivors": list(self.survivors), "signatures": sigs}
         return _dump(self.TYPE, {"round_id": self.round_id, **body})
 
     @classmethod
     def from_json(cls, data: bytes | str) -> UnmaskRequest:
         """Strictly decode; raises ProtocolError naming the bad field."""
-        o = _fields(parse_json(data), cls.TYPE, ("round_id", "survivors", "dropped"))
+        o = _fields(parse_json(data), cls.TYPE, ("round_id", "survivors", "signatures"))
         return cls(
             _id("round_id", o["round_id"]),
-            _ids("survivors", o["survivors"]),
-            _ids("dropped", o["dropped"]),
+            _ids("survivors", o["survivors"], min_len=1),
+            _b64_map("signatures", o["signatures"], SIGNATURE_BYTES),
         )
 
 
@@ -440,6 +494,8 @@ JsonMessage: TypeAlias = (
     | PeerKeys
     | ShareKeys
     | RelayedShares
+    | SurvivorSet
+    | ConsistencyCheck
     | UnmaskRequest
     | UnmaskShares
     | RoundStatus
@@ -453,11 +509,18 @@ _BY_TYPE: dict[str, Any] = {
         PeerKeys,
         ShareKeys,
         RelayedShares,
+        SurvivorSet,
+        ConsistencyCheck,
         UnmaskRequest,
         UnmaskShares,
         RoundStatus,
     )
 }
+# Which JSON types may arrive on which aggregator -> device topic (docs/protocol.md): a
+# broadcast ``rounds/{round}/{type}`` carries only its own type, ``rounds/{round}/to/{device}``
+# only the two addressed types. Anything else is refused.
+BROADCAST_TYPES = frozenset({"config", "survivors", "unmask_request", "status"})
+ADDRESSED_TYPES = frozenset({"keys", "relay"})
 
 
 def decode_json(data: bytes | str) -> JsonMessage:

@@ -3,10 +3,11 @@
 The server keeps one running masked sum modulo 2^k (O(d) memory) and a fingerprint of each
 message, never an individual unmasked update. Protocol:
 
-    ADVERTISE  all -> server: two public keys    server -> each: its live neighbours' keys
-    SHARE      each -> server: encrypted bundles  server -> each: the bundles addressed to it
-    MASKED     each -> server: masked vector      server -> all: survivors and dropped lists
-    UNMASK     each -> server: shares             server -> all: done (sum available) or aborted
+    ADVERTISE    all -> server: signed public keys  server -> each: its live neighbours' keys
+    SHARE        each -> server: encrypted bundles  server -> each: the bundles addressed to it
+    MASKED       each -> server: masked vector      server -> all: the survivor set
+    CONSISTENCY  each -> server: signature on it    server -> all: survivors and signatures
+    UNMASK       each -> server: shares             server -> all: done (sum available) or aborted
 
 A stage ends when every live device has answered or at its deadline; devices that did not answer
 are dropped. Below the threshold, or when a secret cannot be rebuilt, the round aborts.
@@ -21,11 +22,12 @@ import numpy as np
 import numpy.typing as npt
 
 from fededge.errors import SecAggError
-from fededge.secagg import crypto
+from fededge.secagg import crypto, identity
 from fededge.secagg.graph import TERMINAL, Stage, check_stage, connected, neighbour_graph, prune
 from fededge.secagg.messages import (
     TO_ALL,
     AdvertiseKeys,
+    ConsistencyCheck,
     MaskedInput,
     Message,
     Outgoing,
@@ -34,6 +36,7 @@ from fededge.secagg.messages import (
     RoundConfig,
     RoundStatus,
     ShareKeys,
+    SurvivorSet,
     UnmaskRequest,
     UnmaskShares,
 )
@@ -44,9 +47,11 @@ _DEVICE_STAGE = {
     AdvertiseKeys: Stage.ADVERTISE,
     ShareKeys: Stage.SHARE,
     MaskedInput: Stage.MASKED,
+    ConsistencyCheck: Stage.CONSISTENCY,
     UnmaskShares: Stage.UNMASK,
 }
-_ORDER = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK, Stage.DONE]
+_ORDER = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.CONSISTENCY, Stage.UNMASK, Stage.DONE]
+_ACTIVE = _ORDER[:5]
 
 
 def _fingerprint(msg: Message) -> bytes:
@@ -65,7 +70,11 @@ class ServerRound:
     """
 
     def __init__(
-        self, config: RoundConfig, rng: crypto.RandomSource = crypto.system_random
+        self,
+        config: RoundConfig,
+        rng: crypto.RandomSource = crypto.system_random,
+        *,
+        roster: identity.Roster | None = None,
     ) -> None:
         load_kernels()  # the aggregator's sums use Numba where installed (devices never load it)
         self.config = config
@@ -74,13 +83,18 @@ class ServerRound:
         self.dropped: dict[str, str] = {}  # device -> why it left the round
         self.offenders: dict[str, str] = {}  # survivors whose unmask answer was refused
         self._rng = rng  # the protocol needs no server randomness today; kept for the API
+        # With the roster, signatures are checked here too, so a bad one drops its sender
+        # instead of failing the round at the devices (which check them whatever we do).
+        self._roster = roster
         self._fixed = FixedPoint(config.bits, config.clip, config.scale, config.max_weight)
         self._graph = neighbour_graph(config.round_id, config.cohort, config.neighbours)
         self._index = {d: i + 1 for i, d in enumerate(config.cohort)}
         self._live: set[str] = set(config.cohort)  # expected to answer in the current stage
-        self._answered: dict[Stage, dict[str, bytes]] = {s: {} for s in _ORDER[:4]}
+        self._answered: dict[Stage, dict[str, bytes]] = {s: {} for s in _ACTIVE}
         self._deadline: float | None = None
         self._keys: dict[str, tuple[bytes, bytes]] = {}
+        self._key_sigs: dict[str, bytes] = {}
+        self._consistency: dict[str, bytes] = {}  # survivor -> its signature on the set
         self._advertised: set[str] = set()  # devices whose keys went to their neighbours
         self._cts: dict[str, dict[str, bytes]] = {}  # sender -> recipient -> bundle
         self._partners: dict[str, set[str]] = {}  # device -> neighbours it masked with
@@ -115,12 +129,12 @@ class ServerRound:
         cfg = self.config
         if self._deadline is None:
             raise SecAggError("the round has not started")
-        check_stage(self.stage, *_ORDER[:4], what=f"a {msg.TYPE} message")
+        check_stage(self.stage, *_ACTIVE, what=f"a {msg.TYPE} message")
         if msg.round_id != cfg.round_id:
             raise SecAggError(f"message for round {msg.round_id!r}, this is {cfg.round_id!r}")
         stage = _DEVICE_STAGE.get(type(msg))
         if stage is None or not isinstance(
-            msg, AdvertiseKeys | ShareKeys | MaskedInput | UnmaskShares
+            msg, AdvertiseKeys | ShareKeys | MaskedInput | ConsistencyCheck | UnmaskShares
         ):
             raise SecAggError(f"the server does not accept {msg.TYPE} messages")
         device = msg.device
@@ -147,6 +161,8 @@ class ServerRound:
             self._on_share(msg)
         elif isinstance(msg, MaskedInput):
             self._on_masked(msg)
+        elif isinstance(msg, ConsistencyCheck):
+            self._on_consistency(msg)
         else:
             self._on_unmask(msg)
         self._answered[stage][device] = _fingerprint(msg)
@@ -157,7 +173,7 @@ class ServerRound:
             # Its input is already in the sum and its self-mask will be rebuilt from others'
             # shares, so it cannot leave the round: we ignore it from now on.
             self.offenders[device] = reason
-            if self.stage == Stage.UNMASK:
+            if self.stage in (Stage.CONSISTENCY, Stage.UNMASK):
                 self._live.discard(device)
         else:
             self._drop(device, reason)
@@ -175,7 +191,12 @@ class ServerRound:
         used = {k for pair in self._keys.values() for k in pair}
         if msg.enc_key in used or msg.mask_key in used:
             self._reject(msg.device, "public key already advertised by another device")
+        if self._roster is not None:
+            data = identity.advertise_data(self.config, msg.device, msg.enc_key, msg.mask_key)
+            if not identity.verify(self._roster.get(msg.device), msg.signature, data):
+                self._reject(msg.device, "advertisement not signed by its enrolled identity key")
         self._keys[msg.device] = (msg.enc_key, msg.mask_key)
+        self._key_sigs[msg.device] = msg.signature
 
     def _on_share(self, msg: ShareKeys) -> None:
         expected = self._graph[msg.device] & self._advertised
@@ -199,6 +220,13 @@ class ServerRound:
         if self.config.bits < 32 and int(v.max(initial=0)) >> self.config.bits:
             self._reject(msg.device, f"masked vector has values outside 0..2^{self.config.bits}")
         add_mod(self._acc, np.ascontiguousarray(v), self.config.bits)
+
+    def _on_consistency(self, msg: ConsistencyCheck) -> None:
+        if self._roster is not None:
+            data = identity.consistency_data(self.config, self.survivors)
+            if not identity.verify(self._roster.get(msg.device), msg.signature, data):
+                self._reject(msg.device, "signature on the survivor set does not verify")
+        self._consistency[msg.device] = msg.signature
 
     def _on_unmask(self, msg: UnmaskShares) -> None:
         device = msg.device
@@ -237,6 +265,8 @@ class ServerRound:
                 return self._close_share()
             if self.stage == Stage.MASKED:
                 return self._close_masked()
+            if self.stage == Stage.CONSISTENCY:
+                return self._close_consistency()
             return self._close_unmask()
         except SecAggError as exc:
             return self._abort(str(exc))
@@ -255,7 +285,8 @@ class ServerRound:
         self._advertised = set(self._live)
         out = []
         for d in sorted(self._live):
-            keys = {nb: self._keys[nb] for nb in sorted(self._graph[d] & self._live)}
+            keys = {nb: (*self._keys[nb], self._key_sigs[nb])
+                    for nb in sorted(self._graph[d] & self._live)}  # fmt: skip
             out.append(Outgoing(d, PeerKeys(self.config.round_id, d, keys)))
         self.stage = Stage.SHARE
         return out
@@ -281,9 +312,16 @@ class ServerRound:
             raise SecAggError("survivors are not connected in the neighbour graph")
         for d in sorted(self._survivors | self._lost):
             self._require(len(self._graph[d] & self._survivors), f"surviving neighbours of {d}")
-        self.stage = Stage.UNMASK
+        self.stage = Stage.CONSISTENCY
         self._live -= set(self.offenders)
-        request = UnmaskRequest(self.config.round_id, self.survivors, tuple(sorted(self._lost)))
+        return [Outgoing(TO_ALL, SurvivorSet(self.config.round_id, self.survivors))]
+
+    def _close_consistency(self) -> list[Outgoing]:
+        signed = {d: s for d, s in self._consistency.items() if d not in self.offenders}
+        self._require(len(signed), "signatures on the survivor set")
+        self.stage = Stage.UNMASK
+        self._live = set(signed)  # only a device that signed the set will reveal shares
+        request = UnmaskRequest(self.config.round_id, self.survivors, signed)
         return [Outgoing(TO_ALL, request)]
 
     def _close_unmask(self) -> list[Outgoing]:

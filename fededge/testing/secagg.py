@@ -6,12 +6,14 @@ and devices can go offline before any stage.
 
 from __future__ import annotations
 
+import hashlib
 from collections import deque
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fededge.errors import FededgeError
 from fededge.secagg import crypto
@@ -35,6 +37,19 @@ def wire(message: Message) -> Message:
     """The message after a trip through its wire encoding."""
     data = encode(message)
     return MaskedInput.from_bytes(data) if isinstance(message, MaskedInput) else decode_json(data)
+
+
+def identity_keys(names: Collection[str], seed: bytes = b"identity") -> dict[str, Ed25519PrivateKey]:
+    """Deterministic Ed25519 identity keys for test devices (never for production)."""
+    return {
+        n: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed + n.encode()).digest())
+        for n in names
+    }
+
+
+def roster_of(keys: Mapping[str, Ed25519PrivateKey]) -> dict[str, Ed25519PublicKey]:
+    """The roster (device -> identity public key) that enrolls ``keys``."""
+    return {n: k.public_key() for n, k in keys.items()}
 
 
 def make_config(
@@ -76,14 +91,22 @@ class Simulation:
     tamper: Callable[[str, Message], list[Message]] | None = None
     rejected: list[str] = field(default_factory=list)
     now: float = 0.0
+    # identity keys of the cohort (deterministic from ``seed`` if not given) and the roster
+    identities: Mapping[str, Ed25519PrivateKey] | None = None
+    roster: Mapping[str, Ed25519PublicKey] | None = None
 
     def __post_init__(self) -> None:
-        self.server = ServerRound(self.config, crypto.deterministic_random(self.seed + b"server"))
+        if self.identities is None:
+            self.identities = identity_keys(self.config.cohort, self.seed)
+        if self.roster is None:
+            self.roster = roster_of(self.identities)
+        self.server = ServerRound(self.config, crypto.deterministic_random(self.seed + b"server"),
+                                  roster=self.roster)  # fmt: skip
         self.devices: dict[str, DeviceRound] = {}
         self._queue: deque[tuple[str, Outgoing]] = deque()
 
     def _gone(self, device: str, stage: Stage) -> bool:
-        order = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.UNMASK]
+        order = [Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, Stage.CONSISTENCY, Stage.UNMASK]
         return any(device in self.offline.get(s, ()) for s in order[: order.index(stage) + 1])
 
     def _send(self, sender: str, outgoing: list[Outgoing]) -> None:
@@ -124,7 +147,13 @@ class Simulation:
             if self._gone(device, Stage.ADVERTISE) or not isinstance(msg, RoundConfig):
                 return
             rng = crypto.deterministic_random(self.seed + device.encode())
-            self.devices[device] = dev = DeviceRound(device, msg, rng)
+            assert self.identities is not None and self.roster is not None  # set in __post_init__
+            try:
+                dev = DeviceRound(device, msg, self.identities[device], self.roster, rng=rng)
+            except FededgeError as exc:
+                self.rejected.append(f"{device}: {exc}")
+                return
+            self.devices[device] = dev
             delta, weight = self.inputs[device]
             self._send(device, dev.set_input(delta, weight))
             self._send(device, dev.start())
@@ -133,7 +162,8 @@ class Simulation:
         next_stage = {
             Stage.ADVERTISE: Stage.SHARE,
             Stage.SHARE: Stage.MASKED,
-            Stage.MASKED: Stage.UNMASK,
+            Stage.MASKED: Stage.CONSISTENCY,
+            Stage.CONSISTENCY: Stage.UNMASK,
         }
         if dev.stage in next_stage and self._gone(device, next_stage[dev.stage]):
             return  # offline before it would send the next stage's message
