@@ -255,6 +255,20 @@ def test_reinitialisation_with_force_and_sign_key_and_replayed_old_plans(
             assert dev.wait_for_version(1, 30)
             old_v1 = x.model(1) and x.raw_models[1]  # signed by the aggregator, generation 0
             x.close()
+            # The CLI reads signed messages: `model pull` verifies them with the trust keys.
+            capsys.readouterr()
+            pulled = tmp_path / "pulled"
+            args = ["--broker", broker.url, "--task", task]
+            assert main(["model", "pull", *args, "-o", str(pulled)]) == 0
+            assert "version 1 from broker" in capsys.readouterr().out
+            assert main(["status", *args, "--json"]) == 0
+            assert '"problems": []' in capsys.readouterr().out  # signed plan and model read
+            forged_key = {"FEDEDGE_TRUST__AGGREGATOR_KEY": keys.owner_pub}
+            with pytest.MonkeyPatch.context() as mp:
+                for k, v in forged_key.items():
+                    mp.setenv(k, v)
+                assert main(["model", "pull", *args, "-o", str(tmp_path / "p2")]) != 0
+            assert "not trusted" in capsys.readouterr().err
         # Reset: the aggregator stopped, its state gone; `init --force` raises the generation.
         capsys.readouterr()
         assert main([*init, "--force"]) == 0, capsys.readouterr().err

@@ -38,7 +38,7 @@ from fededge.cli.render import (
     raw_line,
     sha_short,
 )
-from fededge.errors import FededgeError, NotReadyError, ProtocolError
+from fededge.errors import FededgeError, NotReadyError, ProtocolError, SignatureError
 from fededge.mqtt import MqttClient, read_retained
 from fededge.protocol import (
     AggregatorStatus,
@@ -50,6 +50,7 @@ from fededge.protocol import (
     decode_json,
 )
 from fededge.protocol.messages import flat_size
+from fededge.protocol.signing import SignedKind, open_message
 from fededge.settings import Settings
 
 DEFAULT_WAIT = 2.0
@@ -115,11 +116,12 @@ def _absorb(snap: Snapshot, topics: Topics, topic: str, payload: bytes) -> None:
         return  # a cleared retained message
     try:
         if topic == topics.model:
-            snap.model = ModelVersion.from_bytes(payload, max_bytes=MAX_MESSAGE)
+            body = open_message(payload, SignedKind.MODEL, None).payload  # shown, not verified
+            snap.model = ModelVersion.from_bytes(body, max_bytes=MAX_MESSAGE)
             snap.model_bytes = len(payload)
             snap.model_sha256 = hashlib.sha256(payload).hexdigest()
         elif topic == topics.plan:
-            snap.plan = decode_json(payload, Plan)
+            snap.plan = decode_json(open_message(payload, SignedKind.PLAN, None).payload, Plan)
         elif topic == topics.aggregator_status:
             snap.aggregator = decode_json(payload, AggregatorStatus)
         elif (v := topics.version_of_metrics(topic)) is not None:
@@ -127,7 +129,7 @@ def _absorb(snap: Snapshot, topics: Topics, topic: str, payload: bytes) -> None:
         elif (device := topics.device_of(topic, "devices")) is not None:
             status = decode_json(payload, DeviceStatus)
             snap.devices[device] = status
-    except ProtocolError as e:
+    except (ProtocolError, SignatureError) as e:
         snap.problems.append((topic, f"{e.reason}: {e}"))
 
 

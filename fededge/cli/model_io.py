@@ -30,6 +30,7 @@ from fededge.device.bundle import (
     parse_spec,
     parse_weights,
 )
+from fededge.device.trust import TrustRules
 from fededge.errors import FededgeError, ModelError, ProtocolError
 from fededge.fsio import atomic_write
 from fededge.mqtt import read_retained
@@ -46,6 +47,7 @@ from fededge.protocol import (
     decode_json,
     decode_tensors,
 )
+from fededge.protocol.signing import SignedKind
 from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings
 
@@ -68,7 +70,11 @@ def fetch_retained(settings: Settings, wait: float) -> tuple[bytes | None, Graph
     held = read_retained(
         settings.broker, [topics.model, topics.graph], wait=wait, required=[topics.model]
     )
+    # Verified when the settings name trust keys (trust.owner_key, trust.aggregator_key).
+    rules = TrustRules.from_settings(settings)
     model = held.get(topics.model)
+    if model:
+        model = rules.open(SignedKind.MODEL, model)
     graph_bytes = held.get(topics.graph)
     if model is not None and graph_bytes is None and _needs_graph(model):
         # The model names a graph that was not in yet: wait for it (or for ``wait``).
@@ -76,6 +82,8 @@ def fetch_retained(settings: Settings, wait: float) -> tuple[bytes | None, Graph
             settings.broker, [topics.graph], wait=wait, required=[topics.graph]
         ).get(topics.graph)
     graph = None
+    if graph_bytes:
+        graph_bytes = rules.open(SignedKind.GRAPH, graph_bytes)
     if graph_bytes is not None:
         try:
             graph = Graph.from_bytes(graph_bytes, max_bytes=MAX_MESSAGE)

@@ -17,7 +17,7 @@ from typing import Any
 
 from rich.console import Console
 
-from fededge.errors import ProtocolError
+from fededge.errors import ProtocolError, SignatureError
 from fededge.protocol import (
     AggregatorStatus,
     DeviceStatus,
@@ -31,6 +31,10 @@ from fededge.protocol import (
     decode_tensors,
 )
 from fededge.protocol.messages import flat_size
+from fededge.protocol.signing import SignedKind, is_signed, open_message
+
+_SIGNED = {"model": SignedKind.MODEL, "plan": SignedKind.PLAN, "graph": SignedKind.GRAPH,
+           "receipts": SignedKind.RECEIPT}  # fmt: skip
 
 # The CLI reads whatever the broker delivered; the broker's own packet limit bounds it.
 MAX_MESSAGE = 1 << 31
@@ -268,6 +272,12 @@ def describe(topic: str, payload: bytes, prefix: str) -> Line:
 
 def _describe(kind: str, rest: list[str], payload: bytes) -> Line:
     n = len(rest)
+    if (signed_kind := _SIGNED.get(kind)) is not None and is_signed(payload):
+        # Shown, not verified (a signed message is the v1 message behind a header).
+        try:
+            payload = open_message(payload, signed_kind, None).payload
+        except SignatureError as e:
+            return Line(kind, f"[bad message] {e.reason}: {e}", bad=True)
     if kind == "model" and n == 1:
         return Line(
             "model",
