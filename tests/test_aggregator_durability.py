@@ -61,8 +61,12 @@ def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None
     init_task(
         s,
         {"w": np.zeros(d, np.float32)},
-        Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000,
-             max_updates_per_device=10),  # fmt: skip
+        Plan(
+            min_updates_per_version=11,
+            clip_norm=1e9,
+            max_examples_weight=1000,
+            max_updates_per_device=10,
+        ),
     )
     log = tmp_path / "aggregator.log"
     proc = _start(tmp_path, broker.url, s.task, log)
@@ -90,6 +94,14 @@ def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None
         for i in (9, 10):
             uids[i] = dev.update({"w": np.full(d, float(i), np.float32)}, n=i, uid=f"u{i}")
             assert dev.receipt(uids[i]).status == "accepted"
+        # The quota (max_updates_per_device = 10) was rebuilt from checkpoint and WAL: an
+        # 11th update of this device is refused, another device's completes the version.
+        r = dev.receipt(dev.update({"w": np.full(d, 99.0, np.float32)}, n=5, uid="u99"))
+        assert (r.status, r.reason) == ("rejected", "device_quota")
+        other = Sender(s, "dev2")
+        uids[11] = other.update({"w": np.full(d, 11.0, np.float32)}, n=11, uid="u11")
+        assert other.receipt(uids[11]).status == "accepted"
+        other.close()
         v1 = dev.model(1, timeout=60)
     finally:
         dev.close()
@@ -98,9 +110,9 @@ def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None
             proc.wait(15)
         except subprocess.TimeoutExpired:
             proc.kill()
-    weights = np.arange(1, 11, dtype=np.float64)
+    weights = np.arange(1, 12, dtype=np.float64)
     expected = float((weights * weights).sum() / weights.sum())  # sum(i * i) / sum(i)
     np.testing.assert_array_equal(v1.weights["w"], np.full(d, expected, np.float32))
-    assert v1.updates == 10 and v1.examples == int(weights.sum())
+    assert v1.updates == 11 and v1.examples == int(weights.sum())
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert "replayed from the WAL" in log.read_text()
