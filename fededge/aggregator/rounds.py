@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from fededge.aggregator.policy import check_secure_sum
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.mqtt import Message
 from fededge.protocol.messages import (
@@ -368,6 +369,16 @@ class RoundDriver:
         if not sum_w > 0:
             self.rounds_aborted += 1
             log.warning("round %s: total weight %g, nothing to publish", rid, sum_w)
+            return
+        try:  # a sum honest devices cannot produce is not published (issue 9)
+            check_secure_sum(sum_wd, sum_w, survivors=len(server.survivors),
+                             clip=server.config.clip, max_weight=server.config.max_weight,
+                             scale=server.config.scale)  # fmt: skip
+        except SecAggError as e:
+            self.rounds_aborted += 1
+            self.last_abort_reason = str(e)
+            log.warning("round %s aborted: %s", rid, e)
+            self.host.publish_status()
             return
         step = self.host.plan.server_learning_rate / sum_w
         weights, offset = {}, 0
