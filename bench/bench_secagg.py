@@ -4,7 +4,12 @@ Run with the bench venv (it has flwr): ``/work/venv-bench/bin/python bench/bench
 Writes the ``secagg`` section of docs/benchmarks.md.
 
 fededge: a whole in-memory round (fededge.testing.secagg, every message through its wire
-encoding), timing the device's encode + masking and the server's unmasking inside it.
+encoding), timing the device's encode + masking and the server's unmasking inside it, and each
+device's whole CPU time in the round (thread CPU time inside every DeviceRound entry point:
+construction, start, set_input, handle - key generation, signatures and their checks, shares,
+quantisation and masks with numpy, as a device runs them; no Numba on the device path).
+The same script runs against an older tree (e.g. ``git archive a87741f``, round protocol v1)
+to compare: copy it into that tree's bench/ and run it there.
 Flower: the same steps rebuilt from flwr's own functions, in the order its ``secaggplus_mod``
 (masked-input stage) and ``SecAggPlusWorkflow.unmask_stage`` call them: ``quantize``,
 ``factor_combine``, ``pseudo_rand_gen``, ``generate_shared_key``, ``parameters_*``,
@@ -67,6 +72,24 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
     timer.wrap(DeviceRound, "_maybe_send_masked", "mask")  # only calls that produced a message
     timer.wrap(ServerRound, "_close_unmask", "unmask")
     timer.wrap(ServerRound, "_on_masked", "fold", only_if=lambda r: True)
+    cpu: dict[str, float] = {}
+
+    def per_device(name: str) -> None:
+        original = getattr(DeviceRound, name)
+
+        @functools.wraps(original)
+        def timed(self: Any, *args: Any, **kwargs: Any) -> Any:
+            t0 = time.thread_time()
+            try:
+                return original(self, *args, **kwargs)
+            finally:
+                who = getattr(self, "device_id", None) or (args[0] if args else "?")
+                cpu[who] = cpu.get(who, 0.0) + time.thread_time() - t0
+
+        setattr(DeviceRound, name, timed)
+
+    for name in ("__init__", "start", "set_input", "handle"):
+        per_device(name)
     sent: dict[str, int] = {}
     received: dict[str, int] = {}
 
@@ -121,12 +144,14 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
     expand_add_s = statistics.median(p[1] for p in pairs)
     agree_s = median_time(agreements, repeats=21, warmup=2)
     survivors = [x for x in devices if x not in dropped]
+    device_cpu_s = statistics.median(cpu[x] / repeats for x in survivors)
     masks_per_device = 1 + k  # self mask + one per neighbour (fewer if a neighbour dropped early)
     med = {key: statistics.median(v) for key, v in timer.times.items()}
     return {
         "encode_s": med["encode"],
         "mask_s": med["mask"],
         "device_s": med["encode"] + med["mask"],
+        "device_cpu_s": device_cpu_s,
         "fold_s": med["fold"],
         "unmask_s": med["unmask"],
         "round_wall_s": statistics.median(wall),
@@ -272,12 +297,13 @@ def main() -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only")
+    parser.add_argument("--no-flower", action="store_true", help="measure fededge only")
     args = parser.parse_args()
     n, d, k, t = args.n, args.d, args.neighbours, args.threshold
     warmup()  # as a service does at start: no kernel compile/cache load inside a round
     ours = run_fededge(n, d, k, t, args.dropout, max(3, args.repeats // 2))
     try:
-        flwr = run_flower(n, d, k, t, args.dropout, args.repeats)
+        flwr = None if args.no_flower else run_flower(n, d, k, t, args.dropout, args.repeats)
     except ImportError:
         flwr = None
     ms = 1e3
@@ -294,6 +320,10 @@ def main() -> None:
     g = (lambda key: flwr[key]) if flwr else (lambda key: None)
     row("device: quantise", ours["encode_s"], g("quantize_s"), "ms", ms)
     row("device: quantise + mask expansion", ours["device_s"], g("device_s"), "ms", ms)
+    rows.append(
+        f"| device: CPU per round, all stages (numpy path) | {ours['device_cpu_s'] * ms:.1f} ms"
+        " | | |"
+    )
     row(
         "aggregator: unmasking (rebuild + regenerate + remove + decode)",
         ours["unmask_s"],
@@ -309,6 +339,7 @@ def main() -> None:
         ms,
     )
     row("bytes sent per device", ours["sent_bytes"], g("sent_bytes"), "KiB", 1 / 1024)
+    rows.append(f"| bytes received per device | {ours['received_bytes'] / 1024:.1f} KiB | | |")
     rows.append(
         f"| mask PRG keystream | {ours['prg_gbs']:.2f} GB/s (AES-128-CTR) | "
         f"{g('prg_gbs') or 0:.2f} GB/s (MT19937, 32-bit seed) | |"
