@@ -85,11 +85,11 @@ class Holdings:
         return all(len(self.s_shares[p]) >= t for p in partners)
 
 
-def rounds(cfg: RoundConfig, floor: Floor = Floor()) -> dict[str, DeviceRound]:
+def rounds(cfg: RoundConfig, floor: Floor | None = None) -> dict[str, DeviceRound]:
     out = {}
     for d in cfg.cohort:
         rng = crypto.deterministic_random(cfg.round_id.encode() + d.encode())
-        out[d] = DeviceRound(d, cfg, IDS[d], ROSTER, floor=floor, rng=rng)
+        out[d] = DeviceRound(d, cfg, IDS[d], ROSTER, floor=floor or Floor(), rng=rng)
         out[d].set_input(np.full(D, 0.01 * (1 + NAMES.index(d)), np.float32), 10.0)
     return out
 
