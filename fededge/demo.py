@@ -234,6 +234,20 @@ def _settings(
     )
 
 
+def _enroll(settings: Any, owner: Any, clients: list[Any]) -> None:
+    """Publish the owner-signed roster of the devices' identity keys (secure aggregation)."""
+    from fededge.cli.keys import publish_roster
+    from fededge.keys import public_text
+    from fededge.protocol.roster import Roster
+
+    enrolled = {}
+    for c in clients:
+        identity = c.core.secagg.identity
+        if identity is not None:
+            enrolled[c.device_id] = public_text(identity.public_key())
+    publish_roster(settings, Roster(settings.task, 1, enrolled), owner)
+
+
 def _demo_keys(state_dir: Path, task: str) -> tuple[Any, dict[str, str], Path]:
     """The demo is its own model owner and aggregator operator: fresh keys for each run, and
     devices that trust only them (docs/security.md)."""
@@ -340,6 +354,8 @@ def _run(
             # newest model it knows (the seed's rhythm: predict, collect, fit, repeat).
             c.on_new_version(functools.partial(_feed_on_version, feed, i))
             clients.append(c)
+        if plan.secure_aggregation is not None:  # rounds need the devices enrolled in a roster
+            _enroll(agg_settings, owner_key, clients)
         for c in clients:
             c.start()
         m0 = evaluator(mv0.weights)
