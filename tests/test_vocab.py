@@ -94,3 +94,16 @@ def test_round_topics_refuse_bad_names() -> None:
         T.checkin("+")
     with pytest.raises(ValueError, match="checkin"):
         T.round_broadcast("checkin", "config")
+
+
+def test_plan_and_status_vectors_of_the_trust_fields() -> None:
+    from fededge.protocol import DeviceStatus, Plan, decode_json
+
+    text = (DOCS / "protocol.md").read_text()
+    blocks = dict(re.findall(r"```vector (\S+)\n(.*?)```", text, re.S))
+    plan = Plan(generation=3, max_updates_per_device=2, max_weight=64)
+    assert plan.to_bytes() == blocks["plan-trust"].strip().encode()
+    assert Plan().to_bytes() == blocks["plan"].strip().encode()
+    raw = blocks["device-status-refused"].strip().encode()
+    status = decode_json(raw, DeviceStatus)
+    assert status.refused and status.to_bytes() == raw
