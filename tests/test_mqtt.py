@@ -20,7 +20,7 @@ import pytest
 from broker import Mosquitto, free_port, make_password_file, make_tls_files
 
 from fededge.errors import ConfigError, NotReadyError, TransportError
-from fededge.mqtt import Message, MqttClient, Will, discard_session, read_retained
+from fededge.mqtt import Inbox, Message, MqttClient, Will, discard_session, read_retained
 from fededge.settings import BrokerSettings
 from fededge.testing import wait_until
 
@@ -524,3 +524,82 @@ def test_discard_session(
     with again:
         nothing(again)
     assert sessions == [False]
+
+
+# --- the bounded inbox ----------------------------------------------------------------------------
+
+
+def _msg(i: int, qos: int) -> Message:
+    return Message(f"t/{i}", str(i).encode(), qos, False, i + 1)
+
+
+def test_inbox_policy_without_a_broker() -> None:
+    taken: list[int] = []
+    inbox = Inbox(4, on_take=lambda m: taken.append(m.mid))
+    # QoS 0: only while less than half full; the rest is dropped and counted.
+    assert [inbox.offer(_msg(i, 0), lambda: False) for i in range(4)] == [True, True, False, False]
+    assert inbox.dropped == 2 and inbox.qsize() == 2
+    # QoS 1 fills it to the brim, then waits for room (here: until told to give up).
+    assert inbox.offer(_msg(4, 1), lambda: False) and inbox.offer(_msg(5, 1), lambda: False)
+    assert inbox.full()
+    assert not inbox.offer(_msg(6, 1), lambda: True)
+    assert inbox.blocked.is_set()
+    done = threading.Event()
+    threading.Thread(target=lambda: inbox.offer(_msg(7, 1), done.is_set), daemon=True).start()
+    wait_until(lambda: inbox.blocked.is_set(), 10, "the producer waiting for room")
+    assert [inbox.get().payload for _ in range(3)] == [b"0", b"1", b"4"]
+    wait_until(lambda: not inbox.blocked.is_set(), 10, "the waiting message put")
+    assert [inbox.get_nowait().payload for _ in range(2)] == [b"5", b"7"]
+    assert taken == [1, 2, 5, 6, 8]  # taking acknowledges (mid = i + 1)
+    with pytest.raises(ValueError, match="at least 2"):
+        Inbox(1)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_full_inbox_stops_reading_and_loses_nothing(
+    broker: Mosquitto, clients: Callable[..., MqttClient], protocol: str
+) -> None:
+    """QoS 1 into an inbox of 10 that nobody empties: it fills and paho's thread waits while the
+    broker holds the rest; taking messages lets it go on; closing it then leaves the waiting
+    messages unacknowledged, and its persistent session gets every one it had not taken."""
+    settings = broker.settings(protocol=protocol)
+    topic = f"bp/{uuid.uuid4().hex}"
+    cid = _id("slow")
+    sub = clients(settings, cid, max_inbox=10)
+    sub.subscribe(topic, qos=1)
+    pub = clients(settings)
+    n = 200
+    for i in range(n):
+        pub.publish(topic, str(i).encode(), qos=1, wait=i == n - 1, timeout=30)
+    wait_until(sub.messages.blocked.is_set, 30, "the network thread waiting for room")
+    assert sub.messages.qsize() == 10  # the bound, although 190 more are waiting at the broker
+    got = [int(get(sub).payload) for _ in range(15)]
+    assert got == list(range(15))
+    sub.close()  # ends the wait; nothing it had not taken was acknowledged
+    again = clients(settings, cid, max_inbox=10)
+    rest: set[int] = set()
+    while not rest >= set(range(15, n)):
+        rest.add(int(get(again, 30).payload))
+    # At least once: a PUBACK queued just before close() can be lost with the socket (closed
+    # with unread data, TCP resets it), and the broker then sends that message again.
+    assert rest <= set(range(n))
+    nothing(again)
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_full_inbox_drops_qos0_and_counts(
+    broker: Mosquitto, clients: Callable[..., MqttClient], protocol: str, caplog: Any
+) -> None:
+    settings = broker.settings(protocol=protocol)
+    topic = f"q0/{uuid.uuid4().hex}"
+    sub = clients(settings, max_inbox=10)
+    sub.subscribe(topic, qos=0)
+    pub = clients(settings)
+    with caplog.at_level(logging.WARNING, logger="fededge.mqtt"):
+        for i in range(100):
+            pub.publish(topic, str(i).encode(), qos=0)
+        pub.publish(topic, b"last", qos=1, wait=True, timeout=10)  # delivered at QoS 0 too
+        wait_until(lambda: sub.messages.dropped == 96, 30, "96 dropped QoS 0 messages")
+    assert [get(sub).payload for _ in range(5)] == [str(i).encode() for i in range(5)]
+    assert "dropped 1 QoS 0 message(s)" in caplog.text
+    nothing(sub)
