@@ -15,6 +15,7 @@ import pydantic
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    NestedSecretsSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -254,6 +255,12 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if creds := os.environ.get("CREDENTIALS_DIRECTORY"):
+            # systemd's LoadCredential=: one file per secret, named like its environment
+            # variable (FEDEDGE_BROKER__PASSWORD); below the environment, above the TOML file.
+            sources.append(NestedSecretsSettingsSource(
+                file_secret_settings, secrets_dir=creds, secrets_nested_delimiter="__"
+            ))  # fmt: skip
         if (path := _TOML_FILE.get()) is not None:
             sources.append(TomlConfigSettingsSource(settings_cls, toml_file=path))
         return tuple(sources)

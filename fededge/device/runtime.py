@@ -131,6 +131,8 @@ _PROBED: set[str] = set()
 _PROBED_LOCK = threading.Lock()
 _PROBE_OK, _PROBE_BAD = 0, 3
 _PROBE_CODE = "import sys; from fededge.device.runtime import _probe_main; sys.exit(_probe_main())"
+_PROBE_ENV = frozenset({"PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "TMPDIR", "PYTHONPATH",
+                        "PYTHONHOME", "LD_LIBRARY_PATH", "SYSTEMROOT"})  # fmt: skip
 
 
 def probe_graph(graph: bytes, spec: BundleSpec, timeout: float = 60.0) -> None:
@@ -147,7 +149,9 @@ def probe_graph(graph: bytes, spec: BundleSpec, timeout: float = 60.0) -> None:
             return
     payload = len(spec_json).to_bytes(4, "little") + spec_json + graph
     src_root = str(Path(__file__).resolve().parents[2])
-    env = dict(os.environ)
+    # Only what starting Python needs: never the broker password (FEDEDGE_BROKER__PASSWORD),
+    # $CREDENTIALS_DIRECTORY or systemd's NOTIFY_SOCKET; the graph it loads is untrusted.
+    env = {k: v for k, v in os.environ.items() if k in _PROBE_ENV}
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src_root, env.get("PYTHONPATH")) if p)
     try:
         r = subprocess.run(
