@@ -90,6 +90,8 @@ def enroll(
         if name not in changed.devices:
             raise ConfigError(f"--remove {name}: not in the roster of task {settings.task!r}")
         changed = changed.without_device(name)
+    if changed != current:  # one serial step per invocation, however many changes
+        changed = Roster(changed.task, current.serial + 1, changed.devices)
     if changed == current:
         click.echo(f"roster of task {settings.task!r} unchanged (serial {current.serial})")
     else:

@@ -64,6 +64,9 @@ class Roster:
                 parse_public(key, f"roster key of {name!r}")
             except ConfigError as e:
                 raise ProtocolError(str(e)) from None
+        if len(set(self.devices.values())) != len(self.devices):
+            # One device could then sign as the other (and answer for it in rounds).
+            raise ProtocolError("roster: two devices are enrolled with the same identity key")
         object.__setattr__(self, "devices", dict(sorted(self.devices.items())))
 
     def to_bytes(self) -> bytes:

@@ -368,7 +368,9 @@ class DeviceRound:
         if msg.survivors != self._signed:
             raise SecAggError("the unmask request's survivor set is not the one this device signed")
         data = identity.consistency_data(cfg, msg.survivors)
-        signers = identity.valid_signers(self._roster, msg.signatures, data, msg.survivors)
+        signers = identity.valid_signers(
+            self._roster, msg.signatures, data, msg.survivors, need=cfg.threshold
+        )
         if len(signers) < cfg.threshold:
             raise SecAggError(
                 f"{len(signers)} valid signatures on the survivor set, fewer than the threshold "

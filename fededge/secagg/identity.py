@@ -17,6 +17,7 @@ Pure functions: keys come in as objects.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from collections.abc import Mapping, Sequence
@@ -35,6 +36,7 @@ def _lp(data: bytes) -> bytes:
     return struct.pack(">H", len(data)) + data
 
 
+@functools.lru_cache(maxsize=16)  # a round's config is hashed for every signature
 def config_digest(config: RoundConfig) -> bytes:
     """SHA-256 of the config's canonical JSON bytes (what the aggregator published)."""
     return hashlib.sha256(config.to_json()).digest()
@@ -71,8 +73,20 @@ def verify(key: Ed25519PublicKey | None, signature: bytes, data: bytes) -> bool:
 
 
 def valid_signers(
-    roster: Roster, signatures: Mapping[str, bytes], data: bytes, allowed: Sequence[str]
+    roster: Roster,
+    signatures: Mapping[str, bytes],
+    data: bytes,
+    allowed: Sequence[str],
+    need: int | None = None,
 ) -> set[str]:
-    """The devices of ``allowed`` whose signature in ``signatures`` verifies over ``data``."""
-    ok = set(allowed)
-    return {d for d, sig in signatures.items() if d in ok and verify(roster.get(d), sig, data)}
+    """The devices of ``allowed`` whose signature in ``signatures`` verifies over ``data``.
+
+    With ``need``, stops as soon as that many verified (a device needs t, not all n).
+    """
+    ok, found = set(allowed), set()
+    for d in sorted(signatures):
+        if d in ok and verify(roster.get(d), signatures[d], data):
+            found.add(d)
+            if need is not None and len(found) >= need:
+                break
+    return found
