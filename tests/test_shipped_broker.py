@@ -282,12 +282,14 @@ def devices(b: ShippedBroker, transport: Transport, state: Path, task: str,
 
 
 @contextlib.contextmanager
-def listener(settings: BrokerSettings, topic_filter: str, name: str) -> Iterator[list[Message]]:
-    """A client subscribed to ``topic_filter``; the list fills with what it receives."""
+def listener(
+    settings: BrokerSettings, topic_filter: str | list[str], name: str
+) -> Iterator[list[Message]]:
+    """A client subscribed to ``topic_filter`` (or several); the list fills with what it gets."""
     got: list[Message] = []
     client = MqttClient(settings, f"{name}-{uuid.uuid4().hex[:8]}", persistent=False)
     client.connect()
-    client.subscribe(topic_filter, qos=1)
+    client.subscribe_all([topic_filter] if isinstance(topic_filter, str) else topic_filter)
     stop = threading.Event()
 
     def pump() -> None:
@@ -370,8 +372,11 @@ def test_async_version_completes_and_devices_see_only_their_own(
     plan = DIGITS_PLAN.model_copy(update={"min_updates_per_version": len(names)})
     publish_task(owner_settings(shipped, task, tmp_path / "owner"), plan)
     spy_settings = shipped.broker("d00", transport)
+    # d00 asks for everything and for the other devices' topics by name.
+    b = topics.base
+    spy_filters = ["#", f"{b}/updates/+", f"{b}/receipts/+", f"{b}/devices/+/status"]
     with (
-        listener(spy_settings, "#", "spy") as spied,
+        listener(spy_settings, spy_filters, "spy") as spied,
         listener(shipped.broker(OBSERVER), f"{topics.base}/#", "observer") as seen,
         running_aggregator(aggregator_settings(shipped, tmp_path / "agg", task)) as agg,
         devices(shipped, transport, tmp_path, task, names) as fleet,
@@ -411,8 +416,11 @@ def test_secure_round_completes_and_no_device_reads_another_devices_round(
     publish_task(owner_settings(shipped, task, tmp_path / "owner"), sa_plan(len(names)))
     # The owner enrolls the devices' identity keys in the signed roster (owner-only topic).
     enroll(shipped.broker(OWNER), tmp_path, task, names)
+    # d00 asks for everything, for the round topics and for d01's round messages by name.
+    rb = topics.rounds_base
+    spy_filters = ["#", f"{rb}/#", *(f"{rb}/+/{s}/d01" for s in DEVICE_STAGES), f"{rb}/+/to/d01"]
     with (
-        listener(shipped.broker("d00", transport), "#", "spy") as spied,
+        listener(shipped.broker("d00", transport), spy_filters, "spy") as spied,
         listener(shipped.broker(OBSERVER), f"{topics.base}/#", "observer") as seen,
         running_aggregator(aggregator_settings(shipped, tmp_path / "agg", task)) as agg,
         devices(shipped, transport, tmp_path, task, names) as fleet,
