@@ -64,7 +64,13 @@ def public(private_key: Path) -> None:
 )
 @click.option("--remove", multiple=True, metavar="DEVICE", help="Remove DEVICE; repeatable.")
 @click.option("--list", "show", is_flag=True, help="Print the roster after the change.")
-@click.option("--wait", default=3.0, show_default=True, help="Seconds to wait for the roster.")
+@click.option(
+    "--wait",
+    type=click.FloatRange(0.1, 600),
+    default=3.0,
+    show_default=True,
+    help="Longest wait for the broker's retained messages, s.",
+)
 @settings_options
 def enroll(
     settings: Settings,
