@@ -181,13 +181,14 @@ def test_sigterm_stops_gracefully_with_sd_notify_and_metrics(broker, tmp_path) -
     try:
         d.wait(lambda st: st["version"] == 0, 30, "version 0")
 
-        def pinged() -> bool:  # a few watchdog periods (600 ms / 3)
+        def pinged() -> bool:  # a few watchdog periods (600 ms / 3), and the new status
             drain()
-            return got.count("WATCHDOG=1") >= 2
+            status = any(line.startswith("STATUS=version 0") for line in got)
+            return got.count("WATCHDOG=1") >= 2 and status
 
-        wait_until(pinged, 30, "two watchdog pings")
+        # The main loop sends the changed STATUS on its next turn after the version arrived.
+        wait_until(pinged, 30, "two watchdog pings and a STATUS naming version 0")
         assert "READY=1" in got
-        assert any(line.startswith("STATUS=version 0") for line in got), got
         port = re.search(r"metrics on http://127.0.0.1:(\d+)/metrics", d.log.read_text())
         assert port is not None
         text = urllib.request.urlopen(f"http://127.0.0.1:{port[1]}/metrics", timeout=5).read()
