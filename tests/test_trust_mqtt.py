@@ -33,7 +33,16 @@ from fededge.device.bundle import shipped_bundle_path
 from fededge.device.client import Client
 from fededge.keys import generate, public_text, write_private
 from fededge.mqtt import MqttClient, read_retained
-from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, Update, decode_json
+from fededge.protocol import (
+    DeviceStatus,
+    Graph,
+    ModelVersion,
+    Plan,
+    Receipt,
+    Topics,
+    Update,
+    decode_json,
+)
 from fededge.protocol.signing import SignedKind, open_message, sign
 from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings, load_settings
@@ -122,6 +131,20 @@ def test_hostile_plan_forged_model_and_forged_receipt_are_refused(
             publish(sa, topics.plan, sign(hostile, SignedKind.PLAN, MALLORY), retain=True)
             wait_until(lambda: refused(dev, "plan", "unknown_key") == 1, 20, "unknown key")
             assert dev.plan == PLAN and agg.plan == PLAN
+            # A forged graph: refused by both, and the owner's graph put back.
+            signed_graph = read_retained(sa.broker, [topics.graph], wait=5)[topics.graph]
+            junk = Graph(task=task, tflite=b"not a model", spec={}).to_bytes()
+            publish(sa, topics.graph, junk, retain=True)
+            wait_until(lambda: refused(dev, "graph", "unsigned") == 1, 20, "forged graph")
+            wait_until(lambda: untrusted(agg, "graph", "unsigned") == 1, 20, "graph, aggregator")
+            wait_until(
+                lambda: (
+                    read_retained(sa.broker, [topics.graph], wait=5).get(topics.graph)
+                    == signed_graph
+                ),
+                20,
+                "the signed graph restored",
+            )
             # The aggregator put the owner's plan back, byte for byte as it was signed.
             wait_until(
                 lambda: (

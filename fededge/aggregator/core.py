@@ -281,6 +281,9 @@ class AggregatorCore:
                 # An invalid retained plan would leave devices on defaults (e.g. no noise), a
                 # hostile one on its values: put the last valid one back, as it was signed.
                 out.append(self.state.plan_publish())
+            elif msg.topic == self.topics.graph and self.state.graph_raw is not None:
+                # A refused retained graph would keep new devices from every version.
+                out.append(Publish(self.topics.graph, self.state.graph_raw, retain=True))
         out.append(Ack(msg.handle))
         return out
 
