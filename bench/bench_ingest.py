@@ -135,7 +135,9 @@ def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -
     mv = ModelVersion(
         task=task, version=0, weights={"w": np.zeros(d, np.float32)}, graph_sha256="0" * 64
     )
-    publish_initial(settings, None, mv, Plan(min_updates_per_version=10 * n, clip_norm=1.0))
+    # 50 devices send every update: the bench measures ingest, not the device quota.
+    plan = Plan(min_updates_per_version=10 * n, clip_norm=1.0, max_updates_per_device=n)
+    publish_initial(settings, None, mv, plan)
     agg = Aggregator(settings)
     agg.start(wait_for_model=30)
     stop = threading.Event()
