@@ -22,7 +22,7 @@ from fededge.device.metrics import DeviceMetrics
 from fededge.device.runtime import ModelRuntime
 from fededge.device.secagg_client import Participant, ReadyInput
 from fededge.device.training import local_update
-from fededge.device.trust import TRUST_FILE, Refused, dump_generation
+from fededge.device.trust import TRUST_FILE, Refused, TrustState
 from fededge.errors import ProtocolError
 from fededge.protocol import Graph, ModelVersion, Plan, Receipt, Topics, Update
 from fededge.protocol.messages import SecureAggregation
@@ -124,7 +124,8 @@ def test_the_same_version_again_is_ignored_and_going_back_needs_a_new_generation
     assert e.value.reason == "old_version" and core.version == 5
     # A re-initialisation: the owner's plan raises the generation, version 0 comes with it.
     effects = core.on_plan(PLAN.model_copy(update={"generation": 1}), b"{}")
-    assert Persist(TRUST_FILE, dump_generation(1)) in effects and core.generation == 1
+    assert Persist(TRUST_FILE, TrustState(1, (0, 5)).to_bytes()) in effects
+    assert core.generation == 1
     with caplog.at_level(logging.WARNING, "fededge.device.adoption"):
         assert adopted(core.on_model(replace(model(0), generation=1), None)) == [0]
     assert "went back from 5 to 0" in caplog.text and core.version == 0

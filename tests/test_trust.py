@@ -20,12 +20,13 @@ from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.policy import check_secure_sum, weight_cap
 from fededge.aggregator.store import Store, task_root
 from fededge.device.core import DeviceCore
+from fededge.device.effects import Persist
 from fededge.device.effects import Publish as DevicePublish
 from fededge.device.examples import ExampleStore, StateDb
 from fededge.device.metrics import DeviceMetrics
 from fededge.device.runtime import ModelRuntime
 from fededge.device.training import local_update
-from fededge.device.trust import TrustRules, load_generation, privacy_refusal
+from fededge.device.trust import TRUST_FILE, Refused, TrustRules, TrustState, privacy_refusal
 from fededge.errors import SecAggError, SignatureError
 from fededge.keys import public_text
 from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, decode_json
@@ -89,8 +90,37 @@ def test_trust_rules_refuse_unsigned_foreign_and_forged_messages() -> None:
         "trust.owner_key (plans and graphs)",
         "trust.aggregator_key (models and receipts)",
     ]
-    assert load_generation(b'{"generation": 4}') == 4
-    assert load_generation(b"junk") == 0 and load_generation(b'{"generation": -1}') == 0
+    state = TrustState(4, (4, 17))
+    assert TrustState.from_bytes(state.to_bytes()) == state
+    for junk in (b"junk", b"[]", b'{"generation": -1, "model": [1]}', b'{"model": ["a", 1]}'):
+        assert TrustState.from_bytes(junk) == TrustState()
+
+
+def test_the_model_floor_survives_a_lost_model_file_and_a_generation_bump(tmp_path: Path) -> None:
+    core = _device(tmp_path / "a", PrivacySettings())  # adopted version 0
+    cur = core.current
+    assert cur is not None
+    v57 = replace(cur.model, version=57, generation=1, time=cur.model.time + 1)
+    effects = core.on_model(v57, None)
+    assert Persist(TRUST_FILE, TrustState(0, (1, 57)).to_bytes()) in effects
+    # A device restarted without its model file but with trust.json refuses older versions.
+    db = StateDb(tmp_path / "b.sqlite")
+    fresh = DeviceCore("d1", Topics("fededge", TASK), db, ExampleStore(db, max_examples=10,
+                       max_age=60), DeviceMetrics(), receipt_timeout=60.0,
+                       trust=TrustState.from_bytes(TrustState(0, (1, 57)).to_bytes()))  # fmt: skip
+    with pytest.raises(Refused) as e:
+        fresh.on_model(replace(v57, version=56), None)
+    assert e.value.reason == "old_version"
+    with pytest.raises(Refused) as e:
+        fresh.on_model(replace(v57, version=900, generation=0), None)
+    assert e.value.reason == "old_generation"
+    # The owner raises the plan generation without re-initialising: the current version (of
+    # the lower generation) is still the one a new device and a restarted one take.
+    core.on_plan(DIGITS_PLAN.model_copy(update={"generation": 2}), None)
+    assert core.generation == 2 and core.on_model(v57, None) == []  # the retained copy again
+    other = _device(tmp_path / "c", PrivacySettings())
+    other.on_plan(DIGITS_PLAN.model_copy(update={"generation": 2}), None)
+    assert [type(e).__name__ for e in other.on_model(v57, None)].count("Adopted") == 1
 
 
 # --- device: the privacy floor ----------------------------------------------------------------
@@ -123,6 +153,7 @@ def test_privacy_floor_rules(plan: Plan, floor: PrivacySettings, words: str | No
 
 
 def _device(tmp_path: Path, privacy: PrivacySettings = FLOOR) -> DeviceCore:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     db = StateDb(tmp_path / "d.sqlite")
     examples = ExampleStore(db, max_examples=10_000, max_age=86_400)
     core = DeviceCore("d1", Topics("fededge", TASK), db, examples, DeviceMetrics(),

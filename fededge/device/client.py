@@ -40,7 +40,7 @@ from fededge.device.examples import ExampleStore, StateDb, validate_examples, va
 from fededge.device.metrics import DeviceMetrics
 from fededge.device.outbox import Outbox
 from fededge.device.spec import BundleSpec
-from fededge.device.trust import TRUST_FILE, TrustRules, load_generation
+from fededge.device.trust import TRUST_FILE, TrustRules, TrustState
 from fededge.errors import (
     FededgeError,
     NotReadyError,
@@ -79,16 +79,16 @@ class Client:
         )
         try:
             trust = TrustRules.from_settings(settings)
-            generation = load_generation((self.state_dir / TRUST_FILE).read_bytes())
+            trust_state = TrustState.from_bytes((self.state_dir / TRUST_FILE).read_bytes())
         except FileNotFoundError:
-            generation = 0
+            trust_state = TrustState()
         except BaseException:
             self.db.close()
             os.close(self._lockfile)
             raise
         self.core = DeviceCore(self.device_id, self.topics, self.db, self.examples, self.metrics,
                                receipt_timeout=self.cfg.receipt_timeout,
-                               privacy=settings.privacy, generation=generation)  # fmt: skip
+                               privacy=settings.privacy, trust=trust_state)  # fmt: skip
         self._driver = Driver(self.core, settings, self.state_dir, trust)
         self._threads: list[threading.Thread] = []
         self._started = False

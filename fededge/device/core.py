@@ -39,7 +39,7 @@ from fededge.device.metrics import DeviceMetrics
 from fededge.device.outbox import Outbox
 from fededge.device.secagg_client import Participant, ReadyInput, handle_safely
 from fededge.device.spec import BundleSpec
-from fededge.device.trust import TRUST_FILE, Refused, dump_generation, privacy_refusal
+from fededge.device.trust import TRUST_FILE, Refused, TrustState, privacy_refusal
 from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, Update
 from fededge.settings import PrivacySettings
 
@@ -73,7 +73,7 @@ class DeviceCore:
         *,
         receipt_timeout: float,
         privacy: PrivacySettings | None = None,
-        generation: int = 0,
+        trust: TrustState | None = None,
     ) -> None:
         self.device_id = device_id
         self.topics = topics
@@ -87,7 +87,9 @@ class DeviceCore:
         self.training = False
         self.updates_sent = 0
         self.privacy = privacy if privacy is not None else PrivacySettings()
-        self.generation = generation  # highest plan generation seen (persisted in trust.json)
+        trust = trust if trust is not None else TrustState()
+        self.generation = trust.generation  # highest plan generation seen (trust.json)
+        self.model_floor = trust.model  # (generation, version) of the newest model adopted
         self.refused: str | None = None  # why the current plan is not used (privacy floor)
         self._made = (-1, 0)  # (base version, plain updates made on it): max_updates_per_device
         self._db = db
@@ -127,25 +129,19 @@ class DeviceCore:
     def on_model(self, mv: ModelVersion, raw: bytes | None) -> list[Effect]:
         """A model version (``raw`` to persist once adopted; None when it came from disk).
 
-        Refused (:class:`Refused`) if it is older than what the device has: a generation below
-        the highest seen, or a lower version of the current model's generation. Only a higher
-        generation - a re-initialisation the owner signed - may take the version back.
+        Versions are ordered by (generation, version): one below the newest adopted (kept in
+        trust.json) is refused (:class:`Refused`, ``old_generation`` or ``old_version``). Only
+        a higher generation - a re-initialisation the owner signed - takes the version back.
         """
-        cur = self.model.current
-        if mv.generation < self.generation:
+        floor = self.model_floor
+        if floor is not None and (mv.generation, mv.version) < floor:
+            older_generation = mv.generation < floor[0]
             raise Refused(
-                f"model version {mv.version} is of generation {mv.generation}, older than "
-                f"{self.generation}",
-                reason="old_generation",
+                f"model version {mv.version} (generation {mv.generation}) is older than version "
+                f"{floor[1]} (generation {floor[0]}) adopted before",
+                reason="old_generation" if older_generation else "old_version",
             )
-        if cur is not None and mv.generation <= cur.model.generation and mv.version < cur.version:
-            raise Refused(
-                f"model version {mv.version} is older than the current {cur.version} "
-                f"(generation {mv.generation})",
-                reason="old_version",
-            )
-        effects = self._adopted(self.model.adopt(mv, raw))
-        return effects + self._raise_generation(mv.generation)
+        return self._adopted(self.model.adopt(mv, raw))
 
     def on_plan(self, plan: Plan, raw: bytes | None) -> list[Effect]:
         """The task's plan (``raw`` to persist; None when it came from disk).
@@ -163,7 +159,11 @@ class DeviceCore:
         if plan == self.plan and self.plan_known and refusal == self.refused:
             return []
         effects: list[Effect] = [] if raw is None else [Persist("plan.json", raw)]
-        effects += self._raise_generation(plan.generation)
+        if plan.generation > self.generation:
+            log.info("plan generation %d -> %d (task re-initialised by its owner)",
+                     self.generation, plan.generation)  # fmt: skip
+            self.generation = plan.generation
+            effects.append(self._trust_file())
         self.plan, self.plan_known = plan, True
         self._status_due = True
         if refusal is not None:
@@ -179,13 +179,8 @@ class DeviceCore:
         log.info("adopting plan %s", plan.model_dump_json())
         return [*effects, WakeTrainer()]
 
-    def _raise_generation(self, generation: int) -> list[Effect]:
-        if generation <= self.generation:
-            return []
-        log.info("plan generation %d -> %d (task re-initialised by its owner)",
-                 self.generation, generation)  # fmt: skip
-        self.generation = generation
-        return [Persist(TRUST_FILE, dump_generation(generation))]
+    def _trust_file(self) -> Persist:
+        return Persist(TRUST_FILE, TrustState(self.generation, self.model_floor).to_bytes())
 
     def on_receipt(self, r: Receipt) -> list[Effect]:
         """Settle the outbox entry a receipt names, whatever its status."""
@@ -221,7 +216,12 @@ class DeviceCore:
         self._status_due = True
 
     def _adopted(self, effects: list[Effect]) -> list[Effect]:
-        if any(isinstance(e, Adopted) for e in effects):
+        cur = self.model.current
+        if any(isinstance(e, Adopted) for e in effects) and cur is not None:
+            key = (cur.model.generation, cur.version)
+            if self.model_floor is None or key > self.model_floor:
+                self.model_floor = key
+                effects.append(self._trust_file())
             self.metrics.version.set(self.version or 0)
             self._status_due = True
             effects.append(WakeTrainer())

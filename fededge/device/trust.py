@@ -113,17 +113,38 @@ def privacy_refusal(plan: Plan, floor: PrivacySettings) -> str | None:
     return ("privacy_floor: " + "; ".join(problems))[:256]
 
 
-def load_generation(raw: bytes | None) -> int:
-    """The generation kept in ``trust.json`` (0 if absent or unreadable: the state files of
-    plan and model raise it again when they load)."""
-    if not raw:
-        return 0
-    try:
-        value = json.loads(raw).get("generation", 0)
-    except (ValueError, AttributeError, RecursionError):
-        return 0
-    return value if type(value) is int and value >= 0 else 0
+@dataclass(frozen=True)
+class TrustState:
+    """What a device remembers across restarts (``trust.json``) so it is never taken back.
 
+    ``generation``: the highest plan generation seen; ``model``: (generation, version) of the
+    newest model adopted - a model below it is refused even if ``model.bin`` is lost.
+    """
 
-def dump_generation(generation: int) -> bytes:
-    return json.dumps({"generation": generation}).encode()
+    generation: int = 0
+    model: tuple[int, int] | None = None
+
+    def to_bytes(self) -> bytes:
+        data: dict[str, object] = {"generation": self.generation}
+        if self.model is not None:
+            data["model"] = list(self.model)
+        return json.dumps(data).encode()
+
+    @classmethod
+    def from_bytes(cls, raw: bytes | None) -> TrustState:
+        """Parse ``trust.json``; an absent or unreadable file is the empty state (the plan and
+        model files raise it again as they load)."""
+        if not raw:
+            return cls()
+        try:
+            obj = json.loads(raw)
+        except (ValueError, RecursionError):
+            return cls()
+        if not isinstance(obj, dict):
+            return cls()
+        g, m = obj.get("generation", 0), obj.get("model")
+        generation = g if type(g) is int and g >= 0 else 0
+        model = None
+        if isinstance(m, list) and len(m) == 2 and all(type(x) is int and x >= 0 for x in m):
+            model = (m[0], m[1])
+        return cls(generation, model)
