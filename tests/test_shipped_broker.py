@@ -538,3 +538,15 @@ def test_wrong_password_and_anonymous_are_refused(shipped: ShippedBroker) -> Non
     anon = shipped.broker("d01", username=None, password=None)
     with pytest.raises(TransportError, match=r"Not authorized|Bad user name"):
         MqttClient(anon, f"a-{uuid.uuid4().hex[:6]}", persistent=False).connect()
+
+
+@pytest.mark.parametrize("user", [OWNER, AGGREGATOR, OBSERVER])
+def test_service_users_are_no_devices(shipped: ShippedBroker, user: str) -> None:
+    """The device patterns apply to every user; the ACL denies them to the service users, so an
+    observer (read-only) cannot contribute an update as a device named like itself."""
+    t = Topics("fededge", f"t{uuid.uuid4().hex[:8]}")
+    with MqttClient(shipped.broker(user), f"{user}-{uuid.uuid4().hex[:6]}", persistent=False) as c:
+        for topic in (t.update(user), t.device_status(user), t.checkin(user),
+                      t.round_stage("r1", "masked", user)):  # fmt: skip
+            with pytest.raises(TransportError, match="Not authorized"):
+                c.publish(topic, b"x", wait=True, timeout=30)
