@@ -603,3 +603,13 @@ def test_full_inbox_drops_qos0_and_counts(
     assert [get(sub).payload for _ in range(5)] == [str(i).encode() for i in range(5)]
     assert "dropped 1 QoS 0 message(s)" in caplog.text
     nothing(sub)
+
+
+def test_only_the_transport_package_knows_paho() -> None:
+    root = Path(__file__).resolve().parent.parent / "fededge"
+    users = {
+        str(p.relative_to(root))
+        for p in root.rglob("*.py")
+        if "import paho" in (text := p.read_text()) or "from paho" in text
+    }
+    assert users and all(u.startswith("mqtt/") for u in users), users
