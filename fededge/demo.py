@@ -424,7 +424,7 @@ class _Evaluator:
         self.primary = runtime.spec.task.primary_metric
 
     def __call__(self, weights: dict[str, np.ndarray]) -> dict[str, float]:
-        out = self.runtime.metrics(self.x, self.y, weights)
+        out: dict[str, float] = self.runtime.metrics(self.x, self.y, weights)
         out.update(self.extra(self.runtime, weights))
         return out
 

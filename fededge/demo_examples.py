@@ -30,7 +30,8 @@ class Data:
     x_test: np.ndarray
     y_test: np.ndarray
     groups: np.ndarray  # one small integer per training example
-    test_anomalous: np.ndarray | None = None  # the anomaly example's test labels
+    x_detect: np.ndarray | None = None  # the anomaly example's detection set ...
+    anomalous: np.ndarray | None = None  # ... and which of its traces are anomalies
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class Example:
     epochs: int = 5
     examples_per_update: int = 32
     batch_size: int = 16
+    central_epochs: int = 60  # the centralised baseline of `compare` (trained to convergence)
     build_options: dict[str, Any] = field(default_factory=dict)
 
 
@@ -74,44 +76,46 @@ def diabetes(seed: int = 0) -> Data:
 def sensor_traces(
     n: int, rng: np.random.Generator, anomalous: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Synthetic vibration traces [n, 32, 1]: a sine of a device-typical frequency plus noise;
-    anomalous ones carry a spike, a level shift or a burst of noise. Returns (traces, freq bin)."""
+    """Synthetic vibration traces [n, 32, 1]: a sine of one of five device-typical frequencies
+    plus noise; anomalous ones carry a spike, a level shift or a burst of noise. Returns
+    (traces, frequency bin)."""
     t = np.arange(TRACE, dtype=np.float64)
     fbin = rng.integers(0, 5, n)
-    freq = (0.05 + 0.03 * fbin + rng.uniform(0, 0.02, n))[:, None]
-    x = 0.5 + 0.35 * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi, (n, 1)))
-    x += rng.normal(0, 0.03, (n, TRACE))
+    freq = (0.04 + 0.02 * fbin + rng.uniform(0, 0.005, n))[:, None]
+    x = np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi, (n, 1)))
+    x += rng.normal(0, 0.05, (n, TRACE))
     if anomalous is not None:
         for i in np.flatnonzero(anomalous):
             kind, at = rng.integers(0, 3), rng.integers(4, TRACE - 8)
             if kind == 0:
-                x[i, at] += rng.choice([-1, 1]) * rng.uniform(0.4, 0.7)
+                x[i, at : at + 2] += rng.choice([-1, 1]) * rng.uniform(0.8, 1.5)
             elif kind == 1:
-                x[i, at:] += rng.choice([-1, 1]) * rng.uniform(0.2, 0.35)
+                x[i, at:] += rng.choice([-1, 1]) * rng.uniform(0.5, 1.0)
             else:
-                x[i, at : at + 8] += rng.normal(0, 0.2, 8)
+                x[i, at : at + 8] += rng.normal(0, 0.5, 8)
     return x.astype(np.float32).reshape(n, TRACE, 1), fbin
 
 
 def sensor(seed: int = 0) -> Data:
-    """Normal traces to train on (the autoencoder's target is its input); a test set with 10%
-    anomalies for the detection AUC."""
+    """Normal traces to train on and to measure the reconstruction MSE (the autoencoder's target
+    is its input), and a detection set with 10% anomalies for the AUC."""
     rng = np.random.default_rng(1000 + seed)
     xtr, gtr = sensor_traces(2400, rng)
-    anomalous = rng.random(600) < 0.1
-    xte, _ = sensor_traces(600, rng, anomalous)
-    return Data(xtr, xtr.copy(), xte, xte.copy(), gtr, anomalous)
+    xte, _ = sensor_traces(400, rng)
+    anomalous = rng.random(500) < 0.1
+    xdet, _ = sensor_traces(500, rng, anomalous)
+    return Data(xtr, xtr.copy(), xte, xte.copy(), gtr, xdet, anomalous)
 
 
 def multilabel(seed: int = 0) -> Data:
     """scikit-learn's synthetic multi-label data: 20 count features, 5 labels (2 per example on
-    average); features scaled to [0, 1] by a fixed constant."""
+    average); raw count features, standardised inside the graph."""
     from sklearn.datasets import make_multilabel_classification
 
     x, y = make_multilabel_classification(
         n_samples=2000, n_features=20, n_classes=5, n_labels=2, random_state=seed
     )
-    x = (x / 16.0).astype(np.float32)
+    x = x.astype(np.float32)  # raw counts: the graph standardises them
     y = y.astype(np.float32)
     groups = (y[:, 0] * 2 + y[:, 1]).astype(np.int64)  # non-IID by the first two labels
     xtr, ytr, xte, yte, gtr, _ = _split(x, y, groups, seed)
@@ -145,8 +149,11 @@ EXAMPLES: dict[str, Example] = {
             "1-D conv autoencoder of sensor traces (MSE, AUC)",
             "regression",
             sensor,
-            versions=40,
+            versions=150,
             learning_rate=0.1,
+            epochs=10,
+            examples_per_update=64,
+            central_epochs=40,
         ),
         Example(
             "multilabel",
@@ -155,6 +162,7 @@ EXAMPLES: dict[str, Example] = {
             multilabel,
             versions=30,
             learning_rate=0.2,
+            central_epochs=20,
         ),
         Example(
             "transfer_digits",
@@ -164,7 +172,7 @@ EXAMPLES: dict[str, Example] = {
             versions=30,
             learning_rate=0.05,
         ),
-    )  # fmt: skip
+    )
 }
 
 
@@ -188,11 +196,11 @@ def extra_metrics(
     ex: Example, data: Data, runtime: Any, weights: dict[str, np.ndarray]
 ) -> dict[str, float]:
     """Metrics beyond the graph's: the anomaly example's detection AUC."""
-    if data.test_anomalous is None:
+    if data.x_detect is None or data.anomalous is None:
         return {}
-    recon = runtime.infer(data.x_test, weights)
-    err = np.mean((recon.reshape(len(recon), -1) - data.x_test.reshape(len(recon), -1)) ** 2, 1)
-    return {"auc": auc(err, data.test_anomalous)}
+    recon = runtime.infer(data.x_detect, weights)
+    err = np.mean((recon.reshape(len(recon), -1) - data.x_detect.reshape(len(recon), -1)) ** 2, 1)
+    return {"auc": auc(err, data.anomalous)}
 
 
 def centralised(
@@ -212,7 +220,7 @@ def centralised(
         for s in range(0, n, ex.batch_size):
             idx = order[s : s + ex.batch_size]
             _, w = runtime.train_step(data.x_train[idx], data.y_train[idx], ex.learning_rate, w)
-    out = runtime.metrics(data.x_test, data.y_test, w)
+    out: dict[str, float] = runtime.metrics(data.x_test, data.y_test, w)
     out.update(extra_metrics(ex, data, runtime, w))
     return out
 
@@ -228,43 +236,52 @@ def keras_model(name: str, data: Data | None = None) -> Any:
     L = keras.layers
     if name == "diabetes_regression":
         return keras.Sequential(
-            [keras.Input((10,)), L.Dense(16, activation="relu"), L.Dense(1)], name="diabetes"
+            [
+                keras.Input((10,)),
+                L.Dense(16, activation="relu", name="hidden"),
+                L.Dense(1, name="out"),
+            ],
+            name="diabetes",
         )
     if name == "sensor_autoencoder":
         return keras.Sequential(
             [
                 keras.Input((TRACE, 1)),
-                L.Conv1D(8, 5, padding="same", activation="relu"),
-                L.MaxPooling1D(2),
-                L.Conv1D(8, 3, padding="same", activation="relu"),
-                L.MaxPooling1D(2),
-                L.Flatten(),
-                L.Dense(8, activation="relu"),  # the bottleneck
-                L.Dense(TRACE),
-                L.Reshape((TRACE, 1)),
+                L.Conv1D(16, 5, padding="same", activation="relu", name="conv1"),
+                L.MaxPooling1D(2, name="pool1"),
+                L.Conv1D(16, 3, padding="same", activation="relu", name="conv2"),
+                L.MaxPooling1D(2, name="pool2"),
+                L.Flatten(name="flatten"),
+                L.Dense(16, activation="relu", name="bottleneck"),
+                L.Dense(TRACE, name="decode"),
+                L.Reshape((TRACE, 1), name="trace"),
             ],
             name="sensor_autoencoder",
         )
     if name == "multilabel":
         return keras.Sequential(
-            [keras.Input((20,)), L.Dense(32, activation="relu"), L.Dense(5, activation="sigmoid")],
+            [
+                keras.Input((20,)),
+                L.Dense(32, activation="relu", name="hidden"),
+                L.Dense(5, activation="sigmoid", name="labels"),
+            ],
             name="multilabel",
         )
     if name == "transfer_digits":
         base = keras.Sequential(
             [
                 keras.Input((8, 8, 1)),
-                L.Conv2D(8, 3, padding="same", activation="relu"),
-                L.MaxPooling2D(2),
-                L.Conv2D(16, 3, padding="same", activation="relu"),
-                L.MaxPooling2D(2),
-                L.Flatten(),
+                L.Conv2D(8, 3, padding="same", activation="relu", name="conv1"),
+                L.MaxPooling2D(2, name="pool1"),
+                L.Conv2D(16, 3, padding="same", activation="relu", name="conv2"),
+                L.MaxPooling2D(2, name="pool2"),
+                L.Flatten(name="flatten"),
             ],
             name="features",
         )
         data = data or transfer(0)
         # Pretrain the features on digits 0-4 (a stand-in for a model trained elsewhere).
-        pre = keras.Sequential([base, L.Dense(5, activation="softmax")])
+        pre = keras.Sequential([base, L.Dense(5, activation="softmax", name="pretrain_head")])
         pre.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy")
         keep = data.y_train < 5
         pre.fit(data.x_train[keep], data.y_train[keep], epochs=15, batch_size=32, verbose=0)
@@ -283,7 +300,7 @@ def build_example(name: str, output: Any) -> Any:
     data = ex.data(0)
     model = keras_model(name, data)
     norm = None
-    if name == "diabetes_regression":
+    if name in ("diabetes_regression", "multilabel"):  # raw features, standardised in-graph
         norm = (data.x_train.mean(axis=0), data.x_train.std(axis=0))
     return build_bundle(
         model, ex.task, output=output, name=name, normalization=norm, batch_size=ex.batch_size,
@@ -303,12 +320,13 @@ def compare(
     ex = get_example(name)
     cfg = DemoConfig(
         devices=devices, versions=ex.versions, example=name, learning_rate=ex.learning_rate,
-        epochs=ex.epochs, seed=seed,
+        epochs=ex.epochs, examples_per_update=ex.examples_per_update, seed=seed,
     )  # fmt: skip
     summary = run_demo(cfg)
     fed = summary.versions[-1].metrics
     b = load_bundle(shipped_bundle_path(name))
     rt = ModelRuntime.from_bundle(b)
+    central_epochs = central_epochs or ex.central_epochs
     cen = centralised(ex, rt, b.weights, ex.data(seed), central_epochs, seed)
     m = b.spec.task.primary_metric
     return {

@@ -100,3 +100,44 @@ def test_two_demo_runs_in_a_row_on_one_broker_each_start_fresh(broker, tmp_path)
         assert read_retained(broker.settings(), [topics.all_filter], wait=10) == {}
     assert runs[0].task != runs[1].task
     assert all(s.task.startswith("digits-demo-") for s in runs)
+
+
+@pytest.mark.parametrize("name", ["diabetes_regression", "multilabel", "transfer_digits"])
+def test_demo_example_reports_the_tasks_metric(broker, tmp_path, name: str) -> None:
+    """`demo --example`: the prebuilt bundle trains on 10 non-IID devices (float and multi-hot
+    labels through Client.fit), evaluated by the task's metric; no TensorFlow involved."""
+    from fededge.demo_examples import get_example
+
+    ex = get_example(name)
+    cfg = DemoConfig(
+        devices=10, versions=2, broker=broker.url, example=name, out_dir=tmp_path,
+        learning_rate=ex.learning_rate, json_path=tmp_path / "s.json",
+    )  # fmt: skip
+    seen: list[VersionRow] = []
+    summary = run_demo(cfg, seen.append)
+    assert [r.version for r in seen] == [0, 1, 2]
+    metric = {"diabetes_regression": "mse", "multilabel": "accuracy"}.get(name, "accuracy")
+    assert summary.metric == metric and summary.task.startswith(name.replace("_", "-"))
+    assert all(metric in r.metrics and "loss" in r.metrics for r in seen)
+    assert summary.final_metric == seen[-1].metrics[metric]
+    # Two versions of ten devices' updates already improve on the initial weights.
+    assert seen[-1].metrics["loss"] < seen[0].metrics["loss"]
+    write_outputs(summary, cfg)
+    doc = json.loads((tmp_path / "s.json").read_text())
+    assert doc["example"] == name and doc["metric"] == metric
+    assert set(doc["versions"][1]) == {"version", "loss", "updates", "seconds", "metrics"}
+
+
+def test_demo_example_cli_prints_metric_per_version(tmp_path) -> None:
+    """The anomaly example on the embedded broker: MSE and detection AUC printed per version."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "fededge.cli", "demo", "--example", "sensor_autoencoder",
+         "--versions", "2", "-o", str(tmp_path)],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = proc.stdout
+    assert "mse" in out and "auc" in out and "(held-out)" in out
+    rows = [line.split() for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r[0] for r in rows[:3]] == ["0", "1", "2"]
+    assert "final held-out mse" in out and "final held-out auc" in out

@@ -4,6 +4,7 @@ steps equal TensorFlow's (the builder's check, on by default), frozen layers sta
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,7 @@ def _seq(shape: tuple[int, ...], *layers: object, name: str = "m") -> keras.Mode
     return keras.Sequential([keras.Input(shape), *layers], name=name)
 
 
-MODELS = {
+MODELS: dict[str, tuple[Callable[[], keras.Model], str, str | None]] = {
     "mlp_classification": (
         lambda: _seq((12,), L.Dense(16, activation="relu"), L.Dense(4, activation="softmax")),
         "classification",

@@ -13,6 +13,7 @@ graph as constants: only trainable weights are signature inputs, travel and get 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -77,6 +78,46 @@ def _safe(name: str) -> str:
     return s if s[0].isalpha() else "w_" + s
 
 
+def _identity(h: Any, get: Any) -> Any:
+    return h
+
+
+def _flatten(h: Any, get: Any) -> Any:
+    import tensorflow as tf
+
+    return tf.reshape(h, [-1, int(np.prod(h.shape[1:]))])
+
+
+def _reshape(h: Any, get: Any, target: list[int]) -> Any:
+    import tensorflow as tf
+
+    return tf.reshape(h, [-1, *target])
+
+
+def _global_pool(h: Any, get: Any, mode: str) -> Any:
+    from fededge.build import layers as L
+
+    return L.global_pool(h, mode)
+
+
+def _affine(h: Any, get: Any, scale: np.ndarray, shift: np.ndarray) -> Any:
+    import tensorflow as tf
+
+    from fededge.build import layers as L
+
+    return L.channel_affine(h, tf.constant(scale), tf.constant(shift))
+
+
+def _embedding(h: Any, get: Any, name: str) -> Any:
+    from fededge.build import layers as L
+
+    return L.embedding(h, get(name))
+
+
+def _keras_call(h: Any, get: Any, layer: Any) -> Any:
+    return layer(h)
+
+
 # --- layers -> steps ---------------------------------------------------------------------------
 
 
@@ -96,6 +137,8 @@ def _translate(
     model: Any, trainable: Sequence[str] | None
 ) -> tuple[list[Any], list[Any], tuple[int, ...]]:
     """(steps, weights, input shape) of a chain-of-layers Keras model."""
+    import tensorflow as tf
+
     from fededge.build import layers as L
 
     shape = model.inputs[0].shape if getattr(model, "inputs", None) else None
@@ -137,11 +180,11 @@ def _translate(
             k = add_weight(layer, layer.kernel, trains)
             b = add_weight(layer, layer.bias, trains) if layer.use_bias else None
 
-            def fn(h: Any, get: Any, k: str = k, b: str | None = b) -> Any:
+            def dense_fn(h: Any, get: Any, k: str = k, b: str | None = b) -> Any:
                 y = L.dense(h, get(k))
                 return L.bias_add(y, get(b)) if b else y
 
-            steps.append(L.Step(layer.name, kind, fn, [k, b] if b else [k], act_name))
+            steps.append(L.Step(layer.name, kind, dense_fn, [k, b] if b else [k], act_name))
         elif kind in ("Conv1D", "Conv2D", "DepthwiseConv2D"):
             if any(d != 1 for d in cfg.get("dilation_rate", (1,))) or cfg.get("groups", 1) != 1:
                 raise ModelError(f"{where}: dilation and groups are not supported")
@@ -156,7 +199,7 @@ def _translate(
             strides = tuple(cfg["strides"])
             ksize = tuple(int(d) for d in var.shape[:-2])
 
-            def fn(
+            def conv_fn(
                 h: Any, get: Any, k: str = k, b: str | None = b, kind: str = kind,
                 strides: tuple[int, ...] = strides, pad: str = pad, ksize: tuple[int, ...] = ksize,
             ) -> Any:  # fmt: skip
@@ -164,19 +207,19 @@ def _translate(
                 if kind == "Conv1D":
                     steps_len, ch = int(h.shape[1]), int(h.shape[2])
                     if pad == "causal":
-                        h = L.tf.pad(h, [[0, 0], [ksize[0] - 1, 0], [0, 0]])
+                        h = tf.pad(h, [[0, 0], [ksize[0] - 1, 0], [0, 0]])
                         steps_len += ksize[0] - 1
-                    h4 = L.tf.reshape(h, [-1, 1, steps_len, ch])
-                    k4 = L.tf.reshape(kern, [1, *[int(d) for d in kern.shape]])
+                    h4 = tf.reshape(h, [-1, 1, steps_len, ch])
+                    k4 = tf.reshape(kern, [1, *[int(d) for d in kern.shape]])
                     y = L.conv2d(h4, k4, (1, strides[0]), "valid" if pad == "causal" else pad)
-                    y = L.tf.reshape(y, [-1, int(y.shape[2]), int(y.shape[3])])
+                    y = tf.reshape(y, [-1, int(y.shape[2]), int(y.shape[3])])
                 else:
                     if kind == "DepthwiseConv2D":
                         kern = L.depthwise_kernel(kern)
                     y = L.conv2d(h, kern, (strides[0], strides[1]), pad)
                 return L.bias_add(y, get(b)) if b else y
 
-            steps.append(L.Step(layer.name, kind, fn, [k, b] if b else [k], act_name))
+            steps.append(L.Step(layer.name, kind, conv_fn, [k, b] if b else [k], act_name))
         elif kind in ("MaxPooling1D", "MaxPooling2D", "AveragePooling1D", "AveragePooling2D"):
             pool = tuple(cfg["pool_size"])
             strides = tuple(cfg["strides"] or pool)
@@ -190,7 +233,7 @@ def _translate(
                 del dims  # checked against the actual shape below
             one_d = kind.endswith("1D")
 
-            def fn(h: Any, get: Any, pool: tuple[int, ...] = pool, mode: str = mode,
+            def pool_fn(h: Any, get: Any, pool: tuple[int, ...] = pool, mode: str = mode,
                    one_d: bool = one_d, padding: str = cfg["padding"], where: str = where) -> Any:  # fmt: skip
                 spatial = [int(d) for d in h.shape[1:-1]]
                 if padding == "same" and any(s % p for s, p in zip(spatial, pool, strict=True)):
@@ -198,35 +241,27 @@ def _translate(
                         f"{where}: 'same' padding of {spatial} by {pool} not supported"
                     )
                 if one_d:
-                    h4 = L.tf.reshape(h, [-1, 1, spatial[0], int(h.shape[-1])])
+                    h4 = tf.reshape(h, [-1, 1, spatial[0], int(h.shape[-1])])
                     y = L.pool2d(h4, 1, pool[0], mode)
-                    return L.tf.reshape(y, [-1, int(y.shape[2]), int(y.shape[3])])
+                    return tf.reshape(y, [-1, int(y.shape[2]), int(y.shape[3])])
                 return L.pool2d(h, pool[0], pool[1], mode)
 
-            steps.append(L.Step(layer.name, kind, fn))
+            steps.append(L.Step(layer.name, kind, pool_fn))
         elif kind.startswith("Global") and "Pooling" in kind:
             if cfg.get("keepdims"):
                 raise ModelError(f"{where}: keepdims=True is not supported")
             mode = "max" if "Max" in kind else "avg"
-            steps.append(L.Step(layer.name, kind, lambda h, get, m=mode: L.global_pool(h, m)))
+            steps.append(L.Step(layer.name, kind, functools.partial(_global_pool, mode=mode)))
         elif kind == "Flatten":
-            steps.append(
-                L.Step(
-                    layer.name,
-                    kind,
-                    lambda h, get: L.tf.reshape(h, [-1, int(np.prod(h.shape[1:]))]),
-                )  # fmt: skip
-            )
+            steps.append(L.Step(layer.name, kind, _flatten))
         elif kind == "Reshape":
             target = [int(d) for d in cfg["target_shape"]]
             if len(target) > 3:
                 raise ModelError(f"{where}: tensors above 4-D crash tflite-runtime 2.14")
-            steps.append(
-                L.Step(layer.name, kind, lambda h, get, t=target: L.tf.reshape(h, [-1, *t]))
-            )
+            steps.append(L.Step(layer.name, kind, functools.partial(_reshape, target=target)))
         elif kind in ("Dropout", "SpatialDropout1D", "SpatialDropout2D", "GaussianNoise",
                       "GaussianDropout", "ActivityRegularization"):  # fmt: skip
-            steps.append(L.Step(layer.name, kind, lambda h, get: h))  # identity (inference mode)
+            steps.append(L.Step(layer.name, kind, _identity))  # inference mode
         elif kind in ("BatchNormalization", "Normalization"):
             if kind == "BatchNormalization":
                 if cfg["axis"] not in (-1, len(layer.input.shape) - 1, [-1]):
@@ -245,15 +280,7 @@ def _translate(
                 scale, shift = 1.0 / std, -mean / std
             sc = np.asarray(scale, np.float32)
             sh = np.asarray(shift, np.float32)
-            steps.append(
-                L.Step(
-                    layer.name,
-                    kind,
-                    lambda h, get, sc=sc, sh=sh: L.channel_affine(
-                        h, L.tf.constant(sc), L.tf.constant(sh)
-                    ),
-                )  # fmt: skip
-            )
+            steps.append(L.Step(layer.name, kind, functools.partial(_affine, scale=sc, shift=sh)))
         elif kind in ("Activation", "ReLU", "LeakyReLU", "ELU", "Softmax"):
             alpha = 0.0
             if kind == "Activation":
@@ -280,10 +307,8 @@ def _translate(
                 if cfg.get("axis", -1) not in (-1, [-1]):
                     raise ModelError(f"{where}: softmax over another axis than the last")
                 act_name = "softmax"
-            act = L.activation(act_name, where, alpha)
-            steps.append(L.Step(layer.name, kind, lambda h, get: h, [], act_name))
-            steps[-1].act_alpha = alpha  # type: ignore[attr-defined]
-            del act
+            L.activation(act_name, where, alpha)  # unsupported ones fail here, naming the layer
+            steps.append(L.Step(layer.name, kind, _identity, [], act_name, act_alpha=alpha))
             continue
         elif kind == "Embedding":
             if idx > 1 or steps:
@@ -291,12 +316,12 @@ def _translate(
             if cfg.get("mask_zero"):
                 raise ModelError(f"{where}: mask_zero=True is not supported")
             e = add_weight(layer, layer.embeddings, trains)
-            steps.append(L.Step(layer.name, kind, lambda h, get, e=e: L.embedding(h, get(e)), [e]))
+            steps.append(L.Step(layer.name, kind, functools.partial(_embedding, name=e), [e]))
         elif not layer.weights:
             # No translation: run the Keras layer itself and let TensorFlow differentiate it. If a
             # gradient has no builtin op, the build fails naming this layer and the op.
             steps.append(
-                L.Step(layer.name, kind, lambda h, get, layer=layer: layer(h), fallback=True)
+                L.Step(layer.name, kind, functools.partial(_keras_call, layer=layer), fallback=True)
             )
         else:
             raise ModelError(f"{where}: not supported; supported layers: {SUPPORTED_LAYERS}")
@@ -343,7 +368,7 @@ def _make_module(
     acts = {}
     for s in steps:
         default = {"elu": 1.0, "leaky_relu": 0.2}.get(s.activation, 0.0)  # Keras's defaults
-        acts[s.layer] = L.activation(s.activation, s.layer, getattr(s, "act_alpha", default))
+        acts[s.layer] = L.activation(s.activation, s.layer, s.act_alpha or default)
     if normalization is not None:
         n_mean = tf.constant(np.broadcast_to(normalization[0], input_shape).astype(np.float32))
         n_inv = tf.constant(
@@ -527,7 +552,7 @@ def _random_data(
     else:
         x = rng.random((n, *input_shape), dtype=np.float32)
     if task.type == "classification":
-        y = rng.integers(0, task.num_classes or 2, n).astype(np.int32)
+        y: np.ndarray = rng.integers(0, task.num_classes or 2, n).astype(np.int32)
     elif task.type in ("binary", "multilabel"):
         y = rng.integers(0, 2, (n, *task.label_shape)).astype(np.float32)
     else:

@@ -45,6 +45,7 @@ class Step:
     weights: list[str] = field(default_factory=list)
     activation: str = "linear"  # the step's own final activation (the head may strip it)
     fallback: bool = False  # run through Keras itself, differentiated by TensorFlow
+    act_alpha: float = 0.0  # the slope/alpha of a LeakyReLU/ELU layer (0: Keras's default)
 
 
 # --- elementwise and activations --------------------------------------------------------------

@@ -108,7 +108,11 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
 
         ex = get_example(str(example))
         kw.setdefault("versions", ex.versions)
-        kw.update(learning_rate=ex.learning_rate, epochs=ex.epochs)
+        kw.update(
+            learning_rate=ex.learning_rate,
+            epochs=ex.epochs,
+            examples_per_update=ex.examples_per_update,
+        )
     cfg = DemoConfig(out_dir=out_dir, json_path=json_path, **kw)  # type: ignore[arg-type]
     cfg = dataclasses.replace(cfg, task=run_task(cfg))
     console = Console(highlight=False)
@@ -135,9 +139,9 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
             names = [k for k in r.metrics if k != "loss"]
             if not header:
                 header.extend(names)
-                cols = "".join(f"{'held-out ' + n:>18s}" for n in names)
-                console.print(f" version  updates{cols}    loss   seconds")
-            vals = "".join(f"{r.metrics[n]:18.4f}" for n in header)
+                cols = "".join(f"{n:>11s}" for n in names)
+                console.print(f" version  updates{cols}     loss  seconds   (held-out)")
+            vals = "".join(f"{r.metrics[n]:11.4f}" for n in header)
             console.print(f" {r.version:7d}  {r.updates:7d}{vals} {r.loss:7.4f} {r.seconds:8.2f}")
 
     summary = run_demo(cfg, show)

@@ -23,9 +23,9 @@ from fededge.cli.common import quiet_transport, settings_options
 from fededge.cli.render import MAX_MESSAGE, console, finite, fmt_time, human_bytes
 from fededge.device.bundle import (
     GRAPH_FILE,
-    BundleSpec,
     SPEC_FILE,
     WEIGHTS_FILE,
+    BundleSpec,
     load_bundle,
     parse_spec,
     parse_weights,
