@@ -107,3 +107,19 @@ def test_plan_and_status_vectors_of_the_trust_fields() -> None:
     raw = blocks["device-status-refused"].strip().encode()
     status = decode_json(raw, DeviceStatus)
     assert status.refused and status.to_bytes() == raw
+
+
+def test_secagg_v2_and_roster_vectors_in_the_docs_are_the_checked_ones() -> None:
+    import test_secagg_vectors as v  # the byte-for-byte checks of these vectors
+
+    text = (DOCS / "protocol.md").read_text()
+    blocks = {
+        k: "".join(b.split()) for k, b in re.findall(r"```vector (\S+)\n(.*?)```", text, re.S)
+    }
+    assert blocks["secagg-v2-advertise-data"] == v.ADVERTISE_DATA
+    assert blocks["secagg-v2-consistency-data"] == v.CONSISTENCY_DATA
+    assert blocks["roster-payload"].encode() == v.ROSTER.replace(b" ", b"")
+    assert blocks["roster-envelope-header"] == v.ROSTER_HEADER
+    for example in (v.CONFIG, v.ADVERTISE, v.SURVIVORS, v.CONSISTENCY, v.UNMASK_REQUEST):
+        assert example.decode() in text
+    assert v.CONFIG_SHA256 in text
