@@ -236,8 +236,9 @@ def _settings(
 
 def _enroll(settings: Any, owner: Any, clients: list[Any]) -> None:
     """Publish the owner-signed roster of the devices' identity keys (secure aggregation)."""
-    from fededge.cli.keys import publish_roster
     from fededge.keys import public_text
+    from fededge.mqtt import MqttClient
+    from fededge.protocol import Topics
     from fededge.protocol.roster import Roster
 
     enrolled = {}
@@ -245,7 +246,11 @@ def _enroll(settings: Any, owner: Any, clients: list[Any]) -> None:
         identity = c.core.secagg.identity
         if identity is not None:
             enrolled[c.device_id] = public_text(identity.public_key())
-    publish_roster(settings, Roster(settings.task, 1, enrolled), owner)
+    roster = Roster(settings.task, 1, enrolled).signed(owner)
+    client = MqttClient(settings.broker, f"fededge-roster-{secrets.token_hex(5)}", persistent=False)
+    with client:
+        topic = Topics(settings.topic_prefix, settings.task).roster
+        client.publish(topic, roster, retain=True, wait=True, timeout=30)
 
 
 def _demo_keys(state_dir: Path, task: str) -> tuple[Any, dict[str, str], Path]:
