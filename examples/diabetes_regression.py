@@ -5,13 +5,14 @@ clinical features (standardised inside the graph, so apps send raw values). Metr
     python examples/diabetes_regression.py demo       # = fededge demo --example diabetes_regression (no TensorFlow)
     python examples/diabetes_regression.py compare    # federated vs centralised, same model and data
 
-The Keras model and the data are in fededge/demo_examples.py; the prebuilt bundle ships in
+The Keras model and the data are in fededge/demo_examples.py (runner: fededge/demo_compare.py);
+the prebuilt bundle ships in
 fededge/models/diabetes_regression/.
 """
 
 import sys
 
-from fededge.demo_examples import main
+from fededge.demo_compare import main
 
 if __name__ == "__main__":
     sys.exit(main("diabetes_regression", sys.argv[1:]))

@@ -5,13 +5,14 @@ binary cross-entropy). Metrics: per-label accuracy and exact match.
     python examples/multilabel.py demo       # = fededge demo --example multilabel (no TensorFlow)
     python examples/multilabel.py compare    # federated vs centralised, same model and data
 
-The Keras model and the data are in fededge/demo_examples.py; the prebuilt bundle ships in
+The Keras model and the data are in fededge/demo_examples.py (runner: fededge/demo_compare.py);
+the prebuilt bundle ships in
 fededge/models/multilabel/.
 """
 
 import sys
 
-from fededge.demo_examples import main
+from fededge.demo_compare import main
 
 if __name__ == "__main__":
     sys.exit(main("multilabel", sys.argv[1:]))

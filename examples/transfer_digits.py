@@ -5,13 +5,14 @@ the fleet trains only the Dense head on all ten digits, so only the head's weigh
     python examples/transfer_digits.py demo       # = fededge demo --example transfer_digits (no TensorFlow)
     python examples/transfer_digits.py compare    # federated vs centralised, same model and data
 
-The Keras model and the data are in fededge/demo_examples.py; the prebuilt bundle ships in
+The Keras model and the data are in fededge/demo_examples.py (runner: fededge/demo_compare.py);
+the prebuilt bundle ships in
 fededge/models/transfer_digits/.
 """
 
 import sys
 
-from fededge.demo_examples import main
+from fededge.demo_compare import main
 
 if __name__ == "__main__":
     sys.exit(main("transfer_digits", sys.argv[1:]))

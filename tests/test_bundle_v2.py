@@ -120,3 +120,41 @@ def test_runtime_labels_per_task() -> None:
 def test_auc() -> None:
     assert auc(np.array([0.1, 0.2, 0.9, 0.8]), np.array([0, 0, 1, 1])) == 1.0
     assert auc(np.array([1.0, 1.0]), np.array([0, 1])) == 0.5
+
+
+@pytest.mark.broker
+@pytest.mark.parametrize("name", ["multilabel", "diabetes_regression"])
+def test_local_api_takes_labels_as_the_spec_says(broker, tmp_path, name: str) -> None:
+    """Multi-hot and float labels through the local API into the device's store; wrong ones
+    are refused with the reason; /predict gives the task's outputs."""
+    from devtools import DIGITS_PLAN, call, device_settings, new_task, publish_task
+
+    from fededge.device.api import ApiServer
+    from fededge.device.client import Client
+
+    b = load_bundle(shipped_bundle_path(name))
+    s = device_settings(broker.url, tmp_path, new_task(), "labels")
+    publish_task(s, DIGITS_PLAN.model_copy(update={"examples_per_update": 1000}), b)
+    client = Client(s, bundle=b)
+    client.start()
+    server = ApiServer(client, tmp_path / "api.sock", max_request_bytes=64 * 1024)
+    server.start()
+    try:
+        assert client.wait_for_version(0, 20)
+        data = EXAMPLES[name].data(0)
+        x = data.x_train[:3].tolist()
+        y = data.y_train[:3].tolist()
+        code, body = call(server.path, "POST", "/examples", {"x": x, "y": y})
+        assert code == 200 and body["added"] == 3, body
+        bad = [[2.0] * 5] * 3 if name == "multilabel" else [[1.0, 2.0]] * 3
+        code, body = call(server.path, "POST", "/examples", {"x": x, "y": bad})
+        assert code == 400 and body["error"] in ("bad_label", "bad_shape"), body
+        code, body = call(server.path, "POST", "/predict", {"x": x})
+        assert code == 200
+        assert np.asarray(body["probs"]).shape == (3, *b.spec.task.output_shape)
+        batch = client.examples.take(3, b.spec.input_shape)
+        assert batch is not None
+        np.testing.assert_allclose(batch.y.reshape(3, -1), np.asarray(y, np.float32).reshape(3, -1))
+    finally:
+        server.close()
+        client.close()

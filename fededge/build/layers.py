@@ -5,8 +5,8 @@ layer's weights written with ``tf.custom_gradient``, so the training graph conta
 forward ops and the backward ops written here — never TensorFlow's registered gradients that have
 no builtin LiteRT kernel (``ReluGrad``, ``BroadcastGradientArgs`` between two dynamic-batch
 tensors, ``StridedSliceGrad``, ``Conv2DBackpropFilter``, ``MaxPoolGrad``, ...). Tensors stay at
-most 4-D (tflite-runtime 2.14 crashes above that). Imported by the builder only: needs
-TensorFlow and Keras.
+most 4-D (tflite-runtime 2.14 crashes above that). TensorFlow (the convert extra) is imported when
+a function here is called, never at import time.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import tensorflow as tf
 
 from fededge.errors import ModelError
 
@@ -53,6 +52,7 @@ class Step:
 
 def _act_fn(name: str, alpha: float = 0.0) -> Callable[[Tensor], Tensor] | None:
     """An activation with a hand-written gradient, or None if unsupported."""
+    import tensorflow as tf
 
     def make(
         fwd: Callable[[Tensor], Tensor], dfn: Callable[[Tensor, Tensor, Tensor], Tensor]
@@ -107,34 +107,51 @@ def activation(name: str, where: str, alpha: float = 0.0) -> Callable[[Tensor], 
     return fn
 
 
-@tf.custom_gradient  # type: ignore[untyped-decorator]
-def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Any:
+def channel_affine(x: Tensor, scale: Tensor, shift: Tensor) -> Tensor:
     """``x * scale + shift`` over the last axis, with reductions as its weight gradients."""
-    axes = list(range(len(x.shape) - 1))
+    import tensorflow as tf
 
-    def grad(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return g * scale, tf.reduce_sum(g * x, axis=axes), tf.reduce_sum(g, axis=axes)
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def f(x: Tensor, scale: Tensor, shift: Tensor) -> Any:
+        axes = list(range(len(x.shape) - 1))
 
-    return x * scale + shift, grad
+        def grad(g: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+            return g * scale, tf.reduce_sum(g * x, axis=axes), tf.reduce_sum(g, axis=axes)
+
+        return x * scale + shift, grad
+
+    return f(x, scale, shift)
 
 
-@tf.custom_gradient  # type: ignore[untyped-decorator]
-def bias_add(x: Tensor, b: Tensor) -> Any:
-    axes = list(range(len(x.shape) - 1))
-    return x + b, lambda g: (g, tf.reduce_sum(g, axis=axes))
+def bias_add(x: Tensor, b: Tensor) -> Tensor:
+    import tensorflow as tf
+
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def f(x: Tensor, b: Tensor) -> Any:
+        axes = list(range(len(x.shape) - 1))
+        return x + b, lambda g: (g, tf.reduce_sum(g, axis=axes))
+
+    return f(x, b)
 
 
-@tf.custom_gradient  # type: ignore[untyped-decorator]
-def matmul(x: Tensor, k: Tensor) -> Any:
+def matmul(x: Tensor, k: Tensor) -> Tensor:
     """``x @ k`` for a 2-D ``x``."""
+    import tensorflow as tf
 
-    def grad(g: Tensor) -> tuple[Tensor, Tensor]:
-        return tf.matmul(g, k, transpose_b=True), tf.matmul(x, g, transpose_a=True)
+    @tf.custom_gradient  # type: ignore[untyped-decorator]
+    def f(x: Tensor, k: Tensor) -> Any:
 
-    return tf.matmul(x, k), grad
+        def grad(g: Tensor) -> tuple[Tensor, Tensor]:
+            return tf.matmul(g, k, transpose_b=True), tf.matmul(x, g, transpose_a=True)
+
+        return tf.matmul(x, k), grad
+
+    return f(x, k)
 
 
 def dense(x: Tensor, k: Tensor) -> Tensor:
+    import tensorflow as tf
+
     shape = x.shape[1:]
     if len(shape) == 1:
         return matmul(x, k)
@@ -154,6 +171,8 @@ def _same_pads(size: int, k: int, s: int) -> tuple[int, int, int]:
 def conv2d(x: Tensor, k: Tensor, strides: tuple[int, int], padding: str) -> Tensor:
     """2-D convolution (NHWC, kernel HWIO): forward CONV_2D; backward TRANSPOSE_CONV for the
     input and one MatMul per kernel tap for the kernel (no Conv2DBackpropFilter)."""
+    import tensorflow as tf
+
     _, h, w, c = (int(d) if d is not None else -1 for d in x.shape)
     kh, kw, _, f = (int(d) for d in k.shape)
     sh, sw = strides
@@ -190,6 +209,8 @@ def conv2d(x: Tensor, k: Tensor, strides: tuple[int, int], padding: str) -> Tens
 
 def depthwise_kernel(k: Tensor) -> Tensor:
     """A depthwise kernel [kh, kw, C, M] as the block-diagonal full kernel [kh, kw, C, C*M]."""
+    import tensorflow as tf
+
     kh, kw, c, m = (int(d) for d in k.shape)
     eye = tf.constant(np.eye(c, dtype=np.float32).reshape(1, c, c, 1))
     full = tf.reshape(k, [kh * kw, c, 1, m]) * eye  # static shapes only: builtin gradients
@@ -199,6 +220,8 @@ def depthwise_kernel(k: Tensor) -> Tensor:
 def pool2d(x: Tensor, ph: int, pw: int, kind: str) -> Tensor:
     """Non-overlapping max/avg pooling (stride == pool size, VALID) with a reshape-based
     backward: the window taps are slices of one reshape, and the gradient is their inverse."""
+    import tensorflow as tf
+
     h, w, c = (int(d) for d in x.shape[1:])
     oh, ow = h // ph, w // pw
     if oh == 0 or ow == 0:
@@ -245,6 +268,8 @@ def pool2d(x: Tensor, ph: int, pw: int, kind: str) -> Tensor:
 
 def global_pool(x: Tensor, kind: str) -> Tensor:
     """Mean or max over all but the batch and channel axes."""
+    import tensorflow as tf
+
     axes = list(range(1, len(x.shape) - 1))
     n = float(math.prod(int(d) for d in x.shape[1:-1]))
     c = int(x.shape[-1])
@@ -269,6 +294,8 @@ def global_pool(x: Tensor, kind: str) -> Tensor:
 
 def embedding(ids: Tensor, table: Tensor) -> Tensor:
     """Lookup of float-coded ids (the bundle's input is float32) with a one-hot MatMul gradient."""
+    import tensorflow as tf
+
     vocab, dim = (int(d) for d in table.shape)
     seq = [int(d) for d in ids.shape[1:]]
 
