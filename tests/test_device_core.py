@@ -24,14 +24,16 @@ from fededge.device.secagg_client import Participant, ReadyInput
 from fededge.device.training import local_update
 from fededge.device.trust import TRUST_FILE, Refused, TrustState
 from fededge.errors import ProtocolError
+from fededge.keys import public_text
 from fededge.protocol import Graph, ModelVersion, Plan, Receipt, Topics, Update
 from fededge.protocol.messages import SecureAggregation
+from fededge.protocol.roster import Roster
 from fededge.protocol.vocab import NO_GRAPH
 from fededge.secagg import TO_ALL, encode
 from fededge.secagg.graph import Stage
 from fededge.secagg.messages import decode_payload
 from fededge.secagg.server import ServerRound
-from fededge.testing.secagg import make_config
+from fededge.testing.secagg import identity_keys, make_config, roster_of
 
 TASK = "coretask"
 PLAN = DIGITS_PLAN.model_copy(update={"examples_per_update": 8, "max_staleness": 1})
@@ -264,27 +266,30 @@ def test_status_is_published_when_due_and_offline_in_the_will(tmp_path: Path) ->
 # -- secure aggregation: the masked input's examples are spent before it can leave ----------------
 SA_PLAN = PLAN.model_copy(update={
     "clip_norm": 1.0,
-    "secure_aggregation": SecureAggregation(cohort_size=4, min_cohort=3, threshold=2),
+    "secure_aggregation": SecureAggregation(cohort_size=5, min_cohort=5, threshold=3),
 })  # fmt: skip
 
 
 def test_masked_input_examples_are_marked_used_before_it_is_published(tmp_path: Path) -> None:
     topics = Topics("fededge", TASK)
-    names = ["d0", "d1", "d2", "d3"]
+    names = ["d0", "d1", "d2", "d3", "d4"]
     dbs = {d: StateDb(tmp_path / f"{d}.sqlite") for d in names}
     parts: dict[str, Participant] = {}
+    keys = identity_keys(names)
+    roster = Roster(TASK, 1, {d: public_text(k.public_key()) for d, k in keys.items()}).to_bytes()
     for d in names:
         store = ExampleStore(dbs[d], max_examples=100, max_age=86_400)
         store.add(np.zeros((4, 3), np.float32), np.zeros(4, np.int64))
         parts[d] = Participant(d, topics, dbs[d], DeviceMetrics(),
                                version=lambda: 0, plan=lambda: SA_PLAN)  # fmt: skip
+        parts[d].configure(keys[d], roster=roster)  # secure rounds need an identity and a roster
         ids = [r[0] for r in dbs[d].query("SELECT id FROM examples")]
         parts[d].offer(ReadyInput(0, {"w": np.full(5, 0.1, np.float32)}, 4, ids))
         checkin = parts[d].tick(now=0.0, wall=1.0, connected=True)
         assert [e.topic for e in checkin if isinstance(e, Publish)] == [topics.checkin(d)]
-    config = make_config("r1", names, vector_length=5, threshold=2, neighbours=3, clip=1.0,
+    config = make_config("r1", names, vector_length=5, threshold=3, neighbours=4, clip=1.0,
                          max_weight=1000.0)  # fmt: skip
-    server = ServerRound(config)
+    server = ServerRound(config, roster=roster_of(keys))
     lost = "d2"  # its process "crashes" right after deciding to send its masked input
     masked_seen: list[str] = []
 
@@ -318,7 +323,7 @@ def test_masked_input_examples_are_marked_used_before_it_is_published(tmp_path: 
         if not queue and server.stage not in (Stage.DONE, Stage.ABORTED):
             queue += [(o.to, o.message) for o in server.advance(1000.0)]
     assert sorted(masked_seen) == names
-    assert server.stage == Stage.DONE and server.survivors == ("d0", "d1", "d3")
+    assert server.stage == Stage.DONE and server.survivors == ("d0", "d1", "d3", "d4")
     # After the crash the lost device's examples stay used: they never serve another round.
     dbs[lost].close()
     reopened = StateDb(tmp_path / f"{lost}.sqlite")

@@ -34,6 +34,7 @@ from fededge.secagg.messages import (
     ConsistencyCheck,
     MaskedInput,
     Message,
+    Outgoing,
     PeerKeys,
     RelayedShares,
     RoundConfig,
@@ -62,8 +63,8 @@ class Holdings:
     b_shares: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
     s_shares: dict[str, set[str]] = field(default_factory=lambda: defaultdict(set))
 
-    def take(self, sender: str, out: list[object]) -> list[Message]:
-        msgs = [o.message for o in out]  # type: ignore[attr-defined]
+    def take(self, sender: str, out: list[Outgoing]) -> list[Message]:
+        msgs = [o.message for o in out]
         for m in msgs:
             if isinstance(m, MaskedInput):
                 self.masked[sender] = m

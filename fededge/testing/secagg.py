@@ -39,7 +39,9 @@ def wire(message: Message) -> Message:
     return MaskedInput.from_bytes(data) if isinstance(message, MaskedInput) else decode_json(data)
 
 
-def identity_keys(names: Collection[str], seed: bytes = b"identity") -> dict[str, Ed25519PrivateKey]:
+def identity_keys(
+    names: Collection[str], seed: bytes = b"identity"
+) -> dict[str, Ed25519PrivateKey]:
     """Deterministic Ed25519 identity keys for test devices (never for production)."""
     return {
         n: Ed25519PrivateKey.from_private_bytes(hashlib.sha256(seed + n.encode()).digest())
