@@ -225,6 +225,8 @@ class AggregatorCore:
     # -- versions ---------------------------------------------------------------------------
     def _complete_version(self, now: float) -> list[Effect]:
         _, pending = self.state.ready()
+        if self.state.budget_refusal() is not None:
+            return [self.status_publish(now)]  # the updates stay pending; no version
         t0 = self._perf()
         weights = pending.finalize(self.state.plan.server_learning_rate)
         self.metrics.kernel_seconds.inc(self._perf() - t0)
@@ -245,6 +247,9 @@ class AggregatorCore:
     ) -> tuple[ModelVersion, list[Effect]]:
         """Store the next version (async FedAvg or a secure round's result); its effects."""
         old, _ = self.state.ready()
+        if self.state.budget_refusal() is not None:
+            # A secure round's sum is dropped unpublished: it would spend beyond the budget.
+            return old, [self.status_publish(now)]
         model, effects = self.state.publish_version(
             weights, metrics, update_ids, update_keys, round_id=round_id, now=now
         )
@@ -304,6 +309,10 @@ class AggregatorCore:
             round_id=r.round_id if r is not None else None,
             round_stage=stage,
             checked_in=r.checked_in if r is not None and stage is not None else None,
+            epsilon=self.state.epsilon(),
+            delta=self.state.plan.delta if self.state.ledger.events else None,
+            max_epsilon=self.state.plan.max_epsilon,
+            stopped=self.state.ledger.stopped,
         )
 
     def tick(self, now: float) -> list[Effect]:

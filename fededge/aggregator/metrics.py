@@ -52,6 +52,13 @@ class AggregatorMetrics:
         self.pending_examples = Gauge(
             "fededge_pending_examples", "Examples in the pending version", registry=r
         )
+        self.epsilon = Gauge(
+            "fededge_privacy_epsilon", "Epsilon spent at the plan's delta (docs/privacy.md)",
+            registry=r,
+        )  # fmt: skip
+        self.privacy_stopped = Gauge(
+            "fededge_privacy_stopped", "1 when the privacy budget stops new versions", registry=r
+        )
 
     def serve(self, host: str, port: int) -> int:
         """Start the HTTP endpoint; return the bound port (``port=0`` picks a free one)."""

@@ -17,8 +17,9 @@ from fededge.aggregator.dedup import DedupMemory
 from fededge.aggregator.effects import Effect, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
+from fededge.aggregator.privacy import Ledger, accounted_multiplier, finite_or_none
 from fededge.aggregator.store import Store
-from fededge.errors import NotReadyError, ProtocolError
+from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.keys import load_private
 from fededge.protocol import Graph, ModelVersion, Plan, Topics, VersionMetrics, decode_json
 from fededge.protocol.messages import Weights
@@ -66,6 +67,7 @@ class VersionState:
             self.model_keys.append(self.signer.public_key())
         self.plan_raw: bytes | None = None  # the plan message as received (None: defaults)
         self.graph_raw: bytes | None = None
+        self.ledger = Ledger()  # privacy spent by the versions so far (privacy.json)
 
     def ready(self) -> tuple[ModelVersion, PendingVersion]:
         """The current model and its pending version; NotReadyError before the first model."""
@@ -84,6 +86,13 @@ class VersionState:
             body = open_message(raw, SignedKind.GRAPH, None).payload
             self.graph = Graph.from_bytes(body, max_bytes=1 << 31)
             self.graph_raw = raw
+        try:
+            self.ledger = Ledger.from_bytes(self.store.read_blob("privacy.json"))
+        except ValueError:
+            raise StorageError("privacy.json is corrupt: refusing to forget spent epsilon") from (
+                None
+            )
+        self._privacy_gauges()
         versions = self.store.version_numbers()
         if not versions:
             return None
@@ -149,6 +158,14 @@ class VersionState:
         )
         payload = model.to_bytes()
         seconds = max(0.0, now - self.version_started)  # the wall clock may step back (NTP)
+        privacy: dict[str, float | None] = {}
+        if self.plan.dp:
+            # Charged before the version is stored: a crash in between over-counts, never under.
+            self.ledger.charge(accounted_multiplier(self.plan))
+            self.store.write_blob("privacy.json", self.ledger.to_bytes())
+            eps = finite_or_none(self.ledger.epsilon(self.plan.delta))
+            privacy = {"epsilon": eps, "delta": self.plan.delta}
+            self._privacy_gauges()
         info: dict[str, Any] = {
             "metrics": metrics,
             "seconds": seconds,
@@ -166,15 +183,21 @@ class VersionState:
         self.version_started = now
         self.metrics.versions.inc()
         log.info(
-            "published version %d: updates=%d examples=%d train_loss=%s",
+            "published version %d: updates=%d examples=%d train_loss=%s%s",
             new_version,
             metrics["updates"],
             metrics["examples"],
             metrics["train_loss"],
+            f" epsilon={privacy['epsilon']} delta={self.plan.delta:g}" if privacy else "",
         )
         # The version is durable from here on: its announcement is best effort.
         vm = VersionMetrics(
-            task=self.settings.task, version=new_version, seconds=seconds, time=now, **metrics
+            task=self.settings.task,
+            version=new_version,
+            seconds=seconds,
+            time=now,
+            **metrics,
+            **privacy,
         )
         effects: list[Effect] = [
             self._publish_model(payload),
@@ -184,6 +207,45 @@ class VersionState:
         if expired >= 0:  # keep the broker's retained store bounded
             effects.append(Publish(self.topics.version_metrics(expired), b"", retain=True))
         return model, effects
+
+    # -- privacy ----------------------------------------------------------------------------
+    def epsilon(self) -> float | None:
+        """Epsilon spent at the plan's delta by the versions so far (None: no DP accounted)."""
+        if not self.ledger.events:
+            return None
+        return finite_or_none(self.ledger.epsilon(self.plan.delta))
+
+    def budget_refusal(self) -> str | None:
+        """Why the next version must not be published (the budget), or None; remembered."""
+        plan = self.plan
+        why: str | None = None
+        if plan.max_epsilon is None:
+            pass
+        elif not plan.dp:
+            why = "the plan has a max_epsilon but no noise: no version can be private"
+        elif plan.max_updates_per_device != 1:
+            why = "max_epsilon needs max_updates_per_device = 1 (user-level accounting)"
+        else:
+            nxt = self.ledger.epsilon_after(accounted_multiplier(plan), plan.delta)
+            if nxt > plan.max_epsilon:
+                why = (
+                    f"privacy budget: the next version would spend epsilon={nxt:.4g} > "
+                    f"max_epsilon={plan.max_epsilon:g} at delta={plan.delta:g}"
+                )
+        if self.ledger.stopped != why:
+            if why is not None:
+                log.warning("no more versions for task %s: %s", self.settings.task, why)
+            else:
+                log.info("the plan allows new versions again for task %s", self.settings.task)
+            self.ledger.stopped = why
+            self.store.write_blob("privacy.json", self.ledger.to_bytes())
+            self._privacy_gauges()
+        return why
+
+    def _privacy_gauges(self) -> None:
+        eps = self.epsilon()
+        self.metrics.epsilon.set(eps if eps is not None else (-1.0 if self.ledger.events else 0))
+        self.metrics.privacy_stopped.set(1 if self.ledger.stopped else 0)
 
     def current(self) -> list[Effect]:
         """Republish plan, graph and model (retained copies on the broker are ours)."""

@@ -102,12 +102,22 @@ class Snapshot:
             "model": model,
             "plan": self.plan.model_dump() if self.plan else None,
             "aggregator": self.aggregator.model_dump() if self.aggregator else None,
+            "privacy": _privacy_json(self.aggregator),
             "devices_online": self.devices_online,
             "devices_offline": len(self.devices) - self.devices_online,
             "devices": [self.devices[k].model_dump() for k in sorted(self.devices)],
             "versions": [self.metrics[k].model_dump() for k in sorted(self.metrics)],
             "problems": [{"topic": t, "reason": r} for t, r in self.problems],
         }
+
+
+def _privacy_json(a: AggregatorStatus | None) -> dict[str, Any] | None:
+    """epsilon spent and left at delta (docs/privacy.md); None without DP accounting."""
+    if a is None or (a.epsilon is None and a.max_epsilon is None):
+        return None
+    left = None if a.max_epsilon is None else max(0.0, a.max_epsilon - (a.epsilon or 0.0))
+    return {"epsilon": a.epsilon, "delta": a.delta, "max_epsilon": a.max_epsilon,
+            "epsilon_left": left, "stopped": a.stopped}  # fmt: skip
 
 
 def _absorb(snap: Snapshot, topics: Topics, topic: str, payload: bytes) -> None:

@@ -170,7 +170,24 @@ def describe_aggregator(a: AggregatorStatus) -> str:
         f"rejected={a.rejected_total}"
         + (f" round {a.round_id} {a.round_stage}" if a.round_id and a.round_stage else "")
         + (f" checked_in={a.checked_in}" if a.checked_in is not None else "")
+        + describe_privacy(a)
     )
+
+
+def describe_privacy(a: AggregatorStatus) -> str:
+    """`` epsilon=E/MAX left=L at delta=D`` and why versions stopped (empty without DP)."""
+    if a.epsilon is None and a.max_epsilon is None and a.stopped is None:
+        return ""
+    spent = fmt_num(a.epsilon) if a.epsilon is not None else "0"
+    text = f" epsilon={spent}"
+    if a.max_epsilon is not None:
+        left = a.max_epsilon - (a.epsilon or 0.0)
+        text += f"/{fmt_num(a.max_epsilon)} left={fmt_num(max(0.0, left))}"
+    if a.delta is not None:
+        text += f" at delta={a.delta:g}"
+    if a.stopped:
+        text += f" STOPPED: {a.stopped}"
+    return text
 
 
 def describe_metrics(m: VersionMetrics) -> str:
@@ -182,6 +199,8 @@ def describe_metrics(m: VersionMetrics) -> str:
         eval_acc=fmt_num(m.eval_accuracy) if m.eval_accuracy is not None else None,
         norm=fmt_num(m.mean_update_norm) if m.mean_update_norm is not None else None,
         seconds=f"{m.seconds:.1f}",
+        epsilon=fmt_num(m.epsilon) if m.epsilon is not None else None,
+        delta=f"{m.delta:g}" if m.delta is not None else None,
     )
 
 
@@ -194,6 +213,8 @@ def describe_plan(p: Plan) -> str:
         min_updates=p.min_updates_per_version,
         clip=fmt_num(p.clip_norm),
         noise=fmt_num(p.noise_stddev),
+        z=fmt_num(p.noise_multiplier) if p.noise_multiplier else None,
+        max_epsilon=fmt_num(p.max_epsilon) if p.max_epsilon is not None else None,
         max_staleness=p.max_staleness,
         server_lr=fmt_num(p.server_learning_rate),
     )

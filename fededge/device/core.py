@@ -360,10 +360,13 @@ class DeviceCore:
                      lu.num_examples, seconds, lu.train_loss)  # fmt: skip
             return [], False
         uid = uuid.uuid4().hex
+        dp = job.plan.dp
         payload = Update(
             task=self.topics.task, device=self.device_id, update_id=uid, base_version=base,
-            num_examples=lu.num_examples, delta=lu.delta, train_loss=lu.train_loss,
-            eval_loss=lu.eval_loss, eval_accuracy=lu.eval_accuracy,
+            num_examples=lu.num_examples, delta=lu.delta,
+            # DP mode: no raw losses or accuracies (docs/privacy.md, "device metrics").
+            train_loss=None if dp else lu.train_loss, eval_loss=None if dp else lu.eval_loss,
+            eval_accuracy=None if dp else lu.eval_accuracy,
         ).to_bytes()  # fmt: skip
         with self._db.transaction() as c:  # the update and the use of its examples, atomically
             Outbox.put_in(c, uid, base, lu.num_examples, payload)

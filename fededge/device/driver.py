@@ -24,7 +24,7 @@ from fededge.device.effects import Adopted, Effect, Persist, Publish, WakeTraine
 from fededge.device.runtime import ModelRuntime
 from fededge.device.secagg_client import configure_participant
 from fededge.device.spec import BundleSpec, parse_spec
-from fededge.device.training import local_update
+from fededge.device.training import local_update, update_noise_stddev
 from fededge.device.trust import Refused, TrustRules
 from fededge.errors import (
     FededgeError,
@@ -270,7 +270,7 @@ class Driver:
         lu = local_update(
             cur.runtime, cur.weights, job.batch.x, job.batch.y,
             epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
-            clip_norm=plan.clip_norm, noise_stddev=plan.noise_stddev, rng=self.rng,
+            clip_norm=plan.clip_norm, noise_stddev=update_noise_stddev(plan), rng=self.rng,
             evaluate_first=self.cfg.evaluate_before_training and plan.evaluate,
         )  # fmt: skip
         seconds = time.perf_counter() - t0

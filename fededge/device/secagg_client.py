@@ -41,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fededge.device.effects import Effect, Persist, Publish, WakeTrainer
 from fededge.device.examples import ExampleStore, StateDb
 from fededge.device.metrics import DeviceMetrics
+from fededge.device.training import reported_examples
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.protocol import Plan, Topics
 from fededge.protocol.messages import CheckIn
@@ -197,7 +198,8 @@ class Participant:
             return []
         self._last_checkin = now
         ci = CheckIn(task=self.topics.task, device=self.device_id,
-                     base_version=ready.base_version, num_examples=ready.num_examples,
+                     base_version=ready.base_version,
+                     num_examples=reported_examples(ready.num_examples, self._plan()),
                      time=wall)  # fmt: skip
         return [Publish(self.topics.checkin(self.device_id), ci.to_bytes())]
 

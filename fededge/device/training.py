@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fededge.device.runtime import ModelRuntime
+from fededge.protocol.messages import Plan
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,28 @@ class LocalUpdate:
     clip_scale: float  # factor applied by clipping (1.0 when not clipped)
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+
+
+def update_noise_stddev(plan: Plan) -> float:
+    """The Gaussian noise one device adds to its clipped delta (docs/privacy.md).
+
+    Plaintext plans: the whole sigma = z * C (``noise_multiplier``, or the old absolute
+    ``noise_stddev``), so each update is private even to the aggregator. Secure aggregation:
+    a share sigma / sqrt(t), so the sum of at least t = ``threshold`` survivors carries sigma
+    (distributed DP); the aggregator sees only that sum.
+    """
+    sa = plan.secure_aggregation
+    if sa is not None:
+        return plan.noise_sigma / math.sqrt(sa.threshold)
+    return plan.noise_sigma
+
+
+def reported_examples(num_examples: int, plan: Plan) -> int:
+    """The example count a device discloses: exact, or in DP mode rounded up to a power of two
+    (a check-in then does not reveal the exact number of examples)."""
+    if not plan.dp or num_examples <= 1:
+        return num_examples
+    return 1 << (num_examples - 1).bit_length()
 
 
 def global_norm(tensors: dict[str, np.ndarray]) -> float:

@@ -81,10 +81,10 @@ def privacy_refusal(plan: Plan, floor: PrivacySettings) -> str | None:
     accounting is stated in.
     """
     problems = []
-    multiplier = plan.noise_stddev / plan.clip_norm
+    multiplier = plan.effective_noise_multiplier  # noise_multiplier, or noise_stddev/clip_norm
     if multiplier < floor.min_noise_multiplier:
         problems.append(
-            f"noise multiplier {multiplier:.4g} (noise_stddev/clip_norm) is below "
+            f"noise multiplier {multiplier:.4g} (sigma/clip_norm) is below "
             f"privacy.min_noise_multiplier={floor.min_noise_multiplier:g}"
         )
     if floor.max_clip_norm is not None and plan.clip_norm > floor.max_clip_norm:

@@ -90,13 +90,42 @@ class Plan(_Json):
     generation: int = Field(0, ge=0, lt=1 << 53)  # raised by the owner to re-initialise a task
     max_updates_per_device: int = Field(1, ge=1, le=1_000_000)  # per device per version
     max_weight: int | None = Field(None, ge=1)  # weight cap; None: examples_per_update
+    # Differential privacy (docs/privacy.md), omitted while at their defaults. noise_multiplier
+    # z: each update's noise is sigma = z * clip_norm (DP-FedAvg); when it is 0 the old
+    # absolute noise_stddev applies. max_epsilon: the budget at delta; None: no budget.
+    noise_multiplier: float = Field(0.0, ge=0, le=1e6)
+    delta: float = Field(1e-5, gt=0, lt=1)
+    max_epsilon: float | None = Field(None, gt=0, le=1e6)
+    target_unclipped_quantile: float | None = Field(None, gt=0, lt=1)  # adaptive clipping
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
         return self.model_dump_json(exclude_none=True, exclude=omit).encode()
 
+    @property
+    def noise_sigma(self) -> float:
+        """The standard deviation of the noise on one update: z * C, or the old noise_stddev."""
+        if self.noise_multiplier > 0:
+            return self.noise_multiplier * self.clip_norm
+        return self.noise_stddev
 
-_PLAN_OMITTED = {"generation": 0, "max_updates_per_device": 1}
+    @property
+    def effective_noise_multiplier(self) -> float:
+        """sigma / C: the quantity the accountant and the devices' privacy floor use."""
+        return self.noise_sigma / self.clip_norm
+
+    @property
+    def dp(self) -> bool:
+        """Whether updates are noised (DP mode: device metrics are not sent raw)."""
+        return self.noise_sigma > 0
+
+
+_PLAN_OMITTED: dict[str, object] = {
+    "generation": 0,
+    "max_updates_per_device": 1,
+    "noise_multiplier": 0.0,
+    "delta": 1e-5,
+}
 
 
 class Receipt(_Json):
@@ -145,6 +174,13 @@ class AggregatorStatus(_Json):
     round_id: Name | None = None
     round_stage: str | None = Field(None, max_length=16)
     checked_in: int | None = Field(None, ge=0)
+    # Differential privacy (plans with noise): epsilon spent at delta by the versions so far,
+    # the budget, and why no more versions are published (None while they are).
+    epsilon: float | None = Field(None, ge=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+    max_epsilon: float | None = Field(None, gt=0)
+    stopped: str | None = Field(None, max_length=256)
+
 
 
 class CheckIn(_Json):
@@ -172,6 +208,10 @@ class VersionMetrics(_Json):
     mean_update_norm: float | None = None
     seconds: float = Field(0.0, ge=0)  # since the previous version
     time: float = Field(0.0, ge=0)
+    # Differential privacy: epsilon at delta for all versions up to this one (docs/privacy.md).
+    epsilon: float | None = Field(None, ge=0)
+    delta: float | None = Field(None, gt=0, lt=1)
+
 
 
 M = TypeVar("M", bound=_Json)
