@@ -182,7 +182,6 @@ class AggregatorStatus(_Json):
     stopped: str | None = Field(None, max_length=256)
 
 
-
 class CheckIn(_Json):
     """A device with an update on ``base_version`` ready for a secure-aggregation round."""
 
@@ -211,7 +210,6 @@ class VersionMetrics(_Json):
     # Differential privacy: epsilon at delta for all versions up to this one (docs/privacy.md).
     epsilon: float | None = Field(None, ge=0)
     delta: float | None = Field(None, gt=0, lt=1)
-
 
 
 M = TypeVar("M", bound=_Json)
