@@ -12,7 +12,7 @@ from fededge.demo_examples import build_example, centralised, get_example
 
 
 def compare(
-    name: str, *, devices: int = 10, seed: int = 0, central_epochs: int = 60
+    name: str, *, devices: int = 10, seed: int = 0, central_epochs: int | None = None
 ) -> dict[str, Any]:
     """Federated (``fededge demo --example``, defaults) vs centralised training, same model and
     data: the primary metric of each and their relative difference."""
