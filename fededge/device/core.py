@@ -379,7 +379,9 @@ class DeviceCore:
             "trained on %d examples in %.3f s (loss %.4f, norm %.3g): update %s on version %d",
             lu.num_examples, seconds, lu.train_loss, lu.delta_norm, uid, base,
         )  # fmt: skip
-        if not connected or self.outbox.was_sent(uid):
+        if not connected or self._resend_all or self.outbox.was_sent(uid):
+            # A reconnect not yet pumped resends every entry, this one included: sending it
+            # here too would make it go out twice.
             return [], True
         return [self._send(uid, payload, now)], True
 
