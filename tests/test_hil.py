@@ -38,7 +38,10 @@ MosquittoFactory = Callable[..., Mosquitto]
 LINK = Impairment(delay_ms=80, jitter_ms=20, loss=0.05)
 RECEIPT_TIMEOUT = 1.5
 EXAMPLES = 8
-PLAN = DIGITS_PLAN.model_copy(update={"examples_per_update": EXAMPLES, "noise_stddev": 0.0})
+# Two updates per device per version: the broker-kill test has each device send two.
+PLAN = DIGITS_PLAN.model_copy(
+    update={"examples_per_update": EXAMPLES, "noise_stddev": 0.0, "max_updates_per_device": 2}
+)
 UPDATE_RE = re.compile(r"update ([0-9a-f]{32}) on version (\d+)")
 DUPLICATE_RE = re.compile(r"duplicate update device=(\S+) update_id=([0-9a-f]+)")
 
