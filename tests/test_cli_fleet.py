@@ -243,7 +243,15 @@ def test_watch_live_stream_with_bad_message_and_ctrl_c(broker, tmp_path) -> None
     base = init_task(s, _weights(), Plan(min_updates_per_version=1, clip_norm=100.0))
     cmd = [sys.executable, "-c", "import sys; from fededge.cli import main; sys.exit(main())",
            "watch", "--broker", broker.url, "--timeout", "60"]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # A shell started in the background ignores SIGINT and children inherit SIG_IGN across
+    # exec: give the child Python's default, as an interactive terminal would.
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     try:
         q = _lines(proc)
         seen: list[str] = []
