@@ -16,10 +16,13 @@ import time
 from collections.abc import Callable
 from typing import Any, Literal, Protocol
 
+import numpy as np
+from numpy.typing import NDArray
+
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
-from fededge.aggregator.pending import dedup_key
-from fededge.aggregator.policy import check_update
+from fededge.aggregator.pending import dedup_key, server_step_tensors
+from fededge.aggregator.policy import Layout, check_update
 from fededge.aggregator.store import Store
 from fededge.aggregator.versions import VersionState
 from fededge.errors import ProtocolError, SignatureError
@@ -32,6 +35,7 @@ from fededge.settings import Settings
 # The service's logger: log lines keep the name they had before the core was split out.
 log = logging.getLogger("fededge.aggregator.service")
 Status = Literal["accepted", "duplicate", "rejected"]
+OptState = tuple[NDArray[np.float64], NDArray[np.float64]]  # server optimizer (m, v)
 
 
 class RoundView(Protocol):
@@ -228,10 +232,22 @@ class AggregatorCore:
         if self.state.budget_refusal() is not None:
             return [self.status_publish(now)]  # the updates stay pending; no version
         t0 = self._perf()
-        weights = pending.finalize(self.state.plan.server_learning_rate)
+        plan = self.state.plan
+        opt_state: OptState | None = None
+        if plan.server_optimizer == "sgd":
+            weights = pending.finalize(plan.server_learning_rate)
+        else:  # fused with finalize: mean delta, optimizer state and weights in one pass
+            m, v = self.state.optimizer_state(pending.layout.size)
+            weights, m2, v2 = pending.finalize_with(plan, m, v)
+            opt_state = (m2, v2)
         self.metrics.kernel_seconds.inc(self._perf() - t0)
         _, effects = self.new_version(
-            weights, pending.metrics(), pending.sums.ids, pending.sums.keys(), now=now
+            weights,
+            pending.metrics(),
+            pending.sums.ids,
+            pending.sums.keys(),
+            now=now,
+            opt_state=opt_state,
         )
         return effects
 
@@ -244,21 +260,43 @@ class AggregatorCore:
         *,
         round_id: str | None = None,
         now: float,
+        opt_state: OptState | None = None,
     ) -> tuple[ModelVersion, list[Effect]]:
-        """Store the next version (async FedAvg or a secure round's result); its effects."""
+        """Store the next version (async FedAvg or a secure round's result); its effects.
+
+        A secure round's result comes as plain server-SGD weights (``base + lr * sum/weight``):
+        with another ``server_optimizer`` the mean delta is recovered from them and the
+        optimizer applied here (``opt_state`` None), so rounds get the same optimizers.
+        """
         old, _ = self.state.ready()
+        if opt_state is None and self.state.plan.server_optimizer != "sgd":
+            weights, opt_state = self._optimize_result(old, weights)
         if self.state.budget_refusal() is not None:
             # A secure round's sum is dropped unpublished: it would spend beyond the budget.
             return old, [self.status_publish(now)]
         model, effects = self.state.publish_version(
-            weights, metrics, update_ids, update_keys, round_id=round_id, now=now
-        )
+            weights, metrics, update_ids, update_keys, round_id=round_id, now=now,
+            opt_state=opt_state,
+        )  # fmt: skip
         # The status after the version names it; the callbacks run last.
         return model, [
             *effects,
             self.status_publish(now),
             NewVersion(model, old.version, model.version),
         ]
+
+    def _optimize_result(self, old: ModelVersion, weights: Weights) -> tuple[Weights, OptState]:
+        """Apply the server optimizer to a result given as ``base + lr * mean delta``."""
+        plan = self.state.plan
+        layout = Layout.of(old.weights)
+        delta = np.empty(layout.size, dtype=np.float64)
+        for name, sl in layout.slices():
+            new = np.asarray(weights[name], dtype=np.float64).reshape(-1)
+            delta[sl] = new - np.asarray(old.weights[name], dtype=np.float64).reshape(-1)
+        delta /= plan.server_learning_rate
+        m, v = self.state.optimizer_state(layout.size)
+        out, m2, v2 = server_step_tensors(old.weights, layout, delta, 1.0, plan, m, v)
+        return out, (m2, v2)
 
     # -- control ----------------------------------------------------------------------------
     def control(self, msg: Incoming, now: float) -> list[Effect]:

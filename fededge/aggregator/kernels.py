@@ -21,16 +21,22 @@ from numpy.typing import NDArray
 
 from fededge.native import accumulate as _acc
 from fededge.native import norm as _norm
+from fededge.native import optim as _opt
 
 __all__ = [
+    "OPTIMIZERS",
     "accumulate",
     "accumulate_group",
     "accumulate_many",
     "all_finite",
     "clip_by_norm",
+    "dequant_accumulate_f16",
+    "dequant_accumulate_i8",
     "finalize",
+    "i8_norm",
     "l2_norm",
     "mean",
+    "server_step",
     "warmup",
 ]
 
@@ -192,6 +198,100 @@ def finalize(
     return out
 
 
+OPTIMIZERS = {"avgm": _opt.AVGM, "adagrad": _opt.ADAGRAD, "adam": _opt.ADAM, "yogi": _opt.YOGI}
+_I8 = np.dtype(np.int8)
+_F16 = np.dtype(np.float16)
+
+
+def server_step(
+    base: NDArray[np.float32],
+    acc: NDArray[np.float64],
+    total_weight: float,
+    server_lr: float,
+    optimizer: str,
+    m: NDArray[np.float64],
+    v: NDArray[np.float64],
+    *,
+    b1: float,
+    b2: float,
+    eps: float,
+) -> tuple[NDArray[np.float32], NDArray[np.float64], NDArray[np.float64]]:
+    """A server optimizer step fused with finalize: ``(next weights, new m, new v)``.
+
+    ``optimizer`` is one of :data:`OPTIMIZERS` (``sgd`` is :func:`finalize`); see
+    ``fededge.native.optim`` for the update rules. ``m``/``v`` are read, never written: the new
+    state is returned in fresh arrays (``v`` is returned unchanged in meaning for ``avgm``).
+    """
+    kind = OPTIMIZERS.get(optimizer)
+    if kind is None:
+        raise ValueError(f"optimizer: {optimizer!r} is not one of {sorted(OPTIMIZERS)}")
+    _check_array("base", base, _F32, 1)
+    for name, a in (("acc", acc), ("m", m), ("v", v)):
+        _check_array(name, a, _F64, 1)
+        _check_same_length(name, a, "base", base)
+    tw = _check_scalar("total_weight", total_weight, allow_zero=False)
+    lr = _check_scalar("server_lr", server_lr, allow_zero=False)
+    e = _check_scalar("eps", eps, allow_zero=False)
+    beta1 = _check_scalar("b1", b1, allow_zero=True)
+    beta2 = _check_scalar("b2", b2, allow_zero=True)
+    if beta1 >= 1.0 or beta2 >= 1.0:
+        raise ValueError(f"b1, b2: must be < 1, got {beta1}, {beta2}")
+    out = np.empty(base.shape[0], dtype=np.float32)
+    m2 = np.empty_like(m)
+    v2 = v.copy() if kind == _opt.AVGM else np.empty_like(v)
+    _opt.server_step_into(out, m2, v2, base, acc, m, v, tw, lr, kind, beta1, beta2, e)
+    return out, m2, v2
+
+
+def _check_blocks(q: NDArray[Any], scales: NDArray[np.float32], block: int) -> None:
+    if isinstance(block, bool) or not isinstance(block, int) or block < 1:
+        raise ValueError(f"block: must be an int >= 1, got {block!r}")
+    need = -(-q.shape[0] // block)
+    if scales.shape[0] != need:
+        raise ValueError(
+            f"scales: has {scales.shape[0]} entries, {q.shape[0]} values in blocks of {block} "
+            f"need {need}"
+        )
+
+
+def dequant_accumulate_i8(
+    acc: NDArray[np.float64],
+    q: NDArray[np.int8],
+    scales: NDArray[np.float32],
+    block: int,
+    weight: float,
+) -> None:
+    """Fold an int8-encoded update: ``acc += weight * scales[i // block] * q[i]`` (float64).
+
+    Fused dequantise-accumulate: the int8 values are widened in registers, never copied to a
+    float32 array. ``scales`` must be finite and >= 0 (checked).
+    """
+    _check_array("acc", acc, _F64, 1, writable=True)
+    _check_array("q", q, _I8, 1)
+    _check_array("scales", scales, _F32, 1)
+    _check_same_length("q", q, "acc", acc)
+    _check_blocks(q, scales, block)
+    w = _check_scalar("weight", weight, allow_zero=True)
+    _opt.dequant_accumulate_i8(acc, q, scales, block, w)
+
+
+def dequant_accumulate_f16(acc: NDArray[np.float64], h: NDArray[np.float16], weight: float) -> None:
+    """Fold a float16-encoded update: ``acc += weight * float64(h)``."""
+    _check_array("acc", acc, _F64, 1, writable=True)
+    _check_array("h", h, _F16, 1)
+    _check_same_length("h", h, "acc", acc)
+    w = _check_scalar("weight", weight, allow_zero=True)
+    _opt.dequant_accumulate_f16(acc, h.view(np.uint16), _opt.HALF_TABLE, w)
+
+
+def i8_norm(q: NDArray[np.int8], scales: NDArray[np.float32], block: int) -> float:
+    """L2 norm of the decoded int8 values ``scales[i // block] * q[i]`` (float64 sums)."""
+    _check_array("q", q, _I8, 1)
+    _check_array("scales", scales, _F32, 1)
+    _check_blocks(q, scales, block)
+    return math.sqrt(float(_opt.sq_norm_i8(q, scales, block)))
+
+
 def mean(acc: NDArray[np.float64], total_weight: float) -> NDArray[np.float64]:
     """Return the weighted mean of the folded updates, ``acc / total_weight``, as float64."""
     _check_array("acc", acc, _F64, 1)
@@ -258,3 +358,19 @@ def warmup(*, parallel: bool = True) -> None:
     mean(acc, 1.0)
     mean(acc_ro, 1.0)
     clip_by_norm(x, 1.0)
+    m = np.zeros(9)
+    for opt in OPTIMIZERS:
+        server_step(x, acc, 1.0, 1.0, opt, m, m, b1=0.9, b2=0.99, eps=1e-3)
+        server_step(x_ro, acc_ro, 1.0, 1.0, opt, m, m, b1=0.9, b2=0.99, eps=1e-3)
+    q = np.ones(9, dtype=np.int8)
+    sc = np.ones(3, dtype=np.float32)
+    q_ro, sc_ro = q.copy(), sc.copy()
+    q_ro.flags.writeable = sc_ro.flags.writeable = False
+    for qq, ss in ((q, sc), (q_ro, sc_ro)):
+        dequant_accumulate_i8(acc, qq, ss, 3, 1.0)
+        i8_norm(qq, ss, 3)
+    h = np.ones(9, dtype=np.float16)
+    h_ro = h.copy()
+    h_ro.flags.writeable = False
+    dequant_accumulate_f16(acc, h, 1.0)
+    dequant_accumulate_f16(acc, h_ro, 1.0)

@@ -28,7 +28,7 @@ from fededge.aggregator.policy import Layout
 from fededge.aggregator.store import Store
 from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import NotReadyError, ProtocolError, StorageError
-from fededge.protocol import ModelVersion, Update
+from fededge.protocol import ModelVersion, Plan, Update
 
 log = logging.getLogger(__name__)
 
@@ -242,6 +242,21 @@ class PendingVersion:
             out[name] = new.reshape(shape)
         return out
 
+    def finalize_with(
+        self, plan: Plan, m: NDArray[np.float64], v: NDArray[np.float64]
+    ) -> tuple[dict[str, NDArray[np.float32]], NDArray[np.float64], NDArray[np.float64]]:
+        """The next version under ``plan.server_optimizer`` (not ``sgd``), from state (m, v).
+
+        One fused Numba pass per tensor computes the mean delta, the new optimizer state and
+        the next weights (``kernels.server_step``); returns (weights, new m, new v), leaving
+        ``m`` and ``v`` untouched.
+        """
+        if self.sums.total_weight <= 0:
+            raise NotReadyError("cannot finalize a version without updates")
+        return server_step_tensors(
+            self.base.weights, self.layout, self.acc, self.sums.total_weight, plan, m, v
+        )
+
     def metrics(self) -> dict[str, Any]:
         s = self.sums
         return {
@@ -257,3 +272,34 @@ class PendingVersion:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def server_step_tensors(
+    base_weights: dict[str, NDArray[np.float32]],
+    layout: Layout,
+    acc: NDArray[np.float64],
+    total_weight: float,
+    plan: Plan,
+    m: NDArray[np.float64],
+    v: NDArray[np.float64],
+) -> tuple[dict[str, NDArray[np.float32]], NDArray[np.float64], NDArray[np.float64]]:
+    """Apply the plan's server optimizer to ``acc / total_weight`` over the flat layout."""
+    out: dict[str, NDArray[np.float32]] = {}
+    m2 = np.empty_like(m)
+    v2 = np.empty_like(v)
+    for (name, sl), shape in zip(layout.slices(), layout.shapes, strict=True):
+        base = np.ascontiguousarray(base_weights[name], dtype=np.float32).reshape(-1)
+        new, m2[sl], v2[sl] = kernels.server_step(
+            base,
+            acc[sl],
+            total_weight,
+            plan.server_learning_rate,
+            plan.server_optimizer,
+            m[sl],
+            v[sl],
+            b1=plan.server_momentum,
+            b2=plan.server_beta2,
+            eps=plan.server_epsilon,
+        )
+        out[name] = new.reshape(shape)
+    return out, m2, v2

@@ -13,6 +13,9 @@ import logging
 from collections import deque
 from typing import Any
 
+import numpy as np
+from numpy.typing import NDArray
+
 from fededge.aggregator.dedup import DedupMemory
 from fededge.aggregator.effects import Effect, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
@@ -24,6 +27,7 @@ from fededge.keys import load_private
 from fededge.protocol import Graph, ModelVersion, Plan, Topics, VersionMetrics, decode_json
 from fededge.protocol.messages import Weights
 from fededge.protocol.signing import SignedKind, open_message, sign
+from fededge.protocol.tensors import decode_tensors, encode_tensors
 from fededge.protocol.vocab import NO_GRAPH, RejectReason
 from fededge.settings import Settings
 
@@ -67,6 +71,9 @@ class VersionState:
             self.model_keys.append(self.signer.public_key())
         self.plan_raw: bytes | None = None  # the plan message as received (None: defaults)
         self.graph_raw: bytes | None = None
+        # The server optimizer's O(d) state (m, v) that produced the current version; None:
+        # zeros (after sgd versions, an adopted model, or a first version).
+        self.opt_state: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None
         self.ledger = Ledger()  # privacy spent by the versions so far (privacy.json)
 
     def ready(self) -> tuple[ModelVersion, PendingVersion]:
@@ -100,6 +107,7 @@ class VersionState:
             self.dedup.add_version(v, self.store.version_info(v).get("update_keys", []))
         latest = versions[-1]
         self._set_model(self.store.load_version(latest), self.store.read_version_bytes(latest))
+        self.opt_state = self._load_opt_state(latest)
         model, pending = self.ready()
         replayed = pending.recover()
         self.version_started = model.time if model.time else now
@@ -141,8 +149,13 @@ class VersionState:
         *,
         round_id: str | None,
         now: float,
+        opt_state: tuple[NDArray[np.float64], NDArray[np.float64]] | None = None,
     ) -> tuple[ModelVersion, list[Effect]]:
-        """Store the version after the current one; the publications that announce it."""
+        """Store the version after the current one; the publications that announce it.
+
+        ``opt_state`` is the server optimizer's state after this version's step: it is stored
+        (atomically, before the version itself) so a restart continues from it bit for bit.
+        """
         old, pending = self.ready()
         new_version = old.version + 1
         model = ModelVersion(
@@ -174,7 +187,15 @@ class VersionState:
         }
         if round_id is not None:
             info["round_id"] = round_id
+        if opt_state is not None:
+            m, v = opt_state
+            self.store.write_blob(
+                _opt_file(new_version),
+                encode_tensors({"m": m, "v": v}, {"version": str(new_version)}),
+            )
         self.store.write_version(payload, new_version, info, keep=self.cfg.versions_kept)
+        self.opt_state = opt_state
+        (self.store.root / _opt_file(old.version)).unlink(missing_ok=True)
         self.dedup.add_version(new_version, update_keys or [])
         self.dedup.keep_from(self.store.version_numbers()[0])
         pending.close()
@@ -331,5 +352,33 @@ class VersionState:
         # could be resends of ones folded into it, so the window starts here.
         self.dedup.add_version(model.version, [])
         self._set_model(model, payload)
+        self.opt_state = None  # a new model starts a new optimizer trajectory
         self.version_started = now
         return []
+
+    # -- server optimizer state -------------------------------------------------------------
+    def optimizer_state(self, size: int) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """(m, v) for the next step: the stored state, or zeros."""
+        if self.opt_state is not None and self.opt_state[0].shape == (size,):
+            return self.opt_state
+        return np.zeros(size, dtype=np.float64), np.zeros(size, dtype=np.float64)
+
+    def _load_opt_state(
+        self, version: int
+    ) -> tuple[NDArray[np.float64], NDArray[np.float64]] | None:
+        raw = self.store.read_blob(_opt_file(version))
+        if raw is None:
+            return None
+        try:
+            p = decode_tensors(raw, max_bytes=1 << 40, max_header=1 << 20)
+            if p.metadata.get("version") != str(version):
+                raise ValueError(f"it is for version {p.metadata.get('version')!r}")
+            m, v = (np.array(p.tensors[k], dtype=np.float64) for k in ("m", "v"))
+        except (ProtocolError, KeyError, ValueError) as e:
+            raise StorageError(f"optimizer state of version {version} is unreadable: {e}") from None
+        return m, v
+
+
+def _opt_file(version: int) -> str:
+    """The file holding the server optimizer state after ``version``."""
+    return f"optimizer-{version:08d}.safetensors"

@@ -97,6 +97,12 @@ class Plan(_Json):
     delta: float = Field(1e-5, gt=0, lt=1)
     max_epsilon: float | None = Field(None, gt=0, le=1e6)
     target_unclipped_quantile: float | None = Field(None, gt=0, lt=1)  # adaptive clipping
+    # Server optimizer (issue 13, Reddi et al. 2021) acting on the weighted mean delta; each
+    # omitted from the JSON at its default.
+    server_optimizer: Literal["sgd", "avgm", "adam", "yogi", "adagrad"] = "sgd"
+    server_momentum: float = Field(0.9, ge=0, lt=1)  # beta1 (avgm: momentum)
+    server_beta2: float = Field(0.99, ge=0, lt=1)
+    server_epsilon: float = Field(1e-3, gt=0, le=1e3)  # tau, the adaptivity floor
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
@@ -125,6 +131,10 @@ _PLAN_OMITTED: dict[str, object] = {
     "max_updates_per_device": 1,
     "noise_multiplier": 0.0,
     "delta": 1e-5,
+    "server_optimizer": "sgd",
+    "server_momentum": 0.9,
+    "server_beta2": 0.99,
+    "server_epsilon": 1e-3,
 }
 
 
