@@ -32,6 +32,7 @@ __all__ = [
     "clip_by_norm",
     "dequant_accumulate_f16",
     "dequant_accumulate_i8",
+    "dequant_accumulate_i8_group",
     "finalize",
     "i8_norm",
     "l2_norm",
@@ -273,6 +274,43 @@ def dequant_accumulate_i8(
     _check_blocks(q, scales, block)
     w = _check_scalar("weight", weight, allow_zero=True)
     _opt.dequant_accumulate_i8(acc, q, scales, block, w)
+
+
+def dequant_accumulate_i8_group(
+    acc: NDArray[np.float64],
+    qs: Sequence[NDArray[np.int8]],
+    scales: Sequence[NDArray[np.float32]],
+    block: int,
+    weights: Sequence[float] | NDArray[np.float64],
+) -> None:
+    """Fold k int8-encoded updates, 8 per pass over ``acc`` (the rest one by one).
+
+    Same arguments as :func:`dequant_accumulate_i8`, one per update. Each element adds its
+    updates' terms in order in a register, so the result is bitwise that of k single folds.
+    """
+    _check_array("acc", acc, _F64, 1, writable=True)
+    w = np.array(weights, dtype=np.float64)
+    if w.ndim != 1 or w.shape[0] != len(qs) or len(scales) != len(qs):
+        raise ValueError(f"weights/scales: need {len(qs)} of each")
+    _check_weight_values(w)
+    for i, (q, sc) in enumerate(zip(qs, scales, strict=True)):
+        _check_array(f"qs[{i}]", q, _I8, 1)
+        _check_array(f"scales[{i}]", sc, _F32, 1)
+        _check_same_length(f"qs[{i}]", q, "acc", acc)
+        _check_blocks(q, sc, block)
+    views = []
+    for q in qs:
+        view = q.view()
+        view.flags.writeable = False
+        views.append(view)
+    k, j = len(views), 0
+    while j + 8 <= k:
+        a, b, c, d, e, f, g, h = views[j : j + 8]
+        sc8 = np.stack(scales[j : j + 8])
+        _opt.fold8_i8(acc, a, b, c, d, e, f, g, h, sc8, block, w[j : j + 8])
+        j += 8
+    for i in range(j, k):
+        _opt.dequant_accumulate_i8(acc, views[i], scales[i], block, float(w[i]))
 
 
 def dequant_accumulate_f16(acc: NDArray[np.float64], h: NDArray[np.float16], weight: float) -> None:
