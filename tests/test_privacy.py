@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import dp_accounting
+import numpy as np
 import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -15,6 +16,7 @@ from scipy.stats import norm
 from fededge.aggregator.core import AggregatorCore
 from fededge.aggregator.effects import Publish
 from fededge.aggregator.metrics import AggregatorMetrics
+from fededge.aggregator.policy import check_secure_sum
 from fededge.aggregator.privacy import (
     Ledger,
     accounted_multiplier,
@@ -22,11 +24,21 @@ from fededge.aggregator.privacy import (
     bit_noise_stddev,
     epsilon_of,
 )
+from fededge.aggregator.privacy import secure_noise_stddev as agg_secure_noise_stddev
 from fededge.aggregator.store import Store, task_root
-from fededge.device.training import reported_examples, update_noise_stddev
+from fededge.device.training import reported_examples, secure_noise_stddev, update_noise_stddev
 from fededge.device.trust import privacy_refusal
+from fededge.errors import SecAggError
 from fededge.protocol import AggregatorStatus, Plan, VersionMetrics, decode_json
 from fededge.protocol.messages import SecureAggregation
+from fededge.secagg.quantize import (
+    FixedPoint,
+    add_mod,
+    dp_scale,
+    max_scale,
+    noise_headroom,
+    skellam_noise,
+)
 from fededge.settings import PrivacySettings
 from tests.test_aggregator_core import Harness
 
@@ -98,8 +110,12 @@ def test_device_noise_and_disclosed_counts() -> None:
     assert update_noise_stddev(plain) == 1.0
     sa = SecureAggregation(cohort_size=10, min_cohort=9, threshold=8)
     secure = Plan(clip_norm=0.5, noise_multiplier=2.0, secure_aggregation=sa)
-    # Each device adds sigma / sqrt(t): the sum of t survivors carries sigma.
-    assert update_noise_stddev(secure) * math.sqrt(8) == pytest.approx(1.0)
+    # Secure rounds: no float noise; each device adds integer noise sigma / sqrt(t) after
+    # quantisation, so the sum of t survivors carries sigma.
+    assert update_noise_stddev(secure) == 0.0
+    assert secure_noise_stddev(secure) * math.sqrt(8) == pytest.approx(1.0)
+    assert secure_noise_stddev(secure) == agg_secure_noise_stddev(secure)
+    assert secure_noise_stddev(plain) == 0.0
     assert reported_examples(37, plain) == 64 and reported_examples(37, Plan()) == 37
 
 
@@ -197,3 +213,43 @@ def test_status_shows_epsilon_spent_and_left() -> None:
     assert _privacy_json(AggregatorStatus(task="t1", state="online")) is None
     # Old status bytes are unchanged: no privacy fields without DP.
     assert b"epsilon" not in AggregatorStatus(task="t1", state="online").to_bytes()
+
+
+def test_distributed_noise_under_secure_aggregation() -> None:
+    """n devices encode clipped deltas with their integer noise share; the modular sum decodes
+    to the sum of deltas plus noise of standard deviation sigma * sqrt(n / t) - at least sigma
+    whenever t or more survive - and passes the aggregator's check of honest sums."""
+    n, t, d, clip, sigma = 20, 11, 4000, 1.0, 2.0
+    rng = np.random.default_rng(7)
+    share = sigma / math.sqrt(t)
+    scale = dp_scale(n, clip, 32, share)
+    assert scale <= max_scale(n, max(clip, 1.0) + noise_headroom(n, share), 32)
+    fp = FixedPoint(32, clip, scale, 1000.0)
+    acc = np.zeros(d + 1, dtype=np.uint32)
+    total = np.zeros(d)
+    for i in range(n):
+        delta = rng.normal(0, 1, d)
+        delta *= clip / np.linalg.norm(delta)
+        total += delta
+        add_mod(acc, fp.encode(delta, 1000.0, 1000 + i, noise_stddev=share, rng=rng), 32)
+    sum_wd, sum_w = fp.decode(acc)
+    assert sum_w == pytest.approx(n * 1000.0, rel=1e-6)  # uniform weights: w~ = 1 each
+    noise = sum_wd / 1000.0 - total
+    assert np.std(noise) == pytest.approx(sigma * math.sqrt(n / t), rel=0.05)
+    assert abs(np.mean(noise)) < 0.1
+    check_secure_sum(sum_wd, sum_w, survivors=n, clip=clip, max_weight=1000.0, scale=scale,
+                     noise=share)  # fmt: skip
+    with pytest.raises(SecAggError):  # without the noise allowance the sum looks too large
+        check_secure_sum(sum_wd, sum_w, survivors=n, clip=clip, max_weight=1000.0, scale=scale)
+    # The aggregator charges the plan's z for the worst case of t survivors.
+    sa = SecureAggregation(cohort_size=n, min_cohort=t + 1, threshold=t)
+    plan = Plan(clip_norm=clip, noise_multiplier=sigma / clip, secure_aggregation=sa)
+    assert accounted_multiplier(plan) == sigma / clip
+    assert secure_noise_stddev(plan) == pytest.approx(share)
+
+
+def test_skellam_noise_has_its_variance() -> None:
+    rng = np.random.default_rng(3)
+    for std in (3.0, 65536.0, 1e7):  # Skellam, Skellam, rounded Gaussian (beyond 1e12 mu)
+        x = skellam_noise(std, 100_000, rng).astype(np.float64)
+        assert np.std(x) == pytest.approx(std, rel=0.02) and abs(np.mean(x)) < 0.02 * std

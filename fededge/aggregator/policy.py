@@ -145,6 +145,7 @@ def check_secure_sum(
     clip: float,
     max_weight: float,
     scale: float,
+    noise: float = 0.0,
 ) -> None:
     """Refuse an unmasked secure-aggregation sum that honest devices cannot have produced.
 
@@ -172,6 +173,8 @@ def check_secure_sum(
     d = int(sum_wd.size)
     norm = float(np.linalg.norm(np.asarray(sum_wd, dtype=np.float64))) / max_weight
     bound = clip * (s_w + eps) + eps * math.sqrt(d)
+    if noise > 0:  # distributed DP: each survivor's noise of std ``noise`` per entry
+        bound += noise * math.sqrt(n) * (math.sqrt(d) + 8.0)  # chi_d tail, P < 1e-13
     if not (math.isfinite(norm) and norm <= bound):
         raise SecAggError(
             f"norm of the weighted sum {norm:.6g} exceeds clip x total weight "

@@ -54,16 +54,11 @@ def accounted_multiplier(plan: Plan) -> float:
     return z
 
 
-def device_noise_stddev(plan: Plan, secure_threshold: int | None = None) -> float:
-    """The noise one device adds to its clipped update.
-
-    Plaintext: the whole ``z * C``. Secure aggregation with ``t`` = ``secure_threshold``: a
-    share ``z * C / sqrt(t)``, so the sum of at least t survivors carries ``z * C``.
-    """
-    sigma = plan.noise_sigma
-    if secure_threshold is not None and secure_threshold > 1:
-        return sigma / math.sqrt(secure_threshold)
-    return sigma
+def secure_noise_stddev(plan: Plan) -> float:
+    """Each device's share of the noise in a secure round, sigma / sqrt(t) (the device's
+    fededge.device.training.secure_noise_stddev: the aggregator sizes its rounds with it)."""
+    sa = plan.secure_aggregation
+    return 0.0 if sa is None else plan.noise_sigma / math.sqrt(sa.threshold)
 
 
 @lru_cache(maxsize=256)

@@ -26,6 +26,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fededge.aggregator.policy import check_secure_sum
+from fededge.aggregator.privacy import secure_noise_stddev
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.mqtt import Message
 from fededge.protocol.messages import (
@@ -57,7 +58,7 @@ from fededge.secagg.messages import (
     ShareKeys,
     UnmaskShares,
 )
-from fededge.secagg.quantize import max_scale
+from fededge.secagg.quantize import dp_scale
 
 log = logging.getLogger(__name__)
 # Device -> aggregator stage topics and the message type each must carry.
@@ -306,7 +307,7 @@ class RoundDriver:
             neighbours=effective_neighbours(sa, n),
             bits=sa.bits,
             clip=clip,
-            scale=max_scale(n, clip, sa.bits),
+            scale=dp_scale(n, clip, sa.bits, secure_noise_stddev(self.host.plan)),
             max_weight=sa.max_weight,
             vector_length=sum(int(w.size) for w in model.weights.values()),
             timeout_s=sa.stage_timeout,
@@ -373,7 +374,8 @@ class RoundDriver:
         try:  # a sum honest devices cannot produce is not published (issue 9)
             check_secure_sum(sum_wd, sum_w, survivors=len(server.survivors),
                              clip=server.config.clip, max_weight=server.config.max_weight,
-                             scale=server.config.scale)  # fmt: skip
+                             scale=server.config.scale,
+                             noise=secure_noise_stddev(self.host.plan))  # fmt: skip
         except SecAggError as e:
             self.rounds_aborted += 1
             self.last_abort_reason = str(e)

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from fededge.device.effects import Effect, Persist, Publish, WakeTrainer
 from fededge.device.examples import ExampleStore, StateDb
 from fededge.device.metrics import DeviceMetrics
-from fededge.device.training import reported_examples
+from fededge.device.training import reported_examples, secure_noise_stddev
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.protocol import Plan, Topics
 from fededge.protocol.messages import CheckIn
@@ -296,7 +296,10 @@ class Participant:
                               floor=floor)  # fmt: skip
         except SecAggError as e:
             raise SecAggError(f"round {round_id}: refused: {e}") from None
-        out = rnd.set_input(ready.delta, float(ready.num_examples))
+        # DP plans: uniform weights (an example count is data too) and this device's share of
+        # the distributed noise (docs/privacy.md).
+        weight = config.max_weight if plan.dp else float(ready.num_examples)
+        out = rnd.set_input(ready.delta, weight, noise_stddev=secure_noise_stddev(plan))
         out += rnd.start()
         self.round, self._round_input, self._ready = rnd, ready, None
         self._masked_sent = False

@@ -28,17 +28,21 @@ class LocalUpdate:
 
 
 def update_noise_stddev(plan: Plan) -> float:
-    """The Gaussian noise one device adds to its clipped delta (docs/privacy.md).
+    """The Gaussian noise one device adds to its clipped delta in float (docs/privacy.md).
 
     Plaintext plans: the whole sigma = z * C (``noise_multiplier``, or the old absolute
     ``noise_stddev``), so each update is private even to the aggregator. Secure aggregation:
-    a share sigma / sqrt(t), so the sum of at least t = ``threshold`` survivors carries sigma
-    (distributed DP); the aggregator sees only that sum.
+    none here; :func:`secure_noise_stddev` is added as integer noise after quantisation.
     """
+    return 0.0 if plan.secure_aggregation is not None else plan.noise_sigma
+
+
+def secure_noise_stddev(plan: Plan) -> float:
+    """Each device's share of the distributed-DP noise in a secure round: sigma / sqrt(t), so
+    the sum of at least t = ``threshold`` survivors carries sigma; the aggregator sees only
+    that sum. 0 for plaintext plans."""
     sa = plan.secure_aggregation
-    if sa is not None:
-        return plan.noise_sigma / math.sqrt(sa.threshold)
-    return plan.noise_sigma
+    return 0.0 if sa is None else plan.noise_sigma / math.sqrt(sa.threshold)
 
 
 def reported_examples(num_examples: int, plan: Plan) -> int:

@@ -161,8 +161,14 @@ class DeviceRound:
         self,
         delta: Mapping[str, npt.NDArray[np.floating]] | npt.NDArray[np.floating],
         weight: float,
+        *,
+        noise_stddev: float = 0.0,
     ) -> list[Outgoing]:
-        """Give this round's update (weight = e.g. example count); sends it if shares are in."""
+        """Give this round's update (weight = e.g. example count); sends it if shares are in.
+
+        ``noise_stddev`` > 0: this device's share of the distributed-DP noise, added as integer
+        (Skellam) noise after quantisation (fededge.secagg.quantize.FixedPoint.encode).
+        """
         check_stage(
             self.stage, Stage.ADVERTISE, Stage.SHARE, Stage.MASKED, what="setting the input"
         )
@@ -174,7 +180,11 @@ class DeviceRound:
                 f"input has {flat.shape[0]} values, the round expects {self.config.vector_length}"
             )
         key = int.from_bytes(self._rng(8), "little")
-        self._encoded = self._fixed.encode(flat, float(weight), key)
+        noise_rng = None  # drawn only for noise: rounds without it keep their random stream
+        if noise_stddev > 0:
+            noise_rng = np.random.default_rng(int.from_bytes(self._rng(32), "little"))
+        self._encoded = self._fixed.encode(flat, float(weight), key, noise_stddev=noise_stddev,
+                                           rng=noise_rng)  # fmt: skip
         return self._maybe_send_masked()
 
     def handle(self, msg: Message) -> list[Outgoing]:
