@@ -228,8 +228,10 @@ class Aggregator:
                 ) from None
         connect_with_retry(self.client, self.settings, tick, should_stop)
         on_connected()
-        for t in (self.topics.plan, self.topics.graph, self.topics.model):
-            self.client.subscribe(t, qos=1)
+        # One SUBSCRIBE: a broker that waits for the PUBACK of a retained message before it
+        # reads the next packet (amqtt does) would otherwise hold each later SUBACK for its
+        # PUBACK timeout, while this thread, waiting for the SUBACK, cannot take the message.
+        self.client.subscribe_all([self.topics.plan, self.topics.graph, self.topics.model], qos=1)
         deadline = None if wait_for_model is None else time.monotonic() + wait_for_model
         if self.model is None:
             log.info(
@@ -251,9 +253,9 @@ class Aggregator:
         # Retained copies on the broker are ours: restore any the broker lost.
         self._execute([*self.core.state.current(), self.core.status_publish(time.time())],
                       strict=True)  # fmt: skip
-        self.client.subscribe(self.topics.updates_filter, qos=1)
-        for topic, qos in self.rounds.subscriptions():
-            self.client.subscribe(topic, qos=qos)
+        subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions()]
+        for qos in (0, 1):  # QoS 0 first: no PUBACK a broker could wait for (see above)
+            self.client.subscribe_all([t for t, q in subs if q == qos], qos=qos)
         log.info(
             "aggregator ready: task=%s version=%s pending=%d/%d",
             self.settings.task,

@@ -150,13 +150,14 @@ class Driver:
         mqtt.add_connect_listener(lambda session_present: self.connected.set())
         mqtt.connect()
         try:
-            for topic in (self.topics.graph, self.topics.plan, self.topics.model,
-                          self.topics.receipt(self.device_id)):  # fmt: skip
-                mqtt.subscribe(topic, qos=1)
             # QoS 0: round messages only matter while connected, and queueing them for an
             # offline device would crowd its session queue (and Mosquitto drops past the cap).
-            for topic in self.core.secagg.subscriptions():
-                mqtt.subscribe(topic, qos=0)
+            mqtt.subscribe_all(self.core.secagg.subscriptions(), qos=0)
+            # One SUBSCRIBE for the QoS 1 topics, last: a broker that waits for the PUBACK of a
+            # retained message before it reads the next packet (amqtt) would otherwise hold each
+            # later SUBACK until its PUBACK timeout (messages are acknowledged when taken).
+            mqtt.subscribe_all([self.topics.graph, self.topics.plan, self.topics.model,
+                                self.topics.receipt(self.device_id)], qos=1)  # fmt: skip
         except FededgeError:
             mqtt.close()
             raise
