@@ -169,8 +169,8 @@ EXAMPLES: dict[str, Example] = {
             "frozen conv features + trainable head (accuracy)",
             "classification",
             transfer,
-            versions=30,
-            learning_rate=0.05,
+            versions=40,
+            learning_rate=0.1,
         ),
     )
 }
