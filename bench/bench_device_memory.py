@@ -42,9 +42,12 @@ from fededge.settings import load_settings
 from fededge.tasks import publish_initial
 from fededge.testing.broker import Mosquitto
 
-PLAN = Plan(epochs=5, batch_size=32, learning_rate=0.1, examples_per_update=512,
-            min_updates_per_version=5, clip_norm=5.0, noise_stddev=0.001)  # fmt: skip
 RUNS = 6
+# No aggregator runs here: the device trains RUNS times on version 0, so the plan must allow
+# that many updates of one device per version.
+PLAN = Plan(epochs=5, batch_size=32, learning_rate=0.1, examples_per_update=512,
+            min_updates_per_version=5, clip_norm=5.0, noise_stddev=0.001,
+            max_updates_per_device=RUNS)  # fmt: skip
 LIBRARIES = (
     "numpy",
     "ai_edge_litert.interpreter",

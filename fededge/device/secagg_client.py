@@ -46,6 +46,7 @@ from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.protocol import Plan, Topics
 from fededge.protocol.messages import CheckIn
 from fededge.protocol.roster import Roster, open_roster, trusted_keys
+from fededge.protocol.topics import ROUND_BROADCASTS
 
 if TYPE_CHECKING:  # fededge.secagg is imported on the first round message, not by every device
     from fededge.secagg import DeviceRound, Outgoing, RoundConfig
@@ -164,9 +165,7 @@ class Participant:
     def subscriptions(self) -> list[str]:
         """What the device listens to: round configs, broadcasts and messages addressed to it."""
         t = self.topics
-        from fededge.secagg.messages import BROADCAST_TYPES
-
-        return [t.roster, *(t.round_broadcast_filter(b) for b in sorted(BROADCAST_TYPES)),
+        return [t.roster, *(t.round_broadcast_filter(b) for b in sorted(ROUND_BROADCASTS)),
                 t.round_to_filter(self.device_id)]  # fmt: skip
 
     def tick(self, now: float, wall: float, connected: bool) -> list[Effect]:

@@ -9,6 +9,10 @@ from fededge.protocol.vocab import check_name, is_name
 
 CHECKIN = "checkin"
 TO = "to"
+#: Round messages the aggregator sends to every device on ``rounds/{round}/{type}``.
+ROUND_BROADCASTS = frozenset({"config", "survivors", "unmask_request", "status"})
+#: Round messages the aggregator sends to one device on ``rounds/{round}/to/{device}``.
+ROUND_ADDRESSED = frozenset({"keys", "relay"})
 
 
 @dataclass(frozen=True)

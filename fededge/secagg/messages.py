@@ -22,6 +22,7 @@ import numpy.typing as npt
 
 from fededge.errors import ProtocolError
 from fededge.protocol.tensors import decode_tensors, encode_tensors
+from fededge.protocol.topics import ROUND_ADDRESSED, ROUND_BROADCASTS
 from fededge.protocol.vocab import NAME_PATTERN, is_name
 from fededge.secagg.crypto import KEY_BYTES, NONCE_BYTES, SHARE_BYTES, TAG_BYTES
 
@@ -519,8 +520,8 @@ _BY_TYPE: dict[str, Any] = {
 # Which JSON types may arrive on which aggregator -> device topic (docs/protocol.md): a
 # broadcast ``rounds/{round}/{type}`` carries only its own type, ``rounds/{round}/to/{device}``
 # only the two addressed types. Anything else is refused.
-BROADCAST_TYPES = frozenset({"config", "survivors", "unmask_request", "status"})
-ADDRESSED_TYPES = frozenset({"keys", "relay"})
+BROADCAST_TYPES = ROUND_BROADCASTS  # defined with the topics: devices subscribe by them
+ADDRESSED_TYPES = ROUND_ADDRESSED
 
 
 def decode_json(data: bytes | str) -> JsonMessage:
