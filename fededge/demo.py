@@ -50,6 +50,11 @@ class DemoConfig:
     out_dir: Path = Path("demo-out")
     json_path: Path | None = None
     secure_aggregation: bool = False
+    # Issue 13: the server optimizer and its learning rate, the update encoding.
+    server_optimizer: str = "sgd"
+    server_lr: float = 1.0
+    update_encoding: str = "f32"
+    update_block: int = 0
     examples_per_update: int = 32
     epochs: int = 5
     learning_rate: float = 0.1
@@ -128,6 +133,10 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         noise_stddev=cfg.noise,
         max_staleness=2,
         secure_aggregation=sa,
+        server_optimizer=cfg.server_optimizer,
+        server_learning_rate=cfg.server_lr,
+        update_encoding=cfg.update_encoding,
+        update_block=cfg.update_block,
     )
 
 

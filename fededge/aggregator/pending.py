@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fededge.aggregator import kernels
+from fededge.aggregator import codec, kernels
 from fededge.aggregator.policy import Layout
 from fededge.aggregator.store import Store
 from fededge.aggregator.wal import SegmentWriter, read_segment
@@ -215,16 +215,10 @@ class PendingVersion:
     def _fold(self, group: Sequence[tuple[Update, float, float]]) -> None:
         # One pass over the accumulator per 8 updates; bitwise equal to folding one at a time,
         # so WAL replay with other group boundaries reproduces the same sum.
-        weights = [w for _, w, _ in group]
+        # Encoded updates (f16, int8) go through fused dequantise-accumulate kernels.
+        pairs = [(u, w) for u, w, _ in group]
         for name, sl in self.layout.slices():
-            if self._parallel:
-                for update, w, _ in group:
-                    kernels.accumulate(
-                        self.acc[sl], update.delta[name].reshape(-1), w, parallel=True
-                    )
-            else:
-                updates = [u.delta[name].reshape(-1) for u, _, _ in group]
-                kernels.accumulate_group(self.acc[sl], updates, weights)
+            codec.fold(self.acc[sl], name, pairs, parallel=self._parallel)
         for update, weight, norm in group:
             self.sums.add(update, weight, norm)
             self._ids.add(dedup_key(update.device, update.update_id))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fededge.aggregator import kernels
+from fededge.aggregator import codec
 from fededge.errors import ProtocolError, SecAggError
 from fededge.protocol import Plan, Update
 from fededge.protocol.vocab import RejectReason
@@ -100,25 +100,16 @@ def check_update(
                 f"{key}={value!r} is outside [0, {hi:g}]", reason=RejectReason.BAD_METRICS
             )
     names = set(update.delta)
-    if names != set(layout.names):
-        missing = sorted(set(layout.names) - names)[:5]
-        extra = sorted(names - set(layout.names))[:5]
+    expected = codec.expected_names(layout.names, update.encoding)
+    if names != expected:
+        missing = sorted(expected - names)[:5]
+        extra = sorted(names - expected)[:5]
         raise ProtocolError(
             f"missing tensors {missing}, unexpected {extra}", reason=RejectReason.WRONG_NAMES
         )
     sq = 0.0
     for name, shape in zip(layout.names, layout.shapes, strict=True):
-        arr = update.delta[name]
-        if arr.dtype != np.float32:
-            raise ProtocolError(
-                f"tensor {name!r} is {arr.dtype}, not float32", reason=RejectReason.WRONG_DTYPE
-            )
-        if tuple(arr.shape) != shape:
-            raise ProtocolError(
-                f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}",
-                reason=RejectReason.WRONG_SHAPE,
-            )
-        n = kernels.l2_norm(arr.reshape(-1))
+        n = codec.tensor_norm(update, name, shape)  # of the decoded values (issue 13)
         if not math.isfinite(n):
             raise ProtocolError(
                 f"tensor {name!r} contains NaN or Inf", reason=RejectReason.NON_FINITE

@@ -64,6 +64,34 @@ from fededge.logs import setup_logging
     type=int,
     help="Seed of the data split, the partitions and the devices' noise.",
 )
+@click.option(
+    "--server-optimizer",
+    default="sgd",
+    show_default=True,
+    type=click.Choice(["sgd", "avgm", "adam", "yogi", "adagrad"]),
+    help="Server optimizer applied to each version's mean update (plan server_optimizer).",
+)
+@click.option(
+    "--server-lr",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(0, 100, min_open=True),
+    help="Server learning rate (plan server_learning_rate).",
+)
+@click.option(
+    "--update-encoding",
+    default="f32",
+    show_default=True,
+    type=click.Choice(["f32", "f16", "int8"]),
+    help="How devices encode their updates (plan update_encoding).",
+)
+@click.option(
+    "--update-block",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0),
+    help="int8: elements per scale (0: one scale per tensor).",
+)
 @click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
 @click.option(
     "--mqtt-version",

@@ -103,6 +103,10 @@ class Plan(_Json):
     server_momentum: float = Field(0.9, ge=0, lt=1)  # beta1 (avgm: momentum)
     server_beta2: float = Field(0.99, ge=0, lt=1)
     server_epsilon: float = Field(1e-3, gt=0, le=1e3)  # tau, the adaptivity floor
+    # Compressed updates (fededge/protocol/encoding.py): f32, f16 or int8 with one scale per
+    # tensor (update_block 0) or per update_block elements; omitted at the defaults.
+    update_encoding: Literal["f32", "f16", "int8"] = "f32"
+    update_block: int = Field(0, ge=0, le=1 << 30)
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
@@ -135,6 +139,8 @@ _PLAN_OMITTED: dict[str, object] = {
     "server_momentum": 0.9,
     "server_beta2": 0.99,
     "server_epsilon": 1e-3,
+    "update_encoding": "f32",
+    "update_block": 0,
 }
 
 
@@ -375,6 +381,13 @@ class ModelVersion:
         )
 
 
+def _meta_encoding(meta: Mapping[str, str]) -> str:
+    raw = meta.get("encoding", "f32")
+    if raw not in ("f32", "f16", "int8"):
+        raise ProtocolError(f"metadata 'encoding' must be f32, f16 or int8, got {raw[:32]!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Update:
     """One device's clipped, noised weight delta against a base version."""
@@ -389,6 +402,9 @@ class Update:
     eval_loss: float | None = None
     eval_accuracy: float | None = None
     extra: dict[str, str] = field(default_factory=dict)
+    # How ``delta`` is encoded (fededge/protocol/encoding.py); f32 is omitted from the bytes.
+    encoding: str = "f32"
+    block: int = 0  # int8: elements per scale (0: one scale per tensor)
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -404,6 +420,10 @@ class Update:
             value = getattr(self, key)
             if value is not None:
                 meta[key] = repr(float(value))
+        if self.encoding != "f32":
+            meta["encoding"] = self.encoding
+        if self.encoding == "int8":
+            meta["block"] = str(self.block)
         return encode_tensors(self.delta, meta)
 
     @classmethod
@@ -422,6 +442,8 @@ class Update:
             train_loss=_meta_float(m, "train_loss", -math.inf, math.inf),
             eval_loss=_meta_float(m, "eval_loss", -math.inf, math.inf),
             eval_accuracy=_meta_float(m, "eval_accuracy", -math.inf, math.inf),
+            encoding=_meta_encoding(m),
+            block=_meta_int(m, "block", 0, 1 << 31) if m.get("encoding") == "int8" else 0,
         )
 
 

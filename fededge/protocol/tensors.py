@@ -21,6 +21,8 @@ _DTYPES: dict[str, np.dtype[np.generic]] = {
     "F32": np.dtype("<f4"),
     "F64": np.dtype("<f8"),
     "U8": np.dtype("u1"),
+    "F16": np.dtype("<f2"),  # compressed updates (plan update_encoding f16)
+    "I8": np.dtype("i1"),  # compressed updates (plan update_encoding int8)
     "I32": np.dtype("<i4"),
     "U32": np.dtype("<u4"),
     "I64": np.dtype("<i8"),
