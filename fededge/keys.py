@@ -13,17 +13,16 @@ import binascii
 import os
 import stat
 from pathlib import Path
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import (
-    Encoding,
-    NoEncryption,
-    PrivateFormat,
-    load_pem_private_key,
-)
+from typing import TYPE_CHECKING
 
 from fededge.errors import ConfigError
 from fededge.protocol.signing import raw_public
+
+if TYPE_CHECKING:  # imported where a key is made or read (see fededge/protocol/signing.py)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 PUBLIC_PREFIX = "ed25519:"
 MAX_KEY_FILE = 16 * 1024
@@ -45,6 +44,8 @@ def parse_public(text: str, what: str = "public key") -> Ed25519PublicKey:
         raise ConfigError(f"{what}: not valid base64: {t[:80]!r}") from None
     if len(raw) != 32:
         raise ConfigError(f"{what}: an Ed25519 public key has 32 bytes, got {len(raw)}")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
@@ -69,6 +70,12 @@ def write_private(path: Path, key: Ed25519PrivateKey, *, overwrite: bool = False
     """Write ``key`` as PEM with mode 0600, atomically; refuse to replace a key unless told."""
     if path.exists() and not overwrite:
         raise ConfigError(f"{path} exists: refusing to overwrite a key (remove it first)")
+    from cryptography.hazmat.primitives.serialization import (
+        Encoding,
+        NoEncryption,
+        PrivateFormat,
+    )
+
     pem = key.private_bytes(Encoding.PEM, PrivateFormat.PKCS8, NoEncryption())
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
@@ -96,6 +103,9 @@ def load_private(path: Path | str, what: str = "private key") -> Ed25519PrivateK
         )
     if len(data) > MAX_KEY_FILE:
         raise ConfigError(f"{what}: {p} is too large for a key file")
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
     try:
         key = load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
@@ -107,6 +117,8 @@ def load_private(path: Path | str, what: str = "private key") -> Ed25519PrivateK
 
 def generate(path: Path, *, overwrite: bool = False) -> Ed25519PrivateKey:
     """Make a new key at ``path`` (0600) and return it."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
     key = Ed25519PrivateKey.generate()
     write_private(path, key, overwrite=overwrite)
     return key

@@ -280,6 +280,10 @@ def test_device_process_imports_no_numba_rich_tensorflow_or_aggregator(broker, t
     assert {"fededge.device.client", "fededge.device.training", "paho"} <= imported
     roots = {name.split(".")[0] for name in imported}
     assert not roots & {"numba", "llvmlite", "rich", "tensorflow", "keras", "pygments"}
+    # No trust keys and no secure aggregation in this plan: nothing needs a key, so neither
+    # cryptography nor the SecAgg code is loaded (docs/benchmarks.md, device memory).
+    assert "cryptography" not in roots
+    assert not {n for n in imported if n.startswith("fededge.secagg")}
     unwanted = {
         n
         for n in imported

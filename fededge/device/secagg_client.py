@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from fededge.device.effects import Effect, Persist, Publish, WakeTrainer
 from fededge.device.examples import ExampleStore, StateDb
@@ -49,6 +48,11 @@ from fededge.protocol.roster import Roster, open_roster, trusted_keys
 from fededge.protocol.topics import ROUND_BROADCASTS
 
 if TYPE_CHECKING:  # fededge.secagg is imported on the first round message, not by every device
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
+
     from fededge.secagg import DeviceRound, Outgoing, RoundConfig
     from fededge.settings import Settings
 
@@ -110,10 +114,12 @@ class Participant:
         self._roster_keys: dict[str, Ed25519PublicKey] = {}
         self.not_ready: str | None = "no identity key"  # why it would not check in, or None
         self._said: str | None = None
+        # Loads (or makes) the identity key when a secure-aggregation plan first needs it.
+        self._identity_loader: Callable[[], Ed25519PrivateKey] | None = None
 
     def configure(
         self,
-        identity: Ed25519PrivateKey,
+        identity: Ed25519PrivateKey | Callable[[], Ed25519PrivateKey] | None,
         owner_keys: Sequence[Ed25519PublicKey] = (),
         *,
         min_threshold: int = 1,
@@ -122,10 +128,14 @@ class Participant:
     ) -> None:
         """Set the identity key, the owner's keys (roster signatures), the floor, a cached roster.
 
-        Without owner keys a roster is taken unverified (the device trusts the broker; the
-        driver warns at start).
+        ``identity`` may be a loader, called when a plan with secure aggregation first needs
+        the key. Without owner keys a roster is taken unverified (the device trusts the broker;
+        the driver warns at start).
         """
-        self.identity = identity
+        if callable(identity):
+            self._identity_loader, self.identity = identity, None
+        else:
+            self.identity = identity
         self._owner_keys = list(owner_keys)
         self._min_threshold, self._min_cohort = min_threshold, min_cohort
         if roster is not None:
@@ -186,6 +196,10 @@ class Participant:
             self._ready = None  # stale: its examples are still fresh, train again
             log.info("dropped a secure-aggregation update on an outdated version")
             return [WakeTrainer()]
+        if plan is not None and self.identity is None and self._identity_loader is not None:
+            loader, self._identity_loader = self._identity_loader, None
+            self.identity = loader()
+            self._update_readiness()
         if ready is None or plan is None or not connected:
             return []
         if self.not_ready is not None:
@@ -392,12 +406,23 @@ def handle_safely(
 def configure_participant(participant: Participant, settings: Settings, state_dir: Path) -> None:
     """Give the participant its identity key (made on first start, 0600), the owner's keys,
     the privacy floor and the cached roster, from the device's settings and state directory."""
-    from fededge.keys import load_or_create, public_text
 
-    identity = load_or_create(state_dir / IDENTITY_FILE)
-    log.info("device identity key %s (%s); the model owner enrolls it with `fededge keys "
-             "enroll --add %s KEY`", public_text(identity.public_key()),
-             state_dir / IDENTITY_FILE, participant.device_id)  # fmt: skip
+    def load_identity() -> Ed25519PrivateKey:
+        from fededge.keys import load_or_create, public_text
+
+        identity = load_or_create(state_dir / IDENTITY_FILE)
+        log.info("device identity key %s (%s); the model owner enrolls it with `fededge keys "
+                 "enroll --add %s KEY`", public_text(identity.public_key()),
+                 state_dir / IDENTITY_FILE, participant.device_id)  # fmt: skip
+        return identity
+
+    # A device of a fleet with an owner key (or one that kept a secure-aggregation plan) makes
+    # and logs its identity at start, for enrollment; a plain FedAvg device without trust keys
+    # loads `cryptography` only once a plan with secure aggregation asks for the key.
+    needed_now = settings.trust.owner_key is not None or (state_dir / IDENTITY_FILE).exists()
+    identity: Ed25519PrivateKey | Callable[[], Ed25519PrivateKey] = (
+        load_identity() if needed_now else load_identity
+    )
     try:
         cached: bytes | None = (state_dir / ROSTER_FILE).read_bytes()
     except FileNotFoundError:

@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from typing import TYPE_CHECKING
 
 from fededge.errors import FededgeError
 from fededge.protocol import Plan
 from fededge.protocol.signing import SignedKind, open_message
 from fededge.settings import PrivacySettings, Settings
+
+if TYPE_CHECKING:  # cryptography is imported where a key is used
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 #: The state file that keeps the highest plan generation seen across restarts.
 TRUST_FILE = "trust.json"

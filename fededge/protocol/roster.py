@@ -17,14 +17,18 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
-
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from typing import TYPE_CHECKING, Any
 
 from fededge.errors import ConfigError, ProtocolError
 from fededge.keys import load_public, parse_public
 from fededge.protocol.signing import SignedKind, open_message, sign
 from fededge.protocol.vocab import NAME_PATTERN, is_name
+
+if TYPE_CHECKING:  # cryptography is imported where a key is used
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 ROSTER_VERSION = 1
 MAX_ROSTER_BYTES = 4 << 20

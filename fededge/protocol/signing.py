@@ -17,12 +17,16 @@ import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
-
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from typing import TYPE_CHECKING
 
 from fededge.errors import SignatureError
+
+if TYPE_CHECKING:  # cryptography is imported when a key is used: a device without trust keys
+    # in FedAvg mode never loads it (docs/benchmarks.md, device memory)
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+        Ed25519PrivateKey,
+        Ed25519PublicKey,
+    )
 
 MAGIC = b"FESG"
 ENVELOPE_VERSION = 1
@@ -43,6 +47,8 @@ class SignedKind(StrEnum):
 
 
 def raw_public(key: Ed25519PublicKey) -> bytes:
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
     return key.public_bytes(Encoding.Raw, PublicFormat.Raw)
 
 
@@ -113,6 +119,8 @@ def open_message(data: bytes, kind: str, trusted: Iterable[Ed25519PublicKey] | N
             f"{kind} message signed by key id {kid.hex()}, which is not trusted",
             reason="unknown_key",
         )
+    from cryptography.exceptions import InvalidSignature
+
     for k in candidates:
         try:
             k.verify(sig, signed_data(kind, payload))
