@@ -426,4 +426,15 @@ def test_rejected_call_leaves_accumulator_untouched() -> None:
 
 
 def test_warmup_compiles_everything() -> None:
+    from numba.core.dispatcher import Dispatcher
+
+    from fededge.native import accumulate as native_acc
+    from fededge.native import norm as native_norm
+
     K.warmup()
+    kernels = [
+        f for m in (native_acc, native_norm) for f in vars(m).values() if isinstance(f, Dispatcher)
+    ]
+    assert kernels, "no Numba kernels found (NUMBA_DISABLE_JIT?)"
+    cold = [f.__name__ for f in kernels if not f.signatures]
+    assert not cold, f"warmup() left these kernels uncompiled: {cold}"
