@@ -10,7 +10,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -364,11 +363,11 @@ def test_closed_port_fails_fast_and_connect_can_be_retried(
     mosquitto_factory: Callable[..., Mosquitto],
 ) -> None:
     m = mosquitto_factory(start=False)
-    c = MqttClient(m.settings(connect_timeout=2), "retry")
-    t0 = time.monotonic()
+    # A refusal is reported as such, not after connect_timeout (that path says "no CONNACK
+    # ... within 120 s"): the message proves it failed fast, with no clock in the test.
+    c = MqttClient(m.settings(connect_timeout=120), "retry")
     with pytest.raises(TransportError, match="unreachable: connection refused"):
         c.connect()
-    assert time.monotonic() - t0 < 2
     m.start()
     with c:
         assert c.connected
