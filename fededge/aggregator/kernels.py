@@ -406,6 +406,7 @@ def warmup(*, parallel: bool = True) -> None:
     q_ro.flags.writeable = sc_ro.flags.writeable = False
     for qq, ss in ((q, sc), (q_ro, sc_ro)):
         dequant_accumulate_i8(acc, qq, ss, 3, 1.0)
+        dequant_accumulate_i8_group(acc, [qq] * 8, [ss] * 8, 3, np.ones(8))
         i8_norm(qq, ss, 3)
     h = np.ones(9, dtype=np.float16)
     h_ro = h.copy()
