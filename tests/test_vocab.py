@@ -123,3 +123,14 @@ def test_secagg_v2_and_roster_vectors_in_the_docs_are_the_checked_ones() -> None
     for example in (v.CONFIG, v.ADVERTISE, v.SURVIVORS, v.CONSISTENCY, v.UNMASK_REQUEST):
         assert example.decode() in text
     assert v.CONFIG_SHA256 in text
+
+
+def test_update_encoding_vectors_in_the_docs_are_the_checked_ones() -> None:
+    import test_compression as c  # the byte-for-byte checks of these vectors
+
+    text = (DOCS / "protocol.md").read_text()
+    blocks = {
+        k: "".join(b.split()) for k, b in re.findall(r"```vector (\S+)\n(.*?)```", text, re.S)
+    }
+    assert blocks["update-f16"] == c.F16_VECTOR
+    assert blocks["update-int8"] == c.INT8_VECTOR
