@@ -63,6 +63,9 @@ class DemoConfig:
     # An example of examples/ (fededge.demo_examples) instead of the digits: its prebuilt bundle,
     # data, learning rate and batch size; the demo reports the task's metric.
     example: str | None = None
+    # A privacy budget: the plan's noise multiplier is the smallest that keeps ``versions``
+    # versions within it (docs/privacy.md); each version shows its epsilon.
+    dp_epsilon: float | None = None
 
 
 @dataclass
@@ -76,6 +79,7 @@ class VersionRow:
     seconds: float
     # Every metric of the task (loss, its metrics, and extras such as the anomaly AUC).
     metrics: dict[str, float] = field(default_factory=dict)
+    epsilon: float | None = None  # spent by the versions so far (--dp-epsilon)
 
 
 @dataclass
@@ -103,6 +107,9 @@ class Summary:
             d.pop("final_accuracy")
             for v in d["versions"]:
                 v.pop("accuracy")
+        for v in d["versions"]:
+            if v["epsilon"] is None:
+                v.pop("epsilon")
         return d
 
 
@@ -137,7 +144,41 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         server_learning_rate=cfg.server_lr,
         update_encoding=cfg.update_encoding,
         update_block=cfg.update_block,
+        **_dp_fields(cfg),
     )
+
+
+DP_DELTA = 1e-5
+
+
+def _dp_fields(cfg: DemoConfig) -> dict[str, Any]:
+    """noise_multiplier and max_epsilon for ``--dp-epsilon``: the smallest z (to 0.1 %) whose
+    epsilon after ``cfg.versions`` versions is within the budget."""
+    if cfg.dp_epsilon is None:
+        return {}
+    from fededge.aggregator.privacy import epsilon_of
+
+    lo, hi = 0.05, 1000.0
+    if epsilon_of(((hi, cfg.versions),), DP_DELTA) > cfg.dp_epsilon:
+        raise ConfigError(
+            f"--dp-epsilon {cfg.dp_epsilon:g} is too small for {cfg.versions} versions"
+        )
+    while hi / lo > 1.001:
+        mid = math.sqrt(lo * hi)
+        if epsilon_of(((mid, cfg.versions),), DP_DELTA) <= cfg.dp_epsilon:
+            hi = mid
+        else:
+            lo = mid
+    return {"noise_multiplier": hi, "max_epsilon": cfg.dp_epsilon, "delta": DP_DELTA}
+
+
+def demo_epsilon(plan: Plan, version: int) -> float | None:
+    """Epsilon after ``version`` DP versions, as the aggregator's accountant reports it."""
+    if not plan.dp or version == 0:
+        return None
+    from fededge.aggregator.privacy import accounted_multiplier, epsilon_of
+
+    return epsilon_of(((accounted_multiplier(plan), version),), plan.delta)
 
 
 def run_task(cfg: DemoConfig) -> str:
@@ -281,7 +322,7 @@ def _demo_privacy(plan: Plan) -> dict[str, Any]:
     """The demo devices' privacy floor: exactly the demo's own plan (a weaker one is refused)."""
     sa = plan.secure_aggregation
     return {
-        "min_noise_multiplier": plan.noise_stddev / plan.clip_norm,
+        "min_noise_multiplier": plan.effective_noise_multiplier,
         "max_clip_norm": plan.clip_norm,
         "require_secure_aggregation": sa is not None,
         "min_threshold": sa.threshold if sa is not None else 1,
@@ -400,7 +441,7 @@ def _run(
             m = evaluator(model.weights)
             row = VersionRow(
                 model.version, m.get("accuracy", math.nan), m["loss"], model.updates,
-                when - last, m,
+                when - last, m, demo_epsilon(plan, model.version),
             )  # fmt: skip
             last = when
             summary.versions.append(row)

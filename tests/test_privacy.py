@@ -29,7 +29,7 @@ from fededge.aggregator.store import Store, task_root
 from fededge.device.training import reported_examples, secure_noise_stddev, update_noise_stddev
 from fededge.device.trust import privacy_refusal
 from fededge.errors import SecAggError
-from fededge.protocol import AggregatorStatus, Plan, VersionMetrics, decode_json
+from fededge.protocol import AggregatorStatus, Plan, Receipt, VersionMetrics, decode_json
 from fededge.protocol.messages import SecureAggregation
 from fededge.secagg.quantize import (
     FixedPoint,
@@ -40,7 +40,7 @@ from fededge.secagg.quantize import (
     skellam_noise,
 )
 from fededge.settings import PrivacySettings
-from tests.test_aggregator_core import Harness
+from tests.test_aggregator_core import WEIGHTS, Harness
 
 
 def _exact_gaussian_delta(eps: float, z: float, t: int) -> float:
@@ -253,3 +253,56 @@ def test_skellam_noise_has_its_variance() -> None:
     for std in (3.0, 65536.0, 1e7):  # Skellam, Skellam, rounded Gaussian (beyond 1e12 mu)
         x = skellam_noise(std, 100_000, rng).astype(np.float64)
         assert np.std(x) == pytest.approx(std, rel=0.02) and abs(np.mean(x)) < 0.02 * std
+
+
+def test_demo_dp_epsilon_sizes_the_noise_for_the_budget() -> None:
+    from fededge.demo import DemoConfig, demo_epsilon, demo_plan
+
+    cfg = DemoConfig(versions=20, dp_epsilon=5.38)
+    plan = demo_plan(cfg)
+    assert plan.max_epsilon == 5.38 and plan.noise_multiplier == pytest.approx(4.0, rel=0.01)
+    eps = [demo_epsilon(plan, v) for v in range(21)]
+    assert eps[0] is None and all(e is not None for e in eps[1:])
+    assert eps[20] is not None and eps[20] <= 5.38 and eps[19] is not None and eps[19] < eps[20]
+    assert demo_epsilon(demo_plan(DemoConfig()), 3) is None
+    assert b"noise_multiplier" not in demo_plan(DemoConfig()).to_bytes()
+
+
+def test_noised_updates_of_a_noise_multiplier_plan_are_accepted(tmp_path: Path) -> None:
+    z, clip = 3.0, 0.5
+    h = Harness(tmp_path, Plan(min_updates_per_version=2, clip_norm=clip, noise_multiplier=z))
+    rng = np.random.default_rng(0)
+    noised = {k: rng.normal(0, z * clip, v.shape).astype(np.float32) for k, v in WEIGHTS.items()}
+    out = h.send("u0", delta=noised)
+    receipts = [decode_json(e.payload, Receipt) for e in out if isinstance(e, Publish)
+                and "receipt" in e.topic]  # fmt: skip
+    assert [r.status for r in receipts] == ["accepted"]
+
+
+def test_a_dp_device_sends_no_raw_metrics(tmp_path: Path) -> None:
+    """The device core (real LiteRT training): a DP plan's update carries no losses or
+    accuracies; a plan without noise keeps them."""
+    from fededge.device.effects import Publish as DevicePublish
+    from fededge.device.training import local_update
+    from fededge.protocol import Update
+    from tests.test_device_core import PLAN, add_examples, ready_core
+
+    for name, plan, dp in (("dp", PLAN.model_copy(update={"noise_multiplier": 1.0}), True),
+                           ("plain", PLAN, False)):  # fmt: skip
+        d = tmp_path / name
+        d.mkdir()
+        core = ready_core(d, plan)
+        add_examples(core, 8)
+        job = core.next_job()
+        assert job is not None
+        lu = local_update(job.current.runtime, job.current.weights, job.batch.x, job.batch.y,
+                          epochs=1, batch_size=8, learning_rate=0.1, clip_norm=plan.clip_norm,
+                          noise_stddev=update_noise_stddev(plan), rng=np.random.default_rng(0),
+                          evaluate_first=True)  # fmt: skip
+        effects, _ = core.trained(job, lu, 0.01, now=100.0, connected=True)
+        (pub,) = [e for e in effects if isinstance(e, DevicePublish) and "updates" in e.topic]
+        u = Update.from_bytes(pub.payload, max_bytes=1 << 24)
+        if dp:
+            assert u.train_loss is None and u.eval_loss is None and u.eval_accuracy is None
+        else:
+            assert u.train_loss is not None and u.eval_accuracy is not None

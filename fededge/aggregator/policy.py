@@ -47,7 +47,7 @@ def norm_bound(plan: Plan, size: int) -> float:
     coordinates; the noise norm follows a chi distribution with mean ~ s*sqrt(d) and standard
     deviation ~ s/sqrt(2), so s*(sqrt(d) + 10) is exceeded with negligible probability.
     """
-    return plan.clip_norm * (1 + 1e-5) + plan.noise_stddev * (math.sqrt(size) + 10.0)
+    return plan.clip_norm * (1 + 1e-5) + plan.noise_sigma * (math.sqrt(size) + 10.0)
 
 
 def weight_cap(plan: Plan) -> int:

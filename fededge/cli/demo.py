@@ -44,6 +44,13 @@ from fededge.logs import setup_logging
     help="Gaussian noise stddev added to each clipped update.",
 )
 @click.option(
+    "--dp-epsilon",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Privacy budget at delta=1e-5 for all versions: the noise multiplier is sized for it, "
+    "and each version shows the epsilon spent (docs/privacy.md).",
+)
+@click.option(
     "--clip",
     default=5.0,
     show_default=True,
@@ -159,6 +166,7 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
             console.print(
                 f" {r.version:7d}  {r.updates:7d}  {r.accuracy:8.3f} {bar:<20s} {r.loss:6.3f} "
                 f"{r.seconds:8.2f}"
+                + (f"  epsilon={r.epsilon:.3g}" if r.epsilon is not None else "")
             )
     else:
         header: list[str] = []
