@@ -8,9 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 from bench._report import machine, median_time, write_section
+from fededge.build.reference import mlp_forward, mlp_train_step
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.device.datasets import load_digits
-from fededge.build.reference import mlp_forward, mlp_train_step
 from fededge.device.runtime import RUNTIME_NAME, ModelRuntime
 from fededge.device.training import local_update
 

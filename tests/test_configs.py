@@ -52,7 +52,7 @@ def test_size_limits_agree() -> None:
     inflight = int(re.search(r"^max_inflight_messages (\d+)$", conf, re.M).group(1))  # type: ignore[union-attr]
     agg = load_settings(CONFIGS / "aggregator.toml").aggregator
     # Room for the topic and properties beside the largest update.
-    assert agg.max_update_bytes + 64 * 1024 <= packet
+    assert agg.max_update_bytes is not None and agg.max_update_bytes + 64 * 1024 <= packet
     # A group commit holds acks: half the in-flight window keeps delivery going meanwhile.
     assert agg.group_commit_max * 2 <= inflight
 

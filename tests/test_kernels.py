@@ -436,5 +436,5 @@ def test_warmup_compiles_everything() -> None:
         f for m in (native_acc, native_norm) for f in vars(m).values() if isinstance(f, Dispatcher)
     ]
     assert kernels, "no Numba kernels found (NUMBA_DISABLE_JIT?)"
-    cold = [f.__name__ for f in kernels if not f.signatures]
+    cold = [f.py_func.__name__ for f in kernels if not f.signatures]
     assert not cold, f"warmup() left these kernels uncompiled: {cold}"

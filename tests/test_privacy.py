@@ -12,6 +12,7 @@ import pytest
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 from scipy.stats import norm
+from test_aggregator_core import WEIGHTS, Harness
 
 from fededge.aggregator.core import AggregatorCore
 from fededge.aggregator.effects import Publish
@@ -40,7 +41,6 @@ from fededge.secagg.quantize import (
     skellam_noise,
 )
 from fededge.settings import PrivacySettings
-from tests.test_aggregator_core import WEIGHTS, Harness
 
 
 def _exact_gaussian_delta(eps: float, z: float, t: int) -> float:
@@ -282,10 +282,11 @@ def test_noised_updates_of_a_noise_multiplier_plan_are_accepted(tmp_path: Path) 
 def test_a_dp_device_sends_no_raw_metrics(tmp_path: Path) -> None:
     """The device core (real LiteRT training): a DP plan's update carries no losses or
     accuracies; a plan without noise keeps them."""
+    from test_device_core import PLAN, add_examples, ready_core
+
     from fededge.device.effects import Publish as DevicePublish
     from fededge.device.training import local_update
     from fededge.protocol import Update
-    from tests.test_device_core import PLAN, add_examples, ready_core
 
     for name, plan, dp in (("dp", PLAN.model_copy(update={"noise_multiplier": 1.0}), True),
                            ("plain", PLAN, False)):  # fmt: skip

@@ -411,7 +411,8 @@ def test_the_unmasked_secure_sum_is_checked() -> None:
     fp = FixedPoint(32, clip, max_scale(n, clip, 32), max_weight)
     honest = [(rng.normal(size=d) * 10, 32.0) for _ in range(n)]  # clipped by the encoder
     sum_wd, sum_w = _secure_sum(honest, fp)
-    kw = {"survivors": n, "clip": clip, "max_weight": max_weight, "scale": fp.scale}
+    kw: dict[str, Any] = {"survivors": n, "clip": clip, "max_weight": max_weight,
+                          "scale": fp.scale}  # fmt: skip
     check_secure_sum(sum_wd, sum_w, **kw)  # the extreme honest case: every weight at the cap
     # A device that encoded w~ = 4 instead of at most 1: the total exceeds n.
     with pytest.raises(SecAggError, match="exceeds 5 survivors"):

@@ -276,7 +276,8 @@ def test_reinitialisation_with_force_and_sign_key_and_replayed_old_plans(
             small = {k: np.full(v.shape, 0.01, np.float32) for k, v in cur.weights.items()}
             assert x.receipt(x.update(small, n=8)).status == "accepted"
             assert dev.wait_for_version(1, 30)
-            old_v1 = x.model(1) and x.raw_models[1]  # signed by the aggregator, generation 0
+            x.model(1)
+            old_v1 = x.raw_models[1]  # signed by the aggregator, generation 0
             x.close()
             # The CLI reads signed messages: `model pull` verifies them with the trust keys.
             capsys.readouterr()

@@ -231,7 +231,8 @@ class Aggregator:
         # One SUBSCRIBE: a broker that waits for the PUBACK of a retained message before it
         # reads the next packet (amqtt does) would otherwise hold each later SUBACK for its
         # PUBACK timeout, while this thread, waiting for the SUBACK, cannot take the message.
-        self.client.subscribe_all([self.topics.plan, self.topics.graph, self.topics.model], qos=1)
+        self._subscribe([self.topics.plan, self.topics.graph, self.topics.model], 1, tick,
+                        should_stop)  # fmt: skip
         deadline = None if wait_for_model is None else time.monotonic() + wait_for_model
         if self.model is None:
             log.info(
@@ -255,7 +256,7 @@ class Aggregator:
                       strict=True)  # fmt: skip
         subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions()]
         for qos in (0, 1):  # QoS 0 first: no PUBACK a broker could wait for (see above)
-            self.client.subscribe_all([t for t, q in subs if q == qos], qos=qos)
+            self._subscribe([t for t, q in subs if q == qos], qos, tick, should_stop)
         log.info(
             "aggregator ready: task=%s version=%s pending=%d/%d",
             self.settings.task,
@@ -263,6 +264,31 @@ class Aggregator:
             self.pending.sums.count if self.pending else 0,
             self.plan.min_updates_per_version,
         )
+
+    def _subscribe(
+        self,
+        filters: list[str],
+        qos: int,
+        tick: Callable[[], object],
+        should_stop: Callable[[], bool],
+    ) -> None:
+        """Subscribe, riding out a connection lost meanwhile: wait for the reconnect and retry.
+
+        A SUBSCRIBE sent while disconnected never reaches the broker (and a resumed session
+        would not bring it), so it is sent again once paho has reconnected.
+        """
+        while True:
+            try:
+                self.client.subscribe_all(filters, qos=qos)
+                return
+            except TransportError as e:
+                if self.client.connected:
+                    raise  # refused by a live broker: a configuration (ACL) problem
+                log.warning("subscribing needs the broker, which is gone (%s); waiting", e)
+            while not self.client.wait_connected(0.2):
+                tick()
+                if should_stop():
+                    raise NotReadyError("stopped while waiting for the broker")
 
     def run(
         self, should_stop: Callable[[], bool], *, tick: Callable[[], object] = lambda: None
