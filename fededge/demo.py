@@ -412,7 +412,9 @@ def _run(
         if plan.secure_aggregation is not None:  # rounds need the devices enrolled in a roster
             _enroll(agg_settings, owner_key, clients)
         for c in clients:
-            c.start()
+            # retry: a connection lost while a device subscribes (seen on the embedded broker
+            # under load) is retried in the background, as the daemon does, not fatal.
+            c.start(retry=True)
         m0 = evaluator(mv0.weights)
         summary = Summary(
             task=cfg.task,
