@@ -213,6 +213,15 @@ def fleet(
             p.start()
         for d in devices:
             d.wait(lambda st: st["version"] == 0 and st["connected"], "version 0")
+
+        # The aggregator too must hold version 0 before a test kills the broker: a killed
+        # broker loses the retained task it has not saved yet, and an aggregator still
+        # starting (Numba warm-up on a loaded machine) would then find no model at all.
+        def agg_ready() -> bool:
+            agg.check_alive()  # fails at once, with its log, if it exited
+            return "aggregator ready" in agg.log_text()
+
+        wait_until(agg_ready, 120, "the aggregator to be ready on version 0")
         yield agg, devices
     finally:
         for p in procs:
