@@ -19,6 +19,7 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from fededge.aggregator import robust
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import dedup_key, server_step_tensors
@@ -234,7 +235,13 @@ class AggregatorCore:
         t0 = self._perf()
         plan = self.state.plan
         opt_state: OptState | None = None
-        if plan.server_optimizer == "sgd":
+        if robust.enabled(plan) and (r := robust.aggregate(pending, plan)) is not None:
+            self.metrics.zeroed.inc(r.zeroed)
+            log.info("version %d: %s over %d updates (%d zeroed, %d trimmed at each end)",
+                     pending.base.version + 1, plan.robust, r.used, r.zeroed, r.trimmed)  # fmt: skip
+            state = self.state.optimizer_state(pending.layout.size)
+            weights, opt_state = robust.next_weights(pending, plan, r.delta, state)
+        elif plan.server_optimizer == "sgd":
             weights = pending.finalize(plan.server_learning_rate)
         else:  # fused with finalize: mean delta, optimizer state and weights in one pass
             m, v = self.state.optimizer_state(pending.layout.size)

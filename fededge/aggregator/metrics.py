@@ -45,6 +45,11 @@ class AggregatorMetrics:
         self.internal_errors = Counter(
             "fededge_internal_errors", "Messages dropped by an internal error (a bug)", registry=r
         )
+        self.zeroed = Counter(
+            "fededge_updates_zeroed",
+            "Updates dropped from robust aggregation by plan robust_zeroing",
+            registry=r,
+        )
         self.version = Gauge("fededge_model_version", "Current model version", registry=r)
         self.pending = Gauge(
             "fededge_pending_updates", "Updates in the pending version", registry=r

@@ -103,6 +103,10 @@ class PendingVersion:
         self._staged_raw: list[bytes] = []
         self._writer: SegmentWriter | None = None
         self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
+        # Robust aggregation (fededge/aggregator/robust.py) reads every update of the version
+        # back from the WAL: while set, nothing is checkpointed (which would delete segments);
+        # segments still roll every checkpoint_every records, so recovery reads one at a time.
+        self.keep_log = False
 
     # -- recovery ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -183,7 +187,7 @@ class PendingVersion:
             return []
         group, raws = self._staged, self._staged_raw
         self._staged, self._staged_raw = [], []
-        if sum(len(r) for r in raws) >= self.acc.nbytes:
+        if not self.keep_log and sum(len(r) for r in raws) >= self.acc.nbytes:
             self._fold(group)
             self.checkpoint()
             return [u for u, _, _ in group]
@@ -199,7 +203,13 @@ class PendingVersion:
         self._fold(group)
         self._since_checkpoint += len(group)
         if self._since_checkpoint >= self._checkpoint_every:
-            self.checkpoint()
+            if self.keep_log:  # a new segment, no checkpoint
+                self._writer.close()
+                self._writer = None
+                self._segment += 1
+                self._since_checkpoint = 0
+            else:
+                self.checkpoint()
         return [u for u, _, _ in group]
 
     def checkpoint(self) -> None:

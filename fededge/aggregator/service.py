@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from fededge.aggregator import kernels
+from fededge.aggregator import kernels, robust
 from fededge.aggregator.core import AggregatorCore
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
@@ -213,6 +213,7 @@ class Aggregator:
         is down is retried with backoff until ``should_stop()``.
         """
         kernels.warmup(parallel=self.cfg.parallel_kernels)
+        robust.warmup()
         replayed = self.core.state.restore(time.time())
         if replayed is not None and self.model is not None and self.pending is not None:
             log.info("restored version %d with %d pending updates (%d replayed from the WAL)",

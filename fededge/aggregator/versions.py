@@ -21,6 +21,7 @@ from fededge.aggregator.effects import Effect, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.privacy import Ledger, accounted_multiplier, finite_or_none
+from fededge.aggregator.robust import enabled as robust_enabled
 from fededge.aggregator.store import Store
 from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.keys import load_private
@@ -135,6 +136,7 @@ class VersionState:
             parallel=self.cfg.parallel_kernels,
             max_update_bytes=max(MAX_MODEL_MESSAGE, self.update_limit),
         )
+        self.pending.keep_log = robust_enabled(self.plan)
         self.metrics.version.set(model.version)
         self.metrics.pending.set(0)
         self.metrics.pending_examples.set(0)
@@ -303,6 +305,8 @@ class VersionState:
         if plan != self.plan:
             log.info("adopting new plan: %s", plan.model_dump_json())
         self.plan, self.plan_raw = plan, payload
+        if self.pending is not None:
+            self.pending.keep_log = robust_enabled(plan)
         self.store.write_blob("plan.json", payload)
         return self.pending is not None and self.pending.sums.count >= plan.min_updates_per_version
 

@@ -107,6 +107,25 @@ class Plan(_Json):
     # tensor (update_block 0) or per update_block elements; omitted at the defaults.
     update_encoding: Literal["f32", "f16", "int8"] = "f32"
     update_block: int = Field(0, ge=0, le=1 << 30)
+    # Robust aggregation of asynchronous versions (fededge/aggregator/robust.py): a
+    # coordinate-wise statistic over the version's updates instead of the weighted mean, and
+    # zeroing of updates whose norm exceeds robust_zeroing x the version's median update norm
+    # (None: off). Omitted at the defaults; refused with secure_aggregation (only sums exist).
+    robust: Literal["none", "trimmed_mean", "median"] = "none"
+    robust_beta: float = Field(0.1, ge=0, lt=0.5)  # trimmed at each end, per coordinate
+    robust_zeroing: float | None = Field(None, ge=1, le=1e6)
+
+    @model_validator(mode="after")
+    def _robust_needs_single_updates(self) -> Plan:
+        if self.secure_aggregation is not None and (
+            self.robust != "none" or self.robust_zeroing is not None
+        ):
+            raise ValueError(
+                f"robust={self.robust!r}/robust_zeroing={self.robust_zeroing!r} cannot be "
+                "combined with secure_aggregation: a secure round reveals only the sum of the "
+                "cohort's updates, never one update, so no per-update statistic exists"
+            )
+        return self
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
@@ -141,6 +160,8 @@ _PLAN_OMITTED: dict[str, object] = {
     "server_epsilon": 1e-3,
     "update_encoding": "f32",
     "update_block": 0,
+    "robust": "none",
+    "robust_beta": 0.1,
 }
 
 

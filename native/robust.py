@@ -1,0 +1,57 @@
+"""Numba kernels for robust aggregation: per-coordinate statistics over a block of k updates.
+
+Each kernel takes ``x`` float32 (k, B), C-contiguous (row i: coordinates of update i), and
+writes one float64 per column into ``out`` (B,). Pure functions, no validation (see
+``fededge.aggregator.robust``). Values are widened to float64 before sorting and summing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._jit import njit
+
+
+@njit(cache=True, nogil=True)
+def trimmed_mean_cols(x: np.ndarray, trim: int, out: np.ndarray) -> None:
+    """out[j] = mean of column j after dropping its ``trim`` smallest and ``trim`` largest."""
+    k = x.shape[0]
+    col = np.empty(k, dtype=np.float64)
+    keep = k - 2 * trim
+    for j in range(x.shape[1]):
+        for i in range(k):
+            col[i] = np.float64(x[i, j])
+        col.sort()
+        s = 0.0
+        for i in range(trim, k - trim):
+            s += col[i]
+        out[j] = s / keep
+
+
+@njit(cache=True, nogil=True)
+def median_cols(x: np.ndarray, out: np.ndarray) -> None:
+    """out[j] = median of column j (the mean of the two middle values when k is even)."""
+    k = x.shape[0]
+    col = np.empty(k, dtype=np.float64)
+    h = k // 2
+    for j in range(x.shape[1]):
+        for i in range(k):
+            col[i] = np.float64(x[i, j])
+        col.sort()
+        if k % 2:
+            out[j] = col[h]
+        else:
+            out[j] = (col[h - 1] + col[h]) / 2.0
+
+
+@njit(cache=True, nogil=True)
+def weighted_mean_cols(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
+    """out[j] = sum_i w[i] * x[i, j] / sum_i w[i] (rows added in order, float64)."""
+    tw = 0.0
+    for i in range(x.shape[0]):
+        tw += w[i]
+    for j in range(x.shape[1]):
+        s = 0.0
+        for i in range(x.shape[0]):
+            s += w[i] * np.float64(x[i, j])
+        out[j] = s / tw
