@@ -21,7 +21,8 @@ from fededge.protocol.messages import SecureAggregation
 def _ref_trimmed(x: np.ndarray, beta: float) -> np.ndarray:
     k = x.shape[0]
     t = int(np.floor(beta * k))
-    return np.sort(x.astype(np.float64), axis=0)[t : k - t].mean(axis=0)
+    out: np.ndarray = np.sort(x.astype(np.float64), axis=0)[t : k - t].mean(axis=0)
+    return out
 
 
 def _blocks() -> list[tuple[str, np.ndarray]]:
@@ -68,7 +69,7 @@ def test_kernels_refuse_bad_arguments_with_the_argument_named() -> None:
     with pytest.raises(ValueError, match="beta"):
         robust.trimmed_mean(x, 0.5, out)
     with pytest.raises(ValueError, match="x: expected a float32"):
-        robust.median(x.astype(np.float64), out)  # type: ignore[arg-type]
+        robust.median(x.astype(np.float64), out)
     with pytest.raises(ValueError, match="x: not C-contiguous"):
         robust.median(np.ones((4, 3), np.float32).T, out)
     with pytest.raises(ValueError, match="out: expected float64 of shape"):
@@ -114,7 +115,9 @@ def _flat(d: dict[str, Any]) -> np.ndarray:
     return np.concatenate([np.asarray(d[n], dtype=np.float64).ravel() for n in NAMES])
 
 
-def _send_all(h: Harness, deltas: list[dict[str, np.ndarray]], first: int = 0, **kw: Any) -> list:
+def _send_all(
+    h: Harness, deltas: list[dict[str, np.ndarray]], first: int = 0, **kw: Any
+) -> list[Any]:
     out = []
     for i, d in enumerate(deltas[first:], start=first):
         effects = h.send(f"u{i}", device=f"dev{i}", delta=d, **kw)
@@ -124,7 +127,8 @@ def _send_all(h: Harness, deltas: list[dict[str, np.ndarray]], first: int = 0, *
 
 def _stat(x: np.ndarray, plan: Plan) -> np.ndarray:
     if plan.robust == "median":
-        return np.median(x, axis=0)
+        med: np.ndarray = np.median(x, axis=0)
+        return med
     return _ref_trimmed(x.astype(np.float32), plan.robust_beta)
 
 
