@@ -1,10 +1,15 @@
-"""Learning per version and per byte on the demo task (issue 13): server optimizers, encodings.
+"""Learning per version and per byte on the demo task (issue 13): optimizers, encodings, robust.
 
     .venv/bin/python -m bench.bench_learning --dir /tmp/learning --plot docs/learning.png
+    .venv/bin/python -m bench.bench_learning --dir /tmp/learning --groups robust --seeds 0,1,2
+    .venv/bin/python -m bench.bench_learning --dir /tmp/learning --groups example
 
 Runs ``fededge demo`` (10 devices, digits MLP, seed 0, 40 versions) once per configuration
 below, unless its JSON summary already exists in ``--dir``; prints the versions to 0.90
 held-out accuracy and the accuracy after 40 versions of each, and plots accuracy per version.
+``robust``: 20% of the devices sign-flip their updates at the clip norm, with and without a
+robust statistic, for each of ``--seeds`` (median reported). ``example``: the optimizers and
+encodings on the your-own-model example diabetes_regression (versions to MSE <= 0.55).
 """
 
 from __future__ import annotations
@@ -49,8 +54,42 @@ ENCODINGS = [
 ]
 
 
+# 20% of 10 devices (2) send sign-flipped updates at the clip norm (fededge/demo_attack.py).
+BYZ = ["--byzantine-fraction", "0.2"]
+ROBUST = [
+    ("honest, mean", []),
+    ("honest, trimmed_mean b=0.2", ["--robust", "trimmed_mean", "--robust-beta", "0.2"]),
+    ("honest, median", ["--robust", "median"]),
+    ("20% byzantine, mean", BYZ),
+    ("20% byzantine, mean + zeroing 2", [*BYZ, "--robust-zeroing", "2"]),
+    (
+        "20% byzantine, trimmed_mean b=0.1",
+        [*BYZ, "--robust", "trimmed_mean", "--robust-beta", "0.1"],
+    ),
+    (
+        "20% byzantine, trimmed_mean b=0.2",
+        [*BYZ, "--robust", "trimmed_mean", "--robust-beta", "0.2"],
+    ),
+    ("20% byzantine, median", [*BYZ, "--robust", "median"]),
+]
+# The your-own-model example: a smaller sweep around the digits' tuned learning rates.
+EXAMPLE = "diabetes_regression"
+EXAMPLE_TARGET = 0.55  # MSE of the standardised target (centralised: 0.5425)
+EXAMPLE_OPTIMIZERS = [
+    (f"{o} lr={lr:g}", ["--server-optimizer", o, "--server-lr", str(lr)])
+    for o, lrs in (
+        ("sgd", (1.0, 2.0, 4.0)),
+        ("avgm", (0.5, 1.0, 2.0)),
+        ("adam", (0.01, 0.03, 0.1)),
+        ("yogi", (0.01, 0.03, 0.1)),
+        ("adagrad", (0.1, 0.3, 1.0)),
+    )
+    for lr in lrs
+]
+
+
 def _name(label: str) -> str:
-    return label.replace(" ", "_").replace("=", "") + ".json"
+    return label.replace(" ", "_").replace("=", "").replace(",", "").replace("%", "pct") + ".json"
 
 
 def run(directory: Path, label: str, flags: list[str], versions: int, seed: int) -> dict[str, Any]:
@@ -67,14 +106,53 @@ def first_at(summary: dict[str, Any], target: float) -> int | None:
     return next((r["version"] for r in summary["versions"] if r["accuracy"] >= target), None)
 
 
+def first_below(summary: dict[str, Any], metric: str, target: float) -> int | None:
+    return next((r["version"] for r in summary["versions"] if r["metrics"][metric] <= target), None)
+
+
+def robust_table(directory: Path, versions: int, seeds: list[int]) -> None:
+    """Accuracy after ``versions`` per configuration: the median over seeds, and each seed."""
+    import statistics
+
+    print(f"| configuration | accuracy after {versions} (median) | per seed | versions to 0.90 |")
+    print("|---|---:|---|---|")
+    for label, flags in ROBUST:
+        runs = [run(directory, f"{label} seed{s}", flags, versions, s) for s in seeds]
+        acc = [r["final_accuracy"] for r in runs]
+        firsts = [first_at(r, 0.90) for r in runs]
+        print(f"| {label} | {statistics.median(acc):.3f} | "
+              f"{' '.join(f'{a:.3f}' for a in acc)} | "
+              f"{' '.join(str(f) if f is not None else '-' for f in firsts)} |")  # fmt: skip
+
+
+def example_tables(directory: Path, versions: int, seed: int) -> None:
+    ex = ["--example", EXAMPLE]
+    print(f"| {EXAMPLE} | versions to MSE <= {EXAMPLE_TARGET} | MSE after {versions} |")
+    print("|---|---:|---:|")
+    for label, flags in EXAMPLE_OPTIMIZERS + ENCODINGS:
+        s = run(directory, f"{EXAMPLE} {label}", [*ex, *flags], versions, seed)
+        first = first_below(s, "mse", EXAMPLE_TARGET)
+        print(f"| {label} | {first if first is not None else f'> {versions}'} | "
+              f"{s['final_metric']:.4f} |")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dir", type=Path, required=True, help="where the demo JSON summaries go")
     p.add_argument("--plot", type=Path, help="write the accuracy-per-version plot here (PNG)")
     p.add_argument("--versions", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", default="0,1,2", help="robust group: seeds, comma-separated")
+    p.add_argument("--groups", default="learning", help="learning, robust, example (comma list)")
     a = p.parse_args(argv)
     a.dir.mkdir(parents=True, exist_ok=True)
+    groups = set(a.groups.split(","))
+    if "robust" in groups:
+        robust_table(a.dir, a.versions, [int(x) for x in a.seeds.split(",")])
+    if "example" in groups:
+        example_tables(a.dir, a.versions, a.seed)
+    if "learning" not in groups:
+        return 0
     results: dict[str, dict[str, Any]] = {}
     for group in (OPTIMIZERS, ENCODINGS):
         print("| configuration | versions to 0.90 | accuracy after 40 |")

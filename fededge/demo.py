@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 
 from fededge.errors import ConfigError, FededgeError, NotReadyError
 from fededge.protocol import Graph, ModelVersion, Plan
@@ -55,6 +56,12 @@ class DemoConfig:
     server_lr: float = 1.0
     update_encoding: str = "f32"
     update_block: int = 0
+    # Robust aggregation (plan robust, robust_beta, robust_zeroing), and the share of devices
+    # that are byzantine: they send sign-flipped updates at the clip norm (fededge/demo_attack.py).
+    robust: str = "none"
+    robust_beta: float = 0.1
+    robust_zeroing: float | None = None
+    byzantine_fraction: float = 0.0
     examples_per_update: int = 32
     epochs: int = 5
     learning_rate: float = 0.1
@@ -130,6 +137,14 @@ def demo_secure_aggregation(devices: int) -> SecureAggregation:
 
 def demo_plan(cfg: DemoConfig) -> Plan:
     sa = demo_secure_aggregation(cfg.devices) if cfg.secure_aggregation else None
+    try:
+        return _plan(cfg, sa)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"the demo's plan: {first['msg']}") from None
+
+
+def _plan(cfg: DemoConfig, sa: SecureAggregation | None) -> Plan:
     return Plan(
         epochs=cfg.epochs,
         batch_size=16,
@@ -144,6 +159,9 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         server_learning_rate=cfg.server_lr,
         update_encoding=cfg.update_encoding,
         update_block=cfg.update_block,
+        robust=cfg.robust,
+        robust_beta=cfg.robust_beta,
+        robust_zeroing=cfg.robust_zeroing,
         **_dp_fields(cfg),
     )
 
@@ -181,6 +199,19 @@ def demo_epsilon(plan: Plan, version: int) -> float | None:
     return epsilon_of(((accounted_multiplier(plan), version),), plan.delta)
 
 
+def byzantine_count(cfg: DemoConfig) -> int:
+    """How many of the devices are byzantine (``--byzantine-fraction``, rounded)."""
+    n = round(cfg.byzantine_fraction * cfg.devices)
+    if not 0 <= n < cfg.devices:
+        raise ConfigError(
+            f"--byzantine-fraction {cfg.byzantine_fraction:g} of {cfg.devices} devices leaves "
+            "no honest device"
+        )
+    if n and cfg.secure_aggregation:
+        raise ConfigError("--byzantine-fraction sends plain updates: not with secure aggregation")
+    return n
+
+
 def run_task(cfg: DemoConfig) -> str:
     """The task a demo run uses: ``cfg.task``, or ``digits-demo-<6 hex digits>``, new each run.
 
@@ -203,6 +234,7 @@ def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda 
     from fededge.embedded_broker import EmbeddedBroker
 
     demo_plan(cfg)  # a bad configuration fails before anything starts
+    byzantine_count(cfg)
     cfg = dataclasses.replace(cfg, task=run_task(cfg))
     extra: Callable[[Any, dict[str, np.ndarray]], dict[str, float]] = lambda rt, w: {}  # noqa: E731
     if cfg.example is not None:
@@ -371,6 +403,18 @@ def _run(
     agg = Aggregator(agg_settings)
     versions: queue.Queue[tuple[ModelVersion, float]] = queue.Queue()
     agg.on_new_version(lambda m, _old, _new: versions.put((m, time.monotonic())))
+    n_byz = byzantine_count(cfg)
+    honest = cfg.devices - n_byz
+    attackers = None
+    if n_byz:
+        from fededge.demo_attack import SignFlipAttackers
+        from fededge.device.runtime import ModelRuntime
+
+        attackers = SignFlipAttackers(
+            _settings(cfg, url, protocol, state_dir), plan, ModelRuntime.from_bundle(bundle),
+            [f"dev-{i:02d}" for i in range(honest, cfg.devices)], parts[honest:], cfg.seed,
+        )  # fmt: skip
+        agg.on_new_version(lambda m, _old, _new: attackers.on_version(m))
     agg.start(wait_for_model=30)
     stop = threading.Event()
     agg_thread = threading.Thread(
@@ -391,7 +435,7 @@ def _run(
             positions[i] += n
             clients[i].fit(parts[i][0][idx], parts[i][1][idx])
 
-        for i in range(cfg.devices):
+        for i in range(honest):
             client_id = f"fededge-{cfg.task}-dev-{i:02d}"
             client_ids.append(client_id)
             s = _settings(
@@ -411,6 +455,9 @@ def _run(
             clients.append(c)
         if plan.secure_aggregation is not None:  # rounds need the devices enrolled in a roster
             _enroll(agg_settings, owner_key, clients)
+        if attackers is not None:
+            attackers.start()
+            attackers.on_version(mv0)
         for c in clients:
             # retry: a connection lost while a device subscribes (seen on the embedded broker
             # under load) is retried in the background, as the daemon does, not fatal.
@@ -437,7 +484,7 @@ def _run(
             except queue.Empty:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"demo timed out after {cfg.timeout:.0f} s") from None
-                for i in range(cfg.devices):  # no version for a while: more data everywhere
+                for i in range(honest):  # no version for a while: more data everywhere
                     feed(i)
                 continue
             m = evaluator(model.weights)
@@ -454,6 +501,8 @@ def _run(
     finally:
         stop.set()
         agg_thread.join(10)
+        if attackers is not None:
+            attackers.close()
         for c in clients:
             try:
                 c.close(timeout=10)

@@ -219,3 +219,30 @@ def test_blocks_smaller_than_a_tensor_give_the_same_aggregate(tmp_path: Any) -> 
     np.testing.assert_array_equal(whole.delta, tiny.delta)
     x = np.stack([_flat(d).astype(np.float32) for d in deltas[:4]])
     np.testing.assert_allclose(whole.delta, _ref_trimmed(x, 0.2), rtol=1e-12)
+
+
+# -- the demo's byzantine devices ---------------------------------------------------------------
+def test_sign_flip_is_the_opposite_direction_at_the_bound() -> None:
+    from fededge.demo_attack import sign_flip
+    from fededge.device.training import global_norm
+
+    d = _delta(1)
+    flipped = sign_flip(d, 5.0)
+    assert 4.99 < global_norm(flipped) <= 5.0
+    cos = float(_flat(flipped) @ _flat(d)) / (np.linalg.norm(_flat(d)) * global_norm(flipped))
+    assert cos == pytest.approx(-1.0, abs=1e-6)
+    assert global_norm(sign_flip({"w": np.zeros(3, np.float32)}, 5.0)) == 0.0
+
+
+def test_demo_refuses_robust_with_secure_aggregation_and_an_all_byzantine_fleet() -> None:
+    from fededge.demo import DemoConfig, byzantine_count, demo_plan
+    from fededge.errors import ConfigError
+
+    assert byzantine_count(DemoConfig(devices=10, byzantine_fraction=0.2)) == 2
+    assert demo_plan(DemoConfig(robust="median")).robust == "median"
+    with pytest.raises(ConfigError, match="cannot be combined with secure_aggregation"):
+        demo_plan(DemoConfig(robust="trimmed_mean", secure_aggregation=True))
+    with pytest.raises(ConfigError, match="no honest device"):
+        byzantine_count(DemoConfig(devices=2, byzantine_fraction=0.9))
+    with pytest.raises(ConfigError, match="not with secure aggregation"):
+        byzantine_count(DemoConfig(byzantine_fraction=0.2, secure_aggregation=True))

@@ -99,6 +99,35 @@ from fededge.logs import setup_logging
     type=click.IntRange(0),
     help="int8: elements per scale (0: one scale per tensor).",
 )
+@click.option(
+    "--robust",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "trimmed_mean", "median"]),
+    help="Coordinate-wise robust statistic of each version's updates (plan robust).",
+)
+@click.option(
+    "--robust-beta",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 0.5, max_open=True),
+    help="trimmed_mean: fraction trimmed at each end per coordinate (plan robust_beta).",
+)
+@click.option(
+    "--robust-zeroing",
+    type=click.FloatRange(1),
+    default=None,
+    help="Drop updates whose norm exceeds this multiple of the version's median update norm "
+    "(plan robust_zeroing).",
+)
+@click.option(
+    "--byzantine-fraction",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Share of the devices that attack: they send sign-flipped updates at the clip norm "
+    "(a demonstration of what --robust defends against).",
+)
 @click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
 @click.option(
     "--mqtt-version",
