@@ -28,7 +28,7 @@ def _ref_trimmed(x: np.ndarray, beta: float) -> np.ndarray:
 def _blocks() -> list[tuple[str, np.ndarray]]:
     rng = np.random.default_rng(7)
     out = []
-    for k in (1, 2, 3, 4, 5, 10, 17):
+    for k in (1, 2, 3, 4, 5, 10, 17, 24, 25, 31):  # insertion sort up to 24, then np.sort
         for b in (1, 7, 64):
             out.append((f"normal-{k}x{b}", rng.normal(size=(k, b)).astype(np.float32)))
             # ties: few distinct values, so sorted columns hold runs of equal values
@@ -97,6 +97,16 @@ def test_plan_fields_are_omitted_at_their_defaults_and_refused_with_secure_aggre
         decode_json(json.dumps(bad).encode(), Plan)
     with pytest.raises(ValueError, match="robust_beta"):
         Plan(robust="trimmed_mean", robust_beta=0.5)
+
+
+def test_plan_vector_in_the_docs() -> None:
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    blocks = dict(re.findall(r"```vector (\S+)\n(.*?)```", doc, re.S))
+    plan = Plan(robust="trimmed_mean", robust_beta=0.2, robust_zeroing=3.0)
+    assert plan.to_bytes() == blocks["plan-robust"].strip().encode()
 
 
 # -- the core ---------------------------------------------------------------------------------
