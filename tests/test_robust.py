@@ -256,3 +256,16 @@ def test_demo_refuses_robust_with_secure_aggregation_and_an_all_byzantine_fleet(
         byzantine_count(DemoConfig(devices=2, byzantine_fraction=0.9))
     with pytest.raises(ConfigError, match="not with secure aggregation"):
         byzantine_count(DemoConfig(byzantine_fraction=0.2, secure_aggregation=True))
+
+
+def test_a_damaged_logged_record_is_a_storage_error_naming_the_segment(tmp_path: Any) -> None:
+    from fededge.errors import StorageError
+
+    plan = Plan(min_updates_per_version=3, robust="median")
+    h = Harness(tmp_path, plan)
+    _send_all(h, [_delta(i) for i in range(2)])
+    _, pending = h.core.state.ready()
+    (_, path), *_ = h.store.segments(0)
+    path.write_bytes(path.read_bytes().replace(b'"dtype":"F32"', b'"dtype":"X32"', 1))
+    with pytest.raises(StorageError, match=r"WAL .*\.wal: record at \d+ is unreadable"):
+        robust.aggregate(pending, plan)

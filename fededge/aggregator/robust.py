@@ -123,28 +123,31 @@ def logged_updates(pending: PendingVersion) -> list[Logged]:
     for _, path in pending.store.segments(pending.base.version):
         with path.open("rb") as f:
             for header, off, plen in record_spans(path):
-                f.seek(off)
-                (hlen,) = struct.unpack("<Q", f.read(8))
-                if hlen > plen - 8:
-                    raise StorageError(f"WAL {path}: record at {off} has a bad safetensors header")
-                h = json.loads(f.read(hlen))
-                meta = h.pop("__metadata__", {})
-                data = off + 8 + hlen
-                enc = meta.get("encoding", "f32")
-                out.append(
-                    Logged(
-                        path=path,
-                        tensors={
-                            n: (_WIRE[i["dtype"]], data + int(i["data_offsets"][0]))
-                            for n, i in h.items()
-                        },
-                        encoding=enc,
-                        block=int(meta.get("block", "0")) if enc == "int8" else 0,
-                        weight=float(header["weight"]),
-                        norm=float(header["norm"]),
-                    )
-                )
+                try:
+                    out.append(_logged(f, path, header, off, plen))
+                except (KeyError, ValueError, TypeError, AttributeError, struct.error) as e:
+                    # Records were validated before they were logged: this is a damaged disk.
+                    raise StorageError(f"WAL {path}: record at {off} is unreadable: {e!r}") from e
     return out
+
+
+def _logged(f: Any, path: Path, header: dict[str, Any], off: int, plen: int) -> Logged:
+    f.seek(off)
+    (hlen,) = struct.unpack("<Q", f.read(8))
+    if hlen > plen - 8:
+        raise ValueError("bad safetensors header length")
+    h = json.loads(f.read(hlen))
+    meta = h.pop("__metadata__", {})
+    data = off + 8 + hlen
+    enc = meta.get("encoding", "f32")
+    return Logged(
+        path=path,
+        tensors={n: (_WIRE[i["dtype"]], data + int(i["data_offsets"][0])) for n, i in h.items()},
+        encoding=enc,
+        block=int(meta.get("block", "0")) if enc == "int8" else 0,
+        weight=float(header["weight"]),
+        norm=float(header["norm"]),
+    )
 
 
 class _Reader:
