@@ -269,3 +269,19 @@ def test_a_damaged_logged_record_is_a_storage_error_naming_the_segment(tmp_path:
     path.write_bytes(path.read_bytes().replace(b'"dtype":"F32"', b'"dtype":"X32"', 1))
     with pytest.raises(StorageError, match=r"WAL .*\.wal: record at \d+ is unreadable"):
         robust.aggregate(pending, plan)
+
+
+def test_model_init_refuses_a_robust_secure_plan_before_connecting(
+    tmp_path: Any, capsys: Any
+) -> None:
+    from fededge.cli import main
+    from fededge.protocol.tensors import encode_tensors
+
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(encode_tensors({"w": np.zeros(3, np.float32)}, {}))
+    plan = tmp_path / "plan.json"
+    plan.write_text('{"v":1,"kind":"plan","robust":"trimmed_mean","secure_aggregation":{}}')
+    rc = main(["model", "init", "--weights", str(weights), "--plan", str(plan),
+               "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path)])  # fmt: skip
+    assert rc == 2
+    assert "cannot be combined with secure_aggregation" in capsys.readouterr().err
