@@ -1,7 +1,8 @@
 """Learning per version and per byte on the demo task (issue 13): optimizers, encodings, robust.
 
     .venv/bin/python -m bench.bench_learning --dir /tmp/learning --plot docs/learning.png
-    .venv/bin/python -m bench.bench_learning --dir /tmp/learning --groups robust --seeds 0,1,2
+    .venv/bin/python -m bench.bench_learning --dir /tmp/learning --groups robust --seeds 0,1,2 \
+        --robust-plot docs/robust.png
     .venv/bin/python -m bench.bench_learning --dir /tmp/learning --groups example
 
 Runs ``fededge demo`` (10 devices, digits MLP, seed 0, 40 versions) once per configuration
@@ -110,7 +111,7 @@ def first_below(summary: dict[str, Any], metric: str, target: float) -> int | No
     return next((r["version"] for r in summary["versions"] if r["metrics"][metric] <= target), None)
 
 
-def robust_table(directory: Path, versions: int, seeds: list[int]) -> None:
+def robust_table(directory: Path, versions: int, seeds: list[int], plot: Path | None) -> None:
     """Accuracy after ``versions`` per configuration: the median over seeds, and each seed."""
     import statistics
 
@@ -123,6 +124,24 @@ def robust_table(directory: Path, versions: int, seeds: list[int]) -> None:
         print(f"| {label} | {statistics.median(acc):.3f} | "
               f"{' '.join(f'{a:.3f}' for a in acc)} | "
               f"{' '.join(str(f) if f is not None else '-' for f in firsts)} |")  # fmt: skip
+    if plot is not None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for label, flags in ROBUST:
+            if label.startswith("honest") and label != "honest, mean":
+                continue
+            v = run(directory, f"{label} seed{seeds[0]}", flags, versions, seeds[0])["versions"]
+            ax.plot([r["version"] for r in v], [r["accuracy"] for r in v], label=label)
+        ax.axhline(0.90, color="grey", lw=0.5)
+        ax.set(xlabel="version", ylabel="held-out accuracy", ylim=(0, 1),
+               title=f"2 of 10 devices sign-flip at the clip norm (seed {seeds[0]})")  # fmt: skip
+        ax.legend(loc="lower right", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(plot, dpi=100)
 
 
 def example_tables(directory: Path, versions: int, seed: int) -> None:
@@ -143,12 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--versions", type=int, default=40)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--seeds", default="0,1,2", help="robust group: seeds, comma-separated")
+    p.add_argument("--robust-plot", type=Path, help="robust group: plot (PNG) of the first seed")
     p.add_argument("--groups", default="learning", help="learning, robust, example (comma list)")
     a = p.parse_args(argv)
     a.dir.mkdir(parents=True, exist_ok=True)
     groups = set(a.groups.split(","))
     if "robust" in groups:
-        robust_table(a.dir, a.versions, [int(x) for x in a.seeds.split(",")])
+        robust_table(a.dir, a.versions, [int(x) for x in a.seeds.split(",")], a.robust_plot)
     if "example" in groups:
         example_tables(a.dir, a.versions, a.seed)
     if "learning" not in groups:
