@@ -72,6 +72,16 @@ ROBUST = [
         [*BYZ, "--robust", "trimmed_mean", "--robust-beta", "0.2"],
     ),
     ("20% byzantine, median", [*BYZ, "--robust", "median"]),
+    # Attackers at 1.5x their honest norm: under a zeroing threshold of 2x the median norm.
+    ("20% byzantine x1.5, mean", [*BYZ, "--byzantine-scale", "1.5"]),
+    (
+        "20% byzantine x1.5, mean + zeroing 2",
+        [*BYZ, "--byzantine-scale", "1.5", "--robust-zeroing", "2"],
+    ),
+    (
+        "20% byzantine x1.5, trimmed_mean b=0.2",
+        [*BYZ, "--byzantine-scale", "1.5", "--robust", "trimmed_mean", "--robust-beta", "0.2"],
+    ),
 ]
 # The your-own-model example: a smaller sweep around the digits' tuned learning rates.
 EXAMPLE = "diabetes_regression"

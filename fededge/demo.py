@@ -62,6 +62,7 @@ class DemoConfig:
     robust_beta: float = 0.1
     robust_zeroing: float | None = None
     byzantine_fraction: float = 0.0
+    byzantine_scale: float | None = None  # None: at the clip norm; x: x times the honest norm
     examples_per_update: int = 32
     epochs: int = 5
     learning_rate: float = 0.1
@@ -413,6 +414,7 @@ def _run(
         attackers = SignFlipAttackers(
             _settings(cfg, url, protocol, state_dir), plan, ModelRuntime.from_bundle(bundle),
             [f"dev-{i:02d}" for i in range(honest, cfg.devices)], parts[honest:], cfg.seed,
+            cfg.byzantine_scale,
         )  # fmt: skip
         agg.on_new_version(lambda m, _old, _new: attackers.on_version(m))
     agg.start(wait_for_model=30)

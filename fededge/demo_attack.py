@@ -3,7 +3,8 @@
 A demonstration of the poisoning threat that plan ``robust`` defends against
 (docs/security.md): each attacker trains honestly on its own share of the data, then sends
 the opposite of its delta scaled up to the plan's clip norm, the largest update the
-aggregator accepts. They are plain MQTT publishers of the demo harness, not device daemons:
+aggregator accepts, or (``scale``) to that multiple of its honest delta's norm, capped at the
+clip norm: an attacker that stays below a ``robust_zeroing`` threshold. They are plain MQTT publishers of the demo harness, not device daemons:
 a compromised device can send any bytes, so there is nothing of the device code to reuse.
 """
 
@@ -43,6 +44,7 @@ class SignFlipAttackers:
         names: Sequence[str],
         parts: Sequence[tuple[np.ndarray, np.ndarray]],
         seed: int,
+        scale: float | None = None,
     ) -> None:
         from fededge.mqtt import MqttClient
 
@@ -52,6 +54,7 @@ class SignFlipAttackers:
             settings.broker, f"fededge-byzantine-{secrets.token_hex(4)}", persistent=False
         )
         self.rng = np.random.default_rng(seed)
+        self.scale = scale
         self._versions: queue.Queue[ModelVersion | None] = queue.Queue()
         self._thread = threading.Thread(target=self._loop, name="byzantine", daemon=True)
         self.sent = 0
@@ -80,8 +83,11 @@ class SignFlipAttackers:
             batch_size=p.batch_size, learning_rate=p.learning_rate, clip_norm=None,
             noise_stddev=0.0, rng=self.rng,
         )  # fmt: skip
+        bound = p.clip_norm
+        if self.scale is not None:
+            bound = min(bound, self.scale * global_norm(lu.delta))
         delta = encode_delta(
-            sign_flip(lu.delta, p.clip_norm), p.update_encoding, p.update_block, self.rng
+            sign_flip(lu.delta, bound), p.update_encoding, p.update_block, self.rng
         )
         update = Update(
             task=model.task, device=name, update_id=f"byz-{model.version}-{secrets.token_hex(4)}",

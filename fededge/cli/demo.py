@@ -128,6 +128,13 @@ from fededge.logs import setup_logging
     help="Share of the devices that attack: they send sign-flipped updates at the clip norm "
     "(a demonstration of what --robust defends against).",
 )
+@click.option(
+    "--byzantine-scale",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Attackers scale their flipped delta to this multiple of its honest norm (capped at "
+    "the clip norm) instead of the clip norm: staying under --robust-zeroing.",
+)
 @click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
 @click.option(
     "--mqtt-version",
