@@ -3,6 +3,8 @@
 Each kernel takes ``x`` float32 (k, B), C-contiguous (row i: coordinates of update i), and
 writes one float64 per column into ``out`` (B,). Pure functions, no validation (see
 ``fededge.aggregator.robust``). Values are widened to float64 before sorting and summing.
+Inputs must be finite (accepted updates are: the aggregator refuses NaN/Inf); a NaN would
+sort arbitrarily.
 """
 
 from __future__ import annotations
