@@ -169,7 +169,7 @@ def robust_table(directory: Path, versions: int, seeds: list[int], plot: Path | 
             ax.plot([r["version"] for r in v], [r["accuracy"] for r in v], label=label)
         ax.axhline(0.90, color="grey", lw=0.5)
         ax.set(xlabel="version", ylabel="held-out accuracy", ylim=(0, 1),
-               title=f"2 of 10 devices sign-flip at the clip norm (seed {seeds[0]})")  # fmt: skip
+               title=f"2 of 10 devices send sign-flipped updates (seed {seeds[0]})")  # fmt: skip
         ax.legend(loc="lower right", fontsize=8)
         fig.tight_layout()
         fig.savefig(plot, dpi=100)
