@@ -167,3 +167,28 @@ def test_aggregator_counts_real_devices_online(broker, tmp_path, aggregator, dev
     d2.close()
     wait_until(lambda: online() == 0, 20, "no device online")
     assert reg.get_sample_value("fededge_fleet_version_lag_gcount") == 0
+
+
+class _Round:
+    """What the core reads of the secure-round driver (``core.RoundView``)."""
+
+    round_id: str | None = "r3"
+    stage: str | None = "share"
+    checked_in = 7
+    rounds_done = 2
+    rounds_aborted = 1
+
+
+def test_secure_round_stage_and_privacy_budget_gauges(tmp_path: Path) -> None:
+    h = Harness(tmp_path, Plan(min_updates_per_version=2))
+    stages = ("checkin", "advertise", "share", "masked", "consistency", "unmask", "done", "aborted")
+    assert [h.metric("fededge_secure_round_stage", stage=s) for s in stages] == [0] * 8
+    assert h.metric("fededge_secure_round_checked_in") == 0
+    assert h.metric("fededge_privacy_max_epsilon") == 0  # no budget
+    h.core.rounds = _Round()
+    assert {s for s in stages if h.metric("fededge_secure_round_stage", stage=s)} == {"share"}
+    assert h.metric("fededge_secure_round_checked_in") == 7
+    assert h.metric("fededge_secure_rounds_done_total") == 2
+    assert h.metric("fededge_secure_rounds_aborted_total") == 1
+    h.control(h.topics.plan, Plan(min_updates_per_version=2, max_epsilon=8.0).to_bytes())
+    assert h.metric("fededge_privacy_max_epsilon") == 8.0

@@ -21,6 +21,7 @@ from numpy.typing import NDArray
 
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
 from fededge.aggregator.fleet import FleetTracker
+from fededge.aggregator.gauges import CoreGauges
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import dedup_key, server_step_tensors
 from fededge.aggregator.policy import Layout, check_update
@@ -48,6 +49,10 @@ class RoundView(Protocol):
     def stage(self) -> str | None: ...
     @property
     def checked_in(self) -> int: ...
+    @property
+    def rounds_done(self) -> int: ...
+    @property
+    def rounds_aborted(self) -> int: ...
 
 
 class AggregatorCore:
@@ -69,6 +74,7 @@ class AggregatorCore:
         self.rounds: RoundView | None = None
         version = lambda: self.state.model.version if self.state.model else None  # noqa: E731
         self.fleet = FleetTracker(metrics.registry, version, max_devices=self.cfg.fleet_max_devices)
+        CoreGauges(metrics.registry, self)  # secure-round stage, privacy budget: read at scrape
         self.accepted_total = 0
         self.rejected_total = 0
         self._perf = perf
