@@ -1,4 +1,4 @@
-"""Gauges read from the aggregator core's state when scraped: secure rounds, privacy budget.
+"""Gauges read from the aggregator core's state when scraped: rounds, version time, budget.
 
 Computed at scrape time rather than set on every change, so the code that changes a round's
 stage or the plan does not have to remember the metrics.
@@ -55,6 +55,12 @@ class CoreGauges(Collector):
             "fededge_secure_rounds_aborted", "Secure-aggregation rounds aborted",
             value=rounds.rounds_aborted if rounds is not None else 0,
         )  # fmt: skip
+        model = self._core.state.model
+        yield GaugeMetricFamily(
+            "fededge_model_version_timestamp_seconds",
+            "When the current model version was published (0 before the first)",
+            value=model.time if model is not None else 0.0,
+        )
         budget = self._core.state.plan.max_epsilon
         yield GaugeMetricFamily(
             "fededge_privacy_max_epsilon",

@@ -56,6 +56,11 @@ class AggregatorMetrics:
             "fededge_internal_errors", "Messages dropped by an internal error (a bug)", registry=r
         )
         self.version = Gauge("fededge_model_version", "Current model version", registry=r)
+        self.started = Gauge(
+            "fededge_aggregator_start_time_seconds", "When this aggregator process started",
+            registry=r,
+        )  # fmt: skip
+        self.started.set_to_current_time()  # changes() of it counts restarts (a crash loop)
         self.pending = Gauge(
             "fededge_pending_updates", "Updates in the pending version", registry=r
         )
