@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -66,3 +68,13 @@ def test_unwritable_folder_is_logged_once_and_retried(tmp_path: Path, caplog) ->
 def test_only_prom_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\.prom"):
         TextfileWriter(tmp_path / "fededge.txt", DeviceMetrics().registry, interval=1)
+
+
+def test_readable_by_node_exporter_under_the_units_umask(tmp_path: Path) -> None:
+    old = os.umask(0o077)  # systemd/fededge-device.service sets UMask=0077
+    try:
+        w = TextfileWriter(tmp_path / "fededge.prom", DeviceMetrics().registry, interval=1)
+        assert w.write()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "fededge.prom").stat().st_mode) == 0o644
