@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from aggtools import make_settings
+from aggtools import make_settings, running_aggregator
 from devtools import mlp_bundle, new_task, publish_task
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from test_aggregator_core import Harness
+from test_device_daemon import Daemon
 
 from fededge.aggregator.fleet import FleetTracker
 from fededge.protocol import DeviceStatus, Plan
@@ -192,3 +193,25 @@ def test_secure_round_stage_and_privacy_budget_gauges(tmp_path: Path) -> None:
     assert h.metric("fededge_secure_rounds_aborted_total") == 1
     h.control(h.topics.plan, Plan(min_updates_per_version=2, max_epsilon=8.0).to_bytes())
     assert h.metric("fededge_privacy_max_epsilon") == 8.0
+
+
+@pytest.mark.broker
+def test_killed_device_process_goes_offline_by_its_last_will(broker, tmp_path) -> None:
+    """kill -9 of a `fededge device` process: the broker publishes its will, the gauge drops."""
+    task = new_task()
+    s = make_settings(broker.url, tmp_path / "agg", task=task)
+    publish_task(s)
+    with running_aggregator(s) as agg:
+        reg = agg.metrics.registry
+
+        def online() -> float:
+            return reg.get_sample_value("fededge_fleet_devices_online") or 0.0
+
+        d = Daemon(broker.url, task, tmp_path / "dev", "k1").start()
+        try:
+            wait_until(lambda: online() == 1, 30, "the device online")
+            d.kill()
+            wait_until(lambda: online() == 0, 30, "the device offline by its will")
+            assert reg.get_sample_value("fededge_fleet_devices_tracked") == 1
+        finally:
+            d.cleanup()
