@@ -20,6 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
+from fededge.aggregator.fleet import FleetTracker
+from fededge.aggregator.gauges import CoreGauges
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import dedup_key, server_step_tensors
 from fededge.aggregator.policy import Layout, check_update
@@ -47,6 +49,10 @@ class RoundView(Protocol):
     def stage(self) -> str | None: ...
     @property
     def checked_in(self) -> int: ...
+    @property
+    def rounds_done(self) -> int: ...
+    @property
+    def rounds_aborted(self) -> int: ...
 
 
 class AggregatorCore:
@@ -66,6 +72,9 @@ class AggregatorCore:
         self.state = VersionState(settings, store, metrics)
         self.topics = self.state.topics
         self.rounds: RoundView | None = None
+        version = lambda: self.state.model.version if self.state.model else None  # noqa: E731
+        self.fleet = FleetTracker(metrics.registry, version, max_devices=self.cfg.fleet_max_devices)
+        CoreGauges(metrics.registry, self)  # secure-round stage, privacy budget: read at scrape
         self.accepted_total = 0
         self.rejected_total = 0
         self._perf = perf
@@ -157,11 +166,14 @@ class AggregatorCore:
             staged, self._staged = self._staged, []
             t0 = self._perf()
             updates = pending.commit()
-            self.metrics.commit_seconds.inc(self._perf() - t0)
+            elapsed = self._perf() - t0
+            self.metrics.commit_seconds.inc(elapsed)
+            self.metrics.commit_duration.observe(elapsed)
             target = pending.base.version + 1
             for msg, update in zip(staged, updates, strict=True):
                 self.accepted_total += 1
                 self.metrics.accepted.inc()
+                self.fleet.on_update(update.device, update.base_version, pending.base.version)
                 out += self._answer(msg, update.device, update.update_id, "accepted", target)
             self.metrics.pending.set(pending.sums.count)
             self.metrics.pending_examples.set(pending.sums.examples)
@@ -310,6 +322,8 @@ class AggregatorCore:
                 self.state.on_graph(msg.payload)
             elif msg.topic == self.topics.model:
                 out += self.state.on_model(msg.payload, now)
+            elif (device := self.topics.device_of(msg.topic, "devices")) is not None:
+                self.fleet.on_status(device, msg.payload)  # devices/+/status, fleet gauges
             else:
                 log.debug("ignoring message on %s", msg.topic)
         except (ProtocolError, SignatureError) as e:
