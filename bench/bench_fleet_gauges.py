@@ -1,6 +1,6 @@
 """Cost of the aggregator's fleet gauges (fededge/aggregator/fleet.py) per event and per scrape.
 
-Run: ``python -m bench.bench_fleet [--devices N]`` (writes the "fleet" section of
+Run: ``python -m bench.bench_fleet_gauges [--devices N]`` (writes the "fleet" section of
 docs/benchmarks.md). No broker: the tracker is fed the bytes the aggregator would receive.
 """
 
@@ -70,7 +70,7 @@ def main() -> None:
 
 Machine: {machine()}
 
-`python -m bench.bench_fleet --devices {n}`: the aggregator's fleet tracker with {n:,} online
+`python -m bench.bench_fleet_gauges --devices {n}`: the aggregator's fleet tracker with {n:,} online
 devices in {VERSIONS} versions, fed the bytes the aggregator receives (no broker). Medians of
 5 runs of {CALLS:,} events (7 scrapes). The host is shared with other jobs: expect swings.
 
