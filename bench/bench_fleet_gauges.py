@@ -1,6 +1,6 @@
 """Cost of the aggregator's fleet gauges (fededge/aggregator/fleet.py) per event and per scrape.
 
-Run: ``python -m bench.bench_fleet_gauges [--devices N]`` (writes the "fleet" section of
+Run: ``python -m bench.bench_fleet_gauges [--devices N]`` (writes the "fleet-gauges" section of
 docs/benchmarks.md). No broker: the tracker is fed the bytes the aggregator would receive.
 """
 
@@ -83,7 +83,7 @@ tally updates. The exposition has the same number of series for any number of de
 """
     print(md)
     if not args.no_write:
-        write_section("fleet", md)
+        write_section("fleet-gauges", md)
 
 
 if __name__ == "__main__":
