@@ -226,3 +226,15 @@ def test_bit_entry_in_the_masked_sum_gives_the_fraction() -> None:
     assert np.std(fractions) == pytest.approx(want, rel=0.3)
     assert abs(np.mean(fractions)) < 3 * want / math.sqrt(len(fractions))
     assert np.mean(totals) == pytest.approx(z * clip * math.sqrt(n / t), rel=0.05)
+
+
+def test_watch_and_status_show_the_clip() -> None:
+    from fededge.cli.render import describe_metrics, describe_model, describe_plan
+
+    mv = ModelVersion(task="t", version=2, weights=WEIGHTS, graph_sha256=NO_GRAPH, clip=0.75)
+    assert describe_model(mv, mv.to_bytes()).endswith("clip=0.75")
+    vm = VersionMetrics(task="t", version=2, updates=3, examples=9, unclipped=0.25, clip=0.75)
+    assert "unclipped=0.25 clip=0.75" in describe_metrics(vm)
+    assert "clip_quantile=0.5" in describe_plan(ADAPTIVE)
+    plain = VersionMetrics(task="t", version=2, updates=3, examples=9)
+    assert "clip" not in describe_metrics(plain) and b"clip" not in plain.to_bytes()
