@@ -238,3 +238,14 @@ def test_watch_and_status_show_the_clip() -> None:
     assert "clip_quantile=0.5" in describe_plan(ADAPTIVE)
     plain = VersionMetrics(task="t", version=2, updates=3, examples=9)
     assert "clip" not in describe_metrics(plain) and b"clip" not in plain.to_bytes()
+
+
+def test_demo_sizes_the_noise_for_the_charged_multiplier() -> None:
+    from fededge.demo import DemoConfig, demo_epsilon, demo_plan
+
+    plan = demo_plan(DemoConfig(versions=20, dp_epsilon=5.38, target_unclipped_quantile=0.5))
+    assert plan.target_unclipped_quantile == 0.5
+    # z / sqrt(1.1) is charged: z is sqrt(1.1) times the plain plan's (4.0 for this budget).
+    assert plan.noise_multiplier == pytest.approx(4.0 * math.sqrt(1.1), rel=0.01)
+    eps = demo_epsilon(plan, 20)
+    assert eps is not None and eps <= 5.38
