@@ -29,6 +29,7 @@ from fededge.aggregator.store import Store
 from fededge.aggregator.versions import VersionState
 from fededge.errors import ProtocolError, SignatureError
 from fededge.protocol import AggregatorStatus, ModelVersion, Receipt, Update
+from fededge.protocol.clipping import clip_in_force
 from fededge.protocol.messages import Weights
 from fededge.protocol.signing import SignedKind
 from fededge.protocol.vocab import RejectReason
@@ -146,6 +147,7 @@ class AggregatorCore:
                 current_version=model.version,
                 plan=self.state.plan,
                 layout=pending.layout,
+                clip=clip_in_force(self.state.plan, model),
             )
         except ProtocolError as e:
             log.warning("rejected update device=%s topic=%s reason=%s: %s",
