@@ -117,7 +117,7 @@ def test_demo_with_a_byzantine_device_and_trimmed_mean_on_mosquitto(
 
     from fededge.demo import DemoConfig, run_demo
 
-    caplog.set_level(logging.INFO, logger="fededge.aggregator.service")
+    caplog.set_level(logging.INFO, logger="fededge.aggregator.robust")
     cfg = DemoConfig(devices=5, versions=3, broker=broker.url, min_updates_per_version=5,
                      robust="trimmed_mean", robust_beta=0.2, byzantine_fraction=0.2,
                      out_dir=tmp_path)  # fmt: skip

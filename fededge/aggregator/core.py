@@ -249,12 +249,8 @@ class AggregatorCore:
         t0 = self._perf()
         plan = self.state.plan
         opt_state: OptState | None = None
-        if robust.enabled(plan) and (r := robust.aggregate(pending, plan)) is not None:
-            self.metrics.zeroed.inc(r.zeroed)
-            log.info("version %d: %s over %d updates (%d zeroed, %d trimmed at each end)",
-                     pending.base.version + 1, plan.robust, r.used, r.zeroed, r.trimmed)  # fmt: skip
-            state = self.state.optimizer_state(pending.layout.size)
-            weights, opt_state = robust.next_weights(pending, plan, r.delta, state)
+        if done := robust.finalize(pending, plan, self.state.optimizer_state, self.metrics):
+            weights, opt_state = done
         elif plan.server_optimizer == "sgd":
             weights = pending.finalize(plan.server_learning_rate)
         else:  # fused with finalize: mean delta, optimizer state and weights in one pass

@@ -26,6 +26,7 @@ import logging
 import math
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +36,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator import kernels
+from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion, server_step_tensors
 from fededge.aggregator.wal import record_spans
 from fededge.errors import StorageError
@@ -255,10 +257,15 @@ def aggregate(
 
 
 def next_weights(
-    pending: PendingVersion, plan: Plan, delta: NDArray[np.float64], state: OptState
+    pending: PendingVersion, plan: Plan, delta: NDArray[np.float64], state: OptState | None
 ) -> tuple[Weights, OptState | None]:
-    """``delta`` (the robust aggregate) through the server optimizer: (weights, new state)."""
+    """``delta`` (the robust aggregate) through the server optimizer: (weights, new state).
+
+    ``state`` is the optimizer's (m, v); only read when ``server_optimizer`` is not ``sgd``.
+    """
     if plan.server_optimizer != "sgd":
+        if state is None:
+            raise ValueError(f"server_optimizer {plan.server_optimizer!r} needs its state (m, v)")
         m, v = state
         weights, m2, v2 = server_step_tensors(
             pending.base.weights, pending.layout, delta, 1.0, plan, m, v
@@ -270,6 +277,23 @@ def next_weights(
         new = kernels.finalize(base, delta[sl], 1.0, plan.server_learning_rate)
         out[name] = new.reshape(shape)
     return out, None
+
+
+def finalize(
+    pending: PendingVersion,
+    plan: Plan,
+    optimizer_state: Callable[[int], OptState],
+    metrics: AggregatorMetrics,
+) -> tuple[Weights, OptState | None] | None:
+    """The next version's (weights, optimizer state) under a robust plan; None: use the mean
+    (the plan is not robust, or the log lacks updates of this version)."""
+    if not enabled(plan) or (r := aggregate(pending, plan)) is None:
+        return None
+    metrics.zeroed.inc(r.zeroed)
+    log.info("version %d: %s over %d updates (%d zeroed, %d trimmed at each end)",
+             pending.base.version + 1, plan.robust, r.used, r.zeroed, r.trimmed)  # fmt: skip
+    state = optimizer_state(pending.layout.size) if plan.server_optimizer != "sgd" else None
+    return next_weights(pending, plan, r.delta, state)
 
 
 def warmup() -> None:
