@@ -57,6 +57,7 @@ ENCODINGS = [
 
 # 20% of 10 devices (2) send sign-flipped updates at the clip norm (fededge/demo_attack.py).
 BYZ = ["--byzantine-fraction", "0.2"]
+TRIM2 = ["--robust", "trimmed_mean", "--robust-beta", "0.2"]
 ROBUST = [
     ("honest, mean", []),
     ("honest, trimmed_mean b=0.2", ["--robust", "trimmed_mean", "--robust-beta", "0.2"]),
@@ -81,6 +82,13 @@ ROBUST = [
     (
         "20% byzantine x1.5, trimmed_mean b=0.2",
         [*BYZ, "--byzantine-scale", "1.5", "--robust", "trimmed_mean", "--robust-beta", "0.2"],
+    ),
+    # Both defences together.
+    ("honest, trimmed_mean b=0.2 + zeroing 2", [*TRIM2, "--robust-zeroing", "2"]),
+    ("20% byzantine, trimmed_mean b=0.2 + zeroing 2", [*BYZ, *TRIM2, "--robust-zeroing", "2"]),
+    (
+        "20% byzantine x1.5, trimmed_mean b=0.2 + zeroing 2",
+        [*BYZ, "--byzantine-scale", "1.5", *TRIM2, "--robust-zeroing", "2"],
     ),
 ]
 # The your-own-model example: a smaller sweep around the digits' tuned learning rates.
