@@ -217,18 +217,25 @@ def test_a_plan_turned_robust_mid_version_falls_back_to_the_mean_for_that_versio
     np.testing.assert_allclose(_flat(v2.weights) - _flat(v1.weights), med, rtol=1e-5, atol=1e-7)
 
 
-def test_blocks_smaller_than_a_tensor_give_the_same_aggregate(tmp_path: Any) -> None:
-    plan = Plan(min_updates_per_version=5, robust="trimmed_mean", robust_beta=0.2)
+@pytest.mark.parametrize(("enc", "block"), [("f32", 0), ("f16", 0), ("int8", 0), ("int8", 3)])
+def test_blocks_smaller_than_a_tensor_give_the_same_aggregate(
+    tmp_path: Any, enc: str, block: int
+) -> None:
+    plan = Plan(min_updates_per_version=5, robust="trimmed_mean", robust_beta=0.2,
+                update_encoding=enc, update_block=block)  # fmt: skip
     h = Harness(tmp_path, plan)
-    deltas = [_delta(i) for i in range(5)]
-    _send_all(h, deltas[:4])
+    rng = np.random.default_rng(9)
+    sent = [encode_delta(_delta(i), enc, block, rng) for i in range(4)]
+    _send_all(h, sent, encoding=enc, block=block)
     _, pending = h.core.state.ready()  # 4 of 5 updates in: aggregate the pending version
     whole = robust.aggregate(pending, plan)
-    tiny = robust.aggregate(pending, plan, block_bytes=4 * 4 * 3)  # 3 coordinates per block
-    assert whole is not None and tiny is not None
-    np.testing.assert_array_equal(whole.delta, tiny.delta)
-    x = np.stack([_flat(d).astype(np.float32) for d in deltas[:4]])
+    assert whole is not None
+    x = np.stack([_flat(decode_delta(s, enc, block)).astype(np.float32) for s in sent])
     np.testing.assert_allclose(whole.delta, _ref_trimmed(x, 0.2), rtol=1e-12)
+    for width in (1, 2, 3, 5):  # coordinates per block: int8 scale blocks straddle them
+        tiny = robust.aggregate(pending, plan, block_bytes=4 * 4 * width)
+        assert tiny is not None
+        np.testing.assert_array_equal(whole.delta, tiny.delta)
 
 
 # -- the demo's byzantine devices ---------------------------------------------------------------
