@@ -170,8 +170,12 @@ def robust_table(directory: Path, versions: int, seeds: list[int], plot: Path | 
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(7, 4))
+        shown = {"honest, mean", "20% byzantine, mean", "20% byzantine, trimmed_mean b=0.1",
+                 "20% byzantine, trimmed_mean b=0.2", "20% byzantine, median",
+                 "20% byzantine, mean + zeroing 2", "20% byzantine x1.5, mean",
+                 "20% byzantine x1.5, trimmed_mean b=0.2 + zeroing 2"}  # fmt: skip
         for label, flags in ROBUST:
-            if label.startswith("honest") and label != "honest, mean":
+            if label not in shown:
                 continue
             v = run(directory, f"{label} seed{seeds[0]}", flags, versions, seeds[0])["versions"]
             ax.plot([r["version"] for r in v], [r["accuracy"] for r in v], label=label)
