@@ -123,6 +123,101 @@ def sq_norm_i8(q: np.ndarray, scales: np.ndarray, block: int) -> float:
     return total
 
 
+# The multi-row folds walk each scale block in strips of STRIP elements: with one scale per
+# tensor (a block of d elements) a strip keeps the rows' read streams short and in step, which
+# measured 15-25% faster at d = 1M than one loop over the whole block. 16 rows per pass halve
+# the accumulator's memory traffic per row (16 + 1 bytes per element per pass against 8 + 1
+# bytes for 8 rows): at 1 byte per int8 element the float64 accumulator dominates otherwise.
+STRIP = 2048
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def fold16_i8(
+    acc: np.ndarray,
+    q0: np.ndarray,
+    q1: np.ndarray,
+    q2: np.ndarray,
+    q3: np.ndarray,
+    q4: np.ndarray,
+    q5: np.ndarray,
+    q6: np.ndarray,
+    q7: np.ndarray,
+    q8: np.ndarray,
+    q9: np.ndarray,
+    q10: np.ndarray,
+    q11: np.ndarray,
+    q12: np.ndarray,
+    q13: np.ndarray,
+    q14: np.ndarray,
+    q15: np.ndarray,
+    scales: np.ndarray,
+    block: int,
+    w: np.ndarray,
+) -> None:
+    """acc += sum_j w[j] * scales[j, i // block] * q_j[i] for 16 int8 vectors, acc read once.
+
+    ``scales`` is float32 (16, blocks). Per block, the 16 factors ``w[j] * scales[j, b]`` are
+    computed once; each element is then 16 widen-multiply-adds in a register (rows in order).
+    """
+    n = acc.shape[0]
+    for b in range(scales.shape[1]):
+        s0 = w[0] * np.float64(scales[0, b])
+        s1 = w[1] * np.float64(scales[1, b])
+        s2 = w[2] * np.float64(scales[2, b])
+        s3 = w[3] * np.float64(scales[3, b])
+        s4 = w[4] * np.float64(scales[4, b])
+        s5 = w[5] * np.float64(scales[5, b])
+        s6 = w[6] * np.float64(scales[6, b])
+        s7 = w[7] * np.float64(scales[7, b])
+        s8 = w[8] * np.float64(scales[8, b])
+        s9 = w[9] * np.float64(scales[9, b])
+        s10 = w[10] * np.float64(scales[10, b])
+        s11 = w[11] * np.float64(scales[11, b])
+        s12 = w[12] * np.float64(scales[12, b])
+        s13 = w[13] * np.float64(scales[13, b])
+        s14 = w[14] * np.float64(scales[14, b])
+        s15 = w[15] * np.float64(scales[15, b])
+        end = min(b * block + block, n)
+        for lo in range(b * block, end, STRIP):
+            hi = min(lo + STRIP, end)
+            a = acc[lo:hi]  # slices from 0: see dequant_accumulate_i8
+            x0 = q0[lo:hi]
+            x1 = q1[lo:hi]
+            x2 = q2[lo:hi]
+            x3 = q3[lo:hi]
+            x4 = q4[lo:hi]
+            x5 = q5[lo:hi]
+            x6 = q6[lo:hi]
+            x7 = q7[lo:hi]
+            x8 = q8[lo:hi]
+            x9 = q9[lo:hi]
+            x10 = q10[lo:hi]
+            x11 = q11[lo:hi]
+            x12 = q12[lo:hi]
+            x13 = q13[lo:hi]
+            x14 = q14[lo:hi]
+            x15 = q15[lo:hi]
+            for i in range(a.shape[0]):
+                s = a[i]
+                s += s0 * np.float64(x0[i])
+                s += s1 * np.float64(x1[i])
+                s += s2 * np.float64(x2[i])
+                s += s3 * np.float64(x3[i])
+                s += s4 * np.float64(x4[i])
+                s += s5 * np.float64(x5[i])
+                s += s6 * np.float64(x6[i])
+                s += s7 * np.float64(x7[i])
+                s += s8 * np.float64(x8[i])
+                s += s9 * np.float64(x9[i])
+                s += s10 * np.float64(x10[i])
+                s += s11 * np.float64(x11[i])
+                s += s12 * np.float64(x12[i])
+                s += s13 * np.float64(x13[i])
+                s += s14 * np.float64(x14[i])
+                s += s15 * np.float64(x15[i])
+                a[i] = s
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def fold8_i8(
     acc: np.ndarray,
@@ -153,19 +248,26 @@ def fold8_i8(
         s5 = w[5] * np.float64(scales[5, b])
         s6 = w[6] * np.float64(scales[6, b])
         s7 = w[7] * np.float64(scales[7, b])
-        lo = b * block
-        hi = min(lo + block, n)
-        a = acc[lo:hi]  # slices from 0: see dequant_accumulate_i8
-        x0, x1, x2, x3 = q0[lo:hi], q1[lo:hi], q2[lo:hi], q3[lo:hi]
-        x4, x5, x6, x7 = q4[lo:hi], q5[lo:hi], q6[lo:hi], q7[lo:hi]
-        for i in range(a.shape[0]):
-            s = a[i]
-            s += s0 * np.float64(x0[i])
-            s += s1 * np.float64(x1[i])
-            s += s2 * np.float64(x2[i])
-            s += s3 * np.float64(x3[i])
-            s += s4 * np.float64(x4[i])
-            s += s5 * np.float64(x5[i])
-            s += s6 * np.float64(x6[i])
-            s += s7 * np.float64(x7[i])
-            a[i] = s
+        end = min(b * block + block, n)
+        for lo in range(b * block, end, STRIP):
+            hi = min(lo + STRIP, end)
+            a = acc[lo:hi]  # slices from 0: see dequant_accumulate_i8
+            x0 = q0[lo:hi]
+            x1 = q1[lo:hi]
+            x2 = q2[lo:hi]
+            x3 = q3[lo:hi]
+            x4 = q4[lo:hi]
+            x5 = q5[lo:hi]
+            x6 = q6[lo:hi]
+            x7 = q7[lo:hi]
+            for i in range(a.shape[0]):
+                s = a[i]
+                s += s0 * np.float64(x0[i])
+                s += s1 * np.float64(x1[i])
+                s += s2 * np.float64(x2[i])
+                s += s3 * np.float64(x3[i])
+                s += s4 * np.float64(x4[i])
+                s += s5 * np.float64(x5[i])
+                s += s6 * np.float64(x6[i])
+                s += s7 * np.float64(x7[i])
+                a[i] = s

@@ -15,7 +15,7 @@ def _i8(rng: np.random.Generator, d: int) -> np.ndarray:
 @pytest.mark.parametrize(("d", "block"), [(1000, 1000), (1000, 7), (4097, 256), (1, 1)])
 def test_int8_fold_matches_numpy_and_groups_equal_single_folds(d: int, block: int) -> None:
     rng = np.random.default_rng(d + block)
-    k = 19  # 2 passes of 8, then 3 one by one
+    k = 27  # a pass of 16, one of 8, then 3 one by one
     qs = [_i8(rng, d) for _ in range(k)]
     scales = [rng.random(-(-d // block), dtype=np.float32) for _ in range(k)]
     w = rng.random(k) * 10
