@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.native import accumulate as _acc
+from fededge.native import hadamard as _had
 from fededge.native import norm as _norm
 from fededge.native import optim as _opt
 
@@ -307,7 +308,7 @@ def dequant_accumulate_i8_group(
     while j + 16 <= k:
         v = views[j : j + 16]
         sc16 = np.stack(scales[j : j + 16])
-        _opt.fold16_i8(acc, *v, sc16, block, w[j : j + 16])  # type: ignore[call-arg]
+        _opt.fold16_i8(acc, *v, sc16, block, w[j : j + 16])  # type: ignore[call-arg,arg-type]
         j += 16
     if j + 8 <= k:
         a, b, c, d, e, f, g, h = views[j : j + 8]
@@ -418,3 +419,6 @@ def warmup(*, parallel: bool = True) -> None:
     h_ro.flags.writeable = False
     dequant_accumulate_f16(acc, h, 1.0)
     dequant_accumulate_f16(acc, h_ro, 1.0)
+    y = np.ones(64)  # the rotation (fededge/aggregator/rotated.py)
+    _had.apply_signs(y, np.ones(64, dtype=np.int8))
+    _had.hadamard_blocks(y, np.zeros(1, dtype=np.int64), np.full(1, 64, dtype=np.int64))

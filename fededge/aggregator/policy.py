@@ -11,6 +11,7 @@ import numpy as np
 from fededge.aggregator import codec
 from fededge.errors import ProtocolError, SecAggError
 from fededge.protocol import Plan, Update
+from fededge.protocol.rotation import ROTATED, padded_size
 from fededge.protocol.vocab import RejectReason
 
 
@@ -100,6 +101,10 @@ def check_update(
                 f"{key}={value!r} is outside [0, {hi:g}]", reason=RejectReason.BAD_METRICS
             )
     names = set(update.delta)
+    size = layout.size  # of the model: the norm bound's noise term counts its coordinates
+    if update.rotation == "hadamard":  # one tensor of the padded size (issue 13)
+        p = padded_size(size)
+        layout = Layout((ROTATED,), ((p,),), (0,), p)
     expected = codec.expected_names(layout.names, update.encoding)
     if names != expected:
         missing = sorted(expected - names)[:5]
@@ -116,7 +121,7 @@ def check_update(
             )
         sq += n * n
     norm = math.sqrt(sq)
-    bound = norm_bound(plan, layout.size)
+    bound = norm_bound(plan, size)
     if norm > bound:
         raise ProtocolError(
             f"update norm {norm:.6g} exceeds the bound {bound:.6g}",

@@ -134,6 +134,7 @@ class VersionState:
             checkpoint_every=self.cfg.checkpoint_every,
             parallel=self.cfg.parallel_kernels,
             max_update_bytes=max(MAX_MODEL_MESSAGE, self.update_limit),
+            rotated=self.plan.update_rotation == "hadamard",
         )
         self.metrics.version.set(model.version)
         self.metrics.pending.set(0)

@@ -42,6 +42,7 @@ from fededge.device.spec import BundleSpec
 from fededge.device.trust import TRUST_FILE, Refused, TrustState, privacy_refusal
 from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, Update
 from fededge.protocol.encoding import encode_delta
+from fededge.protocol.rotation import rotate_for
 from fededge.settings import PrivacySettings
 
 if TYPE_CHECKING:
@@ -366,8 +367,10 @@ class DeviceCore:
             task=self.topics.task, device=self.device_id, update_id=uid, base_version=base,
             num_examples=lu.num_examples,
             # Compressed as the plan asks (issue 13), after clipping and noise.
-            delta=encode_delta(lu.delta, job.plan.update_encoding, job.plan.update_block),
+            delta=encode_delta(rotate_for(job.plan, job.current.model, lu.delta),
+                               job.plan.update_encoding, job.plan.update_block),
             encoding=job.plan.update_encoding, block=job.plan.update_block,
+            rotation=job.plan.update_rotation,
             # DP mode: no raw losses or accuracies (docs/privacy.md, "device metrics").
             train_loss=None if dp else lu.train_loss, eval_loss=None if dp else lu.eval_loss,
             eval_accuracy=None if dp else lu.eval_accuracy,

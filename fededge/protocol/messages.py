@@ -107,6 +107,10 @@ class Plan(_Json):
     # tensor (update_block 0) or per update_block elements; omitted at the defaults.
     update_encoding: Literal["f32", "f16", "int8"] = "f32"
     update_block: int = Field(0, ge=0, le=1 << 30)
+    # Randomized Hadamard rotation before encoding (fededge/protocol/rotation.py) and the dtype
+    # of published model versions (f16: half the download); omitted at the defaults.
+    update_rotation: Literal["none", "hadamard"] = "none"
+    model_encoding: Literal["f32", "f16"] = "f32"
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
@@ -141,6 +145,8 @@ _PLAN_OMITTED: dict[str, object] = {
     "server_epsilon": 1e-3,
     "update_encoding": "f32",
     "update_block": 0,
+    "update_rotation": "none",
+    "model_encoding": "f32",
 }
 
 
@@ -388,6 +394,13 @@ def _meta_encoding(meta: Mapping[str, str]) -> str:
     return raw
 
 
+def _meta_rotation(meta: Mapping[str, str]) -> str:
+    raw = meta.get("rotation", "none")
+    if raw not in ("none", "hadamard"):
+        raise ProtocolError(f"metadata 'rotation' must be none or hadamard, got {raw[:32]!r}")
+    return raw
+
+
 @dataclass(frozen=True)
 class Update:
     """One device's clipped, noised weight delta against a base version."""
@@ -405,6 +418,7 @@ class Update:
     # How ``delta`` is encoded (fededge/protocol/encoding.py); f32 is omitted from the bytes.
     encoding: str = "f32"
     block: int = 0  # int8: elements per scale (0: one scale per tensor)
+    rotation: str = "none"  # "hadamard": one tensor "rotated" (fededge/protocol/rotation.py)
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -424,6 +438,8 @@ class Update:
             meta["encoding"] = self.encoding
         if self.encoding == "int8":
             meta["block"] = str(self.block)
+        if self.rotation != "none":
+            meta["rotation"] = self.rotation
         return encode_tensors(self.delta, meta)
 
     @classmethod
@@ -444,6 +460,7 @@ class Update:
             eval_accuracy=_meta_float(m, "eval_accuracy", -math.inf, math.inf),
             encoding=_meta_encoding(m),
             block=_meta_int(m, "block", 0, 1 << 31) if m.get("encoding") == "int8" else 0,
+            rotation=_meta_rotation(m),
         )
 
 
