@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -218,3 +219,53 @@ def test_rotation_plan_fields_are_omitted_at_their_defaults() -> None:
     p = Plan(update_rotation="hadamard", model_encoding="f16")
     assert b'"update_rotation":"hadamard"' in p.to_bytes()
     assert b'"model_encoding":"f16"' in p.to_bytes()
+
+
+# -- model versions published as float16 (plan model_encoding) --------------------------------
+
+# docs/protocol.md ("Model versions in float16"): version 1 of task t, w = [0.5, -0.25, 1/3,
+# 65504] (1/3 becomes 0.33325195 in float16).
+MODEL_F16_VECTOR = (
+    "10010000000000007b225f5f6d657461646174615f5f223a7b22656e636f64696e67223a22663136222c2265"
+    "78616d706c6573223a2230222c2266656465646765223a2231222c2267726170685f736861323536223a2230"
+    "3030303030303030303030303030303030303030303030303030303030303030303030303030303030303030"
+    "30303030303030303030303030303030303030222c226b696e64223a226d6f64656c222c227461736b223a22"
+    "74222c2274696d65223a22302e30222c2275706461746573223a2230222c2276657273696f6e223a2231227d"
+    "2c2277223a7b226474797065223a22463136222c227368617065223a5b345d2c22646174615f6f6666736574"
+    "73223a5b302c385d7d7d202020202020003800b45535ff7b"
+)
+
+
+def test_model_f16_vector() -> None:
+    from fededge.protocol import ModelVersion
+
+    mv = ModelVersion.from_bytes(bytes.fromhex(MODEL_F16_VECTOR), max_bytes=1 << 16)
+    assert mv.encoding == "f16" and mv.weights["w"].dtype == np.float32
+    assert mv.weights["w"].tolist() == [0.5, -0.25, 0.333251953125, 65504.0]
+    w = {"w": np.array([0.5, -0.25, 1 / 3, 65504.0], np.float32)}
+    again = ModelVersion(task="t", version=1, weights=w, graph_sha256="0" * 64, encoding="f16")
+    assert again.to_bytes().hex() == MODEL_F16_VECTOR
+
+
+def test_aggregator_publishes_f16_versions_and_keeps_its_float32_master(tmp_path: Any) -> None:
+    from fededge.aggregator.effects import Publish
+    from fededge.protocol import ModelVersion
+
+    plan = Plan(min_updates_per_version=1, model_encoding="f16")
+    h = Harness(tmp_path, plan)
+    x = {"b": np.full(3, 1 / 3, np.float32), "w": np.full((2, 4), 0.1, np.float32)}
+    out = h.batch(("d0", h.payload("u0", device="d0", delta=x)))
+    assert [e.new for e in out if isinstance(e, NewVersion)] == [1]
+    (pub,) = [e for e in out if isinstance(e, Publish) and e.topic == h.topics.model]
+    sent = ModelVersion.from_bytes(pub.payload, max_bytes=1 << 20)
+    assert sent.encoding == "f16" and sent.version == 1
+    master = h.store.load_version(1)  # float32, what the next version builds on
+    assert master.encoding == "f32" and master.weights["b"][0] == np.float32(1 / 3)
+    assert sent.weights["b"][0] == np.float32(np.float16(1 / 3)) != master.weights["b"][0]
+    f32 = dataclasses.replace(master).to_bytes()
+    assert len(pub.payload) < len(f32)
+    # A version beyond float16's range goes out as float32 rather than as infinities.
+    from fededge.aggregator.published import published_model
+
+    big = dataclasses.replace(master, weights={**master.weights, "b": np.full(3, 1e5, np.float32)})
+    assert published_model(big.to_bytes(), "f16") == big.to_bytes()

@@ -348,6 +348,9 @@ class ModelVersion:
     examples: int = 0
     time: float = 0.0
     generation: int = 0  # the plan generation it belongs to (omitted when 0)
+    # "f16": the tensors travel as F16 (plan model_encoding); ``weights`` are float32 either
+    # way (decoded on arrival). Omitted from the bytes when f32.
+    encoding: str = "f32"
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -364,6 +367,10 @@ class ModelVersion:
             meta["parent"] = str(self.parent)
         if self.generation:
             meta["generation"] = str(self.generation)
+        if self.encoding == "f16":
+            meta["encoding"] = "f16"
+            halves = {n: np.asarray(a, dtype=np.float16) for n, a in self.weights.items()}
+            return encode_tensors(halves, meta)
         return encode_tensors(self.weights, meta)
 
     @classmethod
@@ -377,14 +384,32 @@ class ModelVersion:
         return cls(
             task=_meta_name(m, "task"),
             version=_meta_int(m, "version"),
-            weights=_float32(p.tensors, "model"),
+            weights=_model_weights(p.tensors, m),
             graph_sha256=sha,
             parent=_meta_int(m, "parent") if "parent" in m else None,
             updates=_meta_int(m, "updates") if "updates" in m else 0,
             examples=_meta_int(m, "examples") if "examples" in m else 0,
             time=_meta_float(m, "time", 0.0, 1e11) or 0.0,
             generation=_meta_int(m, "generation") if "generation" in m else 0,
+            encoding=m.get("encoding", "f32"),
         )
+
+
+def _model_weights(tensors: Mapping[str, NDArray[np.generic]], meta: Mapping[str, str]) -> Weights:
+    """A model's weights as float32: F32 tensors, or F16 ones (metadata encoding f16) widened."""
+    enc = meta.get("encoding", "f32")
+    if enc == "f32":
+        return _float32(tensors, "model")
+    if enc != "f16":
+        raise ProtocolError(f"model metadata 'encoding' must be f32 or f16, got {enc[:32]!r}")
+    out: Weights = {}
+    for name, arr in tensors.items():
+        if arr.dtype != np.float16:
+            raise ProtocolError(f"model tensor {name!r} has dtype {arr.dtype}, expected float16")
+        out[name] = arr.astype(np.float32)
+    if not out:
+        raise ProtocolError("model carries no tensors")
+    return out
 
 
 def _meta_encoding(meta: Mapping[str, str]) -> str:
