@@ -55,6 +55,8 @@ class DemoConfig:
     server_lr: float = 1.0
     update_encoding: str = "f32"
     update_block: int = 0
+    update_rotation: str = "none"
+    model_encoding: str = "f32"
     examples_per_update: int = 32
     epochs: int = 5
     learning_rate: float = 0.1
@@ -144,6 +146,8 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         server_learning_rate=cfg.server_lr,
         update_encoding=cfg.update_encoding,
         update_block=cfg.update_block,
+        update_rotation=cfg.update_rotation,
+        model_encoding=cfg.model_encoding,
         **_dp_fields(cfg),
     )
 

@@ -269,3 +269,15 @@ def test_aggregator_publishes_f16_versions_and_keeps_its_float32_master(tmp_path
 
     big = dataclasses.replace(master, weights={**master.weights, "b": np.full(3, 1e5, np.float32)})
     assert published_model(big.to_bytes(), "f16") == big.to_bytes()
+
+
+def test_model_init_plan_file_takes_the_new_fields(tmp_path: Any) -> None:
+    from safetensors.numpy import save_file
+
+    from fededge.cli.model import load_init_payloads
+
+    save_file({"w": np.zeros(4, np.float32)}, str(tmp_path / "w.safetensors"))
+    raw = b'{"v":1,"kind":"plan","update_rotation":"hadamard","model_encoding":"f16"}'
+    (tmp_path / "plan.json").write_bytes(raw)
+    _, _, plan = load_init_payloads("t", None, tmp_path / "w.safetensors", tmp_path / "plan.json")
+    assert (plan.update_rotation, plan.model_encoding) == ("hadamard", "f16")
