@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict[str, Any]] = {}
     for group in (OPTIMIZERS, ENCODINGS):
         if group is ENCODINGS:
-            f32_update, f32_model = wire_bytes("f32")
-            print("| configuration | versions to 0.90 | accuracy after 40 | bytes/update "
-                  "| x f32 | bytes/model version |")  # fmt: skip
-            print("|---|---:|---:|---:|---:|---:|")
+            f32_update = wire_bytes("f32")[0]
+            print("| configuration | versions to 0.90 | accuracy after 40 | final loss "
+                  "| bytes/update | x f32 | bytes/model version |")  # fmt: skip
+            print("|---|---:|---:|---:|---:|---:|---:|")
         else:
             print("| configuration | versions to 0.90 | accuracy after 40 |")
             print("|---|---:|---:|")
@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             row += f"{s['final_accuracy']:.3f} |"
             if group is ENCODINGS:
                 ub, mb = wire_bytes(label)
-                row += f" {ub:,} | {ub / f32_update:.2f} | {mb:,} |"
+                loss = s["versions"][-1]["loss"]
+                row += f" {loss:.5f} | {ub:,} | {ub / f32_update:.3f} | {mb:,} |"
             print(row)
         print()
     if a.plot is not None:
