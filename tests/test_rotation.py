@@ -281,3 +281,44 @@ def test_model_init_plan_file_takes_the_new_fields(tmp_path: Any) -> None:
     (tmp_path / "plan.json").write_bytes(raw)
     _, _, plan = load_init_payloads("t", None, tmp_path / "w.safetensors", tmp_path / "plan.json")
     assert (plan.update_rotation, plan.model_encoding) == ("hadamard", "f16")
+
+
+# -- secure rounds: rotated before fixed-point quantisation, the unmasked sum unrotated -------
+
+
+def test_secure_round_rotates_inputs_and_unrotates_the_sum(broker: Any, tmp_path: Any) -> None:
+    from aggtools import make_settings, running_aggregator
+    from devtools import digits_split, new_task, publish_task, wait_until
+    from test_secagg_mqtt import assert_close, error_bound, feed, fleet, sa_plan
+
+    task = new_task()
+    plan = sa_plan(cohort_size=6, min_cohort=5, threshold=4, checkin_window=2.0)
+    plan = plan.model_copy(update={"update_rotation": "hadamard"})
+    s = make_settings(broker.url, tmp_path / "agg", task=task)
+    base = publish_task(s, plan)
+    d = sum(int(w.size) for w in base.weights.values())
+    parts, _, _ = digits_split(5)
+    with running_aggregator(s) as agg, fleet(broker.url, tmp_path, task, {}, 5) as f:
+        wait_until(lambda: all(c.version == 0 for c in f.clients.values()), 30, "version 0")
+        feed(f, parts)
+        wait_until(lambda: agg.version == 1, 30, "version 1")
+        assert agg.model is not None and agg.model.updates == 5
+        inputs = [f.offered[dev][-1] for dev in f.clients]
+        # What the devices handed to the round: one rotated vector of P values each.
+        assert all(set(r.delta) == {R.ROTATED} for r in inputs)
+        assert all(r.delta[R.ROTATED].shape == (R.padded_size(d),) for r in inputs)
+        sa = plan.secure_aggregation
+        assert sa is not None
+        ws = [min(r.num_examples, sa.max_weight) for r in inputs]
+        sd = R.seed(task, base.generation, 0)
+        rows = [R.unrotate(r.delta[R.ROTATED].astype(np.float64), sd, d) for r in inputs]
+        mean = np.average(np.array(rows), axis=0, weights=ws)
+        want, off = {}, 0
+        for name in sorted(base.weights):
+            w0 = base.weights[name].astype(np.float64)
+            want[name] = w0 + mean[off : off + w0.size].reshape(w0.shape)
+            off += w0.size
+        # The fixed-point error, rotated back (orthonormal: the same L2 size, spread out),
+        # stays within the per-coordinate bound times sqrt(P) at worst.
+        bound = error_bound(5, plan, 5 * 32) * np.sqrt(R.padded_size(d))
+        assert_close(agg.model, want, bound)

@@ -136,3 +136,14 @@ class Domain:
     def delta_sum(self, acc: NDArray[np.float64]) -> NDArray[np.float64]:
         """The weighted sum of the deltas in the model's layout (unrotated once, if rotated)."""
         return acc if self.rotation is None else self.rotation.unrotate(acc)
+
+
+def round_rotation(plan: Plan, model: ModelVersion, d: int) -> Rotation | None:
+    """The rotation of a secure round on ``model`` (None: the plan does not rotate).
+
+    Every device of the round trained on ``model``, so one seed covers them all; the unmasked
+    sum is unrotated once.
+    """
+    if plan.update_rotation != "hadamard":
+        return None
+    return Rotation(seed(model.task, model.generation, model.version), d)

@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from fededge.aggregator.policy import check_secure_sum
 from fededge.aggregator.privacy import secure_noise_stddev
+from fededge.aggregator.rotated import Rotation, round_rotation
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.mqtt import Message
 from fededge.protocol.messages import (
@@ -134,6 +135,7 @@ class RoundDriver:
         self._checkins: dict[str, tuple[CheckIn, float, float]] = {}
         self.server: ServerRound | None = None
         self._round_version: int | None = None
+        self._rotation: Rotation | None = None
         self._examples: dict[str, int] = {}
         self._last_round: str | None = None  # its status stays retained until the next round
         self.rounds_done = 0
@@ -300,6 +302,9 @@ class RoundDriver:
         self, sa: SecureAggregation, model: ModelVersion, cohort: list[str], now: float
     ) -> None:
         n, clip = len(cohort), self.host.plan.clip_norm
+        d = sum(int(w.size) for w in model.weights.values())
+        # Rotated rounds (plan update_rotation): devices send H D x, P values (protocol.md).
+        self._rotation = round_rotation(self.host.plan, model, d)
         config = RoundConfig(
             round_id=f"v{model.version}-{uuid.uuid4().hex[:8]}",
             cohort=tuple(cohort),
@@ -309,7 +314,7 @@ class RoundDriver:
             clip=clip,
             scale=dp_scale(n, clip, sa.bits, secure_noise_stddev(self.host.plan)),
             max_weight=sa.max_weight,
-            vector_length=sum(int(w.size) for w in model.weights.values()),
+            vector_length=self._rotation.p if self._rotation is not None else d,
             timeout_s=sa.stage_timeout,
         )
         self._examples = {d: self._checkins.pop(d)[0].num_examples for d in cohort}
@@ -382,6 +387,8 @@ class RoundDriver:
             log.warning("round %s aborted: %s", rid, e)
             self.host.publish_status()
             return
+        if self._rotation is not None:  # the sum in the model's coordinates, unrotated once
+            sum_wd = self._rotation.unrotate(sum_wd)
         step = self.host.plan.server_learning_rate / sum_w
         weights, offset = {}, 0
         # DeviceRound flattens an update by sorted tensor name; undo exactly that.

@@ -357,7 +357,9 @@ class DeviceCore:
                      base, latest.version)  # fmt: skip
             return [], True  # the examples stay fresh and train again on the new version
         if job.plan.secure_aggregation is not None:
-            self.secagg.offer(ReadyInput(base, lu.delta, lu.num_examples, job.batch.ids))
+            # Rotated as the plan asks (then quantised to fixed point by the round).
+            rotated = dict(rotate_for(job.plan, job.current.model, lu.delta))
+            self.secagg.offer(ReadyInput(base, rotated, lu.num_examples, job.batch.ids))
             log.info("trained on %d examples in %.3f s (loss %.4f): waiting for a round",
                      lu.num_examples, seconds, lu.train_loss)  # fmt: skip
             return [], False
