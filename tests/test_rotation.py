@@ -322,3 +322,30 @@ def test_secure_round_rotates_inputs_and_unrotates_the_sum(broker: Any, tmp_path
         # stays within the per-coordinate bound times sqrt(P) at worst.
         bound = error_bound(5, plan, 5 * 32) * np.sqrt(R.padded_size(d))
         assert_close(agg.model, want, bound)
+
+
+def test_bad_rotation_and_model_encoding_metadata_are_undecodable() -> None:
+    from fededge.errors import ProtocolError
+    from fededge.protocol import ModelVersion
+    from fededge.protocol.tensors import encode_tensors
+
+    meta = {"fededge": "1", "kind": "update", "task": "t", "device": "d", "update_id": "u",
+            "base_version": "0", "num_examples": "1", "rotation": "fourier"}  # fmt: skip
+    raw = encode_tensors({"rotated": np.zeros(64, np.float32)}, meta)
+    with pytest.raises(ProtocolError, match="rotation"):
+        Update.from_bytes(raw, max_bytes=1 << 16)
+    mv = {"fededge": "1", "kind": "model", "task": "t", "version": "1", "graph_sha256": "0" * 64}
+    with pytest.raises(ProtocolError, match="float16"):  # says f16, carries F32
+        ModelVersion.from_bytes(
+            encode_tensors({"w": np.zeros(2, np.float32)}, {**mv, "encoding": "f16"}),
+            max_bytes=1 << 16,
+        )
+    with pytest.raises(ProtocolError, match="encoding"):
+        ModelVersion.from_bytes(
+            encode_tensors({"w": np.zeros(2, np.float16)}, {**mv, "encoding": "bf16"}),
+            max_bytes=1 << 16,
+        )
+    with pytest.raises(ProtocolError, match="float32"):  # F16 tensors without the metadata
+        ModelVersion.from_bytes(
+            encode_tensors({"w": np.zeros(2, np.float16)}, mv), max_bytes=1 << 16
+        )
