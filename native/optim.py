@@ -132,96 +132,6 @@ STRIP = 2048
 
 
 @njit(cache=True, nogil=True, fastmath={"contract"})
-def fold16_i8_pairs(
-    acc: np.ndarray,
-    q0: np.ndarray,
-    q1: np.ndarray,
-    q2: np.ndarray,
-    q3: np.ndarray,
-    q4: np.ndarray,
-    q5: np.ndarray,
-    q6: np.ndarray,
-    q7: np.ndarray,
-    q8: np.ndarray,
-    q9: np.ndarray,
-    q10: np.ndarray,
-    q11: np.ndarray,
-    q12: np.ndarray,
-    q13: np.ndarray,
-    q14: np.ndarray,
-    q15: np.ndarray,
-    scales: np.ndarray,
-    block: int,
-    w: np.ndarray,
-) -> None:
-    """acc += sum_j w[j] * scales[j, i // block] * q_j[i] for 16 int8 vectors, acc read once.
-
-    ``scales`` is float32 (16, blocks). Per block, the 16 factors ``w[j] * scales[j, b]`` are
-    computed once. Each element adds two partial sums, rows 0-7 and rows 8-15 (each in row
-    order), then ``acc[i] + (t0 + t1)``: two dependency chains of 8 multiply-adds instead of
-    one of 16: with long blocks (one scale per tensor) the single chain's latency limits the
-    loop, and this measured 1.1-1.4x faster than ``fold16_i8``; with short blocks it measured
-    no faster. Deterministic, but not bitwise the 16 single folds (a few ulps apart).
-    """
-    n = acc.shape[0]
-    for b in range(scales.shape[1]):
-        s0 = w[0] * np.float64(scales[0, b])
-        s1 = w[1] * np.float64(scales[1, b])
-        s2 = w[2] * np.float64(scales[2, b])
-        s3 = w[3] * np.float64(scales[3, b])
-        s4 = w[4] * np.float64(scales[4, b])
-        s5 = w[5] * np.float64(scales[5, b])
-        s6 = w[6] * np.float64(scales[6, b])
-        s7 = w[7] * np.float64(scales[7, b])
-        s8 = w[8] * np.float64(scales[8, b])
-        s9 = w[9] * np.float64(scales[9, b])
-        s10 = w[10] * np.float64(scales[10, b])
-        s11 = w[11] * np.float64(scales[11, b])
-        s12 = w[12] * np.float64(scales[12, b])
-        s13 = w[13] * np.float64(scales[13, b])
-        s14 = w[14] * np.float64(scales[14, b])
-        s15 = w[15] * np.float64(scales[15, b])
-        end = min(b * block + block, n)
-        for lo in range(b * block, end, STRIP):
-            hi = min(lo + STRIP, end)
-            a = acc[lo:hi]  # slices from 0: see dequant_accumulate_i8
-            x0 = q0[lo:hi]
-            x1 = q1[lo:hi]
-            x2 = q2[lo:hi]
-            x3 = q3[lo:hi]
-            x4 = q4[lo:hi]
-            x5 = q5[lo:hi]
-            x6 = q6[lo:hi]
-            x7 = q7[lo:hi]
-            x8 = q8[lo:hi]
-            x9 = q9[lo:hi]
-            x10 = q10[lo:hi]
-            x11 = q11[lo:hi]
-            x12 = q12[lo:hi]
-            x13 = q13[lo:hi]
-            x14 = q14[lo:hi]
-            x15 = q15[lo:hi]
-            for i in range(a.shape[0]):
-                t0 = s0 * np.float64(x0[i])
-                t0 += s1 * np.float64(x1[i])
-                t0 += s2 * np.float64(x2[i])
-                t0 += s3 * np.float64(x3[i])
-                t0 += s4 * np.float64(x4[i])
-                t0 += s5 * np.float64(x5[i])
-                t0 += s6 * np.float64(x6[i])
-                t0 += s7 * np.float64(x7[i])
-                t1 = s8 * np.float64(x8[i])
-                t1 += s9 * np.float64(x9[i])
-                t1 += s10 * np.float64(x10[i])
-                t1 += s11 * np.float64(x11[i])
-                t1 += s12 * np.float64(x12[i])
-                t1 += s13 * np.float64(x13[i])
-                t1 += s14 * np.float64(x14[i])
-                t1 += s15 * np.float64(x15[i])
-                a[i] += t0 + t1
-
-
-@njit(cache=True, nogil=True, fastmath={"contract"})
 def fold16_i8(
     acc: np.ndarray,
     q0: np.ndarray,
@@ -247,8 +157,7 @@ def fold16_i8(
     """acc += sum_j w[j] * scales[j, i // block] * q_j[i] for 16 int8 vectors, acc read once.
 
     ``scales`` is float32 (16, blocks). Per block, the 16 factors ``w[j] * scales[j, b]`` are
-    computed once; each element is then 16 widen-multiply-adds in a register, in row order:
-    bitwise the result of 16 single folds.
+    computed once; each element is then 16 widen-multiply-adds in a register (rows in order).
     """
     n = acc.shape[0]
     for b in range(scales.shape[1]):

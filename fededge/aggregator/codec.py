@@ -75,11 +75,9 @@ def fold(
 ) -> None:
     """Fold tensor ``name`` of each (update, weight) into ``acc`` (its slice), in order.
 
-    Consecutive runs of one encoding go through one kernel call (8 or 16 updates per pass).
-    The result is a deterministic function of the group, and a WAL replay folds the same
-    groups, so it reproduces the accumulator bit for bit. (f32 and f16 folds, and int8 with
-    blocks shorter than 2048, are even independent of the grouping: each element adds its terms
-    in the group's order; int8 with longer blocks adds two partial sums per 16 updates.)
+    Consecutive runs of one encoding go through one kernel call (8 updates per pass); the
+    order of the terms of each element is the group's order, so any grouping of the same
+    sequence of updates (a WAL replay) gives a bitwise-identical accumulator.
     """
     i = 0
     while i < len(group):

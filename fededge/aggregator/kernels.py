@@ -287,10 +287,7 @@ def dequant_accumulate_i8_group(
     """Fold k int8-encoded updates, 16 (then 8) per pass over ``acc`` (the rest one by one).
 
     Same arguments as :func:`dequant_accumulate_i8`, one per update. Each element adds its
-    updates' terms in order in a register, so the result is bitwise that of k single folds,
-    except with blocks of at least ``STRIP`` (2048) elements, where each pass of 16 adds two
-    partial sums of 8 (faster; within a few ulps of the single folds). Always deterministic:
-    the same group gives the same bits (what WAL replay needs: it replays the same groups).
+    updates' terms in order in a register, so the result is bitwise that of k single folds.
     """
     _check_array("acc", acc, _F64, 1, writable=True)
     w = np.array(weights, dtype=np.float64)
@@ -311,10 +308,7 @@ def dequant_accumulate_i8_group(
     while j + 16 <= k:
         v = views[j : j + 16]
         sc16 = np.stack(scales[j : j + 16])
-        # Blocks of at least a strip: two chains of 8 rows per element (not bitwise the
-        # single folds, but deterministic: the WAL replays the same groups).
-        fold = _opt.fold16_i8_pairs if block >= _opt.STRIP else _opt.fold16_i8
-        fold(acc, *v, sc16, block, w[j : j + 16])  # type: ignore[call-arg,arg-type]
+        _opt.fold16_i8(acc, *v, sc16, block, w[j : j + 16])  # type: ignore[call-arg,arg-type]
         j += 16
     if j + 8 <= k:
         a, b, c, d, e, f, g, h = views[j : j + 8]
@@ -419,10 +413,6 @@ def warmup(*, parallel: bool = True) -> None:
     for qq, ss in ((q, sc), (q_ro, sc_ro)):
         dequant_accumulate_i8(acc, qq, ss, 3, 1.0)
         dequant_accumulate_i8_group(acc, [qq] * 24, [ss] * 24, 3, np.ones(24))  # 16 + 8
-        q_long = np.ones(4096, dtype=np.int8)
-        q_long.flags.writeable = qq.flags.writeable
-        a_long = np.zeros(4096)
-        dequant_accumulate_i8_group(a_long, [q_long] * 16, [ss[:1]] * 16, 4096, np.ones(16))
         i8_norm(qq, ss, 3)
     h = np.ones(9, dtype=np.float16)
     h_ro = h.copy()
