@@ -12,7 +12,9 @@ def _i8(rng: np.random.Generator, d: int) -> np.ndarray:
     return rng.integers(-127, 128, size=d, dtype=np.int8)
 
 
-@pytest.mark.parametrize(("d", "block"), [(1000, 1000), (1000, 7), (4097, 256), (1, 1)])
+@pytest.mark.parametrize(
+    ("d", "block"), [(1000, 1000), (1000, 7), (4097, 256), (1, 1), (5000, 5000), (9000, 4096)]
+)
 def test_int8_fold_matches_numpy_and_groups_equal_single_folds(d: int, block: int) -> None:
     rng = np.random.default_rng(d + block)
     k = 27  # a pass of 16, one of 8, then 3 one by one
