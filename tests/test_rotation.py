@@ -349,3 +349,36 @@ def test_bad_rotation_and_model_encoding_metadata_are_undecodable() -> None:
         ModelVersion.from_bytes(
             encode_tensors({"w": np.zeros(2, np.float16)}, mv), max_bytes=1 << 16
         )
+
+
+@pytest.mark.parametrize("before", [True, False])
+def test_replay_keeps_the_wals_domain_when_the_plan_changed_rotation(
+    tmp_path: Any, before: bool
+) -> None:
+    """Committed to the WAL in one domain, restarted under a plan that says the other."""
+    from test_pending import _base
+
+    from fededge.aggregator.pending import PendingVersion
+    from fededge.aggregator.store import Store
+
+    def pending(rotated: bool) -> PendingVersion:
+        return PendingVersion(Store(tmp_path), _base(), checkpoint_every=100,
+                              max_update_bytes=1 << 20, rotated=rotated)  # fmt: skip
+
+    rng = np.random.default_rng(9)
+    p = pending(before)
+    for i in range(3):
+        x = {"a": rng.normal(scale=0.01, size=1000).astype(np.float32),
+             "b": rng.normal(scale=0.01, size=(2, 5)).astype(np.float32)}  # fmt: skip
+        t = R.rotate_delta(x, R.seed("t", 0, 3)) if i != 1 else x
+        u = Update(task="t", device=f"d{i}", update_id=f"u{i}", base_version=3,
+                   num_examples=1, delta=encode_delta(t, "int8", 0, rng), encoding="int8",
+                   rotation="hadamard" if i != 1 else "none")  # fmt: skip
+        p.stage(u, u.to_bytes(), 1.0, 1.0)
+        p.commit()
+    p.close()
+    p.store.close()
+    q = pending(not before)
+    assert q.recover() == 3
+    assert q.domain.name == ("hadamard" if before else "none")
+    np.testing.assert_array_equal(q.acc, p.acc)

@@ -147,6 +147,7 @@ class PendingVersion:
                     self._fold(group)
                     group = []
                 group_id = rec.header["group"]
+                self._adopt_domain(rec.header.get("domain", "none"))
                 group.append((update, float(rec.header["weight"]), float(rec.header["norm"])))
                 replayed += 1
             if group:
@@ -155,6 +156,14 @@ class PendingVersion:
             self._group = max(self._group, int(group_id or 0) + 1)
         self._since_checkpoint = replayed
         return replayed
+
+    def _adopt_domain(self, name: str) -> None:
+        """Before anything is folded, switch to the domain the WAL was written in (the plan
+        may have changed rotation between the commit and this restart)."""
+        if name != self.domain.name and self.sums.count == 0 and not self.acc.any():
+            self.domain = Domain(self.base, self.layout.size, name == "hadamard")
+            self.acc = np.zeros(self.domain.acc_size, dtype=np.float64)
+            self.sums.domain = self.domain.name
 
     # -- ingest -----------------------------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -199,6 +208,8 @@ class PendingVersion:
             )
         for (update, weight, norm), raw in zip(group, raws, strict=True):
             header = {"id": update.update_id, "weight": weight, "norm": norm, "group": self._group}
+            if self.domain.rotation is not None:  # so a replay sums in the same domain
+                header["domain"] = self.domain.name
             self._writer.append(header, raw)
         self._writer.commit()
         self._group += 1
