@@ -41,6 +41,7 @@ from fededge.device.secagg_client import Participant, ReadyInput, handle_safely
 from fededge.device.spec import BundleSpec
 from fededge.device.trust import TRUST_FILE, Refused, TrustState, privacy_refusal
 from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, Update
+from fededge.protocol.clipping import clip_in_force
 from fededge.protocol.encoding import encode_delta
 from fededge.protocol.rotation import rotate_for
 from fededge.settings import PrivacySettings
@@ -359,7 +360,9 @@ class DeviceCore:
         if job.plan.secure_aggregation is not None:
             # Rotated as the plan asks (then quantised to fixed point by the round).
             rotated = dict(rotate_for(job.plan, job.current.model, lu.delta))
-            self.secagg.offer(ReadyInput(base, rotated, lu.num_examples, job.batch.ids))
+            clip = clip_in_force(job.plan, job.current.model)  # the bit joins the masked vector
+            self.secagg.offer(ReadyInput(base, rotated, lu.num_examples, job.batch.ids,
+                                         clip=clip, unclipped=lu.delta_norm <= clip))  # fmt: skip
             log.info("trained on %d examples in %.3f s (loss %.4f): waiting for a round",
                      lu.num_examples, seconds, lu.train_loss)  # fmt: skip
             return [], False
@@ -375,7 +378,7 @@ class DeviceCore:
             rotation=job.plan.update_rotation,
             # DP mode: no raw losses or accuracies (docs/privacy.md, "device metrics").
             train_loss=None if dp else lu.train_loss, eval_loss=None if dp else lu.eval_loss,
-            eval_accuracy=None if dp else lu.eval_accuracy,
+            eval_accuracy=None if dp else lu.eval_accuracy, unclipped=lu.unclipped,
         ).to_bytes()  # fmt: skip
         with self._db.transaction() as c:  # the update and the use of its examples, atomically
             Outbox.put_in(c, uid, base, lu.num_examples, payload)

@@ -232,6 +232,10 @@ class VersionMetrics(_Json):
     # Differential privacy: epsilon at delta for all versions up to this one (docs/privacy.md).
     epsilon: float | None = Field(None, ge=0)
     delta: float | None = Field(None, gt=0, lt=1)
+    # Adaptive clipping: the noised fraction of unclipped updates that went in, and the clip
+    # published with this version (fededge/protocol/clipping.py).
+    unclipped: float | None = None
+    clip: float | None = Field(None, gt=0)
 
 
 M = TypeVar("M", bound=_Json)
@@ -351,6 +355,7 @@ class ModelVersion:
     # "f16": the tensors travel as F16 (plan model_encoding); ``weights`` are float32 either
     # way (decoded on arrival). Omitted from the bytes when f32.
     encoding: str = "f32"
+    clip: float | None = None  # adaptive clipping: the clip devices use on it (omitted: None)
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -367,6 +372,8 @@ class ModelVersion:
             meta["parent"] = str(self.parent)
         if self.generation:
             meta["generation"] = str(self.generation)
+        if self.clip is not None:
+            meta["clip"] = repr(float(self.clip))
         if self.encoding == "f16":
             meta["encoding"] = "f16"
             halves = {n: np.asarray(a, dtype=np.float16) for n, a in self.weights.items()}
@@ -392,6 +399,7 @@ class ModelVersion:
             time=_meta_float(m, "time", 0.0, 1e11) or 0.0,
             generation=_meta_int(m, "generation") if "generation" in m else 0,
             encoding=m.get("encoding", "f32"),
+            clip=_meta_float(m, "clip", 1e-9, 1e9),
         )
 
 
@@ -444,6 +452,8 @@ class Update:
     encoding: str = "f32"
     block: int = 0  # int8: elements per scale (0: one scale per tensor)
     rotation: str = "none"  # "hadamard": one tensor "rotated" (fededge/protocol/rotation.py)
+    # Adaptive clipping: the centred, noised clipped-or-not bit (fededge/protocol/clipping.py).
+    unclipped: float | None = None
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -465,6 +475,8 @@ class Update:
             meta["block"] = str(self.block)
         if self.rotation != "none":
             meta["rotation"] = self.rotation
+        if self.unclipped is not None:
+            meta["unclipped"] = repr(float(self.unclipped))
         return encode_tensors(self.delta, meta)
 
     @classmethod
@@ -486,6 +498,7 @@ class Update:
             encoding=_meta_encoding(m),
             block=_meta_int(m, "block", 0, 1 << 31) if m.get("encoding") == "int8" else 0,
             rotation=_meta_rotation(m),
+            unclipped=_meta_float(m, "unclipped", -math.inf, math.inf),  # range: the aggregator's
         )
 
 
