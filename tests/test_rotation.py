@@ -286,14 +286,19 @@ def test_model_init_plan_file_takes_the_new_fields(tmp_path: Any) -> None:
 # -- secure rounds: rotated before fixed-point quantisation, the unmasked sum unrotated -------
 
 
-def test_secure_round_rotates_inputs_and_unrotates_the_sum(broker: Any, tmp_path: Any) -> None:
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_secure_round_rotates_inputs_and_unrotates_the_sum(
+    broker: Any, tmp_path: Any, adaptive: bool
+) -> None:
+    """With adaptive clipping the bit rides after the P rotated values, unrotated apart."""
     from aggtools import make_settings, running_aggregator
     from devtools import digits_split, new_task, publish_task, wait_until
     from test_secagg_mqtt import assert_close, error_bound, feed, fleet, sa_plan
 
     task = new_task()
     plan = sa_plan(cohort_size=6, min_cohort=5, threshold=4, checkin_window=2.0)
-    plan = plan.model_copy(update={"update_rotation": "hadamard"})
+    extra: dict[str, Any] = {"target_unclipped_quantile": 0.5} if adaptive else {}
+    plan = plan.model_copy(update={"update_rotation": "hadamard", **extra})
     s = make_settings(broker.url, tmp_path / "agg", task=task)
     base = publish_task(s, plan)
     d = sum(int(w.size) for w in base.weights.values())
@@ -303,6 +308,7 @@ def test_secure_round_rotates_inputs_and_unrotates_the_sum(broker: Any, tmp_path
         feed(f, parts)
         wait_until(lambda: agg.version == 1, 30, "version 1")
         assert agg.model is not None and agg.model.updates == 5
+        assert (agg.model.clip is not None) == adaptive  # the bit was read and C moved
         inputs = [f.offered[dev][-1] for dev in f.clients]
         # What the devices handed to the round: one rotated vector of P values each.
         assert all(set(r.delta) == {R.ROTATED} for r in inputs)
