@@ -56,6 +56,8 @@ class DemoConfig:
     server_lr: float = 1.0
     update_encoding: str = "f32"
     update_block: int = 0
+    update_rotation: str = "none"
+    model_encoding: str = "f32"
     # Robust aggregation (plan robust, robust_beta, robust_zeroing), and the share of devices
     # that are byzantine: they send sign-flipped updates at the clip norm (fededge/demo_attack.py).
     robust: str = "none"
@@ -165,6 +167,8 @@ def _plan(cfg: DemoConfig, sa: SecureAggregation | None) -> Plan:
         server_learning_rate=cfg.server_lr,
         update_encoding=cfg.update_encoding,
         update_block=cfg.update_block,
+        update_rotation=cfg.update_rotation,
+        model_encoding=cfg.model_encoding,
         robust=cfg.robust,
         robust_beta=cfg.robust_beta,
         robust_zeroing=cfg.robust_zeroing,

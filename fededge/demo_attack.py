@@ -22,6 +22,7 @@ import numpy as np
 from fededge.device.training import global_norm, local_update
 from fededge.protocol import ModelVersion, Plan, Topics, Update
 from fededge.protocol.encoding import encode_delta
+from fededge.protocol.rotation import rotate_for
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +87,12 @@ class SignFlipAttackers:
         bound = p.clip_norm
         if self.scale is not None:
             bound = min(bound, self.scale * global_norm(lu.delta))
-        delta = encode_delta(
-            sign_flip(lu.delta, bound), p.update_encoding, p.update_block, self.rng
-        )
+        flipped = rotate_for(p, model, sign_flip(lu.delta, bound))  # as devices do
+        delta = encode_delta(flipped, p.update_encoding, p.update_block, self.rng)
         update = Update(
             task=model.task, device=name, update_id=f"byz-{model.version}-{secrets.token_hex(4)}",
             base_version=model.version, num_examples=p.examples_per_update, delta=delta,
-            encoding=p.update_encoding, block=p.update_block,
+            encoding=p.update_encoding, block=p.update_block, rotation=p.update_rotation,
         )  # fmt: skip
         self.client.publish(self.topics.update(name), update.to_bytes(), qos=1, wait=False)
         self.sent += 1

@@ -97,6 +97,9 @@ def test_plan_fields_are_omitted_at_their_defaults_and_refused_with_secure_aggre
         decode_json(json.dumps(bad).encode(), Plan)
     with pytest.raises(ValueError, match="robust_beta"):
         Plan(robust="trimmed_mean", robust_beta=0.5)
+    for fields in ({"robust": "median"}, {"robust_zeroing": 2.0}):
+        with pytest.raises(ValueError, match="a rotation mixes them"):
+            Plan(update_rotation="hadamard", **fields)
 
 
 def test_plan_vector_in_the_docs() -> None:

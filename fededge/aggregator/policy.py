@@ -12,6 +12,7 @@ from fededge.aggregator import codec
 from fededge.errors import ProtocolError, SecAggError
 from fededge.protocol import Plan, Update
 from fededge.protocol.clipping import adaptive, max_abs_bit, noise_sigma_at, stale_clip
+from fededge.protocol.rotation import ROTATED, padded_size
 from fededge.protocol.vocab import RejectReason
 
 
@@ -106,6 +107,10 @@ def check_update(
             )
     check_bit(update, plan)
     names = set(update.delta)
+    size = layout.size  # of the model: the norm bound's noise term counts its coordinates
+    if update.rotation == "hadamard":  # one tensor of the padded size (issue 13)
+        p = padded_size(size)
+        layout = Layout((ROTATED,), ((p,),), (0,), p)
     expected = codec.expected_names(layout.names, update.encoding)
     if names != expected:
         missing = sorted(expected - names)[:5]
@@ -122,7 +127,7 @@ def check_update(
             )
         sq += n * n
     norm = math.sqrt(sq)
-    bound = norm_bound(plan, layout.size, stale_clip(plan, clip or plan.clip_norm, staleness))
+    bound = norm_bound(plan, size, stale_clip(plan, clip or plan.clip_norm, staleness))
     if norm > bound:
         raise ProtocolError(
             f"update norm {norm:.6g} exceeds the bound {bound:.6g}",

@@ -21,6 +21,7 @@ from fededge.aggregator.effects import Effect, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.privacy import Ledger, accounted_multiplier, finite_or_none
+from fededge.aggregator.published import published_model
 from fededge.aggregator.robust import enabled as robust_enabled
 from fededge.aggregator.store import Store
 from fededge.errors import NotReadyError, ProtocolError, StorageError
@@ -136,6 +137,7 @@ class VersionState:
             checkpoint_every=self.cfg.checkpoint_every,
             parallel=self.cfg.parallel_kernels,
             max_update_bytes=max(MAX_MODEL_MESSAGE, self.update_limit),
+            rotated=self.plan.update_rotation == "hadamard",
         )
         self.pending.keep_log = robust_enabled(self.plan)
         self.metrics.version.set(model.version)
@@ -292,6 +294,7 @@ class VersionState:
         return Publish(self.topics.plan, raw, retain=True)
 
     def _publish_model(self, payload: bytes) -> Publish:
+        payload = published_model(payload, self.plan.model_encoding)  # f16: half the bytes
         signed = self.sign(SignedKind.MODEL, payload)
         self._published.append(hashlib.sha256(signed).hexdigest())
         return Publish(self.topics.model, signed, retain=True)

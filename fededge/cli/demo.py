@@ -107,6 +107,20 @@ from fededge.logs import setup_logging
     help="int8: elements per scale (0: one scale per tensor).",
 )
 @click.option(
+    "--update-rotation",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "hadamard"]),
+    help="Randomized Hadamard rotation of updates before encoding (plan update_rotation).",
+)
+@click.option(
+    "--model-encoding",
+    default="f32",
+    show_default=True,
+    type=click.Choice(["f32", "f16"]),
+    help="Dtype of the model versions sent to devices (plan model_encoding).",
+)
+@click.option(
     "--robust",
     default="none",
     show_default=True,
