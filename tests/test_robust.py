@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -236,9 +237,14 @@ def test_blocks_smaller_than_a_tensor_give_the_same_aggregate(
     x = np.stack([_flat(decode_delta(s, enc, block)).astype(np.float32) for s in sent])
     np.testing.assert_allclose(whole.delta, _ref_trimmed(x, 0.2), rtol=1e-12)
     for width in (1, 2, 3, 5):  # coordinates per block: int8 scale blocks straddle them
-        tiny = robust.aggregate(pending, plan, block_bytes=4 * 4 * width)
+        calls: list[None] = []
+        tiny = robust.aggregate(
+            pending, plan, block_bytes=4 * 4 * width, progress=functools.partial(calls.append, None)
+        )
         assert tiny is not None
         np.testing.assert_array_equal(whole.delta, tiny.delta)
+        # The driver's watchdog is pinged after every block (tensors of 3 and 8 values).
+        assert len(calls) == -(-3 // width) + -(-8 // width)
 
 
 # -- the demo's byzantine devices ---------------------------------------------------------------

@@ -74,6 +74,8 @@ class AggregatorCore:
         self.state = VersionState(settings, store, metrics)
         self.topics = self.state.topics
         self.rounds: RoundView | None = None
+        # Called during long computations (robust aggregation): the driver's watchdog ping.
+        self.progress: Callable[[], object] = lambda: None
         version = lambda: self.state.model.version if self.state.model else None  # noqa: E731
         self.fleet = FleetTracker(metrics.registry, version, max_devices=self.cfg.fleet_max_devices)
         CoreGauges(metrics.registry, self)  # secure-round stage, privacy budget: read at scrape
@@ -249,7 +251,10 @@ class AggregatorCore:
         t0 = self._perf()
         plan = self.state.plan
         opt_state: OptState | None = None
-        if done := robust.finalize(pending, plan, self.state.optimizer_state, self.metrics):
+        done = robust.finalize(
+            pending, plan, self.state.optimizer_state, self.metrics, self.progress
+        )
+        if done:
             weights, opt_state = done
         elif plan.server_optimizer == "sgd":
             weights = pending.finalize(plan.server_learning_rate)

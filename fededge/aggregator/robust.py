@@ -211,12 +211,18 @@ class Robust:
 
 
 def aggregate(
-    pending: PendingVersion, plan: Plan, *, block_bytes: int = BLOCK_BYTES
+    pending: PendingVersion,
+    plan: Plan,
+    *,
+    block_bytes: int = BLOCK_BYTES,
+    progress: Callable[[], object] = lambda: None,
 ) -> Robust | None:
     """The plan's robust statistic of the pending version's updates, read from its WAL.
 
     None if the log does not hold every update of the version (the plan turned robust after
     some were checkpointed): the caller then uses the weighted mean, and says so.
+    ``progress`` is called after every block (the driver's watchdog ping: a large model with
+    many updates takes seconds to minutes here).
     """
     logged = logged_updates(pending)
     if len(logged) != pending.sums.count:
@@ -253,6 +259,7 @@ def aggregate(
                     median(x, dst)
                 else:
                     weighted_mean(x, w, dst)
+                progress()
     return Robust(out, used=k, zeroed=len(logged) - k, trimmed=trim)
 
 
@@ -284,10 +291,11 @@ def finalize(
     plan: Plan,
     optimizer_state: Callable[[int], OptState],
     metrics: AggregatorMetrics,
+    progress: Callable[[], object] = lambda: None,
 ) -> tuple[Weights, OptState | None] | None:
     """The next version's (weights, optimizer state) under a robust plan; None: use the mean
     (the plan is not robust, or the log lacks updates of this version)."""
-    if not enabled(plan) or (r := aggregate(pending, plan)) is None:
+    if not enabled(plan) or (r := aggregate(pending, plan, progress=progress)) is None:
         return None
     metrics.zeroed.inc(r.zeroed)
     log.info("version %d: %s over %d updates (%d zeroed, %d trimmed at each end)",

@@ -296,6 +296,7 @@ class Aggregator:
         self, should_stop: Callable[[], bool], *, tick: Callable[[], object] = lambda: None
     ) -> None:
         """Process messages until ``should_stop()``; ``tick`` runs every loop (the watchdog)."""
+        self.core.progress = tick  # and during a long robust aggregation
         while not should_stop():
             tick()
             self.step(timeout=0.2)
