@@ -50,8 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", default="10,50")
     p.add_argument("--enc", default="f32,int8")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--parallel", action="store_true", help="the threaded kernels")
     a = p.parse_args(argv)
-    robust.warmup()
+    robust.warmup(parallel=a.parallel)
     kernels.warmup(parallel=False)
     print(f"d = {a.d:,}; seconds per version (median of {a.repeats}); peak extra MiB")
     print("| k | encoding | streaming mean finalize | weighted mean (zeroing) | trimmed_mean | "
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
                     times[0].append(time.perf_counter() - t0)
                     for j, plan in enumerate(plans, start=1):
                         t0 = time.perf_counter()
-                        robust.aggregate(pending, plan)
+                        robust.aggregate(pending, plan, parallel=a.parallel)
                         times[j].append(time.perf_counter() - t0)
                 tracemalloc.start()  # a separate run: tracing slows allocations
                 robust.aggregate(pending, plans[1])

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._jit import njit
+from ._jit import njit, prange
 
 # Below this many rows a column is sorted by insertion (no call overhead; measured ~4x faster
 # than ndarray.sort for k = 10), above it by numpy's sort.
@@ -75,3 +75,40 @@ def weighted_mean_cols(x: np.ndarray, w: np.ndarray, out: np.ndarray) -> None:
         for i in range(x.shape[0]):
             s += w[i] * np.float64(x[i, j])
         out[j] = s / tw
+
+
+# Parallel variants (``aggregator.parallel_kernels``): columns split into chunks over Numba's
+# thread pool; each column is computed exactly as above, so results are bitwise the same.
+_CHUNKS = 64
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def trimmed_mean_cols_parallel(x: np.ndarray, trim: int, out: np.ndarray) -> None:
+    """``trimmed_mean_cols`` over Numba's thread pool."""
+    k, b = x.shape
+    n = min(b, _CHUNKS)
+    keep = k - 2 * trim
+    for c in prange(n):
+        col = np.empty(k, dtype=np.float64)
+        for j in range(c * b // n, (c + 1) * b // n):
+            _gather_sorted(x, j, col)
+            s = 0.0
+            for i in range(trim, k - trim):
+                s += col[i]
+            out[j] = s / keep
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def median_cols_parallel(x: np.ndarray, out: np.ndarray) -> None:
+    """``median_cols`` over Numba's thread pool."""
+    k, b = x.shape
+    n = min(b, _CHUNKS)
+    h = k // 2
+    for c in prange(n):
+        col = np.empty(k, dtype=np.float64)
+        for j in range(c * b // n, (c + 1) * b // n):
+            _gather_sorted(x, j, col)
+            if k % 2:
+                out[j] = col[h]
+            else:
+                out[j] = (col[h - 1] + col[h]) / 2.0

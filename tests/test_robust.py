@@ -55,6 +55,18 @@ def test_median_matches_numpy_bit_for_bit(name: str, x: np.ndarray) -> None:
     np.testing.assert_array_equal(out, np.median(x.astype(np.float64), axis=0))
 
 
+@pytest.mark.parametrize(("k", "b"), [(1, 1), (5, 3), (10, 200), (31, 130)])
+def test_parallel_kernels_equal_the_serial_ones_bit_for_bit(k: int, b: int) -> None:
+    x = np.random.default_rng(k * b).normal(size=(k, b)).astype(np.float32)
+    serial, par = np.empty(b), np.empty(b)
+    robust.trimmed_mean(x, 0.2, serial)
+    robust.trimmed_mean(x, 0.2, par, parallel=True)
+    np.testing.assert_array_equal(serial, par)
+    robust.median(x, serial)
+    robust.median(x, par, parallel=True)
+    np.testing.assert_array_equal(serial, par)
+
+
 def test_weighted_mean_matches_numpy() -> None:
     rng = np.random.default_rng(1)
     x = rng.normal(size=(9, 33)).astype(np.float32)

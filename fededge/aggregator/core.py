@@ -252,8 +252,9 @@ class AggregatorCore:
         plan = self.state.plan
         opt_state: OptState | None = None
         done = robust.finalize(
-            pending, plan, self.state.optimizer_state, self.metrics, self.progress
-        )
+            pending, plan, self.state.optimizer_state, self.metrics, self.progress,
+            parallel=self.cfg.parallel_kernels,
+        )  # fmt: skip
         if done:
             weights, opt_state = done
         elif plan.server_optimizer == "sgd":

@@ -77,23 +77,32 @@ def _check_block(x: object, out: object) -> tuple[NDArray[np.float32], NDArray[n
     return x, out
 
 
-def trimmed_mean(x: NDArray[np.float32], beta: float, out: NDArray[np.float64]) -> int:
+def trimmed_mean(
+    x: NDArray[np.float32], beta: float, out: NDArray[np.float64], *, parallel: bool = False
+) -> int:
     """Per column of x (k, B): the mean after trimming floor(beta * k) values at each end.
 
     Returns the number trimmed at each end. ``beta`` in [0, 0.5), so at least one value stays.
+    ``parallel`` splits the columns over Numba's thread pool (bitwise the same result).
     """
     _check_block(x, out)
     if not (isinstance(beta, float | int) and 0.0 <= beta < 0.5):
         raise ValueError(f"beta: must be in [0, 0.5), got {beta!r}")
     trim = math.floor(float(beta) * int(x.shape[0]))
-    _rk.trimmed_mean_cols(x, trim, out)
+    if parallel:
+        _rk.trimmed_mean_cols_parallel(x, trim, out)
+    else:
+        _rk.trimmed_mean_cols(x, trim, out)
     return trim
 
 
-def median(x: NDArray[np.float32], out: NDArray[np.float64]) -> None:
+def median(x: NDArray[np.float32], out: NDArray[np.float64], *, parallel: bool = False) -> None:
     """Per column of x (k, B): the median (mean of the two middle values for even k)."""
     _check_block(x, out)
-    _rk.median_cols(x, out)
+    if parallel:
+        _rk.median_cols_parallel(x, out)
+    else:
+        _rk.median_cols(x, out)
 
 
 def weighted_mean(x: NDArray[np.float32], w: NDArray[np.float64], out: NDArray[np.float64]) -> None:
@@ -216,6 +225,7 @@ def aggregate(
     *,
     block_bytes: int = BLOCK_BYTES,
     progress: Callable[[], object] = lambda: None,
+    parallel: bool = False,
 ) -> Robust | None:
     """The plan's robust statistic of the pending version's updates, read from its WAL.
 
@@ -254,9 +264,9 @@ def aggregate(
                     reader.row(u, name, size, b0, x[i])
                 dst = out[sl.start + b0 : sl.start + b0 + n]
                 if plan.robust == "trimmed_mean":
-                    trim = trimmed_mean(x, plan.robust_beta, dst)
+                    trim = trimmed_mean(x, plan.robust_beta, dst, parallel=parallel)
                 elif plan.robust == "median":
-                    median(x, dst)
+                    median(x, dst, parallel=parallel)
                 else:
                     weighted_mean(x, w, dst)
                 progress()
@@ -292,10 +302,15 @@ def finalize(
     optimizer_state: Callable[[int], OptState],
     metrics: AggregatorMetrics,
     progress: Callable[[], object] = lambda: None,
+    *,
+    parallel: bool = False,
 ) -> tuple[Weights, OptState | None] | None:
     """The next version's (weights, optimizer state) under a robust plan; None: use the mean
     (the plan is not robust, or the log lacks updates of this version)."""
-    if not enabled(plan) or (r := aggregate(pending, plan, progress=progress)) is None:
+    if (
+        not enabled(plan)
+        or (r := aggregate(pending, plan, progress=progress, parallel=parallel)) is None
+    ):
         return None
     metrics.zeroed.inc(r.zeroed)
     log.info("version %d: %s over %d updates (%d zeroed, %d trimmed at each end)",
@@ -304,10 +319,11 @@ def finalize(
     return next_weights(pending, plan, r.delta, state)
 
 
-def warmup() -> None:
-    """Compile (or load from cache) the robust kernels."""
+def warmup(*, parallel: bool = False) -> None:
+    """Compile (or load from cache) the robust kernels (``parallel``: the threaded ones too)."""
     x = np.ones((3, 4), dtype=np.float32)
     out = np.empty(4)
-    trimmed_mean(x, 0.2, out)
-    median(x, out)
+    for par in (False, True) if parallel else (False,):
+        trimmed_mean(x, 0.2, out, parallel=par)
+        median(x, out, parallel=par)
     weighted_mean(x, np.ones(3), out)

@@ -213,7 +213,7 @@ class Aggregator:
         is down is retried with backoff until ``should_stop()``.
         """
         kernels.warmup(parallel=self.cfg.parallel_kernels)
-        robust.warmup()
+        robust.warmup(parallel=self.cfg.parallel_kernels)
         replayed = self.core.state.restore(time.time())
         if replayed is not None and self.model is not None and self.pending is not None:
             log.info("restored version %d with %d pending updates (%d replayed from the WAL)",
