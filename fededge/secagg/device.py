@@ -9,7 +9,6 @@ second or contradictory message ends its participation (fail closed).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -85,10 +84,9 @@ def check_parameters(config: RoundConfig, floor: Floor) -> None:
         raise SecAggError(f"cohort of {n} is below this device's floor {floor.min_cohort}")
 
 
-def _fingerprint(msg: Message) -> bytes:
-    if isinstance(msg, MaskedInput):  # never sent to a device; kept total for the type
-        return hashlib.sha256(np.ascontiguousarray(msg.vector).tobytes()).digest()
-    return hashlib.sha256(msg.to_json()).digest()
+# The message types a device takes from the server after the config (the config is compared
+# with the round's own; MaskedInput and the device -> server types are refused before any use).
+_ACCEPTED = (PeerKeys, RelayedShares, SurvivorSet, UnmaskRequest)
 
 
 class DeviceRound:
@@ -139,13 +137,17 @@ class DeviceRound:
         self._mask = crypto.generate_keypair(rng)
         self._self_seed = rng(crypto.SEED_BYTES)
         self._peers: dict[str, tuple[bytes, bytes]] = {}  # verified neighbours' (enc, mask)
+        # verified neighbour -> AES key of the bundle it encrypts to us: derived from the one
+        # X25519 agreement of stage 2, so the relay stage does not repeat k agreements
+        self._bundle_keys: dict[str, bytes] = {}
         # neighbour -> (mask-key share, self-mask share)
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._partners: tuple[str, ...] | None = None  # neighbours to mask with
         self._signed: tuple[str, ...] | None = None  # the survivor set this device signed
         self._encoded: npt.NDArray[np.uint32] | None = None
         self._masked_sent = False
-        self._seen: dict[str, bytes] = {}  # message type -> fingerprint of the one accepted
+        # message type -> the one accepted (compared by value: a redelivery is equal)
+        self._seen: dict[str, Message] = {}
 
     # ------------------------------------------------------------------------------- inputs
     def start(self) -> list[Outgoing]:
@@ -213,29 +215,29 @@ class DeviceRound:
             raise SecAggError(
                 f"message for round {msg.round_id!r}, this is {self.config.round_id!r}"
             )
-        seen = self._seen.get(msg.TYPE)
-        if seen is not None:
-            if seen == _fingerprint(msg):
-                return []  # an at-least-once redelivery
-            raise SecAggError(f"a second, different {msg.TYPE} message")
         if isinstance(msg, RoundStatus):
             return self._on_status(msg)
-        if isinstance(msg, PeerKeys | RelayedShares) and msg.device != self.device_id:
-            raise SecAggError(f"{msg.TYPE} message addressed to {msg.device!r}")
         if isinstance(msg, RoundConfig):
             if msg != self.config:
                 raise SecAggError("a different config for this round")
             return []
-        self._seen[msg.TYPE] = _fingerprint(msg)
+        if not isinstance(msg, _ACCEPTED):
+            raise SecAggError(f"a device does not accept {msg.TYPE} messages")
+        seen = self._seen.get(msg.TYPE)
+        if seen is not None:
+            if seen == msg:  # field by field, as the canonical JSON of both would compare
+                return []  # an at-least-once redelivery
+            raise SecAggError(f"a second, different {msg.TYPE} message")
+        if isinstance(msg, PeerKeys | RelayedShares) and msg.device != self.device_id:
+            raise SecAggError(f"{msg.TYPE} message addressed to {msg.device!r}")
+        self._seen[msg.TYPE] = msg
         if isinstance(msg, PeerKeys):
             return self._on_peer_keys(msg)
         if isinstance(msg, RelayedShares):
             return self._on_relay(msg)
         if isinstance(msg, SurvivorSet):
             return self._on_survivors(msg)
-        if isinstance(msg, UnmaskRequest):
-            return self._on_unmask(msg)
-        raise SecAggError(f"a device does not accept {msg.TYPE} messages")
+        return self._on_unmask(msg)
 
     # ------------------------------------------------------------------------------- stages
     def _on_status(self, msg: RoundStatus) -> list[Outgoing]:
@@ -273,7 +275,7 @@ class DeviceRound:
         xs = [self._index[p] for p in names]
         key_shares = crypto.split_secret(self._mask.private, xs, cfg.threshold, self._rng)
         seed_shares = crypto.split_secret(self._self_seed, xs, cfg.threshold, self._rng)
-        cts = {}
+        cts, bundle_keys = {}, {}
         agreement = crypto.KeyAgreement(self._enc.private)
         for peer, s_share, b_share in zip(names, key_shares, seed_shares, strict=True):
             shared = agreement.with_peer(peers[peer][0])
@@ -281,7 +283,9 @@ class DeviceRound:
             cts[peer] = crypto.encrypt_bundle(
                 key, cfg.round_id, me, peer, s_share + b_share, self._rng
             )
-        self._peers = peers
+            bundle_keys[peer] = crypto.share_key(shared, cfg.round_id, peer, me)
+        self._peers, self._bundle_keys = peers, bundle_keys
+        self._enc = crypto.KeyPair(b"", self._enc.public)  # no further use: forget it
         self.stage = Stage.SHARE
         return [Outgoing(TO_SERVER, ShareKeys(cfg.round_id, me, cts))]
 
@@ -294,11 +298,9 @@ class DeviceRound:
                 f"shares from devices that are not live neighbours: {sorted(unknown)}"
             )
         held = {}
-        agreement = crypto.KeyAgreement(self._enc.private)
         for sender, ct in sorted(msg.ciphertexts.items()):
             try:
-                shared = agreement.with_peer(self._peers[sender][0])
-                key = crypto.share_key(shared, cfg.round_id, sender, me)
+                key = self._bundle_keys[sender]
                 bundle = crypto.decrypt_bundle(key, cfg.round_id, sender, me, ct)
                 if len(bundle) != BUNDLE_BYTES:
                     raise SecAggError(f"bundle from {sender!r} has {len(bundle)} bytes")
@@ -321,7 +323,7 @@ class DeviceRound:
                 f"{len(held)} neighbours' bundles decrypted, fewer than the threshold "
                 f"{cfg.threshold}: no masked input"
             )
-        self._held = held
+        self._held, self._bundle_keys = held, {}
         self._partners = tuple(sorted(msg.ciphertexts))
         self.stage = Stage.MASKED
         return self._maybe_send_masked()
@@ -377,14 +379,17 @@ class DeviceRound:
         cfg, me = self.config, self.device_id
         if msg.survivors != self._signed:
             raise SecAggError("the unmask request's survivor set is not the one this device signed")
+        # This device signed exactly this set (checked above), so it counts itself without
+        # verifying its own signature and needs t - 1 valid ones from the other survivors.
         data = identity.consistency_data(cfg, msg.survivors)
+        others = {d: s for d, s in msg.signatures.items() if d != me}
         signers = identity.valid_signers(
-            self._roster, msg.signatures, data, msg.survivors, need=cfg.threshold
+            self._roster, others, data, msg.survivors, need=cfg.threshold - 1
         )
-        if len(signers) < cfg.threshold:
+        if len(signers) + 1 < cfg.threshold:
             raise SecAggError(
-                f"{len(signers)} valid signatures on the survivor set, fewer than the threshold "
-                f"{cfg.threshold}"
+                f"{len(signers) + 1} valid signatures on the survivor set (this device's "
+                f"included), fewer than the threshold {cfg.threshold}"
             )
         if self._partners is None:  # unreachable: the CONSISTENCY stage follows the relay
             raise SecAggError("unmask request before the relay")
@@ -397,7 +402,7 @@ class DeviceRound:
 
     def _forget(self) -> None:
         self._encoded = None
-        self._held = {}
+        self._held, self._bundle_keys = {}, {}
         self._self_seed = b""
         self._mask = crypto.KeyPair(b"", self._mask.public)
         self._enc = crypto.KeyPair(b"", self._enc.public)

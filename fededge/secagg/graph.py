@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import struct
 from collections.abc import Collection, Mapping, Sequence
 from enum import StrEnum
 
@@ -48,19 +49,20 @@ def neighbour_graph(round_id: str, cohort: Sequence[str], k: int) -> dict[str, f
     digest = hashlib.sha256(("\x00".join([round_id, *members])).encode()).digest()
     draw = deterministic_random(b"graph" + digest)
     order = list(members)
+    # The draws are consecutive 4-byte big-endian words of one AES-CTR keystream; taking the
+    # n - 1 words that suffice without a rejection in one call gives the same words.
+    words = list(struct.unpack(f">{n - 1}I", draw(4 * (n - 1))))
+    words.reverse()  # consumed from the end
     for i in range(n - 1, 0, -1):  # Fisher-Yates with rejection sampling: exactly uniform
         bound = (1 << 32) - (1 << 32) % (i + 1)
-        while (r := int.from_bytes(draw(4), "big")) >= bound:
+        while (r := words.pop() if words else int.from_bytes(draw(4), "big")) >= bound:
             pass
         j = r % (i + 1)
         order[i], order[j] = order[j], order[i]
-    graph: dict[str, set[str]] = {m: set() for m in members}
-    for p, m in enumerate(order):
-        for step in range(1, k // 2 + 1):
-            other = order[(p + step) % n]
-            graph[m].add(other)
-            graph[other].add(m)
-    return {m: frozenset(v) for m, v in graph.items()}
+    # Harary graph: position p neighbours positions p +- 1 .. k/2 (distinct: k/2 < n/2).
+    half = k // 2
+    steps = [s for s in range(-half, half + 1) if s]
+    return {m: frozenset([order[(p + s) % n] for s in steps]) for p, m in enumerate(order)}
 
 
 def connected(graph: Mapping[str, Collection[str]], nodes: Collection[str]) -> bool:

@@ -83,7 +83,9 @@ def valid_signers(
 
     With ``need``, stops as soon as that many verified (a device needs t, not all n).
     """
-    ok, found = set(allowed), set()
+    ok, found = set(allowed), set[str]()
+    if need is not None and need <= 0:
+        return found
     for d in sorted(signatures):
         if d in ok and verify(roster.get(d), signatures[d], data):
             found.add(d)
