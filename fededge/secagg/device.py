@@ -89,6 +89,12 @@ def check_parameters(config: RoundConfig, floor: Floor) -> None:
 _ACCEPTED = (PeerKeys, RelayedShares, SurvivorSet, UnmaskRequest)
 
 
+def _usable(agreement: crypto.KeyAgreement | None) -> crypto.KeyAgreement:
+    if agreement is None:  # unreachable: the stage guards come first
+        raise SecAggError("this round's private key is already forgotten")
+    return agreement
+
+
 class DeviceRound:
     """One device's part in one round: keys, shares, masked input, consistency, unmasking.
 
@@ -133,8 +139,11 @@ class DeviceRound:
         self._fixed = FixedPoint(config.bits, config.clip, config.scale, config.max_weight)
         self._graph = neighbour_graph(config.round_id, config.cohort, config.neighbours)
         self._index = {d: i + 1 for i, d in enumerate(config.cohort)}  # Shamir x-coordinates
-        self._enc = crypto.generate_keypair(rng)
-        self._mask = crypto.generate_keypair(rng)
+        # each private key is parsed once: its agreement object serves every peer
+        self._enc, enc_agreement = crypto.generate_agreement(rng)
+        self._mask, mask_agreement = crypto.generate_agreement(rng)
+        self._enc_agreement: crypto.KeyAgreement | None = enc_agreement
+        self._mask_agreement: crypto.KeyAgreement | None = mask_agreement
         self._self_seed = rng(crypto.SEED_BYTES)
         self._peers: dict[str, tuple[bytes, bytes]] = {}  # verified neighbours' (enc, mask)
         # verified neighbour -> AES key of the bundle it encrypts to us: derived from the one
@@ -144,6 +153,7 @@ class DeviceRound:
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._partners: tuple[str, ...] | None = None  # neighbours to mask with
         self._signed: tuple[str, ...] | None = None  # the survivor set this device signed
+        self._signed_data = b""  # and the bytes it signed (identity.consistency_data)
         self._encoded: npt.NDArray[np.uint32] | None = None
         self._masked_sent = False
         # message type -> the one accepted (compared by value: a redelivery is equal)
@@ -276,7 +286,7 @@ class DeviceRound:
         key_shares = crypto.split_secret(self._mask.private, xs, cfg.threshold, self._rng)
         seed_shares = crypto.split_secret(self._self_seed, xs, cfg.threshold, self._rng)
         cts, bundle_keys = {}, {}
-        agreement = crypto.KeyAgreement(self._enc.private)
+        agreement = _usable(self._enc_agreement)
         for peer, s_share, b_share in zip(names, key_shares, seed_shares, strict=True):
             shared = agreement.with_peer(peers[peer][0])
             key = crypto.share_key(shared, cfg.round_id, me, peer)
@@ -285,7 +295,7 @@ class DeviceRound:
             )
             bundle_keys[peer] = crypto.share_key(shared, cfg.round_id, peer, me)
         self._peers, self._bundle_keys = peers, bundle_keys
-        self._enc = crypto.KeyPair(b"", self._enc.public)  # no further use: forget it
+        self._forget_enc()  # the relay needs only the bundle keys
         self.stage = Stage.SHARE
         return [Outgoing(TO_SERVER, ShareKeys(cfg.round_id, me, cts))]
 
@@ -335,13 +345,13 @@ class DeviceRound:
         y = self._encoded
         prg = crypto.MaskPRG(y.shape[0])
         add_mod(y, prg.expand(self._self_seed), bits)
-        agreement = crypto.KeyAgreement(self._mask.private)
+        agreement = _usable(self._mask_agreement)
         for peer in self._partners:
             shared = agreement.with_peer(self._peers[peer][1])
             mask = prg.expand(crypto.pair_seed(shared, cfg.round_id, me, peer))
             # The smaller id adds and the larger subtracts, so the pair's masks cancel in the sum.
             (add_mod if me < peer else sub_mod)(y, mask, bits)
-        self._encoded = None
+        self._encoded, self._mask_agreement = None, None
         self._masked_sent = True
         return [Outgoing(TO_SERVER, MaskedInput(cfg.round_id, me, y))]
 
@@ -366,7 +376,8 @@ class DeviceRound:
             raise SecAggError("survivor set before this device sent its masked input")
         self._check_survivors(msg.survivors)
         cfg = self.config
-        sig = identity.sign(self._identity, identity.consistency_data(cfg, msg.survivors))
+        self._signed_data = identity.consistency_data(cfg, msg.survivors)  # checked again below
+        sig = identity.sign(self._identity, self._signed_data)
         self._signed = msg.survivors
         self.stage = Stage.CONSISTENCY
         return [Outgoing(TO_SERVER, ConsistencyCheck(cfg.round_id, self.device_id, sig))]
@@ -381,7 +392,7 @@ class DeviceRound:
             raise SecAggError("the unmask request's survivor set is not the one this device signed")
         # This device signed exactly this set (checked above), so it counts itself without
         # verifying its own signature and needs t - 1 valid ones from the other survivors.
-        data = identity.consistency_data(cfg, msg.survivors)
+        data = self._signed_data  # the bytes of the set this device signed, equal to the request's
         others = {d: s for d, s in msg.signatures.items() if d != me}
         signers = identity.valid_signers(
             self._roster, others, data, msg.survivors, need=cfg.threshold - 1
@@ -405,4 +416,9 @@ class DeviceRound:
         self._held, self._bundle_keys = {}, {}
         self._self_seed = b""
         self._mask = crypto.KeyPair(b"", self._mask.public)
+        self._mask_agreement = None
+        self._forget_enc()
+
+    def _forget_enc(self) -> None:
         self._enc = crypto.KeyPair(b"", self._enc.public)
+        self._enc_agreement = None
