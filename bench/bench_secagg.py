@@ -1,13 +1,14 @@
 """SecAgg+ round costs, fededge against Flower's SecAgg+ primitives (n=100, d=100k, 10% dropout).
 
-Run with the bench venv (it has flwr): ``/work/venv-bench/bin/python bench/bench_secagg.py``.
-Writes the ``secagg`` section of docs/benchmarks.md.
+Run with a venv that has flwr (the project's does): ``.venv/bin/python bench/bench_secagg.py``.
+Writes the ``secagg`` section of docs/benchmarks.md (``--no-write``: prints it).
 
 fededge: a whole in-memory round (fededge.testing.secagg, every message through its wire
 encoding), timing the device's encode + masking and the server's unmasking inside it, and each
 device's whole CPU time in the round (thread CPU time inside every DeviceRound entry point:
 construction, start, set_input, handle - key generation, signatures and their checks, shares,
-quantisation and masks with numpy, as a device runs them; no Numba on the device path).
+quantisation and masks; in this one-process simulation the modular adds run the Numba kernels
+that ``warmup()`` loads for the aggregator, where a device without Numba uses numpy's).
 ``--baseline REV`` also measures the device side of another revision in the same run (round
 protocol v1 is ``4ccfc27^``): ``git archive REV`` goes to a temporary directory and this script
 runs in subprocesses against either tree (``FEDEDGE_BENCH_TREE``), alternating the two (ABBA)
