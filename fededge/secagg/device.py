@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fededge.errors import SecAggError
 from fededge.secagg import crypto, identity
-from fededge.secagg.graph import TERMINAL, Stage, check_stage, connected, neighbour_graph
+from fededge.secagg.graph import TERMINAL, Ring, Stage, check_stage
 from fededge.secagg.messages import (
     BUNDLE_BYTES,
     TO_SERVER,
@@ -137,7 +137,7 @@ class DeviceRound:
         self._roster = roster
         self._rng = rng
         self._fixed = FixedPoint(config.bits, config.clip, config.scale, config.max_weight)
-        self._graph = neighbour_graph(config.round_id, config.cohort, config.neighbours)
+        self._ring = Ring(config.round_id, config.cohort, config.neighbours)
         self._index = {d: i + 1 for i, d in enumerate(config.cohort)}  # Shamir x-coordinates
         # each private key is parsed once: its agreement object serves every peer
         self._enc, enc_agreement = crypto.generate_agreement(rng)
@@ -261,7 +261,7 @@ class DeviceRound:
     def _on_peer_keys(self, msg: PeerKeys) -> list[Outgoing]:
         check_stage(self.stage, Stage.ADVERTISE, what="neighbour keys")
         cfg, me = self.config, self.device_id
-        unknown = set(msg.keys) - self._graph[me]
+        unknown = set(msg.keys) - self._ring.neighbours(me)
         if unknown:
             raise SecAggError(f"keys for devices that are not neighbours: {sorted(unknown)}")
         peers: dict[str, tuple[bytes, bytes]] = {}
@@ -365,7 +365,7 @@ class DeviceRound:
             raise SecAggError(
                 f"{len(survivors)} survivors, fewer than the threshold {cfg.threshold}"
             )
-        if not connected(self._graph, survivors):
+        if not self._ring.connected(survivors):
             raise SecAggError("survivors are not connected: their partial sums would be revealed")
 
     def _on_survivors(self, msg: SurvivorSet) -> list[Outgoing]:
