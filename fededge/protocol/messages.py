@@ -107,6 +107,9 @@ class Plan(_Json):
     # tensor (update_block 0) or per update_block elements; omitted at the defaults.
     update_encoding: Literal["f32", "f16", "int8"] = "f32"
     update_block: int = Field(0, ge=0, le=1 << 30)
+    # Chunked transfer (protocol.md): the broker's message limit, so devices learn it; None
+    # (omitted): devices use their own broker.max_message_bytes, if any.
+    max_message_bytes: int | None = Field(None, ge=4096, le=1 << 28)
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}

@@ -1,0 +1,224 @@
+"""Chunked transfer over MQTT: messages above the broker's limit, sent and received whole.
+
+:class:`ChunkedInbox` sits in front of a client's :class:`~fededge.mqtt.inbox.Inbox`: chunks
+and manifests are taken, acknowledged (each chunk is PUBACKed once it is held) and reassembled
+by a :class:`~fededge.protocol.chunks.Reassembler`; ``get`` returns only whole messages, so the
+device driver and the aggregator see the same messages as on a broker without a limit. A
+reassembled message carries the MQTT identity of its last chunk (non-retained transfers) or of
+its manifest (retained ones), so the application's ``ack`` after processing acknowledges that
+one: a transfer is only "done" at the broker once the whole message was handled.
+:func:`publish_chunked` is the sending side (protocol.md, "Chunked transfer").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from fededge.mqtt.inbox import Inbox, Message
+from fededge.protocol.chunks import (
+    MIN_MESSAGE_BYTES,
+    ChunkError,
+    ChunkReason,
+    Reassembler,
+    looks_like_chunk,
+    needs_chunks,
+    split,
+)
+
+log = logging.getLogger("fededge.mqtt.chunked")
+CHUNKS = "/chunks/"
+
+
+def chunk_topic(topic: str, index: int) -> str:
+    """The retained topic of chunk ``index`` of the message retained on ``topic``."""
+    return f"{topic}{CHUNKS}{index}"
+
+
+def with_chunk_filters(filters: Iterable[str]) -> list[str]:
+    """``filters`` plus the filter of each one's retained chunks (``{f}/chunks/+``)."""
+    fs = list(filters)
+    return fs + [f"{f}/chunks/+" for f in fs if not f.endswith("#")]
+
+
+def effective_limit(*limits: int | None) -> int | None:
+    """The smallest of the limits that are set (None: no limit, nothing is chunked)."""
+    set_ = [x for x in limits if x is not None]
+    return min(set_) if set_ else None
+
+
+PublishOne = Callable[..., None]
+
+
+def publish_chunked(
+    publish_one: PublishOne,
+    topic: str,
+    data: bytes,
+    *,
+    qos: int,
+    retain: bool,
+    limit: int | None,
+    retained_counts: dict[str, int],
+    **kw: Any,
+) -> None:
+    """Publish ``data`` on ``topic``, in chunks if it exceeds ``limit``.
+
+    Non-retained: the chunks, in order, on ``topic`` itself. Retained: chunk i retained on
+    ``{topic}/chunks/{i}``, then the manifest retained on ``topic`` (a reader assembles only the
+    chunks the manifest names, by digest), then the chunk topics the previous publication on
+    ``topic`` used beyond this one's count are cleared. ``retained_counts`` remembers those
+    counts (per client: a restarted publisher leaves older surplus chunks, which readers ignore).
+    """
+    if not needs_chunks(len(data), limit):
+        publish_one(topic, data, qos=qos, retain=retain, **kw)
+        old = retained_counts.pop(topic, 0) if retain else 0
+        for i in range(old):
+            publish_one(chunk_topic(topic, i), b"", qos=qos, retain=True, **kw)
+        return
+    assert limit is not None
+    if qos == 0:
+        raise ValueError(f"a chunked message to {topic!r} needs QoS 1 (each chunk is acked)")
+    chunks, manifest = split(data, limit)
+    if not retain:
+        for c in chunks:
+            publish_one(topic, c, qos=qos, retain=False, **kw)
+        return
+    for i, c in enumerate(chunks):
+        publish_one(chunk_topic(topic, i), c, qos=qos, retain=True, **kw)
+    publish_one(topic, manifest, qos=qos, retain=True, **kw)
+    old = retained_counts.get(topic, 0)
+    retained_counts[topic] = len(chunks)
+    for i in range(len(chunks), old):
+        publish_one(chunk_topic(topic, i), b"", qos=qos, retain=True, **kw)
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkLimits:
+    """What a receiver holds for transfers in progress (BrokerSettings ``chunk_*``)."""
+
+    max_transfer_bytes: int = 257 * 1024 * 1024
+    max_bytes: int = 300 * 1024 * 1024
+    max_transfers: int = 32
+    timeout: float = 120.0
+
+
+class ChunkedInbox:
+    """An inbox whose ``get`` returns whole messages (see the module docstring).
+
+    Refused chunks are acknowledged (a broker must not redeliver a hostile stream forever),
+    logged as ``refused chunk on <topic> reason=<reason>`` and counted in
+    ``reassembler.refused``; ``on_refused(reason)`` is called for a metric.
+    """
+
+    def __init__(
+        self,
+        inbox: Inbox,
+        ack: Callable[[Message], None],
+        *,
+        manual_ack: bool,
+        limits: ChunkLimits = ChunkLimits(),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.inbox = inbox
+        self._ack = ack
+        self._manual = manual_ack
+        self._clock = clock
+        self.reassembler = Reassembler(
+            max_transfer_bytes=limits.max_transfer_bytes, max_bytes=limits.max_bytes,
+            max_transfers=limits.max_transfers, timeout=limits.timeout,
+        )  # fmt: skip
+        self.on_refused: Callable[[str], None] = lambda reason: None
+        self.retained_activity = 0.0  # clock() of the last retained chunk or manifest taken
+        self.passthrough = False  # True: no reassembly (tools that see chunk topics as such)
+
+    def __getattr__(self, name: str) -> Any:  # dropped, blocked, qsize, ... of the inbox
+        return getattr(self.inbox, name)
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Message:
+        """The next whole message (raises queue.Empty like ``Queue.get``)."""
+        deadline = None if timeout is None else self._clock() + timeout
+        while True:
+            if not block:
+                msg = self.inbox.get_nowait()
+            else:
+                left = None if deadline is None else max(0.0, deadline - self._clock())
+                msg = self.inbox.get(timeout=left)
+            whole = self._take(msg)
+            if whole is not None:
+                return whole
+            if block and deadline is not None and self._clock() >= deadline:
+                raise queue.Empty
+
+    def get_nowait(self) -> Message:
+        return self.get(block=False)
+
+    def _release(self, msg: Message) -> None:
+        # Without manual_ack the inbox acknowledged it when taken; with it, we do.
+        if self._manual:
+            self._ack(msg)
+
+    def _take(self, msg: Message) -> Message | None:
+        if self.passthrough:
+            return msg
+        r = self.reassembler
+        now = self._clock()
+        if r.transfers:
+            for topic, t in r.expire(now):
+                self.on_refused("expired")
+                log.warning("refused chunk on %s reason=expired: transfer %s made no progress "
+                            "for %g s; dropped", topic, t, r.timeout)  # fmt: skip
+        base, sep, _ = msg.topic.rpartition(CHUNKS)
+        in_chunk_topic = bool(sep) and "/" not in _
+        if in_chunk_topic and not msg.payload:
+            self._release(msg)  # a cleared surplus chunk of an older retained message
+            return None
+        if not msg.payload or not looks_like_chunk(msg.payload):
+            if in_chunk_topic:
+                r.refused[ChunkReason.MALFORMED] += 1
+                self._refuse(msg, ChunkError("not a chunk message", ChunkReason.MALFORMED))
+                return None
+            if msg.retain and not msg.payload:
+                r.forget(msg.topic)
+            return msg
+        if msg.retain:
+            self.retained_activity = now
+        try:
+            c = r.decode(msg.payload)
+            if c.index is None:
+                if in_chunk_topic:
+                    r.refused[ChunkReason.MALFORMED] += 1
+                    raise ChunkError("a manifest on a chunk topic", ChunkReason.MALFORMED)
+                whole = r.manifest(msg.topic, c, now)
+                topic = msg.topic
+            else:
+                topic = base if in_chunk_topic else msg.topic
+                whole = r.add(topic, c, now, deliver=not in_chunk_topic)
+        except ChunkError as e:
+            self._refuse(msg, e)
+            return None
+        if whole is None:
+            self._release(msg)
+            return None
+        return Message(topic, whole, msg.qos, msg.retain, msg.mid, msg.dup, msg._conn)
+
+    def _refuse(self, msg: Message, e: ChunkError) -> None:
+        reason = str(e.chunk_reason)
+        self.on_refused(reason)
+        log.warning("refused chunk on %s reason=%s: %s", msg.topic, reason, e,
+                    extra={"topic": msg.topic, "reason": reason})  # fmt: skip
+        self._release(msg)
+
+
+__all__ = [
+    "MIN_MESSAGE_BYTES",
+    "ChunkLimits",
+    "ChunkedInbox",
+    "chunk_topic",
+    "effective_limit",
+    "publish_chunked",
+    "with_chunk_filters",
+]
