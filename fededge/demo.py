@@ -55,6 +55,7 @@ class DemoConfig:
     server_lr: float = 1.0
     update_encoding: str = "f32"
     update_block: int = 0
+    max_message_bytes: int | None = None  # chunked transfer (plan max_message_bytes)
     examples_per_update: int = 32
     epochs: int = 5
     learning_rate: float = 0.1
@@ -144,6 +145,7 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         server_learning_rate=cfg.server_lr,
         update_encoding=cfg.update_encoding,
         update_block=cfg.update_block,
+        max_message_bytes=cfg.max_message_bytes,
         **_dp_fields(cfg),
     )
 

@@ -99,6 +99,11 @@ from fededge.logs import setup_logging
     type=click.IntRange(0),
     help="int8: elements per scale (0: one scale per tensor).",
 )
+@click.option(
+    "--max-message-bytes",
+    type=click.IntRange(4096),
+    help="The broker's message limit (plan max_message_bytes): larger messages are chunked.",
+)
 @click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
 @click.option(
     "--mqtt-version",

@@ -142,11 +142,15 @@ class ChunkedInbox:
         """The next whole message (raises queue.Empty like ``Queue.get``)."""
         deadline = None if timeout is None else self._clock() + timeout
         while True:
-            if not block:
-                msg = self.inbox.get_nowait()
-            else:
-                left = None if deadline is None else max(0.0, deadline - self._clock())
-                msg = self.inbox.get(timeout=left)
+            try:
+                if not block:
+                    msg = self.inbox.get_nowait()
+                else:
+                    left = None if deadline is None else max(0.0, deadline - self._clock())
+                    msg = self.inbox.get(timeout=left)
+            except queue.Empty:
+                self._expire(self._clock())  # endless transfers end even when nothing arrives
+                raise
             whole = self._take(msg)
             if whole is not None:
                 return whole
@@ -155,6 +159,14 @@ class ChunkedInbox:
 
     def get_nowait(self) -> Message:
         return self.get(block=False)
+
+    def _expire(self, now: float) -> None:
+        r = self.reassembler
+        if r.transfers:
+            for topic, t in r.expire(now):
+                self.on_refused("expired")
+                log.warning("refused chunk on %s reason=expired: transfer %s made no progress "
+                            "for %g s; dropped", topic, t, r.timeout)  # fmt: skip
 
     def _release(self, msg: Message) -> None:
         # Without manual_ack the inbox acknowledged it when taken; with it, we do.
@@ -166,11 +178,7 @@ class ChunkedInbox:
             return msg
         r = self.reassembler
         now = self._clock()
-        if r.transfers:
-            for topic, t in r.expire(now):
-                self.on_refused("expired")
-                log.warning("refused chunk on %s reason=expired: transfer %s made no progress "
-                            "for %g s; dropped", topic, t, r.timeout)  # fmt: skip
+        self._expire(now)
         base, sep, _ = msg.topic.rpartition(CHUNKS)
         in_chunk_topic = bool(sep) and "/" not in _
         if in_chunk_topic and not msg.payload:
