@@ -17,11 +17,11 @@ from fededge.protocol.chunks import (
     ChunkReason,
     Reassembler,
     decode_chunk,
-    encode_tensors,
     looks_like_chunk,
     needs_chunks,
     split,
 )
+from fededge.protocol.tensors import encode_tensors
 
 LIMIT = 4096  # the smallest max_message_bytes: 3072 data bytes per chunk
 SIZE = LIMIT - OVERHEAD
@@ -196,7 +196,7 @@ def test_fuzzed_streams_never_crash(stream: list[tuple[str, bytes]]) -> None:
     real, manifest = split(b"q" * 7000, LIMIT)
     r = _reasm(max_bytes=50_000, max_transfers=4)
     for i, (topic, junk) in enumerate(stream):
-        raw = junk if i % 2 else bytearray(real[i % 3])
+        raw = bytearray(junk if i % 2 else real[i % 3])
         if not i % 2 and junk:
             raw[junk[0] % len(raw)] ^= junk[-1] | 1  # flip a byte somewhere
         try:
