@@ -192,3 +192,19 @@ def test_hostile_chunk_streams_are_refused_and_counted(small_broker, tmp_path) -
         finally:
             s.close()
         assert agg.accepted_total == 1
+
+
+def test_refusals_are_prometheus_counters(small_broker, tmp_path) -> None:
+    from prometheus_client import generate_latest
+
+    settings = _settings(small_broker.url, tmp_path / "agg")
+    init_task(settings, {"w": np.zeros(N, np.float32)}, Plan(min_updates_per_version=5))
+    topics = Topics(settings.topic_prefix, settings.task)
+    with running_aggregator(settings) as agg:
+        c = MqttClient(small_broker.settings(), f"evil-{uuid.uuid4().hex[:6]}", persistent=False)
+        with c:
+            c.publish(topics.update("dev1"), b'{"kind":"chunk"} junk', wait=True, timeout=10)
+        ra = agg.client.messages.reassembler
+        wait_until(lambda: ra.refused["malformed"] == 1, timeout=20)
+        text = generate_latest(agg.metrics.registry).decode()
+        assert 'fededge_chunks_refused_total{reason="malformed"} 1.0' in text

@@ -31,7 +31,7 @@ from fededge.errors import (
     TransportError,
 )
 from fededge.mqtt import Message, MqttClient, Will
-from fededge.mqtt.chunked import effective_limit, with_chunk_filters
+from fededge.mqtt.chunked import effective_limit, register_chunk_metrics, with_chunk_filters
 from fededge.protocol import Graph, ModelVersion, Plan, Topics
 from fededge.protocol.messages import Weights
 from fededge.protocol.roster import trusted_keys
@@ -140,6 +140,8 @@ class Aggregator:
         self.topics = Topics(settings.topic_prefix, settings.task)
         self.store = Store(task_root(settings.state_dir, settings.task), fsync=self.cfg.fsync)
         self.metrics = AggregatorMetrics()
+        register_chunk_metrics(self.metrics.registry, "fededge_chunks_refused",
+                               lambda: getattr(self, "client", None))  # fmt: skip
         self.metrics_port: int | None = None
         self.core = AggregatorCore(settings, self.store, self.metrics)
         # secure aggregation, when the plan asks for it; the roster is verified with the owner key

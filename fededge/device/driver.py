@@ -37,7 +37,7 @@ from fededge.errors import (
 )
 from fededge.fsio import atomic_write
 from fededge.mqtt import Message, MqttClient, Will
-from fededge.mqtt.chunked import effective_limit, with_chunk_filters
+from fededge.mqtt.chunked import effective_limit, register_chunk_metrics, with_chunk_filters
 from fededge.protocol import Graph, ModelVersion, Plan, Receipt, decode_json
 from fededge.protocol.signing import SignedKind
 from fededge.settings import Settings
@@ -72,6 +72,8 @@ class Driver:
         self.changed = threading.Condition()
         self.beat = time.monotonic()
         self.mqtt: MqttClient | None = None
+        register_chunk_metrics(core.metrics.registry, "fededge_device_chunks_refused",
+                               lambda: self.mqtt)  # fmt: skip
         configure_participant(core.secagg, settings, state_dir)  # identity key, roster, floor
 
     # -- effects ------------------------------------------------------------------------------

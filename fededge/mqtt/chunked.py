@@ -221,6 +221,30 @@ class ChunkedInbox:
         self._release(msg)
 
 
+class _RefusedCollector:
+    """Exposes a client's ``reassembler.refused`` as a Prometheus counter by reason."""
+
+    def __init__(self, name: str, client: Callable[[], Any]) -> None:
+        self._name = name
+        self._client = client
+
+    def collect(self) -> Iterable[Any]:
+        from prometheus_client.core import CounterMetricFamily
+
+        fam = CounterMetricFamily(self._name, "Chunks and chunked transfers refused, by reason "
+                                  "(protocol.md, Chunked transfer)", labels=["reason"])  # fmt: skip
+        client = self._client()
+        refused = client.messages.reassembler.refused if client is not None else {}
+        for reason in ChunkReason:
+            fam.add_metric([str(reason)], float(refused.get(reason, 0)))
+        yield fam
+
+
+def register_chunk_metrics(registry: Any, name: str, client: Callable[[], Any]) -> None:
+    """Add ``{name}_total{reason}`` to ``registry``, read from ``client()``'s reassembler."""
+    registry.register(_RefusedCollector(name, client))
+
+
 __all__ = [
     "MIN_MESSAGE_BYTES",
     "ChunkLimits",
@@ -228,5 +252,6 @@ __all__ = [
     "chunk_topic",
     "effective_limit",
     "publish_chunked",
+    "register_chunk_metrics",
     "with_chunk_filters",
 ]
