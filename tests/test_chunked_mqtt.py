@@ -208,3 +208,27 @@ def test_refusals_are_prometheus_counters(small_broker, tmp_path) -> None:
         wait_until(lambda: ra.refused["malformed"] == 1, timeout=20)
         text = generate_latest(agg.metrics.registry).decode()
         assert 'fededge_chunks_refused_total{reason="malformed"} 1.0' in text
+
+
+def test_retained_versions_replace_each_other_cleanly(small_broker) -> None:
+    """3 chunks, then 2, then a message small enough to go whole: a live reader gets each
+    whole, the surplus chunk topics are cleared, a late reader gets only the last."""
+    settings = small_broker.settings(max_message_bytes=4096)
+    topic = f"fededge/r{uuid.uuid4().hex[:6]}/model"
+    first, second, third = b"1" * 7000, b"2" * 5000, b"3" * 100
+    reader = MqttClient(settings, f"rd-{uuid.uuid4().hex[:6]}", persistent=False)
+    pub = MqttClient(settings, f"pub-{uuid.uuid4().hex[:6]}", persistent=False)
+    with reader, pub:
+        reader.subscribe_all([topic, f"{topic}/chunks/+"], qos=1)
+        got = []
+        for p in (first, second):
+            pub.publish(topic, p, retain=True, wait=True, timeout=10)
+            got.append(reader.messages.get(timeout=20).payload)
+        assert got == [first, second]
+        raw = read_retained(settings, [f"{topic}/#", topic], wait=5, raw=True)
+        assert sorted(t.rsplit("/", 1)[-1] for t in raw if "/chunks/" in t) == ["0", "1"]
+        assert read_retained(settings, [topic], wait=5, required=[topic]) == {topic: second}
+        pub.publish(topic, third, retain=True, wait=True, timeout=10)
+        assert reader.messages.get(timeout=20).payload == third
+        raw = read_retained(settings, [f"{topic}/#", topic], wait=5, raw=True)
+        assert raw == {topic: third}
