@@ -65,7 +65,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        m = Mosquitto(Path(tmp) / "b", max_inflight_messages=40)
+        # a chunked 4 MB message is 31 messages: the default queue cap (1000) would drop some
+        m = Mosquitto(Path(tmp) / "b", max_inflight_messages=40, max_queued_messages=100_000)
         m.start()
         try:
             for limit in (None, 131_072):
