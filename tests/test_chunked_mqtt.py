@@ -74,6 +74,8 @@ def test_demo_cnn_on_a_128k_broker(small_broker, tmp_path, limit: int) -> None:
     assert len(graph_chunks) == -(-175_644 // (limit - 1024)) or len(graph_chunks) >= 2
     model_chunks = [t for t in held if t.startswith(f"fededge/{task}/model/chunks/")]
     assert bool(model_chunks) == (limit == 8192)
+    # the run clears what it leaves behind, chunk topics included
+    assert read_retained(small_broker.settings(), [f"fededge/{task}/#"], wait=5, raw=True) == {}
 
 
 def test_large_task_through_a_128k_broker(small_broker, tmp_path) -> None:
