@@ -50,14 +50,15 @@ def _update(settings: Settings, uid: str, value: float, device: str = "dev1") ->
                   num_examples=10, delta=delta).to_bytes()  # fmt: skip
 
 
-@pytest.mark.parametrize("limit", [LIMIT, 8192])
-def test_demo_cnn_on_a_128k_broker(small_broker, tmp_path, limit: int) -> None:
+@pytest.mark.parametrize(("limit", "secure"), [(LIMIT, False), (8192, False), (8192, True)])
+def test_demo_cnn_on_a_128k_broker(small_broker, tmp_path, limit: int, secure: bool) -> None:
     """`fededge demo --model cnn --max-message-bytes LIMIT` on Mosquitto max_packet_size 131072:
-    the 175 KB graph (and at 8192 every model and update too) only passes in chunks."""
+    the 175 KB graph (and at 8192 every model and update, or masked input, too) only passes
+    in chunks; signed graph, plan and versions are verified after reassembly."""
     task = f"chunk-{uuid.uuid4().hex[:6]}"
     cfg = DemoConfig(devices=4, versions=3, model="cnn", broker=small_broker.url, mqtt_version="5",
                      min_updates_per_version=4, task=task, out_dir=tmp_path,
-                     max_message_bytes=limit)  # fmt: skip
+                     max_message_bytes=limit, secure_aggregation=secure)  # fmt: skip
     seen: list[VersionRow] = []
     held: dict[str, bytes] = {}
 
