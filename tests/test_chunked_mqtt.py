@@ -235,3 +235,32 @@ def test_retained_versions_replace_each_other_cleanly(small_broker) -> None:
         assert reader.messages.get(timeout=20).payload == third
         raw = read_retained(settings, [f"{topic}/#", topic], wait=5, raw=True)
         assert raw == {topic: third}
+
+
+def test_partial_transfer_survives_a_broker_restart(small_broker, tmp_path) -> None:
+    """Half an update, a broker restart (every client reconnects), the other half: the
+    aggregator kept its partial transfer across its reconnect and completes it once."""
+    settings = _settings(small_broker.url, tmp_path / "agg")
+    init_task(settings, {"w": np.zeros(N, np.float32)}, Plan(min_updates_per_version=5))
+    topics = Topics(settings.topic_prefix, settings.task)
+    chunks, _ = split(_update(settings, "u1", 0.5), LIMIT)
+
+    def send(part: list[bytes]) -> None:
+        c = MqttClient(small_broker.settings(), f"dev-{uuid.uuid4().hex[:6]}", persistent=False)
+        with c:
+            for ch in part:
+                c.publish(topics.update("dev1"), ch, wait=True, timeout=10)
+
+    with running_aggregator(settings) as agg:
+        ra = agg.client.messages.reassembler
+        send(chunks[:2])
+        wait_until(lambda: ra.transfers == 1, timeout=20)
+        small_broker.restart()
+        wait_until(lambda: agg.client.connected, timeout=30)
+        s = _sender(settings, "dev1")
+        try:
+            send(chunks[2:])
+            assert s.receipt("u1").status == "accepted"
+        finally:
+            s.close()
+        assert agg.accepted_total == 1 and ra.transfers == 0
