@@ -13,9 +13,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from aggtools import Sender, init_task, make_settings, running_aggregator
-from devtools import wait_until
+from devtools import (
+    DIGITS_PLAN,
+    cycle,
+    device_settings,
+    digits_split,
+    mlp_bundle,
+    new_task,
+    publish_task,
+    wait_until,
+)
 
 from fededge.demo import DemoConfig, VersionRow, run_demo
+from fededge.device.client import Client
 from fededge.mqtt import MqttClient, read_retained
 from fededge.protocol import ModelVersion, Plan, Topics, Update
 from fededge.protocol.chunks import decode_chunk, split
@@ -264,3 +274,42 @@ def test_partial_transfer_survives_a_broker_restart(small_broker, tmp_path) -> N
         finally:
             s.close()
         assert agg.accepted_total == 1 and ra.transfers == 0
+
+
+def test_device_update_with_chunks_dropped_is_resent_and_counted_once(
+    mosquitto_factory, tmp_path
+) -> None:
+    """A real device: its chunked update reaches the offline aggregator's session only in part
+    (the broker's queue holds 2 messages and drops the rest, as Mosquitto does silently); the
+    outbox keeps the update until the receipt and resends it whole; it is folded once."""
+    m = mosquitto_factory(max_packet_size=LIMIT, max_queued_messages=2)
+    task = new_task()
+    agg_settings = make_settings(m.url, tmp_path / "agg", task=task)
+    plan = DIGITS_PLAN.model_copy(
+        update={"min_updates_per_version": 1, "examples_per_update": 8, "max_message_bytes": 4096}
+    )
+    publish_task(agg_settings, plan)
+    with running_aggregator(agg_settings) as agg:  # its persistent session now exists
+        assert agg.version == 0
+    (part,), _, _ = digits_split(1)
+    c = Client(device_settings(m.url, tmp_path / "dev", task, "rc", receipt_timeout=2.0),
+               bundle=mlp_bundle())  # fmt: skip
+    c.start()
+    try:
+        assert c.wait_for_version(0, 20)  # graph and version 0 came in chunks
+        c.fit(*cycle(part, 0, 8))
+        wait_until(lambda: c.status()["updates_sent"] == 1, 20, "an update")
+        (uid,) = c.outbox.ids()
+        assert m.wait_log("Outgoing messages are being dropped", timeout=30)
+        with running_aggregator(agg_settings) as agg:
+            wait_until(lambda: agg.version == 1, 60, "version 1")
+            assert c.wait_idle(20)
+            assert agg.accepted_total == 1
+            assert agg.model is not None and (agg.model.updates, agg.model.examples) == (1, 8)
+        assert c.status()["outbox"] == 0
+        # the first send was cut by the broker: only a resend could complete the transfer
+        publishes = c.metrics.registry.get_sample_value("fededge_device_update_publishes_total")
+        assert publishes is not None and publishes >= 2
+    finally:
+        c.close()
+    assert uid
