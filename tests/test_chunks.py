@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from pathlib import Path
@@ -209,3 +210,45 @@ def test_fuzzed_streams_never_crash(stream: list[tuple[str, bytes]]) -> None:
             pass
         assert r.reserved_bytes <= 50_000 and r.transfers <= 4
     assert decode_chunk(manifest, max_transfer_bytes=1 << 20).index is None
+
+
+def _msgs(topic: str, payloads: list[bytes], retain: bool = False, mid0: int = 1) -> list:
+    from fededge.mqtt import Message
+
+    return [Message(topic, p, 1, retain, mid0 + i) for i, p in enumerate(payloads)]
+
+
+def test_chunked_inbox_acks_each_chunk_and_leaves_the_last_to_the_application() -> None:
+    """manual_ack (the aggregator): chunks are acked when held; the whole message carries the
+    last chunk's identity, so the application's ack after the WAL acknowledges that one."""
+    import queue as q
+
+    from fededge.mqtt.chunked import ChunkedInbox
+    from fededge.mqtt.inbox import Inbox
+
+    acked: list[int] = []
+    inbox = Inbox(100)
+    ci = ChunkedInbox(inbox, lambda m: acked.append(m.mid), manual_ack=True)
+    payload = bytes(range(256)) * 30
+    chunks, manifest = split(payload, LIMIT)
+    for m in _msgs("p/t/updates/d", chunks):
+        inbox.put(m)
+    whole = ci.get(timeout=1)
+    assert (whole.topic, whole.payload, whole.mid) == ("p/t/updates/d", payload, len(chunks))
+    assert acked == list(range(1, len(chunks)))
+    # retained: chunks on chunk topics, then the manifest on the topic; junk on a chunk topic
+    # and a cleared surplus chunk are acked and swallowed; other messages pass through
+    acked.clear()
+    for i, m in enumerate(_msgs("", chunks, retain=True, mid0=10)):
+        inbox.put(dataclasses.replace(m, topic=f"p/t/model/chunks/{i}"))
+    for m in (*_msgs("p/t/model/chunks/7", [b"junk", b""], retain=True, mid0=20),
+              *_msgs("p/t/model", [manifest], retain=True, mid0=30),
+              *_msgs("p/t/plan", [b'{"v":1}'], mid0=40)):  # fmt: skip
+        inbox.put(m)
+    whole = ci.get(timeout=1)
+    assert (whole.topic, whole.payload, whole.mid, whole.retain) == ("p/t/model", payload, 30, True)
+    assert ci.get(timeout=1).topic == "p/t/plan"
+    assert sorted(acked) == [10, 11, 12, 20, 21]
+    assert ci.reassembler.refused[ChunkReason.MALFORMED] == 1
+    with pytest.raises(q.Empty):
+        ci.get(timeout=0.01)
