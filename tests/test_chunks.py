@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fededge.mqtt import Message
 from fededge.protocol.chunks import (
     OVERHEAD,
     Chunk,
@@ -212,9 +213,7 @@ def test_fuzzed_streams_never_crash(stream: list[tuple[str, bytes]]) -> None:
     assert decode_chunk(manifest, max_transfer_bytes=1 << 20).index is None
 
 
-def _msgs(topic: str, payloads: list[bytes], retain: bool = False, mid0: int = 1) -> list:
-    from fededge.mqtt import Message
-
+def _msgs(topic: str, payloads: list[bytes], retain: bool = False, mid0: int = 1) -> list[Message]:
     return [Message(topic, p, 1, retain, mid0 + i) for i, p in enumerate(payloads)]
 
 
