@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from fededge.errors import TransportError
 from fededge.mqtt.inbox import Inbox, Message
 from fededge.protocol.chunks import (
     MIN_MESSAGE_BYTES,
@@ -111,7 +112,7 @@ class ChunkedInbox:
 
     Refused chunks are acknowledged (a broker must not redeliver a hostile stream forever),
     logged as ``refused chunk on <topic> reason=<reason>`` and counted in
-    ``reassembler.refused``; ``on_refused(reason)`` is called for a metric.
+    ``reassembler.refused`` (exported by :func:`register_chunk_metrics`).
     """
 
     def __init__(
@@ -131,7 +132,6 @@ class ChunkedInbox:
             max_transfer_bytes=limits.max_transfer_bytes, max_bytes=limits.max_bytes,
             max_transfers=limits.max_transfers, timeout=limits.timeout,
         )  # fmt: skip
-        self.on_refused: Callable[[str], None] = lambda reason: None
         self.retained_activity = 0.0  # clock() of the last retained chunk or manifest taken
         self.passthrough = False  # True: no reassembly (tools that see chunk topics as such)
 
@@ -164,14 +164,16 @@ class ChunkedInbox:
         r = self.reassembler
         if r.transfers:
             for topic, t in r.expire(now):
-                self.on_refused("expired")
                 log.warning("refused chunk on %s reason=expired: transfer %s made no progress "
                             "for %g s; dropped", topic, t, r.timeout)  # fmt: skip
 
     def _release(self, msg: Message) -> None:
         # Without manual_ack the inbox acknowledged it when taken; with it, we do.
         if self._manual:
-            self._ack(msg)
+            try:
+                self._ack(msg)
+            except TransportError as e:  # connection gone: the broker redelivers, a duplicate
+                log.debug("%s", e)
 
     def _take(self, msg: Message) -> Message | None:
         if self.passthrough:
@@ -179,8 +181,10 @@ class ChunkedInbox:
         r = self.reassembler
         now = self._clock()
         self._expire(now)
-        base, sep, _ = msg.topic.rpartition(CHUNKS)
-        in_chunk_topic = bool(sep) and "/" not in _
+        base, sep, tail = msg.topic.rpartition(CHUNKS)
+        # {topic}/chunks/{decimal index}: no other fededge topic ends like that (a device or
+        # round named "chunks" has more levels after its name, none of them a number)
+        in_chunk_topic = bool(sep) and tail.isdigit() and len(tail) <= 7
         if in_chunk_topic and not msg.payload:
             self._release(msg)  # a cleared surplus chunk of an older retained message
             return None
@@ -215,7 +219,6 @@ class ChunkedInbox:
 
     def _refuse(self, msg: Message, e: ChunkError) -> None:
         reason = str(e.chunk_reason)
-        self.on_refused(reason)
         log.warning("refused chunk on %s reason=%s: %s", msg.topic, reason, e,
                     extra={"topic": msg.topic, "reason": reason})  # fmt: skip
         self._release(msg)
