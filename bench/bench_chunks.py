@@ -46,6 +46,58 @@ def one_run(m: Mosquitto, n: int, size: int, limit: int | None) -> float:
         return time.perf_counter() - t0
 
 
+def ingest_run(m: Mosquitto, n: int, params: int, limit: int | None, tmp: Path) -> float:
+    """Seconds from the first update published to the last receipt, through a real aggregator
+    (WAL with fsync, validation, fold); updates chunked by the sender when ``limit`` is set."""
+    import threading
+
+    import numpy as np
+
+    from fededge.aggregator.service import Aggregator
+    from fededge.protocol import ModelVersion, Plan, Receipt, Topics, Update, decode_json
+    from fededge.protocol.vocab import NO_GRAPH
+    from fededge.settings import load_settings
+    from fededge.tasks import publish_initial
+
+    task = f"b{uuid.uuid4().hex[:8]}"
+    settings = load_settings(None, {
+        "broker": {"url": m.url, "max_message_bytes": limit}, "task": task,
+        "state_dir": tmp / task, "aggregator": {"metrics": False},
+    })  # fmt: skip
+    topics = Topics(settings.topic_prefix, task)
+    w = {"w": np.zeros(params, np.float32)}
+    publish_initial(settings, None, ModelVersion(task=task, version=0, weights=w,
+                    graph_sha256=NO_GRAPH), Plan(min_updates_per_version=10**6, max_updates_per_device=10**6))  # fmt: skip
+    rng = np.random.default_rng(0)
+    payloads = [
+        Update(task=task, device="d", update_id=f"u{i}", base_version=0, num_examples=1,
+               delta={"w": (rng.standard_normal(params) * 1e-4).astype(np.float32)}).to_bytes()
+        for i in range(n)
+    ]  # fmt: skip
+    agg = Aggregator(settings)
+    agg.start(wait_for_model=30)
+    stop = threading.Event()
+    t = threading.Thread(target=lambda: agg.run(stop.is_set), daemon=True)
+    t.start()
+    tx = MqttClient(settings.broker, f"tx-{uuid.uuid4().hex[:6]}", persistent=False)
+    try:
+        with tx:
+            tx.subscribe(topics.receipt("d"), qos=1)
+            t0 = time.perf_counter()
+            for p in payloads:
+                tx.publish(topics.update("d"), p, qos=1)
+            got = set()
+            while len(got) < n:
+                r = decode_json(tx.messages.get(timeout=120).payload, Receipt)
+                assert r.status == "accepted", r
+                got.add(r.update_id)
+            return time.perf_counter() - t0
+    finally:
+        stop.set()
+        t.join(10)
+        agg.close()
+
+
 def in_process(size: int, limit: int) -> float:
     payload = uuid.uuid4().bytes * (size // 16)
     t0 = time.perf_counter()
@@ -63,6 +115,8 @@ def main() -> None:
     ap.add_argument("--messages", type=int, default=50)
     ap.add_argument("--size", type=int, default=4_000_000)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--updates", type=int, default=40, help="aggregator run: 1M-param updates")
+    ap.add_argument("--params", type=int, default=1_000_000)
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         # a chunked 4 MB message is 31 messages: the default queue cap (1000) would drop some
@@ -75,6 +129,14 @@ def main() -> None:
                 print(f"limit={limit}: {a.messages} x {a.size} B in {s:.3f} s (median of "
                       f"{a.repeats}) = {a.messages * a.size / MiB / s:.0f} MiB/s, "
                       f"{a.messages / s:.1f} msg/s")  # fmt: skip
+            for limit in (None, 131_072):
+                runs = [ingest_run(m, a.updates, a.params, limit, Path(tmp))
+                        for _ in range(a.repeats)]  # fmt: skip
+                s = statistics.median(runs)
+                print(
+                    f"aggregator, limit={limit}: {a.updates} updates of {a.params} params "
+                    f"in {s:.3f} s (median of {a.repeats}) = {a.updates / s:.1f} updates/s"
+                )
         finally:
             m.stop()
     runs = [in_process(a.size, 131_072) for _ in range(max(5, a.repeats))]

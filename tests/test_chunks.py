@@ -217,37 +217,38 @@ def _msgs(topic: str, payloads: list[bytes], retain: bool = False, mid0: int = 1
     return [Message(topic, p, 1, retain, mid0 + i) for i, p in enumerate(payloads)]
 
 
-def test_chunked_inbox_acks_each_chunk_and_leaves_the_last_to_the_application() -> None:
-    """manual_ack (the aggregator): chunks are acked when held; the whole message carries the
-    last chunk's identity, so the application's ack after the WAL acknowledges that one."""
+def test_chunked_inbox_acks_each_chunk_and_queues_only_whole_messages() -> None:
+    """The network thread offers chunks: each is acked once held; the whole message carries
+    the last chunk's identity, so the application's ack (the aggregator's, after its WAL)
+    acknowledges that one. Nothing but whole messages waits in the queue."""
     import queue as q
 
     from fededge.mqtt.chunked import ChunkedInbox
-    from fededge.mqtt.inbox import Inbox
 
     acked: list[int] = []
-    inbox = Inbox(100)
-    ci = ChunkedInbox(inbox, lambda m: acked.append(m.mid), manual_ack=True)
+    inbox = ChunkedInbox(100)
+    inbox.ack = lambda m: acked.append(m.mid)
     payload = bytes(range(256)) * 30
     chunks, manifest = split(payload, LIMIT)
     for m in _msgs("p/t/updates/d", chunks):
-        inbox.put(m)
-    whole = ci.get(timeout=1)
+        assert inbox.offer(m, lambda: False)
+    assert inbox.qsize() == 1
+    whole = inbox.get(timeout=1)
     assert (whole.topic, whole.payload, whole.mid) == ("p/t/updates/d", payload, len(chunks))
     assert acked == list(range(1, len(chunks)))
     # retained: chunks on chunk topics, then the manifest on the topic; junk on a chunk topic
     # and a cleared surplus chunk are acked and swallowed; other messages pass through
     acked.clear()
     for i, m in enumerate(_msgs("", chunks, retain=True, mid0=10)):
-        inbox.put(dataclasses.replace(m, topic=f"p/t/model/chunks/{i}"))
+        inbox.offer(dataclasses.replace(m, topic=f"p/t/model/chunks/{i}"), lambda: False)
     for m in (*_msgs("p/t/model/chunks/7", [b"junk", b""], retain=True, mid0=20),
               *_msgs("p/t/model", [manifest], retain=True, mid0=30),
               *_msgs("p/t/plan", [b'{"v":1}'], mid0=40)):  # fmt: skip
-        inbox.put(m)
-    whole = ci.get(timeout=1)
+        inbox.offer(m, lambda: False)
+    whole = inbox.get(timeout=1)
     assert (whole.topic, whole.payload, whole.mid, whole.retain) == ("p/t/model", payload, 30, True)
-    assert ci.get(timeout=1).topic == "p/t/plan"
+    assert inbox.get(timeout=1).topic == "p/t/plan"
     assert sorted(acked) == [10, 11, 12, 20, 21]
-    assert ci.reassembler.refused[ChunkReason.MALFORMED] == 1
+    assert inbox.reassembler.refused[ChunkReason.MALFORMED] == 1
     with pytest.raises(q.Empty):
-        ci.get(timeout=0.01)
+        inbox.get(timeout=0.01)

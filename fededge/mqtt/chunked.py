@@ -1,12 +1,13 @@
 """Chunked transfer over MQTT: messages above the broker's limit, sent and received whole.
 
 :class:`ChunkedInbox` sits in front of a client's :class:`~fededge.mqtt.inbox.Inbox`: chunks
-and manifests are taken, acknowledged (each chunk is PUBACKed once it is held) and reassembled
-by a :class:`~fededge.protocol.chunks.Reassembler`; ``get`` returns only whole messages, so the
-device driver and the aggregator see the same messages as on a broker without a limit. A
-reassembled message carries the MQTT identity of its last chunk (non-retained transfers) or of
-its manifest (retained ones), so the application's ``ack`` after processing acknowledges that
-one: a transfer is only "done" at the broker once the whole message was handled.
+and manifests are reassembled as paho's network thread receives them, by a
+:class:`~fededge.protocol.chunks.Reassembler`, and acknowledged once held; the inbox only ever
+holds whole messages, so the device driver and the aggregator see the same messages as on a
+broker without a limit. A reassembled message carries the MQTT identity of its last chunk
+(non-retained transfers) or of its manifest (retained ones), so the application's ``ack``
+after processing acknowledges that one: a transfer is only "done" at the broker once the whole
+message was handled.
 :func:`publish_chunked` is the sending side (protocol.md, "Chunked transfer").
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import queue
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -107,27 +109,33 @@ class ChunkLimits:
     timeout: float = 120.0
 
 
-class ChunkedInbox:
-    """An inbox whose ``get`` returns whole messages (see the module docstring).
+class ChunkedInbox(Inbox):
+    """An inbox that holds whole messages only: chunks are reassembled as they arrive.
 
-    Refused chunks are acknowledged (a broker must not redeliver a hostile stream forever),
-    logged as ``refused chunk on <topic> reason=<reason>`` and counted in
-    ``reassembler.refused`` (exported by :func:`register_chunk_metrics`).
+    paho's network thread ``offer``s every received message. A chunk or manifest goes to the
+    :class:`Reassembler` and is acknowledged at once, unless it completes a message: then the
+    whole message, carrying that chunk's MQTT identity, is queued like any other and
+    acknowledged when taken or acked by the application (as any message). Chunks do not wait
+    in the queue, so the broker's in-flight window still counts whole messages, and memory of
+    partial transfers is bounded by the reassembler's limits. Refused chunks are acknowledged
+    too (a broker must not redeliver a hostile stream forever), logged as ``refused chunk on
+    <topic> reason=<reason>`` and counted in ``reassembler.refused`` (exported by
+    :func:`register_chunk_metrics`).
     """
 
     def __init__(
         self,
-        inbox: Inbox,
-        ack: Callable[[Message], None],
+        maxsize: int,
         *,
-        manual_ack: bool,
+        on_take: Callable[[Message], None] | None = None,
         limits: ChunkLimits = ChunkLimits(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.inbox = inbox
-        self._ack = ack
-        self._manual = manual_ack
+        super().__init__(maxsize, on_take=on_take)
+        #: Acknowledges a chunk (set by the client once its session exists).
+        self.ack: Callable[[Message], None] = lambda message: None
         self._clock = clock
+        self._lock = threading.Lock()  # the network thread offers, the application expires
         self.reassembler = Reassembler(
             max_transfer_bytes=limits.max_transfer_bytes, max_bytes=limits.max_bytes,
             max_transfers=limits.max_transfers, timeout=limits.timeout,
@@ -135,30 +143,22 @@ class ChunkedInbox:
         self.retained_activity = 0.0  # clock() of the last retained chunk or manifest taken
         self.passthrough = False  # True: no reassembly (tools that see chunk topics as such)
 
-    def __getattr__(self, name: str) -> Any:  # dropped, blocked, qsize, ... of the inbox
-        return getattr(self.inbox, name)
+    def offer(self, message: Message, abandon: Callable[[], bool]) -> bool:
+        if self.passthrough:
+            return super().offer(message, abandon)
+        with self._lock:
+            whole = self._take(message)
+        if whole is None:
+            return True  # held (and acknowledged) or refused
+        return super().offer(whole, abandon)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Message:
-        """The next whole message (raises queue.Empty like ``Queue.get``)."""
-        deadline = None if timeout is None else self._clock() + timeout
-        while True:
-            try:
-                if not block:
-                    msg = self.inbox.get_nowait()
-                else:
-                    left = None if deadline is None else max(0.0, deadline - self._clock())
-                    msg = self.inbox.get(timeout=left)
-            except queue.Empty:
-                self._expire(self._clock())  # endless transfers end even when nothing arrives
-                raise
-            whole = self._take(msg)
-            if whole is not None:
-                return whole
-            if block and deadline is not None and self._clock() >= deadline:
-                raise queue.Empty
-
-    def get_nowait(self) -> Message:
-        return self.get(block=False)
+        try:
+            return super().get(block, timeout)
+        except queue.Empty:
+            with self._lock:  # endless transfers end even when nothing arrives
+                self._expire(self._clock())
+            raise
 
     def _expire(self, now: float) -> None:
         r = self.reassembler
@@ -168,16 +168,13 @@ class ChunkedInbox:
                             "for %g s; dropped", topic, t, r.timeout)  # fmt: skip
 
     def _release(self, msg: Message) -> None:
-        # Without manual_ack the inbox acknowledged it when taken; with it, we do.
-        if self._manual:
-            try:
-                self._ack(msg)
-            except TransportError as e:  # connection gone: the broker redelivers, a duplicate
-                log.debug("%s", e)
+        try:
+            self.ack(msg)
+        except TransportError as e:  # connection gone: the broker redelivers, a duplicate
+            log.debug("%s", e)
 
     def _take(self, msg: Message) -> Message | None:
-        if self.passthrough:
-            return msg
+        """``msg`` itself, the whole message it completes, or None (held or refused)."""
         r = self.reassembler
         now = self._clock()
         self._expire(now)

@@ -19,7 +19,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fededge.errors import ConfigError, NotReadyError, TransportError
 from fededge.mqtt.chunked import ChunkedInbox, ChunkLimits, publish_chunked
-from fededge.mqtt.inbox import DEFAULT_INBOX, Inbox, Message
+from fededge.mqtt.inbox import DEFAULT_INBOX, Message
 from fededge.mqtt.security import configure_auth_and_tls, describe_connect_error
 from fededge.mqtt.session import Session
 from fededge.settings import BrokerSettings
@@ -115,17 +115,18 @@ class MqttClient:
         self._log = logging.getLogger(f"fededge.mqtt.{name}")
         self._addr = f"{broker.host}:{broker.port}"
         self._v5 = broker.protocol == "5"
-        self.inbox = Inbox(max_inbox, on_take=None if manual_ack else self._ack_taken)
-        self._session = Session(broker, self._addr, self._log, self.inbox, manual_ack)
-        # Whole messages only: chunks are reassembled on the way out of the inbox.
+        # Whole messages only: chunks are reassembled as they arrive (fededge/mqtt/chunked.py).
         limits = ChunkLimits(
             max_transfer_bytes=min(MAX_PAYLOAD, broker.chunk_max_bytes),
             max_bytes=broker.chunk_max_bytes,
             max_transfers=broker.chunk_max_transfers,
             timeout=broker.chunk_timeout,
         )
-        self.messages = ChunkedInbox(self.inbox, self._session.ack, manual_ack=manual_ack,
-                                     limits=limits)  # fmt: skip
+        self.messages = ChunkedInbox(
+            max_inbox, on_take=None if manual_ack else self._ack_taken, limits=limits
+        )
+        self._session = Session(broker, self._addr, self._log, self.messages, manual_ack)
+        self.messages.ack = self._session.ack
         #: Messages above this are published in chunks; set from the broker setting, and the
         #: plan's ``max_message_bytes`` by the services (the smaller wins).
         self.max_message_bytes: int | None = broker.max_message_bytes

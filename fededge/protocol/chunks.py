@@ -240,7 +240,7 @@ class Reassembler:
 
     @property
     def transfers(self) -> int:
-        return sum(len(s.transfers) for s in self._streams.values())
+        return sum(len(s.transfers) for s in list(self._streams.values()))
 
     def _fail(self, reason: ChunkReason, message: str) -> ChunkError:
         self.refused[reason] += 1
