@@ -16,11 +16,12 @@ import math
 from collections import Counter
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
 from fededge.errors import ProtocolError
-from fededge.protocol.tensors import decode_tensors, encode_tensors
+from fededge.protocol.tensors import decode_tensors, encode_header, encode_tensors
 from fededge.protocol.vocab import is_name
 
 #: Bytes of a chunk message that are not data: its safetensors header (about 300 bytes) plus
@@ -67,7 +68,7 @@ class Chunk:
     length: int
     size: int
     sha256: str
-    data: bytes = b""
+    data: bytes | memoryview = b""
 
     @property
     def shape(self) -> tuple[str, int, int, int, str]:
@@ -120,13 +121,11 @@ def split(payload: bytes, max_message_bytes: int) -> tuple[list[bytes], bytes]:
     digest = hashlib.sha256(payload).hexdigest()
     head = Chunk(digest[:32], None, math.ceil(length / size), length, size, digest)
     view = memoryview(payload)
-    chunks = [
-        encode_tensors(
-            {"data": np.frombuffer(view[i * size : (i + 1) * size], dtype=np.uint8)},
-            _meta(head, str(i)),
-        )
-        for i in range(head.count)
-    ]
+    u8 = np.dtype(np.uint8)
+    chunks = []
+    for i in range(head.count):
+        part = view[i * size : (i + 1) * size]
+        chunks.append(encode_header([("data", u8, (len(part),))], _meta(head, str(i))) + part)
     return chunks, encode_tensors({}, _meta(head, MANIFEST))
 
 
@@ -183,14 +182,24 @@ def decode_chunk(payload: bytes, *, max_transfer_bytes: int) -> Chunk:
     if data.shape[0] != want:
         raise ChunkError(f"chunk {index} holds {data.shape[0]} bytes, expected {want}",
                          ChunkReason.MALFORMED)  # fmt: skip
-    return Chunk(transfer, index, count, length, size, digest, data.tobytes())
+    # a view into the message's own bytes (no copy): the join at the end copies once
+    return Chunk(transfer, index, count, length, size, digest, data.data.cast("B"))
 
 
 @dataclass
 class _Partial:
     head: Chunk
     touched: float
-    parts: dict[int, bytes] = field(default_factory=dict)
+    parts: dict[int, bytes | memoryview] = field(default_factory=dict)
+    # SHA-256 of chunks 0..hashed-1, fed as soon as they are contiguous: each byte is hashed
+    # once, while chunks arrive, instead of in a second pass over the whole message
+    hasher: Any = field(default_factory=hashlib.sha256)
+    hashed: int = 0
+
+    def feed(self) -> None:
+        while self.hashed in self.parts:
+            self.hasher.update(self.parts[self.hashed])
+            self.hashed += 1
 
     @property
     def complete(self) -> bool:
@@ -285,6 +294,7 @@ class Reassembler:
             raise self._fail(ChunkReason.OVERLAP, f"chunk {c.index} of transfer {c.transfer} "
                              "sent twice with different bytes; transfer dropped")  # fmt: skip
         p.parts[c.index] = c.data
+        p.feed()
         p.touched = now
         if deliver or (s.wanted is not None and s.wanted.shape == c.shape):
             return self._finish(topic, s, p)
@@ -320,13 +330,14 @@ class Reassembler:
         if not p.complete:
             return None
         head = p.head
-        whole = b"".join(p.parts[i] for i in range(head.count))
+        ok = p.hasher.hexdigest() == head.sha256
+        whole = b"".join(p.parts[i] for i in range(head.count)) if ok else b""
         self._drop(topic, head.transfer)
         if s.wanted is not None and s.wanted.transfer == head.transfer:
             s.wanted = None
             if not s.transfers:
                 self._streams.pop(topic, None)
-        if hashlib.sha256(whole).hexdigest() != head.sha256:
+        if not ok:
             raise self._fail(ChunkReason.DIGEST_MISMATCH,
                              f"transfer {head.transfer} reassembled to bytes whose SHA-256 is not "
                              f"{head.sha256}; dropped")  # fmt: skip
