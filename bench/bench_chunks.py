@@ -1,7 +1,9 @@
 """Chunked transfer: what splitting 4 MB messages into 128 KiB chunks costs, end to end.
 
 Two fededge MqttClients on a private Mosquitto: one publishes N messages of SIZE bytes (QoS 1,
-not retained, as updates are), the other takes whole messages from its inbox. Measured with no
+not retained, as updates are), the other takes whole messages from its inbox (both in this
+process). Then a real aggregator (WAL, fsync, fold) ingests 1M-parameter updates sent by a
+process of their own, until the last receipt. Measured with no
 limit (one message each) and with ``max_message_bytes = 131072`` (AWS IoT Core's limit:
 chunked, reassembled, SHA-256 checked); plus split + reassemble in-process (no broker).
 
@@ -17,6 +19,7 @@ import tempfile
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -46,15 +49,46 @@ def one_run(m: Mosquitto, n: int, size: int, limit: int | None) -> float:
         return time.perf_counter() - t0
 
 
+def _devices(url: str, task: str, limit: int | None, n: int, params: int, out: Any) -> None:
+    """The sending side, in a process of its own (devices split on their own CPUs): publish
+    ``n`` updates, return the seconds from the first publish to the last receipt."""
+    import numpy as np
+
+    from fededge.protocol import Receipt, Topics, Update, decode_json
+    from fededge.settings import BrokerSettings
+
+    topics = Topics("fededge", task)
+    rng = np.random.default_rng(0)
+    payloads = [
+        Update(task=task, device="d", update_id=f"u{i}", base_version=0, num_examples=1,
+               delta={"w": (rng.standard_normal(params) * 1e-4).astype(np.float32)}).to_bytes()
+        for i in range(n)
+    ]  # fmt: skip
+    tx = MqttClient(BrokerSettings(url=url, max_message_bytes=limit), f"tx-{uuid.uuid4().hex[:6]}",
+                    persistent=False)  # fmt: skip
+    with tx:
+        tx.subscribe(topics.receipt("d"), qos=1)
+        t0 = time.perf_counter()
+        for p in payloads:
+            tx.publish(topics.update("d"), p, qos=1)
+        got = set()
+        while len(got) < n:
+            r = decode_json(tx.messages.get(timeout=120).payload, Receipt)
+            assert r.status == "accepted", r
+            got.add(r.update_id)
+        out.put(time.perf_counter() - t0)
+
+
 def ingest_run(m: Mosquitto, n: int, params: int, limit: int | None, tmp: Path) -> float:
     """Seconds from the first update published to the last receipt, through a real aggregator
     (WAL with fsync, validation, fold); updates chunked by the sender when ``limit`` is set."""
+    import multiprocessing as mp
     import threading
 
     import numpy as np
 
     from fededge.aggregator.service import Aggregator
-    from fededge.protocol import ModelVersion, Plan, Receipt, Topics, Update, decode_json
+    from fededge.protocol import ModelVersion, Plan
     from fededge.protocol.vocab import NO_GRAPH
     from fededge.settings import load_settings
     from fededge.tasks import publish_initial
@@ -64,35 +98,23 @@ def ingest_run(m: Mosquitto, n: int, params: int, limit: int | None, tmp: Path) 
         "broker": {"url": m.url, "max_message_bytes": limit}, "task": task,
         "state_dir": tmp / task, "aggregator": {"metrics": False},
     })  # fmt: skip
-    topics = Topics(settings.topic_prefix, task)
     w = {"w": np.zeros(params, np.float32)}
+    plan = Plan(min_updates_per_version=10**6, max_updates_per_device=10**6)
     publish_initial(settings, None, ModelVersion(task=task, version=0, weights=w,
-                    graph_sha256=NO_GRAPH), Plan(min_updates_per_version=10**6, max_updates_per_device=10**6))  # fmt: skip
-    rng = np.random.default_rng(0)
-    payloads = [
-        Update(task=task, device="d", update_id=f"u{i}", base_version=0, num_examples=1,
-               delta={"w": (rng.standard_normal(params) * 1e-4).astype(np.float32)}).to_bytes()
-        for i in range(n)
-    ]  # fmt: skip
+                    graph_sha256=NO_GRAPH), plan)  # fmt: skip
     agg = Aggregator(settings)
     agg.start(wait_for_model=30)
     stop = threading.Event()
     t = threading.Thread(target=lambda: agg.run(stop.is_set), daemon=True)
     t.start()
-    tx = MqttClient(settings.broker, f"tx-{uuid.uuid4().hex[:6]}", persistent=False)
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    proc = ctx.Process(target=_devices, args=(m.url, task, limit, n, params, out))
+    proc.start()
     try:
-        with tx:
-            tx.subscribe(topics.receipt("d"), qos=1)
-            t0 = time.perf_counter()
-            for p in payloads:
-                tx.publish(topics.update("d"), p, qos=1)
-            got = set()
-            while len(got) < n:
-                r = decode_json(tx.messages.get(timeout=120).payload, Receipt)
-                assert r.status == "accepted", r
-                got.add(r.update_id)
-            return time.perf_counter() - t0
+        return float(out.get(timeout=300))
     finally:
+        proc.join(30)
         stop.set()
         t.join(10)
         agg.close()
