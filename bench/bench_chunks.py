@@ -145,13 +145,13 @@ def main() -> None:
         m = Mosquitto(Path(tmp) / "b", max_inflight_messages=40, max_queued_messages=100_000)
         m.start()
         try:
-            for limit in (None, 131_072):
+            for limit in (None, 131_072, 1_048_576):
                 runs = [one_run(m, a.messages, a.size, limit) for _ in range(a.repeats)]
                 s = statistics.median(runs)
                 print(f"limit={limit}: {a.messages} x {a.size} B in {s:.3f} s (median of "
                       f"{a.repeats}) = {a.messages * a.size / MiB / s:.0f} MiB/s, "
                       f"{a.messages / s:.1f} msg/s")  # fmt: skip
-            for limit in (None, 131_072):
+            for limit in (None, 131_072, 1_048_576):
                 runs = [ingest_run(m, a.updates, a.params, limit, Path(tmp))
                         for _ in range(a.repeats)]  # fmt: skip
                 s = statistics.median(runs)
