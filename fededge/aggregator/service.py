@@ -257,7 +257,8 @@ class Aggregator:
         # Retained copies on the broker are ours: restore any the broker lost.
         self._execute([*self.core.state.current(), self.core.status_publish(time.time())],
                       strict=True)  # fmt: skip
-        subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions()]
+        subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions(),
+                (self.topics.device_status_filter, 0)]  # fmt: skip
         for qos in (0, 1):  # QoS 0 first: no PUBACK a broker could wait for (see above)
             self._subscribe([t for t, q in subs if q == qos], qos, tick, should_stop)
         log.info(
