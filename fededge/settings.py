@@ -53,6 +53,16 @@ class BrokerSettings(_Section):
     connect_timeout: float = Field(15.0, gt=0)
     reconnect_min_delay: float = Field(0.5, gt=0)
     reconnect_max_delay: float = Field(30.0, gt=0)
+    # Chunked transfer (protocol.md "Chunked transfer"): the broker's limit on one message
+    # (AWS IoT Core 131072, EMQX 1048576 by default, Mosquitto max_packet_size); None: no limit.
+    max_message_bytes: int | None = Field(
+        None, ge=4096, description="broker's largest MQTT packet; larger messages are chunked"
+    )
+    chunk_timeout: float = Field(120.0, gt=0, description="s a partial transfer may stall")
+    chunk_max_bytes: int = Field(
+        300 * 1024 * 1024, ge=1 << 20, description="bytes all partial transfers may reserve"
+    )
+    chunk_max_transfers: int = Field(32, ge=1, le=100_000, description="partial transfers held")
 
     @field_validator("url")
     @classmethod

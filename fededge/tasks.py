@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from fededge.errors import ConfigError, FededgeError
 from fededge.mqtt import MqttClient, discard_session, read_retained
+from fededge.mqtt.chunked import effective_limit
 from fededge.protocol import AggregatorStatus, Graph, ModelVersion, Plan, Topics, decode_json
 from fededge.protocol.signing import SignedKind, open_message, sign
 from fededge.settings import Settings
@@ -101,6 +102,8 @@ def publish_initial(
         return payload if sign_key is None else sign(payload, kind, sign_key)
 
     client = MqttClient(settings.broker, f"fededge-init-{uuid.uuid4().hex[:10]}", persistent=False)
+    client.max_message_bytes = effective_limit(settings.broker.max_message_bytes,
+                                               plan.max_message_bytes)  # fmt: skip
     with client:  # connects, and disconnects at the end
         if graph is not None:
             payload = signed(graph.to_bytes(), SignedKind.GRAPH)
@@ -129,7 +132,8 @@ def clear_task(settings: Settings, client_ids: Iterable[str] = (), *, wait: floa
     devices must be stopped. Returns how many retained messages were cleared.
     """
     topics = Topics(settings.topic_prefix, settings.task)
-    held = read_retained(settings.broker, [topics.all_filter], wait=wait, name="clear")
+    # raw: chunk topics of chunked retained messages are cleared one by one too
+    held = read_retained(settings.broker, [topics.all_filter], wait=wait, name="clear", raw=True)
     client = MqttClient(settings.broker, f"fededge-clear-{uuid.uuid4().hex[:10]}", persistent=False)
     with client:
         for topic in held:

@@ -31,6 +31,7 @@ from fededge.errors import (
     TransportError,
 )
 from fededge.mqtt import Message, MqttClient, Will
+from fededge.mqtt.chunked import effective_limit, register_chunk_metrics, with_chunk_filters
 from fededge.protocol import Graph, ModelVersion, Plan, Topics
 from fededge.protocol.messages import Weights
 from fededge.protocol.roster import trusted_keys
@@ -139,6 +140,8 @@ class Aggregator:
         self.topics = Topics(settings.topic_prefix, settings.task)
         self.store = Store(task_root(settings.state_dir, settings.task), fsync=self.cfg.fsync)
         self.metrics = AggregatorMetrics()
+        register_chunk_metrics(self.metrics.registry, "fededge_chunks_refused",
+                               lambda: getattr(self, "client", None))  # fmt: skip
         self.metrics_port: int | None = None
         self.core = AggregatorCore(settings, self.store, self.metrics)
         # secure aggregation, when the plan asks for it; the roster is verified with the owner key
@@ -232,8 +235,8 @@ class Aggregator:
         # One SUBSCRIBE: a broker that waits for the PUBACK of a retained message before it
         # reads the next packet (amqtt does) would otherwise hold each later SUBACK for its
         # PUBACK timeout, while this thread, waiting for the SUBACK, cannot take the message.
-        self._subscribe([self.topics.plan, self.topics.graph, self.topics.model], 1, tick,
-                        should_stop)  # fmt: skip
+        self._subscribe(with_chunk_filters([self.topics.plan, self.topics.graph,
+                        self.topics.model]), 1, tick, should_stop)  # fmt: skip
         deadline = None if wait_for_model is None else time.monotonic() + wait_for_model
         if self.model is None:
             log.info(
@@ -397,6 +400,10 @@ class Aggregator:
 
     # -- effects ----------------------------------------------------------------------------
     def _execute(self, effects: list[Effect], *, strict: bool = False) -> None:
+        # chunked transfer: the broker's limit, or the plan's if smaller (fededge/mqtt/chunked.py)
+        self.client.max_message_bytes = effective_limit(
+            self.settings.broker.max_message_bytes, self.plan.max_message_bytes
+        )
         carry_out(self.client, effects, self._callbacks, strict=strict)
 
     # -- publishing ---------------------------------------------------------------------------

@@ -107,6 +107,11 @@ from fededge.logs import setup_logging
     help="int8: elements per scale (0: one scale per tensor).",
 )
 @click.option(
+    "--max-message-bytes",
+    type=click.IntRange(4096),
+    help="The broker's message limit (plan max_message_bytes): larger messages are chunked.",
+)
+@click.option(
     "--update-rotation",
     default="none",
     show_default=True,

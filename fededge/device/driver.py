@@ -38,6 +38,7 @@ from fededge.errors import (
 )
 from fededge.fsio import atomic_write
 from fededge.mqtt import Message, MqttClient, Will
+from fededge.mqtt.chunked import effective_limit, register_chunk_metrics, with_chunk_filters
 from fededge.protocol import Graph, ModelVersion, Plan, Receipt, decode_json
 from fededge.protocol.clipping import clip_in_force, noised_bit
 from fededge.protocol.signing import SignedKind
@@ -73,6 +74,8 @@ class Driver:
         self.changed = threading.Condition()
         self.beat = time.monotonic()
         self.mqtt: MqttClient | None = None
+        register_chunk_metrics(core.metrics.registry, "fededge_device_chunks_refused",
+                               lambda: self.mqtt)  # fmt: skip
         configure_participant(core.secagg, settings, state_dir)  # identity key, roster, floor
 
     # -- effects ------------------------------------------------------------------------------
@@ -82,6 +85,10 @@ class Driver:
             if isinstance(e, Publish):
                 mqtt = self.mqtt
                 if mqtt is not None and mqtt.connected:
+                    # chunked transfer: the broker's limit, or the plan's if smaller
+                    mqtt.max_message_bytes = effective_limit(
+                        self.settings.broker.max_message_bytes, self.core.plan.max_message_bytes
+                    )
                     with contextlib.suppress(TransportError):  # the outbox resends
                         mqtt.publish(e.topic, e.payload, qos=e.qos, retain=e.retain)
             elif isinstance(e, Persist):
@@ -158,8 +165,9 @@ class Driver:
             # One SUBSCRIBE for the QoS 1 topics, last: a broker that waits for the PUBACK of a
             # retained message before it reads the next packet (amqtt) would otherwise hold each
             # later SUBACK until its PUBACK timeout (messages are acknowledged when taken).
-            mqtt.subscribe_all([self.topics.graph, self.topics.plan, self.topics.model,
-                                self.topics.receipt(self.device_id)], qos=1)  # fmt: skip
+            mqtt.subscribe_all([*with_chunk_filters([self.topics.graph, self.topics.model]),
+                                self.topics.plan, self.topics.receipt(self.device_id)],
+                               qos=1)  # fmt: skip
         except FededgeError:
             mqtt.close()
             raise

@@ -18,7 +18,8 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from fededge.errors import ConfigError, NotReadyError, TransportError
-from fededge.mqtt.inbox import DEFAULT_INBOX, Inbox, Message
+from fededge.mqtt.chunked import ChunkedInbox, ChunkLimits, publish_chunked
+from fededge.mqtt.inbox import DEFAULT_INBOX, Message
 from fededge.mqtt.security import configure_auth_and_tls, describe_connect_error
 from fededge.mqtt.session import Session
 from fededge.settings import BrokerSettings
@@ -114,8 +115,22 @@ class MqttClient:
         self._log = logging.getLogger(f"fededge.mqtt.{name}")
         self._addr = f"{broker.host}:{broker.port}"
         self._v5 = broker.protocol == "5"
-        self.messages = Inbox(max_inbox, on_take=None if manual_ack else self._ack_taken)
+        # Whole messages only: chunks are reassembled as they arrive (fededge/mqtt/chunked.py).
+        limits = ChunkLimits(
+            max_transfer_bytes=min(MAX_PAYLOAD, broker.chunk_max_bytes),
+            max_bytes=broker.chunk_max_bytes,
+            max_transfers=broker.chunk_max_transfers,
+            timeout=broker.chunk_timeout,
+        )
+        self.messages = ChunkedInbox(
+            max_inbox, on_take=None if manual_ack else self._ack_taken, limits=limits
+        )
         self._session = Session(broker, self._addr, self._log, self.messages, manual_ack)
+        self.messages.ack = self._session.ack
+        #: Messages above this are published in chunks; set from the broker setting, and the
+        #: plan's ``max_message_bytes`` by the services (the smaller wins).
+        self.max_message_bytes: int | None = broker.max_message_bytes
+        self._retained_chunks: dict[str, int] = {}
         self._started = False
 
         self._client = _paho_client(broker, client_id, persistent, max_queued, will)
@@ -292,11 +307,20 @@ class MqttClient:
     ) -> None:
         """Publish; with ``wait`` block until the broker's PUBACK (or raise TransportError).
 
+        A payload above ``max_message_bytes`` goes out in chunks (fededge/mqtt/chunked.py).
         QoS>0 messages published while disconnected are kept by paho and sent after the
         reconnect; a QoS 0 message is dropped and raises. An invalid topic or QoS raises
         ValueError (a bug, not a transport problem). ``timeout=None`` waits until closed.
         """
         data = payload.encode() if isinstance(payload, str) else payload
+        publish_chunked(self._publish_one, topic, data, qos=qos, retain=retain,
+                        limit=self.max_message_bytes, retained_counts=self._retained_chunks,
+                        wait=wait, timeout=timeout)  # fmt: skip
+
+    def _publish_one(
+        self, topic: str, data: bytes, *, qos: int, retain: bool, wait: bool,
+        timeout: float | None,
+    ) -> None:  # fmt: skip
         if len(data) > MAX_PAYLOAD:
             raise TransportError(f"payload of {len(data)} bytes for {topic!r} exceeds MQTT's limit")
         if wait:

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Iterable
 
+from fededge.mqtt.chunked import with_chunk_filters
 from fededge.mqtt.client import MqttClient
 from fededge.settings import BrokerSettings
 
@@ -24,6 +25,7 @@ def read_retained(
     required: Iterable[str] = (),
     quiet: float = RETAINED_QUIET,
     name: str = "read",
+    raw: bool = False,
 ) -> dict[str, bytes]:
     """The retained messages under ``topic_filters``, as {topic: payload}, via a throwaway client.
 
@@ -32,7 +34,9 @@ def read_retained(
     case return ``wait`` seconds after the SUBACK, with whatever arrived. Only messages the
     broker sends *as retained* count (a live publication in the meantime neither resets the
     silence nor replaces a value), and an empty payload (a cleared retained message) is left
-    out. Raises TransportError if the broker is unreachable or refuses a subscription.
+    out. Chunked retained messages come reassembled (their chunk topics are subscribed to as
+    well); ``raw`` returns chunk topics and manifests as they are. Raises TransportError if
+    the broker is unreachable or refuses a subscription.
     """
     want = set(required)
     out: dict[str, bytes] = {}
@@ -42,7 +46,9 @@ def read_retained(
     with client:  # connects, and disconnects at the end
         # One SUBSCRIBE for all filters: its SUBACK comes before any retained message, however
         # many there are, so the bounded inbox cannot hold it up.
-        client.subscribe_all(list(topic_filters), qos=1)
+        client.messages.passthrough = raw
+        filters = list(topic_filters)
+        client.subscribe_all(filters if raw else with_chunk_filters(filters), qos=1)
         now = time.monotonic()
         deadline = now + wait
         last = now
@@ -51,8 +57,11 @@ def read_retained(
                 msg = client.messages.get(timeout=min(0.05, deadline - now))
             except queue.Empty:
                 now = time.monotonic()
+                last = max(last, client.messages.retained_activity)
                 continue
             now = time.monotonic()
+            # reassembling a chunked message is retained traffic too
+            last = max(last, client.messages.retained_activity)
             if not msg.retain:
                 continue
             last = now

@@ -111,6 +111,7 @@ class Plan(_Json):
     # of published model versions (f16: half the download); omitted at the defaults.
     update_rotation: Literal["none", "hadamard"] = "none"
     model_encoding: Literal["f32", "f16"] = "f32"
+<<<<<<< HEAD
     # Robust aggregation of asynchronous versions (fededge/aggregator/robust.py): a
     # coordinate-wise statistic over the version's updates instead of the weighted mean, and
     # zeroing of updates whose norm exceeds robust_zeroing x the version's median update norm
@@ -135,6 +136,11 @@ class Plan(_Json):
                 "statistics need the updates' own coordinates, a rotation mixes them"
             )
         return self
+=======
+    # Chunked transfer (protocol.md): the broker's message limit, so devices learn it; None
+    # (omitted): devices use their own broker.max_message_bytes, if any.
+    max_message_bytes: int | None = Field(None, ge=4096, le=1 << 28)
+>>>>>>> chunk
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
