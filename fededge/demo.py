@@ -58,7 +58,6 @@ class DemoConfig:
     update_block: int = 0
     update_rotation: str = "none"
     model_encoding: str = "f32"
-<<<<<<< HEAD
     # Robust aggregation (plan robust, robust_beta, robust_zeroing), and the share of devices
     # that are byzantine: they send sign-flipped updates at the clip norm (fededge/demo_attack.py).
     robust: str = "none"
@@ -66,9 +65,7 @@ class DemoConfig:
     robust_zeroing: float | None = None
     byzantine_fraction: float = 0.0
     byzantine_scale: float | None = None  # None: at the clip norm; x: x times the honest norm
-=======
     max_message_bytes: int | None = None  # chunked transfer (plan max_message_bytes)
->>>>>>> chunk
     examples_per_update: int = 32
     epochs: int = 5
     learning_rate: float = 0.1

@@ -111,7 +111,6 @@ class Plan(_Json):
     # of published model versions (f16: half the download); omitted at the defaults.
     update_rotation: Literal["none", "hadamard"] = "none"
     model_encoding: Literal["f32", "f16"] = "f32"
-<<<<<<< HEAD
     # Robust aggregation of asynchronous versions (fededge/aggregator/robust.py): a
     # coordinate-wise statistic over the version's updates instead of the weighted mean, and
     # zeroing of updates whose norm exceeds robust_zeroing x the version's median update norm
@@ -119,6 +118,9 @@ class Plan(_Json):
     robust: Literal["none", "trimmed_mean", "median"] = "none"
     robust_beta: float = Field(0.1, ge=0, lt=0.5)  # trimmed at each end, per coordinate
     robust_zeroing: float | None = Field(None, ge=1, le=1e6)
+    # Chunked transfer (protocol.md): the broker's message limit, so devices learn it; None
+    # (omitted): devices use their own broker.max_message_bytes, if any.
+    max_message_bytes: int | None = Field(None, ge=4096, le=1 << 28)
 
     @model_validator(mode="after")
     def _robust_needs_single_updates(self) -> Plan:
@@ -136,11 +138,6 @@ class Plan(_Json):
                 "statistics need the updates' own coordinates, a rotation mixes them"
             )
         return self
-=======
-    # Chunked transfer (protocol.md): the broker's message limit, so devices learn it; None
-    # (omitted): devices use their own broker.max_message_bytes, if any.
-    max_message_bytes: int | None = Field(None, ge=4096, le=1 << 28)
->>>>>>> chunk
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
