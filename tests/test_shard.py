@@ -18,6 +18,7 @@ from fededge.aggregator.partial import BatchSum, PartialSum, ids_digest
 from fededge.aggregator.policy import Layout
 from fededge.errors import ProtocolError
 from fededge.protocol import ModelVersion, Plan, Update
+from fededge.testing import wait_until
 
 D = 6  # parameters
 
@@ -68,7 +69,7 @@ pytestmark = pytest.mark.broker
 
 def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path) -> None:
     s = make_settings(broker.url, tmp_path / "state")
-    plan = Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000,
+    plan = Plan(min_updates_per_version=35, clip_norm=1e9, max_examples_weight=1000,
                 max_staleness=1000, staleness_exponent=0.0, max_updates_per_device=1000)  # fmt: skip
     init_task(s, {"w": np.zeros(D, np.float32)}, plan)
     state = tmp_path / "state"
@@ -76,6 +77,7 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
     args: dict[str, tuple[str, ...]] = {"coord": ("--shards", "3", "--coordinator")}
     args.update({f"w{i}": ("--shards", "3", "--shard-id", str(i)) for i in range(3)})
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    root = state / "aggregator" / s.task
 
     def start(name: str, count: int = 1) -> None:
         procs[name] = _start(broker.url, s.task, state, logs[name], *args[name],
@@ -116,10 +118,18 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
             send(i)
         start("w1", 2)
         receipts(60)
-        kill("coord")  # batches it stored are merged after the restart, none twice
+
+        # Kill the coordinator while it holds stored batches (fewer than 35 updates) that no
+        # version has yet: they are merged after the restart, none twice.
+        def stored_and_quiet() -> bool:  # all sent batches answered, some not in a version
+            return not any(_worker_keys(root, w) for w in range(3)) and bool(_open_batches(root))
+
+        wait_until(stored_and_quiet, 60, "stored batches")
+        kill("coord")
         for i in range(60, 90):
             send(i)
         start("coord", 2)
+        _wait_log(procs["coord"], logs["coord"], "stored batches (")
         receipts(90)
         # A device that lost its receipt resends: another worker may take it (a conflict
         # the coordinator resolves) or the same one (a duplicate).
@@ -129,14 +139,10 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
             send(i)
         receipts(100)
 
-        root = state / "aggregator" / s.task
-
         def settled() -> bool:
             logged = [k for w in range(3) for k in _worker_keys(root, w)]
             counted = [k for _, keys in _versions(root).values() for k in keys]
             return not logged and sorted(counted + _open_batches(root)) == sorted(sent)
-
-        from fededge.testing import wait_until
 
         try:
             wait_until(settled, 60, "every update in a version or a stored batch")
@@ -154,7 +160,7 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
     prev = versions[0][0]
     for v in sorted(versions)[1:]:
         model, keys = versions[v]
-        assert model.updates == len(keys) >= 10
+        assert model.updates == len(keys) >= 35
         w = np.array([sent[k][1] for k in keys], np.float64)
         deltas = np.stack([_delta(sent[k][0]).astype(np.float64) for k in keys])
         expected = prev.weights["w"].astype(np.float64) + (w[:, None] * deltas).sum(0) / w.sum()
