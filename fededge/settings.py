@@ -116,6 +116,11 @@ class AggregatorSettings(_Section):
     shards: int = Field(0, ge=0, le=256, description="shard workers of a sharded task (0: none)")
     shard_id: int | None = Field(None, ge=0, description="run as this shard worker")
     coordinator: bool = Field(False, description="run as the coordinator of a sharded task")
+    shard_group: str | None = Field(
+        None,
+        description="MQTT shared-subscription group of the shard workers (default: "
+        "fededge-{task}); set one devices cannot guess (docs/operations.md)",
+    )
     shard_batch: int | None = Field(
         None, ge=1, description="updates per partial sum (default: min_updates_per_version)"
     )
@@ -130,6 +135,11 @@ class AggregatorSettings(_Section):
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, 0600) that signs model versions and receipts"
     )
+
+    @field_validator("shard_group")
+    @classmethod
+    def _shard_group(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "shard_group")
 
 
 class DeviceSettings(_Section):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from aggtools import Sender, init_task, make_settings
 from test_lease import _start, _stop, _wait_log
+from test_shipped_broker import shipped  # noqa: F401  (the fixture)
 
 from fededge.aggregator.partial import BatchSum, PartialSum, ids_digest
 from fededge.aggregator.policy import Layout
@@ -220,6 +221,14 @@ def test_worker_outside_the_coordinators_shard_set_is_refused(broker, tmp_path) 
             log_w.read_text()
         )
         assert "ready: task=" not in log_w.read_text()
+        # Hostile input on the partials topic: rejected with a log line, nothing stored.
+        from fededge.mqtt import MqttClient
+        from fededge.protocol import Topics
+
+        with MqttClient(broker.settings(), "hostile", persistent=False) as c:
+            c.publish(Topics(s.topic_prefix, s.task).partial("shard-0"), b"\x00" * 64, wait=True)
+        _wait_log(coord, log_c, "rejected partial sum on")
+        assert not list((state / "aggregator" / s.task / "batches").glob("*"))
         # Same shard twice: the second refuses on the shard's lease.
         w0 = _start(broker.url, s.task, state, tmp_path / "w0.log", "--shards", "3",
                     "--shard-id", "0")  # fmt: skip
@@ -231,3 +240,45 @@ def test_worker_outside_the_coordinators_shard_set_is_refused(broker, tmp_path) 
         assert _stop(w0) == 0
     finally:
         assert _stop(coord) == 0, log_c.read_text()[-3000:]
+
+
+def test_shipped_acl_lets_the_aggregator_account_run_leases_and_shards(shipped, tmp_path) -> None:  # noqa: F811
+    """configs/acl.example as shipped: the aggregator account claims leases, shares the update
+    stream and exchanges batches; a device can do none of it."""
+    from test_shipped_broker import AGGREGATOR, DEVICES, aggregator_settings
+
+    from fededge.aggregator.lease import Lease
+    from fededge.errors import TransportError
+    from fededge.mqtt import MqttClient
+    from fededge.protocol import Topics
+
+    s = aggregator_settings(shipped, tmp_path / "agg", "acl")
+    t = Topics(s.topic_prefix, s.task)
+    lease = Lease(s)
+    lease.acquire()
+    assert lease.held
+    lease.release()
+    with MqttClient(shipped.broker(AGGREGATOR), "agg-acl", persistent=False) as c:
+        c.subscribe_all([t.shared_updates_filter("fededge-acl"), t.partials_filter,
+                         t.batch_ack("shard-0")])  # fmt: skip
+        c.publish(t.partial("shard-0"), b"x", wait=True, timeout=10)
+        c.publish(t.batch_ack("shard-0"), b"x", wait=True, timeout=10)
+    device = shipped.broker(DEVICES[0])
+    with MqttClient(device, "dev-acl", persistent=False) as c:
+        for topic in (t.aggregator_lease("writer"), t.partial("shard-0")):
+            with pytest.raises(TransportError, match="refused"):
+                c.publish(topic, b"x", wait=True, timeout=10)
+    # Mosquitto's acl_file checks reads at delivery, not at SUBSCRIBE: a device in the workers'
+    # shared group would take (and lose) its share of the updates, hence a group name the
+    # devices cannot guess (aggregator.shard_group); one in another group gets nothing.
+    worker = MqttClient(shipped.broker(AGGREGATOR), "worker-acl", persistent=False)
+    thief = MqttClient(device, "thief-acl", persistent=False)
+    sender = MqttClient(shipped.broker(DEVICES[1]), "sender-acl", persistent=False)
+    with worker, thief, sender:
+        worker.subscribe(t.shared_updates_filter("secret-4f1c"))
+        thief.subscribe(t.shared_updates_filter("fededge-acl"))
+        for i in range(10):
+            sender.publish(t.update(DEVICES[1]), b"%d" % i, wait=True, timeout=10)
+        got = [worker.messages.get(timeout=10).payload for _ in range(10)]
+        assert sorted(got) == sorted(b"%d" % i for i in range(10))
+        assert thief.messages.empty()
