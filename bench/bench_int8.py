@@ -1,10 +1,11 @@
 """Fused int8 dequantise-accumulate against the float32 fold (issue 13).
 
-    NUMBA_NUM_THREADS=1 python -m bench.bench_int8 --d 1000000 --n 64 --repeats 9
+    NUMBA_NUM_THREADS=1 python -m bench.bench_int8 --d 1000000 --n 64 --repeats 15
 
 Folds the same n updates of d parameters into a float64 accumulator, as float32 rows
 (``kernels.accumulate_group``, 8 rows per pass) and as int8 rows with one scale per tensor or
-per block of 256 (``kernels.dequant_accumulate_i8_group``, 8 rows per pass, no float32 copy).
+per block of 256 (``kernels.dequant_accumulate_i8_group``, 16 rows per pass, terms summed in
+float32 then added to the float64 accumulator; no float32 copy of an update).
 Methods run interleaved; each repeat's int8/f32 ratio is against the same repeat's baseline;
 the median of the repeats is printed (updates per second and the ratio).
 """

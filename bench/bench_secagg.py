@@ -1,15 +1,19 @@
 """SecAgg+ round costs, fededge against Flower's SecAgg+ primitives (n=100, d=100k, 10% dropout).
 
-Run with the bench venv (it has flwr): ``/work/venv-bench/bin/python bench/bench_secagg.py``.
-Writes the ``secagg`` section of docs/benchmarks.md.
+Run with a venv that has flwr (the project's does): ``.venv/bin/python bench/bench_secagg.py``.
+Writes the ``secagg`` section of docs/benchmarks.md (``--no-write``: prints it).
 
 fededge: a whole in-memory round (fededge.testing.secagg, every message through its wire
 encoding), timing the device's encode + masking and the server's unmasking inside it, and each
 device's whole CPU time in the round (thread CPU time inside every DeviceRound entry point:
 construction, start, set_input, handle - key generation, signatures and their checks, shares,
-quantisation and masks with numpy, as a device runs them; no Numba on the device path).
-The same script runs against an older tree (e.g. ``git archive a87741f``, round protocol v1)
-to compare: copy it into that tree's bench/ and run it there.
+quantisation and masks; in this one-process simulation the modular adds run the Numba kernels
+that ``warmup()`` loads for the aggregator, where a device without Numba uses numpy's).
+``--baseline REV`` also measures the device side of another revision in the same run (round
+protocol v1 is ``4ccfc27^``): ``git archive REV`` goes to a temporary directory and this script
+runs in subprocesses against either tree (``FEDEDGE_BENCH_TREE``), alternating the two (ABBA)
+for ``--pairs`` pairs so both see the same load; it reports the medians and the median of the
+per-pair ratios of device CPU per round, per stage too, and the bytes and unmasking time.
 Flower: the same steps rebuilt from flwr's own functions, in the order its ``secaggplus_mod``
 (masked-input stage) and ``SecAggPlusWorkflow.unmask_stage`` call them: ``quantize``,
 ``factor_combine``, ``pseudo_rand_gen``, ``generate_shared_key``, ``parameters_*``,
@@ -21,8 +25,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import io
+import json
+import os
 import statistics
+import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,7 +40,8 @@ from typing import Any
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+# FEDEDGE_BENCH_TREE: measure the code of another checkout (set by --baseline for its runs).
+sys.path.insert(0, os.environ.get("FEDEDGE_BENCH_TREE") or str(Path(__file__).resolve().parents[1]))
 
 from bench._report import machine, median_time, write_section
 from fededge.secagg import crypto
@@ -40,6 +51,8 @@ from fededge.secagg.messages import TO_SERVER, Message, encode
 from fededge.secagg.quantize import FixedPoint, add_mod, warmup
 from fededge.secagg.server import ServerRound
 from fededge.testing.secagg import Simulation, make_config
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 class Timer:
@@ -62,7 +75,7 @@ class Timer:
         setattr(owner, name, timed)
 
 
-def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) -> dict[str, float]:
+def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) -> dict[str, Any]:
     devices = [f"dev{i:03d}" for i in range(n)]
     rng = np.random.default_rng(0)
     inputs = {x: (rng.standard_normal(d).astype(np.float32) * 0.01, 50.0) for x in devices}
@@ -73,6 +86,7 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
     timer.wrap(ServerRound, "_close_unmask", "unmask")
     timer.wrap(ServerRound, "_on_masked", "fold", only_if=lambda r: True)
     cpu: dict[str, float] = {}
+    stage_cpu: dict[tuple[str, str], float] = {}  # (device, entry point or message type)
 
     def per_device(name: str) -> None:
         original = getattr(DeviceRound, name)
@@ -83,8 +97,11 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
             try:
                 return original(self, *args, **kwargs)
             finally:
+                spent = time.thread_time() - t0
                 who = getattr(self, "device_id", None) or (args[0] if args else "?")
-                cpu[who] = cpu.get(who, 0.0) + time.thread_time() - t0
+                cpu[who] = cpu.get(who, 0.0) + spent
+                what = f"handle {args[0].TYPE}" if name == "handle" else name
+                stage_cpu[who, what] = stage_cpu.get((who, what), 0.0) + spent
 
         setattr(DeviceRound, name, timed)
 
@@ -145,6 +162,11 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
     agree_s = median_time(agreements, repeats=21, warmup=2)
     survivors = [x for x in devices if x not in dropped]
     device_cpu_s = statistics.median(cpu[x] / repeats for x in survivors)
+    stages = sorted({what for _, what in stage_cpu})
+    stage_s = {
+        w: statistics.median(stage_cpu.get((x, w), 0.0) / repeats for x in survivors)
+        for w in stages
+    }
     masks_per_device = 1 + k  # self mask + one per neighbour (fewer if a neighbour dropped early)
     med = {key: statistics.median(v) for key, v in timer.times.items()}
     return {
@@ -152,6 +174,7 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
         "mask_s": med["mask"],
         "device_s": med["encode"] + med["mask"],
         "device_cpu_s": device_cpu_s,
+        "stage_s": stage_s,
         "fold_s": med["fold"],
         "unmask_s": med["unmask"],
         "round_wall_s": statistics.median(wall),
@@ -288,6 +311,89 @@ def run_flower(n: int, d: int, k: int, t: int, dropout: float, repeats: int) -> 
     }
 
 
+def _tree_run(tree: Path, argv: list[str]) -> dict[str, Any]:
+    """One ``--device-json`` run of this script against the code in ``tree``."""
+    env = {**os.environ, "FEDEDGE_BENCH_TREE": str(tree), "PYTHONPATH": str(tree)}
+    out = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--device-json", *argv],
+        env=env, cwd=tree, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    result: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return result
+
+
+def run_ab(baseline: str, pairs: int, argv: list[str]) -> dict[str, Any]:
+    """Device CPU (and bytes, unmasking) of ``baseline`` (a git revision) and of this tree,
+    alternated ABBA in subprocesses; medians and the median of the per-pair ratios."""
+    with tempfile.TemporaryDirectory(prefix="bench-secagg-") as tmp:
+        base = Path(tmp)
+        archive = subprocess.run(["git", "-C", str(REPO), "archive", baseline],
+                                 capture_output=True, check=True).stdout  # fmt: skip
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(base, filter="data")
+        _tree_run(base, [*argv, "--repeats", "1"])  # Numba cache of the fresh tree, imports
+        runs: dict[str, list[dict[str, Any]]] = {"base": [], "this": []}
+        for i in range(pairs):
+            order = [("base", base), ("this", REPO)]
+            for name, tree in order if i % 2 == 0 else order[::-1]:
+                runs[name].append(_tree_run(tree, argv))
+                print(f"pair {i + 1}/{pairs} {name}: device CPU "
+                      f"{runs[name][-1]['device_cpu_s'] * 1e3:.2f} ms", file=sys.stderr)  # fmt: skip
+    ratios = [
+        b["device_cpu_s"] / a["device_cpu_s"]
+        for a, b in zip(runs["base"], runs["this"], strict=True)
+    ]
+
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(r[key] for r in runs[name]))
+
+    stages = sorted({w for r in runs["base"] + runs["this"] for w in r["stage_s"]})
+    return {
+        "pairs": pairs,
+        "base_cpu_s": [r["device_cpu_s"] for r in runs["base"]],
+        "this_cpu_s": [r["device_cpu_s"] for r in runs["this"]],
+        "ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "stage_s": {
+            w: (
+                statistics.median(r["stage_s"].get(w, 0.0) for r in runs["base"]),
+                statistics.median(r["stage_s"].get(w, 0.0) for r in runs["this"]),
+            )
+            for w in stages
+        },
+        **{f"{n}_{k}": med(n, k) for n in runs for k in ("sent_bytes", "received_bytes",
+                                                         "unmask_s", "device_cpu_s")},
+    }  # fmt: skip
+
+
+def ab_markdown(ab: dict[str, Any], baseline: str, d: int) -> list[str]:
+    ms = 1e3
+    per_pair = ", ".join(f"{a * ms:.1f} → {b * ms:.1f}" for a, b in
+                         zip(ab["base_cpu_s"], ab["this_cpu_s"], strict=True))  # fmt: skip
+    rows = [
+        f"Device CPU per round, `{baseline}` (A) against this tree (B), d = {d:,}, {ab['pairs']}"
+        f" A/B pairs in subprocesses (ABBA order); per pair (median device of each run):"
+        f" {per_pair} ms.",
+        "",
+        "| | A | B | B / A |",
+        "| --- | ---: | ---: | ---: |",
+        f"| device CPU per round (median of pairs; ratio = median of per-pair ratios) |"
+        f" {ab['base_device_cpu_s'] * ms:.2f} ms | {ab['this_device_cpu_s'] * ms:.2f} ms |"
+        f" {ab['ratio']:.2f}x |",
+    ]
+    for what, (a, b) in ab["stage_s"].items():
+        ratio = f"{b / a:.2f}x" if a > 0 else "new"
+        rows.append(f"| &nbsp; `{what}` | {a * ms:.2f} ms | {b * ms:.2f} ms | {ratio} |")
+    for key, label, scale, unit in (
+        ("sent_bytes", "bytes sent per device", 1 / 1024, "KiB"),
+        ("received_bytes", "bytes received per device", 1 / 1024, "KiB"),
+        ("unmask_s", "aggregator unmasking", ms, "ms"),
+    ):
+        a, b = ab[f"base_{key}"], ab[f"this_{key}"]
+        rows.append(f"| {label} | {a * scale:.1f} {unit} | {b * scale:.1f} {unit} | {b / a:.2f}x |")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=100)
@@ -298,9 +404,21 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-write", action="store_true", help="print only")
     parser.add_argument("--no-flower", action="store_true", help="measure fededge only")
+    parser.add_argument("--baseline", metavar="REV", help="also measure REV's device side (A/B)")
+    parser.add_argument("--pairs", type=int, default=3, help="A/B pairs with --baseline")
+    parser.add_argument("--device-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     n, d, k, t = args.n, args.d, args.neighbours, args.threshold
+    load_before = os.getloadavg()
     warmup()  # as a service does at start: no kernel compile/cache load inside a round
+    if args.device_json:  # one tree's side of --baseline
+        print(json.dumps(run_fededge(n, d, k, t, args.dropout, args.repeats)))
+        return
+    ab = None
+    if args.baseline:
+        argv = [f"--{a}={getattr(args, a)}" for a in ("n", "d", "neighbours", "threshold",
+                                                      "dropout", "repeats")]  # fmt: skip
+        ab = run_ab(args.baseline, args.pairs, argv)
     ours = run_fededge(n, d, k, t, args.dropout, max(3, args.repeats // 2))
     try:
         flwr = None if args.no_flower else run_flower(n, d, k, t, args.dropout, args.repeats)
@@ -366,7 +484,10 @@ def main() -> None:
             f" server, in one process, every message encoded) takes {ours['round_wall_s']:.1f} s."
             f" Each device also receives {ours['received_bytes'] / 1024:.1f} KiB.",
             "",
-            f"Machine: {machine()}",
+            *(["", *ab_markdown(ab, args.baseline, d)] if ab else []),
+            "",
+            f"Machine: {machine()}; load average (1 min) {load_before[0]:.1f} at the start,"
+            f" {os.getloadavg()[0]:.1f} at the end (2 cores, shared).",
         ]
     )
     if args.no_write:

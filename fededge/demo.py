@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydantic
 
 from fededge.errors import ConfigError, FededgeError, NotReadyError
 from fededge.protocol import Graph, ModelVersion, Plan
@@ -55,6 +56,15 @@ class DemoConfig:
     server_lr: float = 1.0
     update_encoding: str = "f32"
     update_block: int = 0
+    update_rotation: str = "none"
+    model_encoding: str = "f32"
+    # Robust aggregation (plan robust, robust_beta, robust_zeroing), and the share of devices
+    # that are byzantine: they send sign-flipped updates at the clip norm (fededge/demo_attack.py).
+    robust: str = "none"
+    robust_beta: float = 0.1
+    robust_zeroing: float | None = None
+    byzantine_fraction: float = 0.0
+    byzantine_scale: float | None = None  # None: at the clip norm; x: x times the honest norm
     examples_per_update: int = 32
     epochs: int = 5
     learning_rate: float = 0.1
@@ -66,6 +76,9 @@ class DemoConfig:
     # A privacy budget: the plan's noise multiplier is the smallest that keeps ``versions``
     # versions within it (docs/privacy.md); each version shows its epsilon.
     dp_epsilon: float | None = None
+    # Adaptive clipping (docs/privacy.md): the clip starts at ``clip`` and moves toward this
+    # quantile of the devices' update norms; each version shows the clip it publishes.
+    target_unclipped_quantile: float | None = None
 
 
 @dataclass
@@ -80,6 +93,7 @@ class VersionRow:
     # Every metric of the task (loss, its metrics, and extras such as the anomaly AUC).
     metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None  # spent by the versions so far (--dp-epsilon)
+    clip: float | None = None  # published with the version (--target-unclipped-quantile)
 
 
 @dataclass
@@ -108,8 +122,9 @@ class Summary:
             for v in d["versions"]:
                 v.pop("accuracy")
         for v in d["versions"]:
-            if v["epsilon"] is None:
-                v.pop("epsilon")
+            for k in ("epsilon", "clip"):
+                if v[k] is None:
+                    v.pop(k)
         return d
 
 
@@ -130,6 +145,14 @@ def demo_secure_aggregation(devices: int) -> SecureAggregation:
 
 def demo_plan(cfg: DemoConfig) -> Plan:
     sa = demo_secure_aggregation(cfg.devices) if cfg.secure_aggregation else None
+    try:
+        return _plan(cfg, sa)
+    except pydantic.ValidationError as e:
+        first = e.errors()[0]
+        raise ConfigError(f"the demo's plan: {first['msg']}") from None
+
+
+def _plan(cfg: DemoConfig, sa: SecureAggregation | None) -> Plan:
     return Plan(
         epochs=cfg.epochs,
         batch_size=16,
@@ -144,6 +167,12 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         server_learning_rate=cfg.server_lr,
         update_encoding=cfg.update_encoding,
         update_block=cfg.update_block,
+        update_rotation=cfg.update_rotation,
+        model_encoding=cfg.model_encoding,
+        robust=cfg.robust,
+        robust_beta=cfg.robust_beta,
+        robust_zeroing=cfg.robust_zeroing,
+        target_unclipped_quantile=cfg.target_unclipped_quantile,
         **_dp_fields(cfg),
     )
 
@@ -156,16 +185,18 @@ def _dp_fields(cfg: DemoConfig) -> dict[str, Any]:
     epsilon after ``cfg.versions`` versions is within the budget."""
     if cfg.dp_epsilon is None:
         return {}
-    from fededge.aggregator.privacy import epsilon_of
+    from fededge.aggregator.privacy import BIT_NOISE_SHARE, epsilon_of
 
+    # With adaptive clipping a version is charged at z / sqrt(1.1) (the bit's share).
+    f = math.sqrt(1 + BIT_NOISE_SHARE) if cfg.target_unclipped_quantile is not None else 1.0
     lo, hi = 0.05, 1000.0
-    if epsilon_of(((hi, cfg.versions),), DP_DELTA) > cfg.dp_epsilon:
+    if epsilon_of(((hi / f, cfg.versions),), DP_DELTA) > cfg.dp_epsilon:
         raise ConfigError(
             f"--dp-epsilon {cfg.dp_epsilon:g} is too small for {cfg.versions} versions"
         )
     while hi / lo > 1.001:
         mid = math.sqrt(lo * hi)
-        if epsilon_of(((mid, cfg.versions),), DP_DELTA) <= cfg.dp_epsilon:
+        if epsilon_of(((mid / f, cfg.versions),), DP_DELTA) <= cfg.dp_epsilon:
             hi = mid
         else:
             lo = mid
@@ -179,6 +210,19 @@ def demo_epsilon(plan: Plan, version: int) -> float | None:
     from fededge.aggregator.privacy import accounted_multiplier, epsilon_of
 
     return epsilon_of(((accounted_multiplier(plan), version),), plan.delta)
+
+
+def byzantine_count(cfg: DemoConfig) -> int:
+    """How many of the devices are byzantine (``--byzantine-fraction``, rounded)."""
+    n = round(cfg.byzantine_fraction * cfg.devices)
+    if not 0 <= n < cfg.devices:
+        raise ConfigError(
+            f"--byzantine-fraction {cfg.byzantine_fraction:g} of {cfg.devices} devices leaves "
+            "no honest device"
+        )
+    if n and cfg.secure_aggregation:
+        raise ConfigError("--byzantine-fraction sends plain updates: not with secure aggregation")
+    return n
 
 
 def run_task(cfg: DemoConfig) -> str:
@@ -203,6 +247,7 @@ def run_demo(cfg: DemoConfig, on_version: Callable[[VersionRow], None] = lambda 
     from fededge.embedded_broker import EmbeddedBroker
 
     demo_plan(cfg)  # a bad configuration fails before anything starts
+    byzantine_count(cfg)
     cfg = dataclasses.replace(cfg, task=run_task(cfg))
     extra: Callable[[Any, dict[str, np.ndarray]], dict[str, float]] = lambda rt, w: {}  # noqa: E731
     if cfg.example is not None:
@@ -371,6 +416,19 @@ def _run(
     agg = Aggregator(agg_settings)
     versions: queue.Queue[tuple[ModelVersion, float]] = queue.Queue()
     agg.on_new_version(lambda m, _old, _new: versions.put((m, time.monotonic())))
+    n_byz = byzantine_count(cfg)
+    honest = cfg.devices - n_byz
+    attackers = None
+    if n_byz:
+        from fededge.demo_attack import SignFlipAttackers
+        from fededge.device.runtime import ModelRuntime
+
+        attackers = SignFlipAttackers(
+            _settings(cfg, url, protocol, state_dir), plan, ModelRuntime.from_bundle(bundle),
+            [f"dev-{i:02d}" for i in range(honest, cfg.devices)], parts[honest:], cfg.seed,
+            cfg.byzantine_scale,
+        )  # fmt: skip
+        agg.on_new_version(lambda m, _old, _new: attackers.on_version(m))
     agg.start(wait_for_model=30)
     stop = threading.Event()
     agg_thread = threading.Thread(
@@ -391,7 +449,7 @@ def _run(
             positions[i] += n
             clients[i].fit(parts[i][0][idx], parts[i][1][idx])
 
-        for i in range(cfg.devices):
+        for i in range(honest):
             client_id = f"fededge-{cfg.task}-dev-{i:02d}"
             client_ids.append(client_id)
             s = _settings(
@@ -411,6 +469,9 @@ def _run(
             clients.append(c)
         if plan.secure_aggregation is not None:  # rounds need the devices enrolled in a roster
             _enroll(agg_settings, owner_key, clients)
+        if attackers is not None:
+            attackers.start()
+            attackers.on_version(mv0)
         for c in clients:
             # retry: a connection lost while a device subscribes (seen on the embedded broker
             # under load) is retried in the background, as the daemon does, not fatal.
@@ -437,13 +498,13 @@ def _run(
             except queue.Empty:
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"demo timed out after {cfg.timeout:.0f} s") from None
-                for i in range(cfg.devices):  # no version for a while: more data everywhere
+                for i in range(honest):  # no version for a while: more data everywhere
                     feed(i)
                 continue
             m = evaluator(model.weights)
             row = VersionRow(
                 model.version, m.get("accuracy", math.nan), m["loss"], model.updates,
-                when - last, m, demo_epsilon(plan, model.version),
+                when - last, m, demo_epsilon(plan, model.version), model.clip,
             )  # fmt: skip
             last = when
             summary.versions.append(row)
@@ -454,6 +515,8 @@ def _run(
     finally:
         stop.set()
         agg_thread.join(10)
+        if attackers is not None:
+            attackers.close()
         for c in clients:
             try:
                 c.close(timeout=10)

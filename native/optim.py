@@ -123,6 +123,87 @@ def sq_norm_i8(q: np.ndarray, scales: np.ndarray, block: int) -> float:
     return total
 
 
+# The multi-row folds index the whole arrays with unsigned integers: Numba then emits no
+# negative-index wraparound (i >= 0 is known), and LLVM vectorises the loop without the
+# per-block cost of 17 slices and their overlap checks (1.3-1.5x faster with a scale per 256
+# elements than over slices from 0, and no slower with one per tensor). 16 rows per pass halve
+# the accumulator's memory traffic per row (16 + 1 bytes per element per pass against 8 + 1
+# bytes for 8 rows): at 1 byte per int8 element the float64 accumulator dominates otherwise.
+
+
+@njit(cache=True, nogil=True, fastmath={"contract"})
+def fold16_i8(
+    acc: np.ndarray,
+    q0: np.ndarray,
+    q1: np.ndarray,
+    q2: np.ndarray,
+    q3: np.ndarray,
+    q4: np.ndarray,
+    q5: np.ndarray,
+    q6: np.ndarray,
+    q7: np.ndarray,
+    q8: np.ndarray,
+    q9: np.ndarray,
+    q10: np.ndarray,
+    q11: np.ndarray,
+    q12: np.ndarray,
+    q13: np.ndarray,
+    q14: np.ndarray,
+    q15: np.ndarray,
+    scales: np.ndarray,
+    block: int,
+    w: np.ndarray,
+) -> None:
+    """acc += float64(sum_j float32(w[j] * scales[j, i // block]) * q_j[i]) for 16 int8 rows.
+
+    ``scales`` is float32 (16, blocks). The 16 terms of an element are summed in float32 (in
+    row order), then added to the float64 accumulator once: converting int8 to float32 and
+    multiply-adding 16 lanes at a time halves the work of float64 terms (measured 2.3x the
+    float32 fold's updates/s at d = 1M, against 1.9-2.0x in float64). The pass's rounding
+    error is at most ~16 * 2^-24 of the sum of its |terms| (~1e-6; int8's own quantisation
+    error is ~1e-2), and the pass is deterministic: the same 16 updates give the same bits,
+    which is what WAL replay needs (it folds the same groups).
+    """
+    n = np.uint64(acc.shape[0])
+    ub = np.uint64(block)
+    for b in range(scales.shape[1]):
+        s0 = np.float32(w[0] * np.float64(scales[0, b]))
+        s1 = np.float32(w[1] * np.float64(scales[1, b]))
+        s2 = np.float32(w[2] * np.float64(scales[2, b]))
+        s3 = np.float32(w[3] * np.float64(scales[3, b]))
+        s4 = np.float32(w[4] * np.float64(scales[4, b]))
+        s5 = np.float32(w[5] * np.float64(scales[5, b]))
+        s6 = np.float32(w[6] * np.float64(scales[6, b]))
+        s7 = np.float32(w[7] * np.float64(scales[7, b]))
+        s8 = np.float32(w[8] * np.float64(scales[8, b]))
+        s9 = np.float32(w[9] * np.float64(scales[9, b]))
+        s10 = np.float32(w[10] * np.float64(scales[10, b]))
+        s11 = np.float32(w[11] * np.float64(scales[11, b]))
+        s12 = np.float32(w[12] * np.float64(scales[12, b]))
+        s13 = np.float32(w[13] * np.float64(scales[13, b]))
+        s14 = np.float32(w[14] * np.float64(scales[14, b]))
+        s15 = np.float32(w[15] * np.float64(scales[15, b]))
+        lo = np.uint64(b) * ub
+        for i in range(lo, min(lo + ub, n)):  # unsigned: see the comment above
+            t = s0 * np.float32(q0[i])
+            t += s1 * np.float32(q1[i])
+            t += s2 * np.float32(q2[i])
+            t += s3 * np.float32(q3[i])
+            t += s4 * np.float32(q4[i])
+            t += s5 * np.float32(q5[i])
+            t += s6 * np.float32(q6[i])
+            t += s7 * np.float32(q7[i])
+            t += s8 * np.float32(q8[i])
+            t += s9 * np.float32(q9[i])
+            t += s10 * np.float32(q10[i])
+            t += s11 * np.float32(q11[i])
+            t += s12 * np.float32(q12[i])
+            t += s13 * np.float32(q13[i])
+            t += s14 * np.float32(q14[i])
+            t += s15 * np.float32(q15[i])
+            acc[i] += np.float64(t)
+
+
 @njit(cache=True, nogil=True, fastmath={"contract"})
 def fold8_i8(
     acc: np.ndarray,
@@ -141,9 +222,11 @@ def fold8_i8(
     """acc += sum_j w[j] * scales[j, i // block] * q_j[i] for 8 int8 vectors, acc read once.
 
     ``scales`` is float32 (8, blocks). Per block, the 8 factors ``w[j] * scales[j, b]`` are
-    computed once; each element is then 8 widen-multiply-adds in a register (rows in order).
+    computed once; each element is then 8 widen-multiply-adds in a register (rows in order),
+    bitwise the result of 8 single folds.
     """
-    n = acc.shape[0]
+    n = np.uint64(acc.shape[0])
+    ub = np.uint64(block)
     for b in range(scales.shape[1]):
         s0 = w[0] * np.float64(scales[0, b])
         s1 = w[1] * np.float64(scales[1, b])
@@ -153,19 +236,15 @@ def fold8_i8(
         s5 = w[5] * np.float64(scales[5, b])
         s6 = w[6] * np.float64(scales[6, b])
         s7 = w[7] * np.float64(scales[7, b])
-        lo = b * block
-        hi = min(lo + block, n)
-        a = acc[lo:hi]  # slices from 0: see dequant_accumulate_i8
-        x0, x1, x2, x3 = q0[lo:hi], q1[lo:hi], q2[lo:hi], q3[lo:hi]
-        x4, x5, x6, x7 = q4[lo:hi], q5[lo:hi], q6[lo:hi], q7[lo:hi]
-        for i in range(a.shape[0]):
-            s = a[i]
-            s += s0 * np.float64(x0[i])
-            s += s1 * np.float64(x1[i])
-            s += s2 * np.float64(x2[i])
-            s += s3 * np.float64(x3[i])
-            s += s4 * np.float64(x4[i])
-            s += s5 * np.float64(x5[i])
-            s += s6 * np.float64(x6[i])
-            s += s7 * np.float64(x7[i])
-            a[i] = s
+        lo = np.uint64(b) * ub
+        for i in range(lo, min(lo + ub, n)):  # unsigned: see the comment above
+            s = acc[i]
+            s += s0 * np.float64(q0[i])
+            s += s1 * np.float64(q1[i])
+            s += s2 * np.float64(q2[i])
+            s += s3 * np.float64(q3[i])
+            s += s4 * np.float64(q4[i])
+            s += s5 * np.float64(q5[i])
+            s += s6 * np.float64(q6[i])
+            s += s7 * np.float64(q7[i])
+            acc[i] = s

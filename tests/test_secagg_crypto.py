@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import struct
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fededge.errors import SecAggError
 from fededge.secagg import crypto
@@ -31,6 +34,19 @@ def test_key_agreement_is_symmetric_and_keys_are_bound(rng: crypto.RandomSource)
     assert crypto.pair_seed(ab, "r1", "a", "b") != crypto.pair_seed(ab, "r2", "a", "b")
     # Length-prefixed contexts: ("ab", "c") and ("a", "bc") must not collide.
     assert crypto.share_key(ab, "r", "ab", "c") != crypto.share_key(ab, "r", "a", "bc")
+
+
+def test_hkdf_and_contexts_match_the_reference_construction() -> None:
+    """The HMAC-based HKDF is cryptography's HKDF-SHA256 (no salt); contexts are the
+    length-prefixed fields of docs/protocol.md, as struct-packed."""
+    for secret, info, length in itertools.product(
+        (b"", bytes(32), bytes(range(32)) * 3), (b"", b"info", bytes(300)), (1, 16, 32, 33, 64, 100)
+    ):
+        ref = HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+        assert crypto._hkdf(secret, info, length) == ref
+    fields = [b"fededge-secagg-v1", b"share-aad", b"r1", b"dev-a", "é".encode()]
+    packed = b"".join(struct.pack(">H", len(f)) + f for f in fields)
+    assert crypto._context(b"share-aad", "r1", "dev-a", "é") == packed
 
 
 def test_agree_rejects_bad_public_keys(rng: crypto.RandomSource) -> None:

@@ -210,6 +210,42 @@ def test_unmask_request_for_a_set_the_device_did_not_sign(caplog: pytest.LogCapt
     assert devs["dev2"].stage == Stage.ABORTED
 
 
+def test_consistency_counts_the_device_itself_once(caplog: pytest.LogCaptureFixture) -> None:
+    """A device counts its own signature of the set without verifying it (it signed that exact
+    set), so it needs t - 1 valid signatures of others; its own entry never counts twice and
+    forged or missing entries count for nothing."""
+    cfg, held = config(), Holdings()
+    devs = honest_until_masked(cfg, held)
+    everyone = tuple(NAMES)
+    sigs = {}
+    for d in NAMES:
+        (m,) = held.take(d, devs[d].handle(SurvivorSet(cfg.round_id, everyone)))
+        assert isinstance(m, ConsistencyCheck)
+        sigs[d] = m.signature
+
+    def request(me: str, others: list[str], own: bytes | None) -> UnmaskRequest:
+        chosen = {d: sigs[d] for d in others}
+        if own is not None:
+            chosen[me] = own
+        return UnmaskRequest(cfg.round_id, everyone, chosen)
+
+    # t - 1 = 3 others: enough, with the own signature left out or replaced by junk.
+    (out,) = devs["dev1"].handle(request("dev1", ["dev2", "dev3", "dev4"], None))
+    assert isinstance(out.message, UnmaskShares)
+    (out,) = devs["dev2"].handle(request("dev2", ["dev3", "dev4", "dev5"], bytes(64)))
+    assert isinstance(out.message, UnmaskShares)
+    # t - 2 others plus the device's own valid signature: 3 signers, fewer than t = 4.
+    with caplog.at_level(logging.WARNING), pytest.raises(SecAggError, match="3 valid"):
+        devs["dev3"].handle(request("dev3", ["dev4", "dev5"], sigs["dev3"]))
+    refused(devs["dev3"], caplog, "fewer than the threshold 4")
+    # Forged signatures for the missing others do not help.
+    forged = request("dev4", ["dev5", "dev6"], sigs["dev4"])
+    forged = UnmaskRequest(cfg.round_id, everyone, {**forged.signatures, "dev0": bytes(64)})
+    with pytest.raises(SecAggError, match="3 valid"):
+        devs["dev4"].handle(forged)
+    assert devs["dev4"].stage == Stage.ABORTED
+
+
 @pytest.mark.parametrize("substituted", [1, 3, 6])
 def test_key_substitution(substituted: int, caplog: pytest.LogCaptureFixture) -> None:
     """The aggregator relays its own X25519 keys in place of some neighbours'."""

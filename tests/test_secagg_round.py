@@ -10,7 +10,7 @@ import pytest
 from fededge.errors import SecAggError
 from fededge.secagg import crypto
 from fededge.secagg.device import DeviceRound
-from fededge.secagg.graph import Stage, connected, neighbour_graph
+from fededge.secagg.graph import Ring, Stage, connected, neighbour_graph
 from fededge.secagg.messages import (
     AdvertiseKeys,
     MaskedInput,
@@ -255,6 +255,22 @@ def test_neighbour_graph_is_deterministic_regular_and_connected() -> None:
     assert connected(g, devices)
     with pytest.raises(SecAggError):
         neighbour_graph("r1", devices, 5)
+
+
+def test_ring_view_matches_the_neighbour_graph() -> None:
+    """A device's Ring (positions only) gives the neighbour graph's neighbours and the same
+    connectivity as a search over the whole graph, on sparse and complete graphs."""
+    rnd = np.random.default_rng(7)
+    for n, k in ((3, 2), (5, 2), (8, 4), (12, 6), (30, 6), (40, 10), (25, 24), (9, 40)):
+        devices = cohort(n)
+        for rid in ("r1", "r2"):
+            g, ring = neighbour_graph(rid, devices, k), Ring(rid, devices, k)
+            assert all(ring.neighbours(d) == g[d] for d in devices)
+            assert not ring.connected([])
+            for _ in range(200):
+                size = int(rnd.integers(1, n + 1))
+                nodes = [devices[i] for i in rnd.choice(n, size, replace=False)]
+                assert ring.connected(nodes) == connected(g, nodes), (n, k, sorted(nodes))
 
 
 def test_server_keeps_no_individual_vector() -> None:

@@ -282,3 +282,12 @@ def test_shipped_acl_lets_the_aggregator_account_run_leases_and_shards(shipped, 
         got = [worker.messages.get(timeout=10).payload for _ in range(10)]
         assert sorted(got) == sorted(b"%d" % i for i in range(10))
         assert thief.messages.empty()
+
+
+def test_plans_that_need_single_updates_are_not_sharded() -> None:
+    from fededge.aggregator.shard import unsharded_only
+
+    assert unsharded_only(Plan()) is None
+    assert "robust" in (unsharded_only(Plan(robust="median")) or "")
+    assert "robust" in (unsharded_only(Plan(robust_zeroing=3.0)) or "")
+    assert "update_rotation" in (unsharded_only(Plan(update_rotation="hadamard")) or "")

@@ -134,3 +134,15 @@ def test_update_encoding_vectors_in_the_docs_are_the_checked_ones() -> None:
     }
     assert blocks["update-f16"] == c.F16_VECTOR
     assert blocks["update-int8"] == c.INT8_VECTOR
+
+
+def test_rotation_and_f16_model_vectors_in_the_docs_are_the_checked_ones() -> None:
+    import test_rotation as r  # the checks of these vectors
+
+    text = (DOCS / "protocol.md").read_text()
+    blocks = {
+        k: "".join(b.split()) for k, b in re.findall(r"```vector (\S+)\n(.*?)```", text, re.S)
+    }
+    assert blocks["model-f16"] == r.MODEL_F16_VECTOR
+    assert r.VECTOR_SEED in text
+    assert ", ".join(str(v) for v in r.VECTOR_Y) in " ".join(text.split())

@@ -75,9 +75,11 @@ def fold(
 ) -> None:
     """Fold tensor ``name`` of each (update, weight) into ``acc`` (its slice), in order.
 
-    Consecutive runs of one encoding go through one kernel call (8 updates per pass); the
-    order of the terms of each element is the group's order, so any grouping of the same
-    sequence of updates (a WAL replay) gives a bitwise-identical accumulator.
+    Consecutive runs of one encoding go through one kernel call (8 or 16 updates per pass).
+    The accumulator is a deterministic function of the group, and a WAL replay folds the same
+    groups, so it reproduces the accumulator bit for bit. f32 and f16 folds are even
+    independent of the grouping (each element adds its terms in the group's order); int8
+    passes of 16 sum their terms in float32 first (fededge.native.optim.fold16_i8).
     """
     i = 0
     while i < len(group):

@@ -19,7 +19,10 @@ from typing import Any, Literal, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
+from fededge.aggregator import robust
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
+from fededge.aggregator.fleet import FleetTracker
+from fededge.aggregator.gauges import CoreGauges
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import dedup_key, server_step_tensors
 from fededge.aggregator.policy import Layout, check_update
@@ -27,6 +30,7 @@ from fededge.aggregator.store import Store
 from fededge.aggregator.versions import VersionState
 from fededge.errors import ProtocolError, SignatureError
 from fededge.protocol import AggregatorStatus, ModelVersion, Receipt, Update
+from fededge.protocol.clipping import clip_in_force
 from fededge.protocol.messages import Weights
 from fededge.protocol.signing import SignedKind
 from fededge.protocol.vocab import RejectReason
@@ -47,6 +51,10 @@ class RoundView(Protocol):
     def stage(self) -> str | None: ...
     @property
     def checked_in(self) -> int: ...
+    @property
+    def rounds_done(self) -> int: ...
+    @property
+    def rounds_aborted(self) -> int: ...
 
 
 class AggregatorCore:
@@ -66,6 +74,11 @@ class AggregatorCore:
         self.state = VersionState(settings, store, metrics)
         self.topics = self.state.topics
         self.rounds: RoundView | None = None
+        # Called during long computations (robust aggregation): the driver's watchdog ping.
+        self.progress: Callable[[], object] = lambda: None
+        version = lambda: self.state.model.version if self.state.model else None  # noqa: E731
+        self.fleet = FleetTracker(metrics.registry, version, max_devices=self.cfg.fleet_max_devices)
+        CoreGauges(metrics.registry, self)  # secure-round stage, privacy budget: read at scrape
         self.accepted_total = 0
         self.rejected_total = 0
         self._perf = perf
@@ -137,6 +150,7 @@ class AggregatorCore:
                 current_version=model.version,
                 plan=self.state.plan,
                 layout=pending.layout,
+                clip=clip_in_force(self.state.plan, model),
             )
         except ProtocolError as e:
             log.warning("rejected update device=%s topic=%s reason=%s: %s",
@@ -157,11 +171,14 @@ class AggregatorCore:
             staged, self._staged = self._staged, []
             t0 = self._perf()
             updates = pending.commit()
-            self.metrics.commit_seconds.inc(self._perf() - t0)
+            elapsed = self._perf() - t0
+            self.metrics.commit_seconds.inc(elapsed)
+            self.metrics.commit_duration.observe(elapsed)
             target = pending.base.version + 1
             for msg, update in zip(staged, updates, strict=True):
                 self.accepted_total += 1
                 self.metrics.accepted.inc()
+                self.fleet.on_update(update.device, update.base_version, pending.base.version)
                 out += self._answer(msg, update.device, update.update_id, "accepted", target)
             self.metrics.pending.set(pending.sums.count)
             self.metrics.pending_examples.set(pending.sums.examples)
@@ -234,7 +251,13 @@ class AggregatorCore:
         t0 = self._perf()
         plan = self.state.plan
         opt_state: OptState | None = None
-        if plan.server_optimizer == "sgd":
+        done = robust.finalize(
+            pending, plan, self.state.optimizer_state, self.metrics, self.progress,
+            parallel=self.cfg.parallel_kernels,
+        )  # fmt: skip
+        if done:
+            weights, opt_state = done
+        elif plan.server_optimizer == "sgd":
             weights = pending.finalize(plan.server_learning_rate)
         else:  # fused with finalize: mean delta, optimizer state and weights in one pass
             m, v = self.state.optimizer_state(pending.layout.size)
@@ -310,6 +333,8 @@ class AggregatorCore:
                 self.state.on_graph(msg.payload)
             elif msg.topic == self.topics.model:
                 out += self.state.on_model(msg.payload, now)
+            elif (device := self.topics.device_of(msg.topic, "devices")) is not None:
+                self.fleet.on_status(device, msg.payload)  # devices/+/status, fleet gauges
             else:
                 log.debug("ignoring message on %s", msg.topic)
         except (ProtocolError, SignatureError) as e:

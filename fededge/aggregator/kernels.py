@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.native import accumulate as _acc
+from fededge.native import hadamard as _had
 from fededge.native import norm as _norm
 from fededge.native import optim as _opt
 
@@ -283,10 +284,14 @@ def dequant_accumulate_i8_group(
     block: int,
     weights: Sequence[float] | NDArray[np.float64],
 ) -> None:
-    """Fold k int8-encoded updates, 8 per pass over ``acc`` (the rest one by one).
+    """Fold k int8-encoded updates, 16 (then 8) per pass over ``acc`` (the rest one by one).
 
-    Same arguments as :func:`dequant_accumulate_i8`, one per update. Each element adds its
-    updates' terms in order in a register, so the result is bitwise that of k single folds.
+
+    Same arguments as :func:`dequant_accumulate_i8`, one per update. Each pass of 16 sums
+    its terms per element in float32, then adds them to ``acc`` (see
+    ``fededge.native.optim.fold16_i8``: within ~1e-6 of the float64 single folds, relative to
+    the terms); a pass of 8 and the rest add float64 terms in order, bitwise as single folds.
+    Deterministic: the same group gives the same bits (WAL replay folds the same groups).
     """
     _check_array("acc", acc, _F64, 1, writable=True)
     w = np.array(weights, dtype=np.float64)
@@ -304,7 +309,12 @@ def dequant_accumulate_i8_group(
         view.flags.writeable = False
         views.append(view)
     k, j = len(views), 0
-    while j + 8 <= k:
+    while j + 16 <= k:
+        v = views[j : j + 16]
+        sc16 = np.stack(scales[j : j + 16])
+        _opt.fold16_i8(acc, *v, sc16, block, w[j : j + 16])  # type: ignore[call-arg,arg-type]
+        j += 16
+    if j + 8 <= k:
         a, b, c, d, e, f, g, h = views[j : j + 8]
         sc8 = np.stack(scales[j : j + 8])
         _opt.fold8_i8(acc, a, b, c, d, e, f, g, h, sc8, block, w[j : j + 8])
@@ -406,10 +416,13 @@ def warmup(*, parallel: bool = True) -> None:
     q_ro.flags.writeable = sc_ro.flags.writeable = False
     for qq, ss in ((q, sc), (q_ro, sc_ro)):
         dequant_accumulate_i8(acc, qq, ss, 3, 1.0)
-        dequant_accumulate_i8_group(acc, [qq] * 8, [ss] * 8, 3, np.ones(8))
+        dequant_accumulate_i8_group(acc, [qq] * 24, [ss] * 24, 3, np.ones(24))  # 16 + 8
         i8_norm(qq, ss, 3)
     h = np.ones(9, dtype=np.float16)
     h_ro = h.copy()
     h_ro.flags.writeable = False
     dequant_accumulate_f16(acc, h, 1.0)
     dequant_accumulate_f16(acc, h_ro, 1.0)
+    y = np.ones(64)  # the rotation (fededge/aggregator/rotated.py)
+    _had.apply_signs(y, np.ones(64, dtype=np.int8))
+    _had.hadamard_blocks(y, np.zeros(1, dtype=np.int64), np.full(1, 64, dtype=np.int64))

@@ -23,12 +23,14 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
-from fededge.aggregator import codec, kernels
+from fededge.aggregator import kernels
 from fededge.aggregator.policy import Layout
+from fededge.aggregator.rotated import Domain
 from fededge.aggregator.store import Store
 from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.protocol import ModelVersion, Plan, Update
+from fededge.protocol.clipping import unclipped_fraction
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +53,9 @@ class _Sums:
     eval_acc_w: float = 0.0
     eval_wsum: float = 0.0
     norm_sum: float = 0.0
+    domain: str = "none"  # the accumulator's rotation (fededge/aggregator/rotated.py)
+    bit_sum: float = 0.0  # adaptive clipping: sum of the centred noised bits (count: bit_count)
+    bit_count: int = 0
     ids: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)  # the sender of each id, same order
     started: float = field(default_factory=time.time)
@@ -67,6 +72,9 @@ class _Sums:
             self.eval_loss_w += weight * update.eval_loss
             self.eval_acc_w += weight * update.eval_accuracy
             self.eval_wsum += weight
+        if update.unclipped is not None:  # range-checked by policy.check_bit
+            self.bit_sum += update.unclipped
+            self.bit_count += 1
         self.ids.append(update.update_id)
         self.devices.append(update.device)
 
@@ -86,12 +94,14 @@ class PendingVersion:
         checkpoint_every: int,
         parallel: bool = False,
         max_update_bytes: int,
+        rotated: bool = False,
     ) -> None:
         self.store = store
         self.base = base
         self.layout = Layout.of(base.weights)
-        self.acc: NDArray[np.float64] = np.zeros(self.layout.size, dtype=np.float64)
-        self.sums = _Sums()
+        self.domain = Domain(base, self.layout.size, rotated)
+        self.acc: NDArray[np.float64] = np.zeros(self.domain.acc_size, dtype=np.float64)
+        self.sums = _Sums(domain=self.domain.name)
         self._ids: set[str] = set()
         self._checkpoint_every = checkpoint_every
         self._parallel = parallel
@@ -103,6 +113,10 @@ class PendingVersion:
         self._staged_raw: list[bytes] = []
         self._writer: SegmentWriter | None = None
         self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
+        # Robust aggregation (fededge/aggregator/robust.py) reads every update of the version
+        # back from the WAL: while set, nothing is checkpointed (which would delete segments);
+        # segments still roll every checkpoint_every records, so recovery reads one at a time.
+        self.keep_log = False
 
     # -- recovery ---------------------------------------------------------------------------
     def recover(self) -> int:
@@ -114,9 +128,11 @@ class PendingVersion:
         if ck is not None:
             seg, acc, state = ck
             covered = seg
-            if acc.shape != self.acc.shape:
+            if state.get("domain", "none") != self.domain.name:  # the plan changed meanwhile
+                self.domain = Domain(self.base, self.layout.size, not self.domain.rotation)
+            if acc.shape != (self.domain.acc_size,):
                 raise StorageError(
-                    f"checkpoint holds {acc.size} parameters, the model has {self.acc.size}"
+                    f"checkpoint holds {acc.size} parameters, the model has {self.domain.acc_size}"
                 )
             self.acc = acc
             self.sums = _Sums(**state)
@@ -141,6 +157,7 @@ class PendingVersion:
                     self._fold(group)
                     group = []
                 group_id = rec.header["group"]
+                self._adopt_domain(rec.header.get("domain", "none"))
                 group.append((update, float(rec.header["weight"]), float(rec.header["norm"])))
                 replayed += 1
             if group:
@@ -149,6 +166,14 @@ class PendingVersion:
             self._group = max(self._group, int(group_id or 0) + 1)
         self._since_checkpoint = replayed
         return replayed
+
+    def _adopt_domain(self, name: str) -> None:
+        """Before anything is folded, switch to the domain the WAL was written in (the plan
+        may have changed rotation between the commit and this restart)."""
+        if name != self.domain.name and self.sums.count == 0 and not self.acc.any():
+            self.domain = Domain(self.base, self.layout.size, name == "hadamard")
+            self.acc = np.zeros(self.domain.acc_size, dtype=np.float64)
+            self.sums.domain = self.domain.name
 
     # -- ingest -----------------------------------------------------------------------------
     def has(self, key: str) -> bool:
@@ -183,7 +208,7 @@ class PendingVersion:
             return []
         group, raws = self._staged, self._staged_raw
         self._staged, self._staged_raw = [], []
-        if sum(len(r) for r in raws) >= self.acc.nbytes:
+        if not self.keep_log and sum(len(r) for r in raws) >= self.acc.nbytes:
             self._fold(group)
             self.checkpoint()
             return [u for u, _, _ in group]
@@ -193,13 +218,21 @@ class PendingVersion:
             )
         for (update, weight, norm), raw in zip(group, raws, strict=True):
             header = {"id": update.update_id, "weight": weight, "norm": norm, "group": self._group}
+            if self.domain.rotation is not None:  # so a replay sums in the same domain
+                header["domain"] = self.domain.name
             self._writer.append(header, raw)
         self._writer.commit()
         self._group += 1
         self._fold(group)
         self._since_checkpoint += len(group)
         if self._since_checkpoint >= self._checkpoint_every:
-            self.checkpoint()
+            if self.keep_log:  # a new segment, no checkpoint
+                self._writer.close()
+                self._writer = None
+                self._segment += 1
+                self._since_checkpoint = 0
+            else:
+                self.checkpoint()
         return [u for u, _, _ in group]
 
     def checkpoint(self) -> None:
@@ -217,8 +250,7 @@ class PendingVersion:
         # so WAL replay with other group boundaries reproduces the same sum.
         # Encoded updates (f16, int8) go through fused dequantise-accumulate kernels.
         pairs = [(u, w) for u, w, _ in group]
-        for name, sl in self.layout.slices():
-            codec.fold(self.acc[sl], name, pairs, parallel=self._parallel)
+        self.domain.fold(self.acc, self.layout, pairs, parallel=self._parallel)
         for update, weight, norm in group:
             self.sums.add(update, weight, norm)
             self._ids.add(dedup_key(update.device, update.update_id))
@@ -230,9 +262,10 @@ class PendingVersion:
         if self.sums.total_weight <= 0:
             raise NotReadyError("cannot finalize a version without updates")
         out: dict[str, NDArray[np.float32]] = {}
+        acc = self.domain.delta_sum(self.acc)  # unrotated once (issue 13)
         for (name, sl), shape in zip(self.layout.slices(), self.layout.shapes, strict=True):
             base = np.ascontiguousarray(self.base.weights[name], dtype=np.float32).reshape(-1)
-            new = kernels.finalize(base, self.acc[sl], self.sums.total_weight, server_lr)
+            new = kernels.finalize(base, acc[sl], self.sums.total_weight, server_lr)
             out[name] = new.reshape(shape)
         return out
 
@@ -247,8 +280,9 @@ class PendingVersion:
         """
         if self.sums.total_weight <= 0:
             raise NotReadyError("cannot finalize a version without updates")
+        acc = self.domain.delta_sum(self.acc)
         return server_step_tensors(
-            self.base.weights, self.layout, self.acc, self.sums.total_weight, plan, m, v
+            self.base.weights, self.layout, acc, self.sums.total_weight, plan, m, v
         )
 
     def metrics(self) -> dict[str, Any]:
@@ -260,6 +294,7 @@ class PendingVersion:
             "eval_loss": s.eval_loss_w / s.eval_wsum if s.eval_wsum else None,
             "eval_accuracy": s.eval_acc_w / s.eval_wsum if s.eval_wsum else None,
             "mean_update_norm": s.norm_sum / s.count if s.count else None,
+            "unclipped": unclipped_fraction(s.bit_sum, s.bit_count) if s.bit_count else None,
         }
 
     def close(self) -> None:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from fededge.aggregator import kernels
+from fededge.aggregator import kernels, robust
 from fededge.aggregator.core import AggregatorCore
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
@@ -223,6 +223,7 @@ class Aggregator:
         is down is retried with backoff until ``should_stop()``.
         """
         kernels.warmup(parallel=self.cfg.parallel_kernels)
+        robust.warmup(parallel=self.cfg.parallel_kernels)
         replayed = self.core.state.restore(time.time())
         if replayed is not None and self.model is not None and self.pending is not None:
             log.info("restored version %d with %d pending updates (%d replayed from the WAL)",
@@ -265,7 +266,8 @@ class Aggregator:
         self._execute([*self.core.state.current(), self.core.status_publish(time.time())],
                       strict=True)  # fmt: skip
         own = [(self.update_filter, 1)] if self.update_filter else []
-        subs = [*own, *self.extra_subscriptions, *self.rounds.subscriptions()]
+        subs = [*own, *self.extra_subscriptions, *self.rounds.subscriptions(),
+                (self.topics.device_status_filter, 0)]  # fmt: skip
         for qos in (0, 1):  # QoS 0 first: no PUBACK a broker could wait for (see above)
             self._subscribe([t for t, q in subs if q == qos], qos, tick, should_stop)
         log.info(
@@ -305,6 +307,7 @@ class Aggregator:
         self, should_stop: Callable[[], bool], *, tick: Callable[[], object] = lambda: None
     ) -> None:
         """Process messages until ``should_stop()``; ``tick`` runs every loop (the watchdog)."""
+        self.core.progress = tick  # and during a long robust aggregation
         while not should_stop():
             tick()
             self.step(timeout=0.2)

@@ -42,6 +42,15 @@ log = logging.getLogger(__name__)
 Entry = tuple[Update, float, float]  # update, weight, norm
 
 
+def unsharded_only(plan: Plan) -> str | None:
+    """What in ``plan`` a partial sum cannot carry (None: shards can aggregate it)."""
+    if plan.robust != "none" or plan.robust_zeroing is not None:
+        return f"robust aggregation (robust={plan.robust!r}, robust_zeroing={plan.robust_zeroing})"
+    if plan.update_rotation != "none":
+        return f"update_rotation={plan.update_rotation!r}"
+    return None
+
+
 class ShardWorker:
     """One worker of a sharded task (see the module docstring)."""
 
@@ -316,7 +325,13 @@ class ShardWorker:
         try:
             if msg.topic == self.topics.plan and msg.payload:
                 body = open_message(msg.payload, SignedKind.PLAN, self.owner_keys).payload
-                self.plan = decode_json(body, Plan)
+                plan = decode_json(body, Plan)
+                if why := unsharded_only(plan):
+                    # Not an update's fault: stop before taking one (the broker keeps them).
+                    raise ConfigError(f"{self.worker}: the plan asks for {why}, which needs "
+                                      "every single update in one process: run the task "
+                                      "without --shards")  # fmt: skip
+                self.plan = plan
             elif msg.topic == self.topics.model and msg.payload:
                 body = open_message(msg.payload, SignedKind.MODEL, self.model_keys).payload
                 model = ModelVersion.from_bytes(body, max_bytes=1 << 31)

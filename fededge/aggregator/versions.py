@@ -21,10 +21,13 @@ from fededge.aggregator.effects import Effect, Publish
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.privacy import Ledger, accounted_multiplier, finite_or_none
+from fededge.aggregator.published import published_model
+from fededge.aggregator.robust import enabled as robust_enabled
 from fededge.aggregator.store import Store
 from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.keys import load_private
 from fededge.protocol import Graph, ModelVersion, Plan, Topics, VersionMetrics, decode_json
+from fededge.protocol.clipping import clip_in_force, next_clip
 from fededge.protocol.messages import Weights
 from fededge.protocol.signing import SignedKind, open_message, sign
 from fededge.protocol.tensors import decode_tensors, encode_tensors
@@ -134,7 +137,9 @@ class VersionState:
             checkpoint_every=self.cfg.checkpoint_every,
             parallel=self.cfg.parallel_kernels,
             max_update_bytes=max(MAX_MODEL_MESSAGE, self.update_limit),
+            rotated=self.plan.update_rotation == "hadamard",
         )
+        self.pending.keep_log = robust_enabled(self.plan)
         self.metrics.version.set(model.version)
         self.metrics.pending.set(0)
         self.metrics.pending_examples.set(0)
@@ -158,6 +163,9 @@ class VersionState:
         """
         old, pending = self.ready()
         new_version = old.version + 1
+        # Adaptive clipping: the clip moves with the noised unclipped fraction that went in.
+        clip = next_clip(self.plan, clip_in_force(self.plan, old), metrics.get("unclipped"))
+        metrics = {**metrics, "unclipped": metrics.get("unclipped") if clip is not None else None}
         model = ModelVersion(
             task=self.settings.task,
             version=new_version,
@@ -168,6 +176,7 @@ class VersionState:
             examples=metrics["examples"],
             time=now,
             generation=self.plan.generation,
+            clip=clip,
         )
         payload = model.to_bytes()
         seconds = max(0.0, now - self.version_started)  # the wall clock may step back (NTP)
@@ -209,7 +218,8 @@ class VersionState:
             metrics["updates"],
             metrics["examples"],
             metrics["train_loss"],
-            f" epsilon={privacy['epsilon']} delta={self.plan.delta:g}" if privacy else "",
+            (f" epsilon={privacy['epsilon']} delta={self.plan.delta:g}" if privacy else "")
+            + (f" clip={clip:.6g}" if clip is not None else ""),
         )
         # The version is durable from here on: its announcement is best effort.
         vm = VersionMetrics(
@@ -219,6 +229,7 @@ class VersionState:
             time=now,
             **metrics,
             **privacy,
+            clip=clip,
         )
         effects: list[Effect] = [
             self._publish_model(payload),
@@ -283,6 +294,7 @@ class VersionState:
         return Publish(self.topics.plan, raw, retain=True)
 
     def _publish_model(self, payload: bytes) -> Publish:
+        payload = published_model(payload, self.plan.model_encoding)  # f16: half the bytes
         signed = self.sign(SignedKind.MODEL, payload)
         self._published.append(hashlib.sha256(signed).hexdigest())
         return Publish(self.topics.model, signed, retain=True)
@@ -303,6 +315,8 @@ class VersionState:
         if plan != self.plan:
             log.info("adopting new plan: %s", plan.model_dump_json())
         self.plan, self.plan_raw = plan, payload
+        if self.pending is not None:
+            self.pending.keep_log = robust_enabled(plan)
         self.store.write_blob("plan.json", payload)
         return self.pending is not None and self.pending.sums.count >= plan.min_updates_per_version
 

@@ -180,3 +180,24 @@ def _check(data: bytes, pos: int) -> str | None:
     if zlib.crc32(p, zlib.crc32(h)) != crc:
         return "CRC mismatch"
     return None
+
+
+def record_spans(path: Path) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """(header, payload offset, payload length) of each record, without reading payloads.
+
+    For reading logged updates piecewise (robust aggregation reads each update's coordinates
+    block by block with ``os.pread``). The CRCs were checked when the log was replayed or
+    written by this process; a truncated tail ends the iteration.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        pos = 0
+        while pos + _PREFIX.size <= size:
+            f.seek(pos)
+            magic, hlen, plen, _ = _PREFIX.unpack(f.read(_PREFIX.size))
+            start = pos + _PREFIX.size
+            if magic != _MAGIC or hlen > MAX_RECORD_HEADER or start + hlen + plen > size:
+                return
+            header = json.loads(f.read(hlen))
+            yield header, start + hlen, plen
+            pos = start + hlen + plen

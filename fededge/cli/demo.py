@@ -58,6 +58,13 @@ from fededge.logs import setup_logging
     help="L2 clip norm of an update.",
 )
 @click.option(
+    "--target-unclipped-quantile",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Adaptive clipping: --clip is where the clip starts; each version moves it toward "
+    "this quantile of the update norms and shows it (docs/privacy.md).",
+)
+@click.option(
     "--alpha",
     default=0.5,
     show_default=True,
@@ -98,6 +105,56 @@ from fededge.logs import setup_logging
     show_default=True,
     type=click.IntRange(0),
     help="int8: elements per scale (0: one scale per tensor).",
+)
+@click.option(
+    "--update-rotation",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "hadamard"]),
+    help="Randomized Hadamard rotation of updates before encoding (plan update_rotation).",
+)
+@click.option(
+    "--model-encoding",
+    default="f32",
+    show_default=True,
+    type=click.Choice(["f32", "f16"]),
+    help="Dtype of the model versions sent to devices (plan model_encoding).",
+)
+@click.option(
+    "--robust",
+    default="none",
+    show_default=True,
+    type=click.Choice(["none", "trimmed_mean", "median"]),
+    help="Coordinate-wise robust statistic of each version's updates (plan robust).",
+)
+@click.option(
+    "--robust-beta",
+    default=0.1,
+    show_default=True,
+    type=click.FloatRange(0, 0.5, max_open=True),
+    help="trimmed_mean: fraction trimmed at each end per coordinate (plan robust_beta).",
+)
+@click.option(
+    "--robust-zeroing",
+    type=click.FloatRange(1),
+    default=None,
+    help="Drop updates whose norm exceeds this multiple of the version's median update norm "
+    "(plan robust_zeroing).",
+)
+@click.option(
+    "--byzantine-fraction",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0, 1, max_open=True),
+    help="Share of the devices that attack: they send sign-flipped updates at the clip norm "
+    "(a demonstration of what --robust defends against).",
+)
+@click.option(
+    "--byzantine-scale",
+    type=click.FloatRange(0, min_open=True),
+    default=None,
+    help="Attackers scale their flipped delta to this multiple of its honest norm (capped at "
+    "the clip norm) instead of the clip norm: staying under --robust-zeroing.",
 )
 @click.option("--broker", help="Use this broker (mqtt://host:port) instead of an embedded one.")
 @click.option(
@@ -167,6 +224,7 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
                 f" {r.version:7d}  {r.updates:7d}  {r.accuracy:8.3f} {bar:<20s} {r.loss:6.3f} "
                 f"{r.seconds:8.2f}"
                 + (f"  epsilon={r.epsilon:.3g}" if r.epsilon is not None else "")
+                + (f"  clip={r.clip:.3g}" if r.clip is not None else "")
             )
     else:
         header: list[str] = []

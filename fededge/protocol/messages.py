@@ -107,6 +107,34 @@ class Plan(_Json):
     # tensor (update_block 0) or per update_block elements; omitted at the defaults.
     update_encoding: Literal["f32", "f16", "int8"] = "f32"
     update_block: int = Field(0, ge=0, le=1 << 30)
+    # Randomized Hadamard rotation before encoding (fededge/protocol/rotation.py) and the dtype
+    # of published model versions (f16: half the download); omitted at the defaults.
+    update_rotation: Literal["none", "hadamard"] = "none"
+    model_encoding: Literal["f32", "f16"] = "f32"
+    # Robust aggregation of asynchronous versions (fededge/aggregator/robust.py): a
+    # coordinate-wise statistic over the version's updates instead of the weighted mean, and
+    # zeroing of updates whose norm exceeds robust_zeroing x the version's median update norm
+    # (None: off). Omitted at the defaults; refused with secure_aggregation (only sums exist).
+    robust: Literal["none", "trimmed_mean", "median"] = "none"
+    robust_beta: float = Field(0.1, ge=0, lt=0.5)  # trimmed at each end, per coordinate
+    robust_zeroing: float | None = Field(None, ge=1, le=1e6)
+
+    @model_validator(mode="after")
+    def _robust_needs_single_updates(self) -> Plan:
+        robust = self.robust != "none" or self.robust_zeroing is not None
+        if robust and self.secure_aggregation is not None:
+            raise ValueError(
+                f"robust={self.robust!r}/robust_zeroing={self.robust_zeroing!r} cannot be "
+                "combined with secure_aggregation: a secure round reveals only the sum of the "
+                "cohort's updates, never one update, so no per-update statistic exists"
+            )
+        if robust and self.update_rotation != "none":
+            raise ValueError(
+                f"robust={self.robust!r}/robust_zeroing={self.robust_zeroing!r} cannot be "
+                f"combined with update_rotation={self.update_rotation!r}: coordinate-wise "
+                "statistics need the updates' own coordinates, a rotation mixes them"
+            )
+        return self
 
     def to_bytes(self) -> bytes:
         omit = {k for k, d in _PLAN_OMITTED.items() if getattr(self, k) == d}
@@ -141,6 +169,10 @@ _PLAN_OMITTED: dict[str, object] = {
     "server_epsilon": 1e-3,
     "update_encoding": "f32",
     "update_block": 0,
+    "update_rotation": "none",
+    "model_encoding": "f32",
+    "robust": "none",
+    "robust_beta": 0.1,
 }
 
 
@@ -263,6 +295,10 @@ class VersionMetrics(_Json):
     # Differential privacy: epsilon at delta for all versions up to this one (docs/privacy.md).
     epsilon: float | None = Field(None, ge=0)
     delta: float | None = Field(None, gt=0, lt=1)
+    # Adaptive clipping: the noised fraction of unclipped updates that went in, and the clip
+    # published with this version (fededge/protocol/clipping.py).
+    unclipped: float | None = None
+    clip: float | None = Field(None, gt=0)
 
 
 M = TypeVar("M", bound=_Json)
@@ -379,6 +415,10 @@ class ModelVersion:
     examples: int = 0
     time: float = 0.0
     generation: int = 0  # the plan generation it belongs to (omitted when 0)
+    # "f16": the tensors travel as F16 (plan model_encoding); ``weights`` are float32 either
+    # way (decoded on arrival). Omitted from the bytes when f32.
+    encoding: str = "f32"
+    clip: float | None = None  # adaptive clipping: the clip devices use on it (omitted: None)
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -395,6 +435,12 @@ class ModelVersion:
             meta["parent"] = str(self.parent)
         if self.generation:
             meta["generation"] = str(self.generation)
+        if self.clip is not None:
+            meta["clip"] = repr(float(self.clip))
+        if self.encoding == "f16":
+            meta["encoding"] = "f16"
+            halves = {n: np.asarray(a, dtype=np.float16) for n, a in self.weights.items()}
+            return encode_tensors(halves, meta)
         return encode_tensors(self.weights, meta)
 
     @classmethod
@@ -408,20 +454,46 @@ class ModelVersion:
         return cls(
             task=_meta_name(m, "task"),
             version=_meta_int(m, "version"),
-            weights=_float32(p.tensors, "model"),
+            weights=_model_weights(p.tensors, m),
             graph_sha256=sha,
             parent=_meta_int(m, "parent") if "parent" in m else None,
             updates=_meta_int(m, "updates") if "updates" in m else 0,
             examples=_meta_int(m, "examples") if "examples" in m else 0,
             time=_meta_float(m, "time", 0.0, 1e11) or 0.0,
             generation=_meta_int(m, "generation") if "generation" in m else 0,
+            encoding=m.get("encoding", "f32"),
+            clip=_meta_float(m, "clip", 1e-9, 1e9),
         )
+
+
+def _model_weights(tensors: Mapping[str, NDArray[np.generic]], meta: Mapping[str, str]) -> Weights:
+    """A model's weights as float32: F32 tensors, or F16 ones (metadata encoding f16) widened."""
+    enc = meta.get("encoding", "f32")
+    if enc == "f32":
+        return _float32(tensors, "model")
+    if enc != "f16":
+        raise ProtocolError(f"model metadata 'encoding' must be f32 or f16, got {enc[:32]!r}")
+    out: Weights = {}
+    for name, arr in tensors.items():
+        if arr.dtype != np.float16:
+            raise ProtocolError(f"model tensor {name!r} has dtype {arr.dtype}, expected float16")
+        out[name] = arr.astype(np.float32)
+    if not out:
+        raise ProtocolError("model carries no tensors")
+    return out
 
 
 def _meta_encoding(meta: Mapping[str, str]) -> str:
     raw = meta.get("encoding", "f32")
     if raw not in ("f32", "f16", "int8"):
         raise ProtocolError(f"metadata 'encoding' must be f32, f16 or int8, got {raw[:32]!r}")
+    return raw
+
+
+def _meta_rotation(meta: Mapping[str, str]) -> str:
+    raw = meta.get("rotation", "none")
+    if raw not in ("none", "hadamard"):
+        raise ProtocolError(f"metadata 'rotation' must be none or hadamard, got {raw[:32]!r}")
     return raw
 
 
@@ -442,6 +514,9 @@ class Update:
     # How ``delta`` is encoded (fededge/protocol/encoding.py); f32 is omitted from the bytes.
     encoding: str = "f32"
     block: int = 0  # int8: elements per scale (0: one scale per tensor)
+    rotation: str = "none"  # "hadamard": one tensor "rotated" (fededge/protocol/rotation.py)
+    # Adaptive clipping: the centred, noised clipped-or-not bit (fededge/protocol/clipping.py).
+    unclipped: float | None = None
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -461,6 +536,10 @@ class Update:
             meta["encoding"] = self.encoding
         if self.encoding == "int8":
             meta["block"] = str(self.block)
+        if self.rotation != "none":
+            meta["rotation"] = self.rotation
+        if self.unclipped is not None:
+            meta["unclipped"] = repr(float(self.unclipped))
         return encode_tensors(self.delta, meta)
 
     @classmethod
@@ -481,6 +560,8 @@ class Update:
             eval_accuracy=_meta_float(m, "eval_accuracy", -math.inf, math.inf),
             encoding=_meta_encoding(m),
             block=_meta_int(m, "block", 0, 1 << 31) if m.get("encoding") == "int8" else 0,
+            rotation=_meta_rotation(m),
+            unclipped=_meta_float(m, "unclipped", -math.inf, math.inf),  # range: the aggregator's
         )
 
 

@@ -3,6 +3,7 @@ sharing and the mask PRG, all from `cryptography`, with randomness passed in."""
 
 from __future__ import annotations
 
+import hmac
 import math
 import os
 import struct
@@ -13,11 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from fededge.errors import SecAggError
 
@@ -81,6 +80,11 @@ class KeyAgreement:
             raise SecAggError(f"private key must be {KEY_BYTES} bytes, got {len(private)}")
         self._key = X25519PrivateKey.from_private_bytes(private)
 
+    @property
+    def public(self) -> bytes:
+        """The raw 32-byte public key of this agreement's private key."""
+        return self._key.public_key().public_bytes_raw()
+
     def with_peer(self, peer_public: bytes) -> bytes:
         """The shared secret with ``peer_public``; rejects malformed and low-order points."""
         if len(peer_public) != KEY_BYTES:
@@ -91,19 +95,45 @@ class KeyAgreement:
             raise SecAggError(f"key agreement failed: {exc}") from exc
 
 
+def generate_agreement(rng: RandomSource) -> tuple[KeyPair, KeyAgreement]:
+    """A fresh X25519 key pair (drawn as :func:`generate_keypair` draws it) and its agreement
+    object: the private key is parsed (and its public key computed) once."""
+    private = rng(KEY_BYTES)
+    agreement = KeyAgreement(private)
+    return KeyPair(private, agreement.public), agreement
+
+
 def agree(private: bytes, peer_public: bytes) -> bytes:
     """The X25519 shared secret of ``private`` and ``peer_public``; rejects low-order points."""
     return KeyAgreement(private).with_peer(peer_public)
 
 
+_NO_SALT = bytes(32)  # RFC 5869: no salt is HashLen zero bytes
+
+
 def _hkdf(secret: bytes, info: bytes, length: int) -> bytes:
-    return HKDF(algorithm=hashes.SHA256(), length=length, salt=None, info=info).derive(secret)
+    """HKDF-SHA256 (RFC 5869) without salt, by one-shot HMACs (a few times cheaper per call than
+    building cryptography's HKDF object; tests/test_secagg_crypto.py checks both agree)."""
+    if not 0 < length <= 255 * 32:
+        raise ValueError(f"HKDF-SHA256 cannot derive {length} bytes")
+    prk = hmac.digest(_NO_SALT, secret, "sha256")
+    block, out = b"", b""
+    for i in range(1, -(-length // 32) + 1):
+        block = hmac.digest(prk, block + info + bytes((i,)), "sha256")
+        out += block
+    return out[:length]
+
+
+def _lp(field: bytes) -> bytes:
+    return len(field).to_bytes(2, "big") + field
+
+
+_DOMAIN_LP = _lp(_DOMAIN)
 
 
 def _context(purpose: bytes, round_id: str, *parties: str) -> bytes:
     """An unambiguous HKDF info / AAD string: length-prefixed fields after a domain tag."""
-    parts = [_DOMAIN, purpose, round_id.encode(), *(p.encode() for p in parties)]
-    return b"".join(struct.pack(">H", len(p)) + p for p in parts)
+    return _DOMAIN_LP + _lp(purpose) + b"".join(_lp(f.encode()) for f in (round_id, *parties))
 
 
 def share_key(shared: bytes, round_id: str, sender: str, recipient: str) -> bytes:

@@ -9,7 +9,6 @@ second or contradictory message ends its participation (fail closed).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from fededge.errors import SecAggError
 from fededge.secagg import crypto, identity
-from fededge.secagg.graph import TERMINAL, Stage, check_stage, connected, neighbour_graph
+from fededge.secagg.graph import TERMINAL, Ring, Stage, check_stage
 from fededge.secagg.messages import (
     BUNDLE_BYTES,
     TO_SERVER,
@@ -85,10 +84,15 @@ def check_parameters(config: RoundConfig, floor: Floor) -> None:
         raise SecAggError(f"cohort of {n} is below this device's floor {floor.min_cohort}")
 
 
-def _fingerprint(msg: Message) -> bytes:
-    if isinstance(msg, MaskedInput):  # never sent to a device; kept total for the type
-        return hashlib.sha256(np.ascontiguousarray(msg.vector).tobytes()).digest()
-    return hashlib.sha256(msg.to_json()).digest()
+# The message types a device takes from the server after the config (the config is compared
+# with the round's own; MaskedInput and the device -> server types are refused before any use).
+_ACCEPTED = (PeerKeys, RelayedShares, SurvivorSet, UnmaskRequest)
+
+
+def _usable(agreement: crypto.KeyAgreement | None) -> crypto.KeyAgreement:
+    if agreement is None:  # unreachable: the stage guards come first
+        raise SecAggError("this round's private key is already forgotten")
+    return agreement
 
 
 class DeviceRound:
@@ -133,19 +137,27 @@ class DeviceRound:
         self._roster = roster
         self._rng = rng
         self._fixed = FixedPoint(config.bits, config.clip, config.scale, config.max_weight)
-        self._graph = neighbour_graph(config.round_id, config.cohort, config.neighbours)
+        self._ring = Ring(config.round_id, config.cohort, config.neighbours)
         self._index = {d: i + 1 for i, d in enumerate(config.cohort)}  # Shamir x-coordinates
-        self._enc = crypto.generate_keypair(rng)
-        self._mask = crypto.generate_keypair(rng)
+        # each private key is parsed once: its agreement object serves every peer
+        self._enc, enc_agreement = crypto.generate_agreement(rng)
+        self._mask, mask_agreement = crypto.generate_agreement(rng)
+        self._enc_agreement: crypto.KeyAgreement | None = enc_agreement
+        self._mask_agreement: crypto.KeyAgreement | None = mask_agreement
         self._self_seed = rng(crypto.SEED_BYTES)
         self._peers: dict[str, tuple[bytes, bytes]] = {}  # verified neighbours' (enc, mask)
+        # verified neighbour -> AES key of the bundle it encrypts to us: derived from the one
+        # X25519 agreement of stage 2, so the relay stage does not repeat k agreements
+        self._bundle_keys: dict[str, bytes] = {}
         # neighbour -> (mask-key share, self-mask share)
         self._held: dict[str, tuple[bytes, bytes]] = {}
         self._partners: tuple[str, ...] | None = None  # neighbours to mask with
         self._signed: tuple[str, ...] | None = None  # the survivor set this device signed
+        self._signed_data = b""  # and the bytes it signed (identity.consistency_data)
         self._encoded: npt.NDArray[np.uint32] | None = None
         self._masked_sent = False
-        self._seen: dict[str, bytes] = {}  # message type -> fingerprint of the one accepted
+        # message type -> the one accepted (compared by value: a redelivery is equal)
+        self._seen: dict[str, Message] = {}
 
     # ------------------------------------------------------------------------------- inputs
     def start(self) -> list[Outgoing]:
@@ -213,29 +225,29 @@ class DeviceRound:
             raise SecAggError(
                 f"message for round {msg.round_id!r}, this is {self.config.round_id!r}"
             )
-        seen = self._seen.get(msg.TYPE)
-        if seen is not None:
-            if seen == _fingerprint(msg):
-                return []  # an at-least-once redelivery
-            raise SecAggError(f"a second, different {msg.TYPE} message")
         if isinstance(msg, RoundStatus):
             return self._on_status(msg)
-        if isinstance(msg, PeerKeys | RelayedShares) and msg.device != self.device_id:
-            raise SecAggError(f"{msg.TYPE} message addressed to {msg.device!r}")
         if isinstance(msg, RoundConfig):
             if msg != self.config:
                 raise SecAggError("a different config for this round")
             return []
-        self._seen[msg.TYPE] = _fingerprint(msg)
+        if not isinstance(msg, _ACCEPTED):
+            raise SecAggError(f"a device does not accept {msg.TYPE} messages")
+        seen = self._seen.get(msg.TYPE)
+        if seen is not None:
+            if seen == msg:  # field by field, as the canonical JSON of both would compare
+                return []  # an at-least-once redelivery
+            raise SecAggError(f"a second, different {msg.TYPE} message")
+        if isinstance(msg, PeerKeys | RelayedShares) and msg.device != self.device_id:
+            raise SecAggError(f"{msg.TYPE} message addressed to {msg.device!r}")
+        self._seen[msg.TYPE] = msg
         if isinstance(msg, PeerKeys):
             return self._on_peer_keys(msg)
         if isinstance(msg, RelayedShares):
             return self._on_relay(msg)
         if isinstance(msg, SurvivorSet):
             return self._on_survivors(msg)
-        if isinstance(msg, UnmaskRequest):
-            return self._on_unmask(msg)
-        raise SecAggError(f"a device does not accept {msg.TYPE} messages")
+        return self._on_unmask(msg)
 
     # ------------------------------------------------------------------------------- stages
     def _on_status(self, msg: RoundStatus) -> list[Outgoing]:
@@ -249,7 +261,7 @@ class DeviceRound:
     def _on_peer_keys(self, msg: PeerKeys) -> list[Outgoing]:
         check_stage(self.stage, Stage.ADVERTISE, what="neighbour keys")
         cfg, me = self.config, self.device_id
-        unknown = set(msg.keys) - self._graph[me]
+        unknown = set(msg.keys) - self._ring.neighbours(me)
         if unknown:
             raise SecAggError(f"keys for devices that are not neighbours: {sorted(unknown)}")
         peers: dict[str, tuple[bytes, bytes]] = {}
@@ -273,15 +285,17 @@ class DeviceRound:
         xs = [self._index[p] for p in names]
         key_shares = crypto.split_secret(self._mask.private, xs, cfg.threshold, self._rng)
         seed_shares = crypto.split_secret(self._self_seed, xs, cfg.threshold, self._rng)
-        cts = {}
-        agreement = crypto.KeyAgreement(self._enc.private)
+        cts, bundle_keys = {}, {}
+        agreement = _usable(self._enc_agreement)
         for peer, s_share, b_share in zip(names, key_shares, seed_shares, strict=True):
             shared = agreement.with_peer(peers[peer][0])
             key = crypto.share_key(shared, cfg.round_id, me, peer)
             cts[peer] = crypto.encrypt_bundle(
                 key, cfg.round_id, me, peer, s_share + b_share, self._rng
             )
-        self._peers = peers
+            bundle_keys[peer] = crypto.share_key(shared, cfg.round_id, peer, me)
+        self._peers, self._bundle_keys = peers, bundle_keys
+        self._forget_enc()  # the relay needs only the bundle keys
         self.stage = Stage.SHARE
         return [Outgoing(TO_SERVER, ShareKeys(cfg.round_id, me, cts))]
 
@@ -294,11 +308,9 @@ class DeviceRound:
                 f"shares from devices that are not live neighbours: {sorted(unknown)}"
             )
         held = {}
-        agreement = crypto.KeyAgreement(self._enc.private)
         for sender, ct in sorted(msg.ciphertexts.items()):
             try:
-                shared = agreement.with_peer(self._peers[sender][0])
-                key = crypto.share_key(shared, cfg.round_id, sender, me)
+                key = self._bundle_keys[sender]
                 bundle = crypto.decrypt_bundle(key, cfg.round_id, sender, me, ct)
                 if len(bundle) != BUNDLE_BYTES:
                     raise SecAggError(f"bundle from {sender!r} has {len(bundle)} bytes")
@@ -321,7 +333,7 @@ class DeviceRound:
                 f"{len(held)} neighbours' bundles decrypted, fewer than the threshold "
                 f"{cfg.threshold}: no masked input"
             )
-        self._held = held
+        self._held, self._bundle_keys = held, {}
         self._partners = tuple(sorted(msg.ciphertexts))
         self.stage = Stage.MASKED
         return self._maybe_send_masked()
@@ -333,13 +345,13 @@ class DeviceRound:
         y = self._encoded
         prg = crypto.MaskPRG(y.shape[0])
         add_mod(y, prg.expand(self._self_seed), bits)
-        agreement = crypto.KeyAgreement(self._mask.private)
+        agreement = _usable(self._mask_agreement)
         for peer in self._partners:
             shared = agreement.with_peer(self._peers[peer][1])
             mask = prg.expand(crypto.pair_seed(shared, cfg.round_id, me, peer))
             # The smaller id adds and the larger subtracts, so the pair's masks cancel in the sum.
             (add_mod if me < peer else sub_mod)(y, mask, bits)
-        self._encoded = None
+        self._encoded, self._mask_agreement = None, None
         self._masked_sent = True
         return [Outgoing(TO_SERVER, MaskedInput(cfg.round_id, me, y))]
 
@@ -353,7 +365,7 @@ class DeviceRound:
             raise SecAggError(
                 f"{len(survivors)} survivors, fewer than the threshold {cfg.threshold}"
             )
-        if not connected(self._graph, survivors):
+        if not self._ring.connected(survivors):
             raise SecAggError("survivors are not connected: their partial sums would be revealed")
 
     def _on_survivors(self, msg: SurvivorSet) -> list[Outgoing]:
@@ -364,7 +376,8 @@ class DeviceRound:
             raise SecAggError("survivor set before this device sent its masked input")
         self._check_survivors(msg.survivors)
         cfg = self.config
-        sig = identity.sign(self._identity, identity.consistency_data(cfg, msg.survivors))
+        self._signed_data = identity.consistency_data(cfg, msg.survivors)  # checked again below
+        sig = identity.sign(self._identity, self._signed_data)
         self._signed = msg.survivors
         self.stage = Stage.CONSISTENCY
         return [Outgoing(TO_SERVER, ConsistencyCheck(cfg.round_id, self.device_id, sig))]
@@ -377,14 +390,17 @@ class DeviceRound:
         cfg, me = self.config, self.device_id
         if msg.survivors != self._signed:
             raise SecAggError("the unmask request's survivor set is not the one this device signed")
-        data = identity.consistency_data(cfg, msg.survivors)
+        # This device signed exactly this set (checked above), so it counts itself without
+        # verifying its own signature and needs t - 1 valid ones from the other survivors.
+        data = self._signed_data  # the bytes of the set this device signed, equal to the request's
+        others = {d: s for d, s in msg.signatures.items() if d != me}
         signers = identity.valid_signers(
-            self._roster, msg.signatures, data, msg.survivors, need=cfg.threshold
+            self._roster, others, data, msg.survivors, need=cfg.threshold - 1
         )
-        if len(signers) < cfg.threshold:
+        if len(signers) + 1 < cfg.threshold:
             raise SecAggError(
-                f"{len(signers)} valid signatures on the survivor set, fewer than the threshold "
-                f"{cfg.threshold}"
+                f"{len(signers) + 1} valid signatures on the survivor set (this device's "
+                f"included), fewer than the threshold {cfg.threshold}"
             )
         if self._partners is None:  # unreachable: the CONSISTENCY stage follows the relay
             raise SecAggError("unmask request before the relay")
@@ -397,7 +413,12 @@ class DeviceRound:
 
     def _forget(self) -> None:
         self._encoded = None
-        self._held = {}
+        self._held, self._bundle_keys = {}, {}
         self._self_seed = b""
         self._mask = crypto.KeyPair(b"", self._mask.public)
+        self._mask_agreement = None
+        self._forget_enc()
+
+    def _forget_enc(self) -> None:
         self._enc = crypto.KeyPair(b"", self._enc.public)
+        self._enc_agreement = None

@@ -42,18 +42,21 @@ def config_digest(config: RoundConfig) -> bytes:
     return hashlib.sha256(config.to_json()).digest()
 
 
+@functools.lru_cache(maxsize=16)  # the same for every advertisement of a round
+def _head(config: RoundConfig, kind: bytes) -> bytes:
+    return _lp(DOMAIN) + _lp(kind) + config_digest(config) + _lp(config.round_id.encode())
+
+
 def advertise_data(config: RoundConfig, device: str, enc_key: bytes, mask_key: bytes) -> bytes:
     """The bytes a device signs when it advertises its two public keys."""
-    head = _lp(DOMAIN) + _lp(b"advertise") + config_digest(config)
-    return head + _lp(config.round_id.encode()) + _lp(device.encode()) + enc_key + mask_key
+    return _head(config, b"advertise") + _lp(device.encode()) + enc_key + mask_key
 
 
 def consistency_data(config: RoundConfig, survivors: Sequence[str]) -> bytes:
     """The bytes a survivor signs for the survivor set (sorted ids)."""
     members = sorted(survivors)
-    head = _lp(DOMAIN) + _lp(b"consistency") + config_digest(config)
     body = struct.pack(">I", len(members)) + b"".join(_lp(m.encode()) for m in members)
-    return head + _lp(config.round_id.encode()) + body
+    return _head(config, b"consistency") + body
 
 
 def sign(key: Ed25519PrivateKey, data: bytes) -> bytes:
@@ -83,7 +86,9 @@ def valid_signers(
 
     With ``need``, stops as soon as that many verified (a device needs t, not all n).
     """
-    ok, found = set(allowed), set()
+    ok, found = set(allowed), set[str]()
+    if need is not None and need <= 0:
+        return found
     for d in sorted(signatures):
         if d in ok and verify(roster.get(d), signatures[d], data):
             found.add(d)
