@@ -120,9 +120,39 @@ class AggregatorSettings(_Section):
     fleet_max_devices: int = Field(
         100_000, ge=1, description="devices the fleet gauges keep state for (oldest forgotten)"
     )
+    standby: bool = Field(
+        False, description="wait as a standby while another instance holds the task's lease"
+    )
+    lease_settle: float = Field(
+        1.0, gt=0, le=60, description="s to wait for rival claims after claiming the lease"
+    )
+    shards: int = Field(0, ge=0, le=256, description="shard workers of a sharded task (0: none)")
+    shard_id: int | None = Field(None, ge=0, description="run as this shard worker")
+    coordinator: bool = Field(False, description="run as the coordinator of a sharded task")
+    shard_group: str | None = Field(
+        None,
+        description="MQTT shared-subscription group of the shard workers (default: "
+        "fededge-{task}); set one devices cannot guess (docs/operations.md)",
+    )
+    shard_batch: int | None = Field(
+        None, ge=1, description="updates per partial sum (default: min_updates_per_version)"
+    )
+    ship_interval: float = Field(1.0, gt=0, description="s after which a partial batch is sent")
+    ship_timeout: float = Field(10.0, gt=0, description="s without an answer before resending")
+    lease_refresh: float = Field(
+        10.0,
+        gt=0,
+        description="s between lease refreshes; a lease 3x older with no refresh "
+        "is stale (its holder vanished without the broker sending its will)",
+    )
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, 0600) that signs model versions and receipts"
     )
+
+    @field_validator("shard_group")
+    @classmethod
+    def _shard_group(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "shard_group")
 
 
 class DeviceSettings(_Section):

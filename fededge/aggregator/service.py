@@ -25,6 +25,7 @@ from fededge.aggregator.store import Store, task_root
 from fededge.errors import (
     ConfigError,
     FededgeError,
+    LeaseError,
     NotReadyError,
     ProtocolError,
     StorageError,
@@ -150,6 +151,14 @@ class Aggregator:
         )
         self.core.rounds = self.rounds
         self._callbacks: list[NewVersionCallback] = []
+        # Called before anything is written (a batch folded, a version): raises once this
+        # process may no longer be the task's writer (the lease of `fededge aggregator`).
+        self.fence: Callable[[], object] = lambda: None
+        # Sharded aggregation (coordinator.py): the coordinator takes no device updates, but
+        # subscribes to the workers' partial sums and handles them first (True: handled).
+        self.update_filter: str | None = self.topics.updates_filter
+        self.extra_subscriptions: list[tuple[str, int]] = []
+        self.on_other: Callable[[Message], bool] = lambda _msg: False
         self._deferred: list[Message] = []
         self._client_id = (
             client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}"
@@ -165,6 +174,7 @@ class Aggregator:
             manual_ack=True,
             will=Will(self.topics.aggregator_status, self._offline()),
             name="aggregator",
+            exclusive=True,  # another process with our id: stop, never kick it back (lease.py)
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -258,7 +268,8 @@ class Aggregator:
         # Retained copies on the broker are ours: restore any the broker lost.
         self._execute([*self.core.state.current(), self.core.status_publish(time.time())],
                       strict=True)  # fmt: skip
-        subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions(),
+        own = [(self.update_filter, 1)] if self.update_filter else []
+        subs = [*own, *self.extra_subscriptions, *self.rounds.subscriptions(),
                 (self.topics.device_status_filter, 0)]  # fmt: skip
         for qos in (0, 1):  # QoS 0 first: no PUBACK a broker could wait for (see above)
             self._subscribe([t for t, q in subs if q == qos], qos, tick, should_stop)
@@ -304,10 +315,13 @@ class Aggregator:
             tick()
             self.step(timeout=0.2)
 
-    def close(self) -> None:
-        """Publish the offline status and disconnect; on-disk state is always consistent."""
+    def close(self, *, offline: bool = True) -> None:
+        """Publish the offline status and disconnect; on-disk state is always consistent.
+
+        ``offline=False`` after losing the lease: the status topic is the new writer's.
+        """
         try:
-            if self.client.connected:
+            if offline and self.client.connected:
                 self.client.publish(self.topics.aggregator_status, self._offline(), retain=True,
                                     wait=True, timeout=2)  # fmt: skip
         except FededgeError as e:
@@ -320,6 +334,7 @@ class Aggregator:
     # -- main loop --------------------------------------------------------------------------
     def step(self, timeout: float) -> int:
         """Process one batch (at most ``group_commit_max`` messages); return how many."""
+        self.fence()
         batch = self._deferred[: self.cfg.group_commit_max]
         del self._deferred[: len(batch)]
         if not batch:
@@ -347,6 +362,7 @@ class Aggregator:
                 continue
             with self._guard(msg):
                 self._execute(self.core.ingest(_incoming(msg)))
+        self.fence()
         self._execute(self.core.commit(time.time()))
         for msg in controls:
             self._control(msg)
@@ -362,8 +378,8 @@ class Aggregator:
         """Run the handling of one message so that a bug in it cannot stop the service."""
         try:
             yield
-        except (StorageError, OSError):
-            raise  # the disk failed: stop rather than acknowledge what is not durable
+        except (StorageError, OSError, LeaseError):
+            raise  # the disk failed, or another process is the writer: stop, write nothing
         except Exception:
             # A bug (NotReadyError, a misuse, included) must not take the service down or
             # wedge the message: count it, log the traceback, send the documented
@@ -373,6 +389,8 @@ class Aggregator:
 
     def _control(self, msg: Message) -> None:
         with self._guard(msg):
+            if self.on_other(msg):
+                return
             if self.topics.parse_round(msg.topic) is not None or msg.topic == self.topics.roster:
                 try:
                     self.rounds.on_message(msg)

@@ -2,7 +2,9 @@
 
 from fededge.protocol.messages import (
     PROTOCOL_VERSION,
+    AggregatorLease,
     AggregatorStatus,
+    BatchAck,
     DeviceStatus,
     Graph,
     ModelVersion,
@@ -17,7 +19,9 @@ from fededge.protocol.topics import Topics
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AggregatorLease",
     "AggregatorStatus",
+    "BatchAck",
     "DeviceStatus",
     "Graph",
     "ModelVersion",

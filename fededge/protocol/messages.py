@@ -233,6 +233,43 @@ class AggregatorStatus(_Json):
     stopped: str | None = Field(None, max_length=256)
 
 
+class AggregatorLease(_Json):
+    """Retained claim of one aggregator process to a role of a task (docs/operations.md).
+
+    ``role`` is ``writer`` (the one process that publishes versions: a single aggregator or the
+    coordinator) or ``shard-{id}`` (a shard worker). The holder's lease connection has a Last
+    Will that clears the topic, so the broker frees the lease when the holder dies.
+    """
+
+    kind: Literal["aggregator_lease"] = "aggregator_lease"
+    task: Name
+    role: Name
+    instance: Name
+    host: str = Field("", max_length=253)
+    pid: int = Field(0, ge=0)
+    time: float = Field(0.0, ge=0)
+
+
+class BatchAck(_Json):
+    """The coordinator's answer to a worker's partial sum ``(worker, seq)``.
+
+    ``merged``: stored durably, it will be in the next version; ``duplicate``: already stored or
+    published; ``conflict``: some of its updates are already counted (a resend another worker
+    took): the worker sends the batch again without the ``exclude`` keys; ``refused``: the
+    worker is not in the coordinator's shard set (it stops).
+    """
+
+    kind: Literal["batch_ack"] = "batch_ack"
+    task: Name
+    worker: Name
+    seq: int = Field(ge=0, lt=1 << 53)
+    status: Literal["merged", "duplicate", "conflict", "refused"]
+    exclude: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        default_factory=list, max_length=100_000
+    )
+    detail: str | None = Field(None, max_length=1024)  # why, for "refused"
+
+
 class CheckIn(_Json):
     """A device with an update on ``base_version`` ready for a secure-aggregation round."""
 
