@@ -84,3 +84,11 @@ class SignatureError(FededgeError):
 
 class SecAggError(FededgeError):
     """A secure-aggregation protocol violation or an aborted round."""
+
+
+class LeaseError(FededgeError):
+    """Another aggregator process holds (or took over) this role of the task: stop, fold nothing.
+
+    Raised when a second ``fededge aggregator`` starts for a task that has one, and when a
+    running one loses its lease; the message names the other instance.
+    """

@@ -110,6 +110,18 @@ class AggregatorSettings(_Section):
     fleet_max_devices: int = Field(
         100_000, ge=1, description="devices the fleet gauges keep state for (oldest forgotten)"
     )
+    standby: bool = Field(
+        False, description="wait as a standby while another instance holds the task's lease"
+    )
+    lease_settle: float = Field(
+        1.0, gt=0, le=60, description="s to wait for rival claims after claiming the lease"
+    )
+    lease_refresh: float = Field(
+        10.0,
+        gt=0,
+        description="s between lease refreshes; a lease 3x older with no refresh "
+        "is stale (its holder vanished without the broker sending its will)",
+    )
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, 0600) that signs model versions and receipts"
     )

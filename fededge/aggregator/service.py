@@ -147,6 +147,9 @@ class Aggregator:
         )
         self.core.rounds = self.rounds
         self._callbacks: list[NewVersionCallback] = []
+        # Called before anything is written (a batch folded, a version): raises once this
+        # process may no longer be the task's writer (the lease of `fededge aggregator`).
+        self.fence: Callable[[], object] = lambda: None
         self._deferred: list[Message] = []
         self._client_id = (
             client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}"
@@ -162,6 +165,7 @@ class Aggregator:
             manual_ack=True,
             will=Will(self.topics.aggregator_status, self._offline()),
             name="aggregator",
+            exclusive=True,  # another process with our id: stop, never kick it back (lease.py)
         )
 
     # -- public API -------------------------------------------------------------------------
@@ -299,10 +303,13 @@ class Aggregator:
             tick()
             self.step(timeout=0.2)
 
-    def close(self) -> None:
-        """Publish the offline status and disconnect; on-disk state is always consistent."""
+    def close(self, *, offline: bool = True) -> None:
+        """Publish the offline status and disconnect; on-disk state is always consistent.
+
+        ``offline=False`` after losing the lease: the status topic is the new writer's.
+        """
         try:
-            if self.client.connected:
+            if offline and self.client.connected:
                 self.client.publish(self.topics.aggregator_status, self._offline(), retain=True,
                                     wait=True, timeout=2)  # fmt: skip
         except FededgeError as e:
@@ -315,6 +322,7 @@ class Aggregator:
     # -- main loop --------------------------------------------------------------------------
     def step(self, timeout: float) -> int:
         """Process one batch (at most ``group_commit_max`` messages); return how many."""
+        self.fence()
         batch = self._deferred[: self.cfg.group_commit_max]
         del self._deferred[: len(batch)]
         if not batch:
@@ -342,6 +350,7 @@ class Aggregator:
                 continue
             with self._guard(msg):
                 self._execute(self.core.ingest(_incoming(msg)))
+        self.fence()
         self._execute(self.core.commit(time.time()))
         for msg in controls:
             self._control(msg)

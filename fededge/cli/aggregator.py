@@ -8,7 +8,7 @@ import click
 
 from fededge import systemd
 from fededge.cli.common import settings_options
-from fededge.errors import ConfigError
+from fededge.errors import ConfigError, LeaseError
 from fededge.settings import Settings
 
 log = logging.getLogger("fededge.aggregator")
@@ -21,37 +21,84 @@ log = logging.getLogger("fededge.aggregator")
     default=None,
     help="Give up after this many seconds without a model (default: wait forever).",
 )
+@click.option(
+    "--standby",
+    is_flag=True,
+    default=None,
+    help="If another instance runs this task, wait and take over when it is gone "
+    "(default: refuse to start).",
+)
 @settings_options
 @click.pass_context
-def aggregator(ctx: click.Context, settings: Settings, wait_for_model: float | None) -> int | None:
+def aggregator(
+    ctx: click.Context, settings: Settings, wait_for_model: float | None, standby: bool | None
+) -> int | None:
     """Run the aggregator service until SIGTERM/SIGINT (or run one of the commands below)."""
     if ctx.invoked_subcommand is not None:
         return None
+    if standby is not None:
+        settings.aggregator.standby = standby
+    from fededge.aggregator.lease import Lease
     from fededge.aggregator.service import Aggregator
 
     shutdown = systemd.install_signal_handlers()
     dog = systemd.Watchdog()
-    agg = Aggregator(settings)
+    # One writer per task: claim the task's lease before the state is opened or the task's
+    # client id connects (that would take the running instance's session over).
+    lease = Lease(settings)
+    try:
+        systemd.status("claiming the task's aggregator lease")
+        lease.acquire(
+            standby=settings.aggregator.standby,
+            tick=dog.tick,
+            should_stop=lambda: shutdown.requested,
+            on_standby=lambda h: (
+                systemd.ready(f"standby: instance {h.instance} on {h.host} is active"),
+                systemd.status(f"standby behind instance {h.instance} on {h.host}"),
+            ),
+        )
+    except BaseException:
+        lease.release()
+        shutdown.restore()
+        raise
+    try:
+        agg = Aggregator(settings)
+    except BaseException:
+        lease.release()
+        shutdown.restore()
+        raise
+    lease.watch_session(lambda: agg.client)  # start() makes a new client
+    agg.fence = lambda: lease.check(dog.tick)
+
+    def tick() -> None:  # the watchdog, and a lost lease ends the service wherever it is
+        dog.tick()
+        lease.check(dog.tick)
+
+    lost = False
     try:
         systemd.status("starting: restoring state and connecting")
         # READY once the broker answered: waiting for `fededge model init` is a working state,
         # not a start-up that should time out.
         agg.start(
             wait_for_model=wait_for_model,
-            tick=dog.tick,
+            tick=tick,
             should_stop=lambda: shutdown.requested,
             on_connected=lambda: systemd.ready("connected; restoring state"),
         )
         systemd.status(f"version {agg.version}, waiting for updates")
         agg.on_new_version(lambda _m, _old, new: systemd.status(f"published version {new}"))
-        agg.run(lambda: shutdown.requested, tick=dog.tick)
+        agg.run(lambda: shutdown.requested, tick=tick)
         log.info("stopping: shutdown requested (signal %s)", shutdown.signum)
         return 0
     except systemd.ShutdownRequested:
         return 0
+    except LeaseError:
+        lost = True
+        raise
     finally:
         systemd.stopping("shutting down")
-        agg.close()
+        agg.close(offline=not lost)
+        lease.release()
         shutdown.restore()
 
 

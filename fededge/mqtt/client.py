@@ -104,6 +104,7 @@ class MqttClient:
         max_queued: int = 0,
         max_inbox: int = DEFAULT_INBOX,
         name: str = "mqtt",
+        exclusive: bool = False,
     ) -> None:
         if not client_id:
             raise ConfigError("MQTT client id must not be empty")
@@ -116,6 +117,7 @@ class MqttClient:
         self._v5 = broker.protocol == "5"
         self.messages = Inbox(max_inbox, on_take=None if manual_ack else self._ack_taken)
         self._session = Session(broker, self._addr, self._log, self.messages, manual_ack)
+        self._session.exclusive = exclusive
         self._started = False
 
         self._client = _paho_client(broker, client_id, persistent, max_queued, will)
@@ -167,6 +169,15 @@ class MqttClient:
     def connected(self) -> bool:
         """Whether a CONNACK was received and the connection has not dropped since."""
         return self._session.connected.is_set() and self._client.is_connected()
+
+    @property
+    def taken_over(self) -> bool:
+        """Whether the broker replaced this connection by another with the same client id.
+
+        MQTT 5 only (3.1.1 just closes the socket). An ``exclusive`` client then stays
+        disconnected instead of taking the session back.
+        """
+        return self._session.taken_over.is_set()
 
     def add_connect_listener(self, fn: Callable[[bool], None]) -> None:
         """Call ``fn(session_present)`` after every (re)connect, from the network thread."""

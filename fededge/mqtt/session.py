@@ -23,6 +23,14 @@ from fededge.mqtt.inbox import Inbox, Message
 from fededge.mqtt.security import refusal
 from fededge.settings import BrokerSettings
 
+# MQTT 5 DISCONNECT reason code: another connection with the same client id replaced this one.
+SESSION_TAKEN_OVER = 0x8E
+# Brokers that do not say so (Mosquitto 2.0.11 just closes the socket, and MQTT 3.1.1 has no
+# reason codes): this many connections in a row lost within FLAP_WINDOW seconds of their
+# CONNACK are taken as a takeover ping-pong with another client that has our id.
+FLAP_LIMIT = 3
+FLAP_WINDOW = 2.0
+
 
 class Session:
     """Connection number, subscriptions, unacknowledged messages and pending (un)subscribes."""
@@ -46,6 +54,12 @@ class Session:
         self.connected = threading.Event()
         self.first: TransportError | bool | None = None  # outcome of the first CONNACK
         self.closing = False
+        # Set when the broker ended the connection because another client connected with our
+        # id (MQTT 5 reason 0x8E); with ``exclusive`` the client then stops reconnecting.
+        self.taken_over = threading.Event()
+        self.exclusive = False
+        self._connack_at = 0.0
+        self._flaps = 0
         self.last_error = ""
         self.net_thread: int | None = None
         self.client: paho.Client | None = None
@@ -146,6 +160,7 @@ class Session:
                 reconnect = self.first is True
                 self.first = True
                 self.cond.notify_all()
+            self._connack_at = time.monotonic()
             self.connected.set()
             if reconnect:
                 self.log.info("reconnected to %s (session present: %s)", self.addr, session)
@@ -175,6 +190,27 @@ class Session:
         with self.lock:  # see ack(): no PUBACK is queued once this has run
             self.connected.clear()
         why = reason.getName()
+        quick = time.monotonic() - self._connack_at < FLAP_WINDOW
+        self._flaps = self._flaps + 1 if quick and not self.closing else 0
+        said = flags.is_disconnect_packet_from_server and reason.value == SESSION_TAKEN_OVER
+        if said or self._flaps >= FLAP_LIMIT:
+            self.taken_over.set()
+            if not said:
+                self.log.error("%d connections in a row to %s lost within %g s of being "
+                               "accepted: another client is probably using our client id",
+                               self._flaps, self.addr, FLAP_WINDOW)  # fmt: skip
+            if self.exclusive:
+                # Reconnecting would take the session back from the other client, which does
+                # the same: two processes kicking each other off every second. Stop instead.
+                # Quirk: paho has no public switch; loop_forever reads this flag right after
+                # the disconnect callback (disconnect() here would be overridden by the
+                # CONNECTION_LOST state it sets afterwards).
+                client._reconnect_on_failure = False
+                self.log.error("broker %s: another client connected with our client id "
+                               "(session taken over); not reconnecting", self.addr)  # fmt: skip
+                with self.cond:
+                    self.cond.notify_all()
+                return
         if flags.is_disconnect_packet_from_server:
             why = f"broker sent DISCONNECT: {why}"
         elif why == "Unspecified error":

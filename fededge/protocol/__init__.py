@@ -2,6 +2,7 @@
 
 from fededge.protocol.messages import (
     PROTOCOL_VERSION,
+    AggregatorLease,
     AggregatorStatus,
     DeviceStatus,
     Graph,
@@ -17,6 +18,7 @@ from fededge.protocol.topics import Topics
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "AggregatorLease",
     "AggregatorStatus",
     "DeviceStatus",
     "Graph",

@@ -198,6 +198,23 @@ class AggregatorStatus(_Json):
     stopped: str | None = Field(None, max_length=256)
 
 
+class AggregatorLease(_Json):
+    """Retained claim of one aggregator process to a role of a task (docs/operations.md).
+
+    ``role`` is ``writer`` (the one process that publishes versions: a single aggregator or the
+    coordinator) or ``shard-{id}`` (a shard worker). The holder's lease connection has a Last
+    Will that clears the topic, so the broker frees the lease when the holder dies.
+    """
+
+    kind: Literal["aggregator_lease"] = "aggregator_lease"
+    task: Name
+    role: Name
+    instance: Name
+    host: str = Field("", max_length=253)
+    pid: int = Field(0, ge=0)
+    time: float = Field(0.0, ge=0)
+
+
 class CheckIn(_Json):
     """A device with an update on ``base_version`` ready for a secure-aggregation round."""
 

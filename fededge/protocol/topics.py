@@ -61,6 +61,10 @@ class Topics:
     def aggregator_status(self) -> str:
         return f"{self.base}/aggregator/status"
 
+    def aggregator_lease(self, role: str) -> str:
+        """Retained, the claim of one aggregator process to ``role``; its Last Will clears it."""
+        return f"{self.base}/aggregator/lease/{check_name(role, 'role')}"
+
     def version_metrics(self, version: int) -> str:
         return f"{self.base}/versions/{version}/metrics"
 
