@@ -170,6 +170,31 @@ class DeviceSettings(_Section):
         return v
 
 
+class GatewaySettings(_Section):
+    """A site gateway (``fededge gateway``, docs/operations.md "Site gateways").
+
+    It folds the updates of one site's devices on the site broker and sends their partial sum
+    upstream through the broker bridge; ``broker`` is the site broker. Folding reuses
+    ``aggregator.fsync``, ``commit_delay``, ``group_commit_max`` and ``max_update_bytes``.
+    """
+
+    site: str | None = Field(None, description="name of the site (gateway-{site} upstream)")
+    signing_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM, 0600) that signs the gateway's receipts"
+    )
+    ship_interval: float = Field(
+        5.0, gt=0, description="s after a batch's first update before it is sent upstream"
+    )
+    ship_timeout: float = Field(
+        30.0, gt=0, description="s without the central answer before the batch is sent again"
+    )
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "gateway.site")
+
+
 class TrustSettings(_Section):
     """Whose signatures this process trusts (docs/security.md). Empty: it trusts the broker.
 
@@ -182,6 +207,10 @@ class TrustSettings(_Section):
         None, description="aggregator's public key(s): model versions, receipts"
     )
 
+    gateway_key: str | None = Field(
+        None, description="site gateway's public key(s): receipts only (docs/operations.md)"
+    )
+
     def owner_keys(self) -> list[Ed25519PublicKey]:
         """The model owner's trusted keys (empty: plans and graphs are not verified)."""
         return trusted_keys(self.owner_key, "trust.owner_key")
@@ -189,6 +218,10 @@ class TrustSettings(_Section):
     def aggregator_keys(self) -> list[Ed25519PublicKey]:
         """The aggregator's trusted keys (empty: models and receipts are not verified)."""
         return trusted_keys(self.aggregator_key, "trust.aggregator_key")
+
+    def gateway_keys(self) -> list[Ed25519PublicKey]:
+        """Site gateways' keys, trusted for receipts only (never for models)."""
+        return trusted_keys(self.gateway_key, "trust.gateway_key")
 
 
 def trusted_keys(value: str | None, what: str) -> list[Ed25519PublicKey]:
@@ -249,6 +282,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     aggregator: AggregatorSettings = Field(default_factory=AggregatorSettings)
     device: DeviceSettings = Field(default_factory=DeviceSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 
