@@ -116,6 +116,14 @@ class AggregatorSettings(_Section):
     lease_settle: float = Field(
         1.0, gt=0, le=60, description="s to wait for rival claims after claiming the lease"
     )
+    shards: int = Field(0, ge=0, le=256, description="shard workers of a sharded task (0: none)")
+    shard_id: int | None = Field(None, ge=0, description="run as this shard worker")
+    coordinator: bool = Field(False, description="run as the coordinator of a sharded task")
+    shard_batch: int | None = Field(
+        None, ge=1, description="updates per partial sum (default: min_updates_per_version)"
+    )
+    ship_interval: float = Field(1.0, gt=0, description="s after which a partial batch is sent")
+    ship_timeout: float = Field(10.0, gt=0, description="s without an answer before resending")
     lease_refresh: float = Field(
         10.0,
         gt=0,

@@ -22,9 +22,11 @@ from fededge.testing import wait_until
 pytestmark = pytest.mark.broker
 
 
-def _start(url: str, task: str, state: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+def _start(
+    url: str, task: str, state: Path, log: Path, *extra: str, **env_extra: str
+) -> subprocess.Popen[bytes]:
     env = {**os.environ, "FEDEDGE_AGGREGATOR__METRICS": "false",
-           "FEDEDGE_AGGREGATOR__LEASE_SETTLE": "0.5"}  # fmt: skip
+           "FEDEDGE_AGGREGATOR__LEASE_SETTLE": "0.5", **env_extra}  # fmt: skip
     cmd = [sys.executable, "-m", "fededge.cli", "aggregator", "--broker", url, "--task", task,
            "--state-dir", str(state), "--wait-for-model", "30", *extra]  # fmt: skip
     return subprocess.Popen(cmd, stdout=log.open("ab"), stderr=subprocess.STDOUT, env=env)

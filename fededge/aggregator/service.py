@@ -150,6 +150,11 @@ class Aggregator:
         # Called before anything is written (a batch folded, a version): raises once this
         # process may no longer be the task's writer (the lease of `fededge aggregator`).
         self.fence: Callable[[], object] = lambda: None
+        # Sharded aggregation (coordinator.py): the coordinator takes no device updates, but
+        # subscribes to the workers' partial sums and handles them first (True: handled).
+        self.update_filter: str | None = self.topics.updates_filter
+        self.extra_subscriptions: list[tuple[str, int]] = []
+        self.on_other: Callable[[Message], bool] = lambda _msg: False
         self._deferred: list[Message] = []
         self._client_id = (
             client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}"
@@ -258,7 +263,8 @@ class Aggregator:
         # Retained copies on the broker are ours: restore any the broker lost.
         self._execute([*self.core.state.current(), self.core.status_publish(time.time())],
                       strict=True)  # fmt: skip
-        subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions(),
+        own = [(self.update_filter, 1)] if self.update_filter else []
+        subs = [*own, *self.extra_subscriptions, *self.rounds.subscriptions(),
                 (self.topics.device_status_filter, 0)]  # fmt: skip
         for qos in (0, 1):  # QoS 0 first: no PUBACK a broker could wait for (see above)
             self._subscribe([t for t, q in subs if q == qos], qos, tick, should_stop)
@@ -377,6 +383,8 @@ class Aggregator:
 
     def _control(self, msg: Message) -> None:
         with self._guard(msg):
+            if self.on_other(msg):
+                return
             if self.topics.parse_round(msg.topic) is not None or msg.topic == self.topics.roster:
                 try:
                     self.rounds.on_message(msg)

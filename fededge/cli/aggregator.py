@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -10,6 +11,9 @@ from fededge import systemd
 from fededge.cli.common import settings_options
 from fededge.errors import ConfigError, LeaseError
 from fededge.settings import Settings
+
+if TYPE_CHECKING:
+    from fededge.aggregator.lease import Lease
 
 log = logging.getLogger("fededge.aggregator")
 
@@ -25,31 +29,51 @@ log = logging.getLogger("fededge.aggregator")
     "--standby",
     is_flag=True,
     default=None,
-    help="If another instance runs this task, wait and take over when it is gone "
+    help="If another instance runs this task (or shard), wait and take over when it is gone "
     "(default: refuse to start).",
+)
+@click.option("--shards", type=int, default=None, help="Shard workers of a sharded task.")
+@click.option("--shard-id", type=int, default=None, help="Run as this shard worker (0-based).")
+@click.option(
+    "--coordinator", is_flag=True, default=None, help="Run as the sharded task's coordinator."
 )
 @settings_options
 @click.pass_context
 def aggregator(
-    ctx: click.Context, settings: Settings, wait_for_model: float | None, standby: bool | None
+    ctx: click.Context,
+    settings: Settings,
+    wait_for_model: float | None,
+    standby: bool | None,
+    shards: int | None,
+    shard_id: int | None,
+    coordinator: bool | None,
 ) -> int | None:
     """Run the aggregator service until SIGTERM/SIGINT (or run one of the commands below)."""
     if ctx.invoked_subcommand is not None:
         return None
-    if standby is not None:
-        settings.aggregator.standby = standby
-    from fededge.aggregator.lease import Lease
-    from fededge.aggregator.service import Aggregator
+    cfg = settings.aggregator
+    for key, value in (("standby", standby), ("shards", shards), ("shard_id", shard_id),
+                       ("coordinator", coordinator)):  # fmt: skip
+        if value is not None:
+            setattr(cfg, key, value)
+    if cfg.shard_id is not None and (cfg.coordinator or not cfg.shard_id < cfg.shards):
+        raise ConfigError(
+            f"aggregator.shard_id={cfg.shard_id}: expected 0 <= shard_id < shards "
+            f"(shards={cfg.shards}) and not coordinator"
+        )
+    if cfg.coordinator and cfg.shards < 1:
+        raise ConfigError("aggregator.coordinator needs aggregator.shards >= 1")
+    from fededge.aggregator.lease import WRITER, Lease, shard_role
 
     shutdown = systemd.install_signal_handlers()
     dog = systemd.Watchdog()
-    # One writer per task: claim the task's lease before the state is opened or the task's
-    # client id connects (that would take the running instance's session over).
-    lease = Lease(settings)
+    # One writer per role: claim the lease before the state is opened or the role's client id
+    # connects (that would take the running instance's session over).
+    lease = Lease(settings, WRITER if cfg.shard_id is None else shard_role(cfg.shard_id))
     try:
-        systemd.status("claiming the task's aggregator lease")
+        systemd.status(f"claiming the task's {lease.role} lease")
         lease.acquire(
-            standby=settings.aggregator.standby,
+            standby=cfg.standby,
             tick=dog.tick,
             should_stop=lambda: shutdown.requested,
             on_standby=lambda h: (
@@ -57,16 +81,53 @@ def aggregator(
                 systemd.status(f"standby behind instance {h.instance} on {h.host}"),
             ),
         )
-    except BaseException:
+        if cfg.shard_id is not None:
+            return _run_worker(settings, cfg.shard_id, lease, dog, shutdown)
+        return _run_aggregator(settings, wait_for_model, lease, dog, shutdown)
+    finally:
         lease.release()
         shutdown.restore()
-        raise
+
+
+def _run_worker(
+    settings: Settings, shard_id: int, lease: Lease, dog: systemd.Watchdog, shutdown: Any
+) -> int:
+    from fededge.aggregator.shard import ShardWorker
+
+    worker = ShardWorker(settings, shard_id)
+    lease.watch_session(lambda: worker.client)
+    worker.fence = lambda: lease.check(dog.tick)
+
+    def tick() -> None:
+        dog.tick()
+        lease.check(dog.tick)
+
     try:
-        agg = Aggregator(settings)
-    except BaseException:
-        lease.release()
-        shutdown.restore()
-        raise
+        worker.start(tick=tick, should_stop=lambda: shutdown.requested)
+        systemd.ready(f"shard worker {shard_id}")
+        worker.run(lambda: shutdown.requested, tick=tick)
+        return 0
+    except systemd.ShutdownRequested:
+        return 0
+    finally:
+        systemd.stopping("shutting down")
+        worker.close()
+
+
+def _run_aggregator(
+    settings: Settings,
+    wait_for_model: float | None,
+    lease: Lease,
+    dog: systemd.Watchdog,
+    shutdown: Any,
+) -> int:
+    from fededge.aggregator.service import Aggregator
+
+    agg = Aggregator(settings)
+    if settings.aggregator.coordinator:
+        from fededge.aggregator.coordinator import Merger
+
+        Merger(agg)
     lease.watch_session(lambda: agg.client)  # start() makes a new client
     agg.fence = lambda: lease.check(dog.tick)
 
@@ -98,8 +159,6 @@ def aggregator(
     finally:
         systemd.stopping("shutting down")
         agg.close(offline=not lost)
-        lease.release()
-        shutdown.restore()
 
 
 @aggregator.command("repair-wal")

@@ -215,6 +215,24 @@ class AggregatorLease(_Json):
     time: float = Field(0.0, ge=0)
 
 
+class BatchAck(_Json):
+    """The coordinator's answer to a worker's partial sum ``(worker, seq)``.
+
+    ``merged``: stored durably, it will be in the next version; ``duplicate``: already stored or
+    published; ``conflict``: some of its updates are already counted (a resend another worker
+    took): the worker sends the batch again without the ``exclude`` keys.
+    """
+
+    kind: Literal["batch_ack"] = "batch_ack"
+    task: Name
+    worker: Name
+    seq: int = Field(ge=0, lt=1 << 53)
+    status: Literal["merged", "duplicate", "conflict"]
+    exclude: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
+        default_factory=list, max_length=100_000
+    )
+
+
 class CheckIn(_Json):
     """A device with an update on ``base_version`` ready for a secure-aggregation round."""
 

@@ -65,6 +65,21 @@ class Topics:
         """Retained, the claim of one aggregator process to ``role``; its Last Will clears it."""
         return f"{self.base}/aggregator/lease/{check_name(role, 'role')}"
 
+    # Sharded aggregation: workers to the coordinator and back (docs/protocol.md).
+    def partial(self, worker: str) -> str:
+        return f"{self.base}/aggregator/partials/{check_name(worker, 'worker')}"
+
+    @property
+    def partials_filter(self) -> str:
+        return f"{self.base}/aggregator/partials/+"
+
+    def batch_ack(self, worker: str) -> str:
+        return f"{self.base}/aggregator/acks/{check_name(worker, 'worker')}"
+
+    def shared_updates_filter(self, group: str) -> str:
+        """The MQTT 5 shared subscription through which shard workers split the updates."""
+        return f"$share/{check_name(group, 'group')}/{self.updates_filter}"
+
     def version_metrics(self, version: int) -> str:
         return f"{self.base}/versions/{version}/metrics"
 

@@ -1,0 +1,175 @@
+"""Sharded aggregation: 3 worker processes + a coordinator, kill -9 of a worker and of the
+coordinator; every accepted update is counted exactly once (partial.py, shard.py,
+coordinator.py)."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from aggtools import Sender, init_task, make_settings
+from test_lease import _start, _stop, _wait_log
+
+from fededge.aggregator.partial import BatchSum, PartialSum, ids_digest
+from fededge.aggregator.policy import Layout
+from fededge.errors import ProtocolError
+from fededge.protocol import ModelVersion, Plan, Update
+
+D = 6  # parameters
+
+
+def _delta(i: int) -> np.ndarray:
+    return np.full(D, float(i % 17) - 8.0, np.float32) + np.arange(D, dtype=np.float32) * 0.01
+
+
+def test_partial_sum_roundtrip_and_hostile_input() -> None:
+    layout = Layout.of({"w": np.zeros(D, np.float32)})
+    b = BatchSum(layout)
+    for i in (1, 2):
+        u = Update(task="t", device=f"d{i}", update_id=f"u{i}", base_version=0, num_examples=i,
+                   delta={"w": _delta(i)}, train_loss=0.5)  # fmt: skip
+        b.add(u, float(i), 1.0)
+    p = b.message("t", "shard-0", 7, 3)
+    raw = p.to_bytes()
+    q = PartialSum.from_bytes(raw, max_bytes=1 << 20)
+    assert (q.worker, q.seq, q.base_version, q.count, q.examples) == ("shard-0", 7, 3, 2, 3)
+    assert q.keys == ["d1/u1", "d2/u2"] and q.weight == 3.0 and q.floats["loss_wsum"] == 3.0
+    d1, d2 = (_delta(i).astype(np.float64) for i in (1, 2))
+    np.testing.assert_array_equal(q.sums["w"], 1.0 * d1 + 2.0 * d2)  # float64, exact
+    for bad in (raw[:-8], raw.replace(b'"count":"2"', b'"count":"3"'),
+                raw.replace(ids_digest(p.keys).encode(), b"0" * 64), b"garbage"):  # fmt: skip
+        with pytest.raises(ProtocolError):
+            PartialSum.from_bytes(bad, max_bytes=1 << 20)
+
+
+def _versions(root: Path) -> dict[int, tuple[ModelVersion, list[str]]]:
+    out = {}
+    for path in sorted((root / "versions").glob("*.safetensors")):
+        v = int(path.stem)
+        info = json.loads(path.with_suffix(".json").read_text())
+        keys = [k for k in info.get("update_keys", []) if not k.startswith("#")]
+        out[v] = (ModelVersion.from_bytes(path.read_bytes(), max_bytes=1 << 30), keys)
+    return out
+
+
+def _open_batches(root: Path) -> list[str]:
+    keys: list[str] = []
+    for path in (root / "batches").glob("*.bin"):
+        keys += PartialSum.from_bytes(path.read_bytes(), max_bytes=1 << 30).keys
+    return keys
+
+
+pytestmark = pytest.mark.broker
+
+
+def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path) -> None:
+    s = make_settings(broker.url, tmp_path / "state")
+    plan = Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000,
+                max_staleness=1000, staleness_exponent=0.0, max_updates_per_device=1000)  # fmt: skip
+    init_task(s, {"w": np.zeros(D, np.float32)}, plan)
+    state = tmp_path / "state"
+    logs = {name: tmp_path / f"{name}.log" for name in ("coord", "w0", "w1", "w2")}
+    args: dict[str, tuple[str, ...]] = {"coord": ("--shards", "3", "--coordinator")}
+    args.update({f"w{i}": ("--shards", "3", "--shard-id", str(i)) for i in range(3)})
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(name: str, count: int = 1) -> None:
+        procs[name] = _start(broker.url, s.task, state, logs[name], *args[name],
+                             FEDEDGE_AGGREGATOR__VERSIONS_KEPT="100")  # fmt: skip
+        ready = "aggregator ready" if name == "coord" else "ready: task="
+        _wait_log(procs[name], logs[name], ready, count)
+
+    def kill(name: str) -> None:
+        procs[name].send_signal(signal.SIGKILL)
+        procs[name].wait(10)
+
+    devs = [Sender(s, f"dev{k}") for k in range(4)]
+    sent: dict[str, tuple[int, int]] = {}  # key -> (i, n): the update's delta and weight
+
+    def send(i: int) -> None:
+        dev = devs[i % len(devs)]
+        uid = f"u{i}"
+        sent[f"{dev.device}/{uid}"] = (i, 1 + i % 5)
+        dev.update({"w": _delta(i)}, n=1 + i % 5, uid=uid)
+
+    def receipts(upto: int) -> None:
+        for i in range(upto):
+            dev = devs[i % len(devs)]
+            try:
+                r = dev.receipt(f"u{i}", timeout=60)
+            except TimeoutError:
+                raise AssertionError({n: p.read_text()[-1500:] for n, p in logs.items()}) from None
+            assert r.status in ("accepted", "duplicate"), r
+
+    try:
+        for name in ("coord", "w0", "w1", "w2"):
+            start(name)
+        for i in range(30):
+            send(i)
+        receipts(30)
+        kill("w1")  # its open batch is in its log, its unacked updates in its session
+        for i in range(30, 60):
+            send(i)
+        start("w1", 2)
+        receipts(60)
+        kill("coord")  # batches it stored are merged after the restart, none twice
+        for i in range(60, 90):
+            send(i)
+        start("coord", 2)
+        receipts(90)
+        # A device that lost its receipt resends: another worker may take it (a conflict
+        # the coordinator resolves) or the same one (a duplicate).
+        for i in (3, 33, 63):
+            send(i)
+        for i in range(90, 100):
+            send(i)
+        receipts(100)
+
+        root = state / "aggregator" / s.task
+
+        def settled() -> bool:
+            logged = [k for w in range(3) for k in _worker_keys(root, w)]
+            counted = [k for _, keys in _versions(root).values() for k in keys]
+            return not logged and sorted(counted + _open_batches(root)) == sorted(sent)
+
+        from fededge.testing import wait_until
+
+        try:
+            wait_until(settled, 60, "every update in a version or a stored batch")
+        except TimeoutError:
+            raise AssertionError({n: p.read_text()[-2000:] for n, p in logs.items()}) from None
+    finally:
+        for dev in devs:
+            dev.close()
+        codes = {name: _stop(p) for name, p in procs.items()}
+    assert set(codes.values()) == {0}, codes
+    versions = _versions(root)
+    counted = [k for _, keys in versions.values() for k in keys]
+    assert len(counted) == len(set(counted))  # none twice
+    assert len(versions) >= 3 and len(counted) >= 50  # version 0 and merged ones (>= 10 each)
+    prev = versions[0][0]
+    for v in sorted(versions)[1:]:
+        model, keys = versions[v]
+        assert model.updates == len(keys) >= 10
+        w = np.array([sent[k][1] for k in keys], np.float64)
+        deltas = np.stack([_delta(sent[k][0]).astype(np.float64) for k in keys])
+        expected = prev.weights["w"].astype(np.float64) + (w[:, None] * deltas).sum(0) / w.sum()
+        np.testing.assert_allclose(model.weights["w"], expected, rtol=1e-5, atol=1e-5)
+        prev = model
+    out = "".join(p.read_text() for p in logs.values())
+    assert "reopened with" in out or "restored" in out
+
+
+def _worker_keys(root: Path, w: int) -> list[str]:
+    from fededge.aggregator.wal import read_segment
+
+    keys = []
+    for path in root.with_name(f"{root.name}.shard-{w}").glob("batch-*.wal"):
+        for rec in read_segment(path, repair=False):
+            u = Update.from_bytes(rec.payload, max_bytes=1 << 30)
+            keys.append(f"{u.device}/{u.update_id}")
+    return keys
