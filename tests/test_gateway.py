@@ -127,7 +127,9 @@ def test_gateway_builds_versions_through_a_bridge_and_survives_a_cut(
                     str(state_c), "--shards", "1", "--coordinator")  # fmt: skip
     gateway_args = ("gateway", "--broker", site.url, "--task", task, "--state-dir",
                     str(state_g), "--site", SITE, "--signing-key", str(gw_key))  # fmt: skip
-    gw_env = {**env, "FEDEDGE_GATEWAY__SHIP_INTERVAL": "0.5", "FEDEDGE_GATEWAY__SHIP_TIMEOUT": "3"}
+    # The gateway checks the versions it relays with the central aggregator's key, like a device.
+    gw_env = {**env, "FEDEDGE_GATEWAY__SHIP_INTERVAL": "0.5", "FEDEDGE_GATEWAY__SHIP_TIMEOUT": "3",
+              "FEDEDGE_TRUST__AGGREGATOR_KEY": trust["aggregator_key"]}  # fmt: skip
     procs = {
         "central": _spawn(logs["central"], *central_args,
                           env={**env, "FEDEDGE_AGGREGATOR__SIGNING_KEY": str(agg_key)}),

@@ -63,8 +63,16 @@ class Gateway:
             gw.signing_key is not None) else None  # fmt: skip
         self.owner_keys = settings.trust.owner_keys()
         # Versions are the central aggregator's (or the owner's version 0), never the gateway's.
-        self.model_keys = [*self.owner_keys, *settings.trust.aggregator_keys()]
+        # As on a device (device/trust.py): with no aggregator key, versions are not verified.
+        agg_keys = settings.trust.aggregator_keys()
+        self.model_keys = [*agg_keys, *self.owner_keys] if agg_keys else []
+        for what, keys in (("trust.owner_key (plans)", self.owner_keys),
+                           ("trust.aggregator_key (model versions)", self.model_keys)):  # fmt: skip
+            if not keys:
+                log.warning("no %s set: this gateway trusts whoever can publish on the site "
+                            "broker for them (docs/security.md)", what)  # fmt: skip
         self.plan = Plan()
+        self._have_plan = False
         self.model: ModelVersion | None = None
         self._model_bytes = 0
         self._opened = time.monotonic()  # when the open batch got its first update
@@ -85,7 +93,9 @@ class Gateway:
         connect_with_retry(self.client, self.settings, tick, should_stop)
         self.client.subscribe_all([self.topics.plan, self.topics.model,
                                    self.topics.batch_ack(self.worker)], qos=1)  # fmt: skip
-        while self.model is None:
+        # Both come down the bridge retained; checking updates against the default plan would
+        # reject honest ones (its clip norm), so nothing is taken before the task's own plan.
+        while self.model is None or not self._have_plan:
             tick()
             if should_stop():
                 return
@@ -95,6 +105,7 @@ class Gateway:
                 continue
             self._control(msg)
         self.client.subscribe(self.topics.updates_filter, qos=1)
+        assert self.model is not None
         if self.batches.out_seq is not None:
             self._send()  # out before a restart: the central side merges it once
         log.info("gateway ready: task=%s site=%s version=%d out=%s open batch %d with %d "
@@ -256,6 +267,7 @@ class Gateway:
             if msg.topic == self.topics.plan and msg.payload:
                 body = open_message(msg.payload, SignedKind.PLAN, self.owner_keys).payload
                 self.plan = decode_json(body, Plan)
+                self._have_plan = True
                 if self.plan.secure_aggregation is not None and not self._warned_secure:
                     self._warned_secure = True
                     log.warning("the plan asks for secure aggregation, which does not run "
