@@ -173,3 +173,55 @@ def _worker_keys(root: Path, w: int) -> list[str]:
             u = Update.from_bytes(rec.payload, max_bytes=1 << 30)
             keys.append(f"{u.device}/{u.update_id}")
     return keys
+
+
+def test_partial_sum_vectors_in_the_docs() -> None:
+    import re
+
+    from fededge.aggregator.partial import FLOAT_SUMS
+    from fededge.protocol import BatchAck, decode_json
+
+    doc = Path(__file__).parent.parent / "docs" / "protocol.md"
+    blocks = dict(re.findall(r"```vector (\S+)\n(.*?)```", doc.read_text(), re.S))
+    floats = dict.fromkeys(FLOAT_SUMS, 0.0) | {"weight": 3.0, "loss_w": 1.5, "loss_wsum": 3.0,
+                                               "norm_sum": 2.5}  # fmt: skip
+    p = PartialSum("digits", "shard-0", 7, 42, {"w": np.array([1.5, -2.0])}, 2, 3,
+                   ["pi-17/0f3a9c", "pi-18/77aa01"], floats)  # fmt: skip
+    raw = bytes.fromhex("".join(blocks["partial-sum"].split()))
+    assert p.to_bytes() == raw
+    q = PartialSum.from_bytes(raw, max_bytes=4096)
+    assert q.keys == p.keys and q.floats == floats
+    ack = BatchAck(task="digits", worker="shard-0", seq=7, status="conflict",
+                   exclude=["pi-18/77aa01"])  # fmt: skip
+    assert ack.to_bytes() == blocks["batch-ack"].strip().encode()
+    assert decode_json(ack.to_bytes(), BatchAck) == ack
+
+
+def test_worker_outside_the_coordinators_shard_set_is_refused(broker, tmp_path) -> None:
+    from test_lease import _exit_code
+
+    s = make_settings(broker.url, tmp_path / "state")
+    init_task(s, {"w": np.zeros(D, np.float32)}, Plan(min_updates_per_version=2))
+    state, log_c, log_w = tmp_path / "state", tmp_path / "coord.log", tmp_path / "w.log"
+    coord = _start(broker.url, s.task, state, log_c, "--shards", "3", "--coordinator")
+    try:
+        _wait_log(coord, log_c, "aggregator ready")
+        # Configured for 4 shards; the coordinator knows 3. Its probe is refused before it
+        # subscribes to (and could acknowledge) any update.
+        w = _start(broker.url, s.task, state, log_w, "--shards", "4", "--shard-id", "3")
+        assert _exit_code(w, log_w) == 2, log_w.read_text()[-3000:]
+        assert "the coordinator refused shard-3: shard-3 is not one of this task's 3" in (
+            log_w.read_text()
+        )
+        assert "ready: task=" not in log_w.read_text()
+        # Same shard twice: the second refuses on the shard's lease.
+        w0 = _start(broker.url, s.task, state, tmp_path / "w0.log", "--shards", "3",
+                    "--shard-id", "0")  # fmt: skip
+        _wait_log(w0, tmp_path / "w0.log", "ready: task=")
+        again = _start(broker.url, s.task, tmp_path / "other", tmp_path / "again.log",
+                       "--shards", "3", "--shard-id", "0")  # fmt: skip
+        assert _exit_code(again, tmp_path / "again.log") == 1
+        assert "holds the shard-0 lease" in (tmp_path / "again.log").read_text()
+        assert _stop(w0) == 0
+    finally:
+        assert _stop(coord) == 0, log_c.read_text()[-3000:]

@@ -49,6 +49,7 @@ class Merger:
         self.open_keys: set[str] = set()
         self._restored = False
         self.merged_total = 0  # batches merged by this process (tests, logs)
+        self.workers = {f"shard-{i}" for i in range(agg.cfg.shards)}
         agg.update_filter = None
         agg.extra_subscriptions = [(self.topics.partials_filter, 1)]
         agg.on_other = self.on_message
@@ -100,10 +101,20 @@ class Merger:
             log.warning("rejected partial sum on %s: %s", msg.topic, e)
             self.agg.client.ack(msg)
             return True
+        if worker not in self.workers:
+            why = (f"{worker} is not one of this task's {len(self.workers)} shard workers "
+                   "(aggregator.shards of the coordinator): its batches are never merged")  # fmt: skip
+            log.warning("refused batch %s/%d: %s", worker, p.seq, why)
+            ack = BatchAck(task=p.task, worker=worker, seq=p.seq, status="refused", detail=why)
+            self.agg.client.ack(msg)
+            self.agg.client.publish(self.topics.batch_ack(worker), ack.to_bytes(), qos=1)
+            return True
         marker = merge_marker(p.worker, p.seq)
         dedup = self.agg.core.state.dedup
         exclude: list[str] = []
-        if marker in dedup or (p.worker, p.seq) in self.open:
+        if p.count == 0:
+            status = "merged"  # a worker's probe at start: nothing to store
+        elif marker in dedup or (p.worker, p.seq) in self.open:
             status = "duplicate"
         else:
             exclude = [k for k in p.keys if k in dedup or k in self.open_keys]

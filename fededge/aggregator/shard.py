@@ -28,7 +28,7 @@ from fededge.aggregator.partial import BatchSum, PartialSum
 from fededge.aggregator.policy import Layout, check_update
 from fededge.aggregator.store import Store, task_root
 from fededge.aggregator.wal import SegmentWriter, read_segment
-from fededge.errors import ProtocolError, SignatureError
+from fededge.errors import ConfigError, ProtocolError, SignatureError
 from fededge.fsio import atomic_write
 from fededge.keys import load_private
 from fededge.mqtt import RETAINED_QUIET, Message, MqttClient
@@ -148,11 +148,17 @@ class ShardWorker:
                 return
             if self._take_control(0.1):
                 quiet_until = time.monotonic() + RETAINED_QUIET
-        if self.batch:
-            # Reopened after a crash: it may have been sent (and merged) already, so it is
-            # sent again as it is, and nothing joins it (the coordinator would drop the whole
-            # batch as a duplicate of the first copy, new updates with it).
-            self._ship()
+        # Before taking any update: the open batch, or an empty one as a probe, goes to the
+        # coordinator, and its answer comes back. A batch reopened after a crash may have been
+        # merged already, so it is sent again as it is and nothing joins it (the coordinator
+        # would drop the whole batch as a duplicate, new updates with it). A worker outside
+        # the coordinator's shard set is refused here, before it acknowledges an update.
+        self._ship()
+        while self._shipping is not None:
+            tick()
+            if should_stop():
+                return
+            self._await_answer(0.2)
         self.client.subscribe(self.topics.shared_updates_filter(self.group), qos=1)
         log.info("%s ready: task=%s version=%d open batch %d with %d updates", self.worker,
                  self.settings.task, self.model.version, self.seq, len(self.batch))  # fmt: skip
@@ -319,7 +325,12 @@ class ShardWorker:
         out = self._shipping
         if out is None or ack.seq != self.seq or ack.worker != self.worker:
             return  # an answer to a batch sent again: the first answer settled it
+        if ack.status == "refused":
+            raise ConfigError(f"the coordinator refused {self.worker}: {ack.detail}")
         if ack.status in ("merged", "duplicate"):
+            if not self.batch:  # the probe at start: the coordinator knows this worker
+                self._shipping = None
+                return
             log.info("%s: batch %d %s", self.worker, self.seq, ack.status)
             self._next_batch()
             return

@@ -220,17 +220,19 @@ class BatchAck(_Json):
 
     ``merged``: stored durably, it will be in the next version; ``duplicate``: already stored or
     published; ``conflict``: some of its updates are already counted (a resend another worker
-    took): the worker sends the batch again without the ``exclude`` keys.
+    took): the worker sends the batch again without the ``exclude`` keys; ``refused``: the
+    worker is not in the coordinator's shard set (it stops).
     """
 
     kind: Literal["batch_ack"] = "batch_ack"
     task: Name
     worker: Name
     seq: int = Field(ge=0, lt=1 << 53)
-    status: Literal["merged", "duplicate", "conflict"]
+    status: Literal["merged", "duplicate", "conflict", "refused"]
     exclude: list[Annotated[str, StringConstraints(max_length=200)]] = Field(
         default_factory=list, max_length=100_000
     )
+    detail: str | None = Field(None, max_length=1024)  # why, for "refused"
 
 
 class CheckIn(_Json):
