@@ -119,6 +119,10 @@ class AggregatorSettings(_Section):
     shards: int = Field(0, ge=0, le=256, description="shard workers of a sharded task (0: none)")
     shard_id: int | None = Field(None, ge=0, description="run as this shard worker")
     coordinator: bool = Field(False, description="run as the coordinator of a sharded task")
+    gateways: list[str] = Field(
+        default_factory=list,
+        description="sites whose gateways' partial sums the coordinator merges (gateway-{site})",
+    )
     shard_batch: int | None = Field(
         None, ge=1, description="updates per partial sum (default: min_updates_per_version)"
     )
@@ -133,6 +137,11 @@ class AggregatorSettings(_Section):
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, 0600) that signs model versions and receipts"
     )
+
+    @field_validator("gateways")
+    @classmethod
+    def _gateways(cls, v: list[str]) -> list[str]:
+        return [check_name(site, "aggregator.gateways") for site in v]
 
 
 class DeviceSettings(_Section):

@@ -124,7 +124,7 @@ def test_gateway_builds_versions_through_a_bridge_and_survives_a_cut(
     state_c, state_g = tmp_path / "state-central", tmp_path / "state-gateway"
     env = {"FEDEDGE_AGGREGATOR__METRICS": "false", "FEDEDGE_AGGREGATOR__LEASE_SETTLE": "0.3"}
     central_args = ("aggregator", "--broker", central.url, "--task", task, "--state-dir",
-                    str(state_c), "--shards", "1", "--coordinator")  # fmt: skip
+                    str(state_c), "--coordinator", "--gateway", SITE)  # fmt: skip
     gateway_args = ("gateway", "--broker", site.url, "--task", task, "--state-dir",
                     str(state_g), "--site", SITE, "--signing-key", str(gw_key))  # fmt: skip
     # The gateway checks the versions it relays with the central aggregator's key, like a device.
@@ -250,7 +250,7 @@ def test_gateway_builds_versions_through_a_bridge_and_survives_a_cut(
 
 
 def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage(
-    broker: Mosquitto, tmp_path: Path
+    broker: Mosquitto, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     task = new_task()
     s = load_settings(None, {"broker": broker.settings().model_dump(), "task": task,
@@ -297,6 +297,13 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
         assert d1.update(delta, uid="u3", n=1) and d1.receipt("u3").status == "accepted"
         assert resend_u2() == "duplicate"
         answer(b"{not json")  # a hostile answer is logged and ignored
+        # A coordinator that does not know the site refuses: the batch stays out (sent again
+        # every ship_timeout), the site goes on.
+        answer(BatchAck(task=task, worker="gateway-s", seq=0, status="refused",
+                        detail="not configured").to_bytes())  # fmt: skip
+        wait_until(lambda: "refused batch 0 of gateway-s: not configured" in caplog.text,
+                   TIMEOUT, "the refusal logged")  # fmt: skip
+        assert gw.batches.out_seq == 0
         # The central side had counted d1/u1 already (another path): batch 0 goes again
         # without it, same sequence number.
         answer(BatchAck(task=task, worker="gateway-s", seq=0, status="conflict",

@@ -181,6 +181,13 @@ class Gateway:
         b = self.batches
         if ack.worker != self.worker or ack.seq != b.out_seq or self.model is None:
             return  # an answer to a batch sent again: the first answer settled it
+        if ack.status == "refused":
+            # The central side does not know this site (aggregator.gateways): the site keeps
+            # working and the batch is offered again every ship_timeout, so it goes through
+            # once the coordinator is configured for it.
+            log.error("the central aggregator refused batch %d of %s: %s; sending it again in "
+                      "%.0f s", ack.seq, self.worker, ack.detail, self.gw.ship_timeout)  # fmt: skip
+            return
         if ack.status in ("merged", "duplicate"):
             full = len(b.out) >= self.plan.min_updates_per_version
             for k in b.settle(wait=full):
