@@ -27,11 +27,10 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from fededge.aggregator.partial import BatchSum
 from fededge.aggregator.policy import Layout, check_update
 from fededge.aggregator.store import Store, task_root
 from fededge.errors import ConfigError, ProtocolError, SignatureError
-from fededge.gateway.batches import Entry, SiteBatches
+from fededge.gateway.batches import Entry, SiteBatches, key_of
 from fededge.keys import load_private
 from fededge.mqtt import Message, MqttClient
 from fededge.protocol import BatchAck, ModelVersion, Plan, Receipt, Topics, Update, decode_json
@@ -104,13 +103,14 @@ class Gateway:
             except queue.Empty:
                 continue
             self._control(msg)
-        self.client.subscribe(self.topics.updates_filter, qos=1)
         assert self.model is not None
+        self.batches.bind(Layout.of(self.model.weights))
+        self.client.subscribe(self.topics.updates_filter, qos=1)
         if self.batches.out_seq is not None:
             self._send()  # out before a restart: the central side merges it once
         log.info("gateway ready: task=%s site=%s version=%d out=%s open batch %d with %d "
                  "updates", self.settings.task, self.gw.site, self.model.version,
-                 self.batches.out_seq, self.batches.open_seq, len(self.batches.open))  # fmt: skip
+                 self.batches.out_seq, self.batches.open_seq, len(self.batches.open_keys))  # fmt: skip
 
     def run(
         self, should_stop: Callable[[], bool], tick: Callable[[], object] = lambda: None
@@ -137,7 +137,7 @@ class Gateway:
             else:
                 self._ingest(msg, staged, later)
         if staged:
-            if not self.batches.open:
+            if not self.batches.open_keys:
                 self._opened = time.monotonic()
             self.batches.append([(entry, raw) for _, entry, raw in staged])
             for msg, entry, _ in staged:
@@ -157,9 +157,9 @@ class Gateway:
                             b.out_seq, self.gw.ship_timeout)  # fmt: skip
                 self._send()
             return
-        if not b.open or self.model is None or self.model.version <= b.gate:
+        if not b.open_keys or self.model is None or self.model.version <= b.gate:
             return  # nothing to send, or this version already has our batch
-        if len(b.open) >= self.plan.min_updates_per_version or (
+        if len(b.open_keys) >= self.plan.min_updates_per_version or (
             now - self._opened >= self.gw.ship_interval
         ):
             b.send(self.model.version)
@@ -167,11 +167,8 @@ class Gateway:
 
     def _send(self) -> None:
         b = self.batches
-        assert self.model is not None and b.out_seq is not None
-        acc = BatchSum(Layout.of(self.model.weights))
-        for u, weight, norm in b.out:
-            acc.add(u, weight, norm)
-        msg = acc.message(self.settings.task, self.worker, b.out_seq, self.model.version)
+        assert self.model is not None and b.out_seq is not None and b.out_sum is not None
+        msg = b.out_sum.message(self.settings.task, self.worker, b.out_seq, self.model.version)
         self.client.publish(self.topics.partial(self.worker), msg.to_bytes(), qos=1)
         self._sent_at = time.monotonic()
         log.info("sent batch %d upstream (%d updates, weight %.6g, base version %d)",
@@ -189,7 +186,7 @@ class Gateway:
                       "%.0f s", ack.seq, self.worker, ack.detail, self.gw.ship_timeout)  # fmt: skip
             return
         if ack.status in ("merged", "duplicate"):
-            full = len(b.out) >= self.plan.min_updates_per_version
+            full = len(b.out_keys) >= self.plan.min_updates_per_version
             for k in b.settle(wait=full):
                 self._recent[k] = None
             while len(self._recent) > RECENT_KEYS:
@@ -201,7 +198,7 @@ class Gateway:
         log.warning("batch %d holds %d updates the central aggregator already counted (a "
                     "device's resend through another path); sending it without them",
                     ack.seq, dropped)  # fmt: skip
-        if not b.out:
+        if not b.out_keys:
             b.settle(wait=False)  # nothing of ours left: this version may still get a batch
             return
         self._send()
@@ -232,12 +229,12 @@ class Gateway:
             if (
                 key in self._recent
                 or self.batches.holds(key)
-                or any(f"{e[0].device}/{e[0].update_id}" == key for _, e, _ in staged)
+                or any(key_of(e) == key for _, e, _ in staged)
             ):
                 later.append((msg, update))  # answered once the first copy is durable
                 return
             quota = self.plan.max_updates_per_device
-            mine = self.batches.open_count(device) + sum(1 for _, e, _ in staged
+            mine = self.batches.device_count(device) + sum(1 for _, e, _ in staged
                                                          if e[0].device == device)  # fmt: skip
             if mine >= quota:
                 raise ProtocolError(f"device {device} already has {quota} update(s) in this "
