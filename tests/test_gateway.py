@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -254,7 +255,8 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
 ) -> None:
     task = new_task()
     s = load_settings(None, {"broker": broker.settings().model_dump(), "task": task,
-                             "state_dir": tmp_path / "gw", "aggregator": {"metrics": False},
+                             "state_dir": tmp_path / "gw",
+                             "aggregator": {"metrics": True, "metrics_port": 0},
                              "gateway": {"site": "s", "ship_interval": 0.2,
                                          "ship_timeout": 600}})  # fmt: skip
     plan = Plan(min_updates_per_version=2, clip_norm=1e9, max_staleness=5,
@@ -325,6 +327,22 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
         d1.update(delta, uid="u4", n=1)
         r = d1.receipt("u4")
         assert (r.status, r.reason) == ("rejected", "secure_aggregation")
+
+        def sample(name: str, **labels: str) -> float | None:
+            return gw.metrics.registry.get_sample_value(name, labels)
+
+        assert sample("fededge_gateway_updates_accepted_total") == 3
+        assert sample("fededge_gateway_updates_duplicate_total") == 2
+        assert sample("fededge_gateway_updates_rejected_total", reason="malformed") == 1
+        assert sample("fededge_gateway_updates_rejected_total", reason="secure_aggregation") == 1
+        assert sample("fededge_gateway_control_messages_rejected_total") == 1
+        for status, n in (("conflict", 1), ("refused", 1), ("merged", 1), ("duplicate", 0)):
+            assert sample("fededge_gateway_partials_answered_total", status=status) == n
+        assert sample("fededge_gateway_partials_sent_total") == 3
+        assert sample("fededge_gateway_out_batch_updates") == 1
+        assert sample("fededge_gateway_out_batch_age_seconds") > 0  # type: ignore[operator]
+        with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics") as resp:
+            assert b"fededge_gateway_open_batch_updates 0.0" in resp.read()
     finally:
         stop.set()
         runner.join(30)

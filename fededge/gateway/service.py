@@ -31,6 +31,7 @@ from fededge.aggregator.policy import Layout, check_update
 from fededge.aggregator.store import Store, task_root
 from fededge.errors import ConfigError, ProtocolError, SignatureError
 from fededge.gateway.batches import Entry, SiteBatches, key_of
+from fededge.gateway.metrics import GatewayMetrics
 from fededge.keys import load_private
 from fededge.mqtt import Message, MqttClient
 from fededge.protocol import BatchAck, ModelVersion, Plan, Receipt, Topics, Update, decode_json
@@ -76,6 +77,12 @@ class Gateway:
         self._model_bytes = 0
         self._opened = time.monotonic()  # when the open batch got its first update
         self._sent_at = 0.0
+        self._out_since: float | None = None  # when this process first sent the out batch
+        b = self.batches
+        self.metrics = GatewayMetrics(
+            out_age=lambda: 0.0 if self._out_since is None else time.monotonic() - self._out_since,
+            open_updates=lambda: len(b.open_keys), out_updates=lambda: len(b.out_keys))  # fmt: skip
+        self.metrics_port: int | None = None
         self._recent: OrderedDict[str, None] = OrderedDict()
         self._warned_secure = False
         self.accepted_total = 0
@@ -89,6 +96,12 @@ class Gateway:
               should_stop: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
         from fededge.aggregator.service import connect_with_retry
 
+        if self.cfg.metrics:
+            try:
+                self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)
+            except OSError as e:
+                raise ConfigError(f"aggregator.metrics_port={self.cfg.metrics_port}: cannot listen "
+                                  f"on {self.cfg.metrics_host}: {e.strerror}") from None  # fmt: skip
         connect_with_retry(self.client, self.settings, tick, should_stop)
         self.client.subscribe_all([self.topics.plan, self.topics.model,
                                    self.topics.batch_ack(self.worker)], qos=1)  # fmt: skip
@@ -140,10 +153,12 @@ class Gateway:
             if not self.batches.open_keys:
                 self._opened = time.monotonic()
             self.batches.append([(entry, raw) for _, entry, raw in staged])
+            self.metrics.accepted.inc(len(staged))
             for msg, entry, _ in staged:
                 self.accepted_total += 1
                 self._answer(msg, entry[0], "accepted")
         for msg, u in later:
+            self.metrics.duplicates.inc()
             self._answer(msg, u, "duplicate")
         self._maybe_send()
 
@@ -170,7 +185,10 @@ class Gateway:
         assert self.model is not None and b.out_seq is not None and b.out_sum is not None
         msg = b.out_sum.message(self.settings.task, self.worker, b.out_seq, self.model.version)
         self.client.publish(self.topics.partial(self.worker), msg.to_bytes(), qos=1)
+        self.metrics.sent.inc()
         self._sent_at = time.monotonic()
+        if self._out_since is None:
+            self._out_since = self._sent_at
         log.info("sent batch %d upstream (%d updates, weight %.6g, base version %d)",
                  b.out_seq, msg.count, msg.weight, msg.base_version)  # fmt: skip
 
@@ -178,6 +196,7 @@ class Gateway:
         b = self.batches
         if ack.worker != self.worker or ack.seq != b.out_seq or self.model is None:
             return  # an answer to a batch sent again: the first answer settled it
+        self.metrics.answers.labels(ack.status).inc()
         if ack.status == "refused":
             # The central side does not know this site (aggregator.gateways): the site keeps
             # working and the batch is offered again every ship_timeout, so it goes through
@@ -187,6 +206,7 @@ class Gateway:
             return
         if ack.status in ("merged", "duplicate"):
             full = len(b.out_keys) >= self.plan.min_updates_per_version
+            self._out_since = None
             for k in b.settle(wait=full):
                 self._recent[k] = None
             while len(self._recent) > RECENT_KEYS:
@@ -200,6 +220,7 @@ class Gateway:
                     ack.seq, dropped)  # fmt: skip
         if not b.out_keys:
             b.settle(wait=False)  # nothing of ours left: this version may still get a batch
+            self._out_since = None
             return
         self._send()
 
@@ -245,6 +266,7 @@ class Gateway:
                                         layout=Layout.of(self.model.weights))  # fmt: skip
         except ProtocolError as e:
             log.warning("rejected update device=%s reason=%s: %s", device, e.reason, e.detail)
+            self.metrics.rejected.labels(e.reason.value).inc()
             if update is not None and device != "?":
                 self._answer(msg, update, "rejected", e.reason, e.detail)
             else:
@@ -284,9 +306,11 @@ class Gateway:
                     self.model is None or model.version > self.model.version
                 ):
                     self.model, self._model_bytes = model, len(body)
+                    self.metrics.version.set(model.version)
             elif msg.topic == self.topics.batch_ack(self.worker):
                 self._on_answer(decode_json(msg.payload, BatchAck))
         except (ProtocolError, SignatureError) as e:
+            self.metrics.bad_control.inc()
             log.warning("rejected message on %s: %s", msg.topic, e)
         self.client.ack(msg)
 
