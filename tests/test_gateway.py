@@ -145,7 +145,12 @@ def test_gateway_builds_versions_through_a_bridge_and_survives_a_cut(
     lock = threading.Lock()
     gw_pub = [load_settings(None, {"trust": trust}).trust.gateway_keys()[0]]
 
+    bridge_states: list[bytes] = []
+
     def on_receipt(msg: Message) -> None:
+        if msg.topic == f"fededge/bridges/{SITE}/state":
+            bridge_states.append(msg.payload)
+            return
         r = decode_json(open_message(msg.payload, SignedKind.RECEIPT, gw_pub).payload, Receipt)
         if r.status == "accepted":
             with lock:
@@ -154,6 +159,7 @@ def test_gateway_builds_versions_through_a_bridge_and_survives_a_cut(
     observer = MqttClient(site.settings(), f"obs-{task}", persistent=False)
     observer.connect()
     observer.subscribe(f"{topics.base}/receipts/+", qos=1)
+    observer.subscribe(f"fededge/bridges/{SITE}/state", qos=1)  # the shipped notifications
     stop_obs = threading.Event()
 
     def drain() -> None:
@@ -218,6 +224,9 @@ def test_gateway_builds_versions_through_a_bridge_and_survives_a_cut(
         # The bridge is back: the batch that was out is merged once, then the open one.
         central.start()
         wait_until(lambda: central_version() >= 4, TIMEOUT, "versions 3 and 4 after the cut")
+        # The bridge's state on the site broker: up, down during the cut, up again.
+        wait_until(lambda: bridge_states[-1:] == [b"1"] and b"0" in bridge_states, TIMEOUT,
+                   "the bridge state notifications")  # fmt: skip
         for c in clients:
             assert c.wait_for_version(4, TIMEOUT)
 
