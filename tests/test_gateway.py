@@ -359,3 +359,12 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
         for c in (d1, d2, partials):
             c.close()
     assert gw.accepted_total == 3
+
+
+def test_gateway_command_needs_a_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fededge.cli import main
+
+    assert main(["gateway", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path)]) == 2
+    assert "gateway.site is not set: pass --site NAME" in capsys.readouterr().err
+    assert main(["gateway", "--site", "no/slash", "--state-dir", str(tmp_path)]) == 2
+    assert "gateway.site" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import click
+import pydantic
 
 from fededge import systemd
 from fededge.cli.common import settings_options
@@ -40,10 +41,13 @@ def gateway(
     the central aggregator through the broker bridge (docs/operations.md, "Site gateways")."""
     if site is None and settings.gateway.site is None:
         raise ConfigError("gateway.site is not set: pass --site NAME (or set it in [gateway])")
-    if site is not None:
-        settings.gateway.site = site
-    if signing_key is not None:
-        settings.gateway.signing_key = signing_key
+    try:
+        if site is not None:
+            settings.gateway.site = site
+        if signing_key is not None:
+            settings.gateway.signing_key = signing_key
+    except pydantic.ValidationError as e:
+        raise ConfigError("; ".join(str(err["msg"]) for err in e.errors())) from None
     from fededge.aggregator.lease import Lease
     from fededge.gateway.service import Gateway
 
