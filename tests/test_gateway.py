@@ -87,12 +87,13 @@ def _stored_batches(root: Path) -> list[str]:
     return keys
 
 
-def site_broker(workdir: Path, central_port: int, ca: Path) -> Mosquitto:
-    """A site Mosquitto with configs/site-bridge.conf as shipped: only the address and CA path
-    are changed."""
+def site_broker(workdir: Path, central_port: int, ca: Path, site: str = SITE) -> Mosquitto:
+    """A site Mosquitto with configs/site-bridge.conf as shipped: only the address, the CA path
+    and the site's name are changed."""
     text = (CONFIGS / "site-bridge.conf").read_text()
     assert "address central.example.org:8883" in text
     text = text.replace("central.example.org:8883", f"127.0.0.1:{central_port}")
+    text = text.replace("site-1", site)
     text = text.replace("/etc/mosquitto/certs/central-ca.crt", str(ca))
     lines = [ln for ln in text.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
     return Mosquitto(workdir, extra_config=lines)
@@ -368,3 +369,72 @@ def test_gateway_command_needs_a_site(tmp_path: Path, capsys: pytest.CaptureFixt
     assert "gateway.site is not set: pass --site NAME" in capsys.readouterr().err
     assert main(["gateway", "--site", "no/slash", "--state-dir", str(tmp_path)]) == 2
     assert "gateway.site" in capsys.readouterr().err
+
+
+def test_two_sites_fill_one_version_together(tmp_path: Path) -> None:
+    """Neither site has min_updates_per_version updates: each sends its short batch(es) after
+    ship_interval and the coordinator merges them into one version, the weighted mean of all."""
+    tls = make_tls_files(tmp_path / "tls")
+    tls_port = free_port()
+    central = Mosquitto(tmp_path / "central",
+                        extra_config=tls.listener(tls_port, require_certificate=False))  # fmt: skip
+    central.start()
+    sites = {s: site_broker(tmp_path / s, tls_port, tls.ca_cert, s) for s in ("s-1", "s-2")}
+    for b in sites.values():
+        b.start()
+    task = new_task()
+    plan = Plan(min_updates_per_version=4, clip_norm=1e9, max_staleness=5)
+    init_task(load_settings(None, {"broker": {"url": central.url}, "task": task}),
+              {"w": np.zeros(3, np.float32)}, plan)  # fmt: skip
+    env = {"FEDEDGE_AGGREGATOR__METRICS": "false", "FEDEDGE_AGGREGATOR__LEASE_SETTLE": "0.3",
+           "FEDEDGE_GATEWAY__SHIP_INTERVAL": "0.3"}  # fmt: skip
+    state = tmp_path / "state"
+    logs = {n: tmp_path / f"{n}.log" for n in ("central", "s-1", "s-2")}
+    procs = {"central": _spawn(logs["central"], "aggregator", "--broker", central.url, "--task",
+                               task, "--state-dir", str(state), "--coordinator",
+                               "--gateway", "s-1", "--gateway", "s-2", env=env)}  # fmt: skip
+    senders: dict[str, Sender] = {}
+    sent: dict[str, tuple[float, int]] = {}  # key -> (delta value, examples)
+    try:
+        _wait_log(procs["central"], logs["central"], "aggregator ready")
+        for s, b in sites.items():
+            procs[s] = _spawn(logs[s], "gateway", "--broker", b.url, "--task", task,
+                              "--state-dir", str(state), "--site", s, env=env)  # fmt: skip
+            _wait_log(procs[s], logs[s], "gateway ready")
+            for d in ("a", "b"):
+                senders[f"{s}{d}"] = Sender(load_settings(None, {"broker": b.settings().model_dump(),
+                                                                  "task": task}), f"{s}{d}")  # fmt: skip
+        for v in range(2):
+            for i, (name, snd) in enumerate(senders.items()):
+                uid, value, n = f"u{v}", float(i + 1 + 4 * v), 1 + i
+                sent[f"{name}/{uid}"] = (value, n)
+                snd.update({"w": np.full(3, value, np.float32)}, base=v, n=n, uid=uid)
+            for snd in senders.values():
+                assert snd.receipt(f"u{v}", TIMEOUT).status == "accepted"
+            for snd in senders.values():
+                snd.model(v + 1, TIMEOUT)  # the version, down the bridge of its site
+    finally:
+        for snd in senders.values():
+            snd.close()
+        codes = {name: _stop(p) for name, p in procs.items()}
+        for b in sites.values():
+            b.stop()
+        central.stop()
+    out = {n: p.read_text()[-2000:] for n, p in logs.items()}
+    assert set(codes.values()) == {0}, (codes, out)
+    root = state / "aggregator" / task
+    prev = np.zeros(3)
+    for v in (1, 2):
+        info = json.loads((root / "versions" / f"{v:08d}.json").read_text())
+        keys = [k for k in info["update_keys"] if not k.startswith("#")]
+        # Both sites' batches are in it (usually one each; two if a site's second update came
+        # after its first batch had left).
+        markers = [k for k in info["update_keys"] if k.startswith("#")]
+        assert {m.split("/")[1] for m in markers} == {"gateway-s-1", "gateway-s-2"}, markers
+        assert sorted(keys) == sorted(k for k in sent if k.endswith(f"/u{v - 1}"))
+        w = np.array([sent[k][1] for k in keys], np.float64)
+        x = np.array([sent[k][0] for k in keys], np.float64)
+        expected = prev + (w * x).sum() / w.sum()
+        model = _versions(root)[v][0]
+        np.testing.assert_allclose(model.weights["w"], expected, rtol=1e-6)
+        prev = expected
