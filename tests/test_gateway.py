@@ -130,7 +130,9 @@ def test_gateway_builds_versions_through_a_bridge_and_survives_a_cut(
     gateway_args = ("gateway", "--broker", site.url, "--task", task, "--state-dir",
                     str(state_g), "--site", SITE, "--signing-key", str(gw_key))  # fmt: skip
     # The gateway checks the versions it relays with the central aggregator's key, like a device.
-    gw_env = {**env, "FEDEDGE_GATEWAY__SHIP_INTERVAL": "0.5", "FEDEDGE_GATEWAY__SHIP_TIMEOUT": "3",
+    # Each round is 3 updates = min_updates_per_version: every batch goes up because it is full
+    # (ship_interval 600 s never fires), so which updates share a batch is deterministic.
+    gw_env = {**env, "FEDEDGE_GATEWAY__SHIP_INTERVAL": "600", "FEDEDGE_GATEWAY__SHIP_TIMEOUT": "3",
               "FEDEDGE_TRUST__AGGREGATOR_KEY": trust["aggregator_key"]}  # fmt: skip
     procs = {
         "central": _spawn(logs["central"], *central_args,
@@ -267,7 +269,7 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
     s = load_settings(None, {"broker": broker.settings().model_dump(), "task": task,
                              "state_dir": tmp_path / "gw",
                              "aggregator": {"metrics": True, "metrics_port": 0},
-                             "gateway": {"site": "s", "ship_interval": 0.2,
+                             "gateway": {"site": "s", "ship_interval": 600,
                                          "ship_timeout": 600}})  # fmt: skip
     plan = Plan(min_updates_per_version=2, clip_norm=1e9, max_staleness=5,
                 max_updates_per_device=5)  # fmt: skip
@@ -306,7 +308,9 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
             "gateway-s", 0, 2, 8.0, ["d1/u1", "d2/u2"])  # fmt: skip
         np.testing.assert_array_equal(p.sums["w"], np.full(6, 8.0))
         # While the batch is out the site goes on: the next update opens batch 1.
+        # (ship_interval is 600 s: every batch here goes up because it is full, none by age.)
         assert d1.update(delta, uid="u3", n=1) and d1.receipt("u3").status == "accepted"
+        assert d2.update(delta, uid="u5", n=1) and d2.receipt("u5").status == "accepted"
         assert resend_u2() == "duplicate"
         answer(b"{not json")  # a hostile answer is logged and ignored
         # A coordinator that does not know the site refuses: the batch stays out (sent again
@@ -325,7 +329,7 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
         answer(BatchAck(task=task, worker="gateway-s", seq=0, status="merged").to_bytes())
         # Batch 0 was short (1 < min_updates_per_version): batch 1 goes without a new version.
         p = next_partial()
-        assert (p.seq, p.keys) == (1, ["d1/u3"])
+        assert (p.seq, p.keys) == (1, ["d1/u3", "d2/u5"])
         assert gw.batches.merged == 0 and gw.batches.out_seq == 1
         assert resend_u2() == "duplicate"
         # A plan asking for secure aggregation: plain updates are refused, with the reason.
@@ -341,7 +345,7 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
         def sample(name: str, **labels: str) -> float | None:
             return gw.metrics.registry.get_sample_value(name, labels)
 
-        assert sample("fededge_gateway_updates_accepted_total") == 3
+        assert sample("fededge_gateway_updates_accepted_total") == 4
         assert sample("fededge_gateway_updates_duplicate_total") == 2
         assert sample("fededge_gateway_updates_rejected_total", reason="malformed") == 1
         assert sample("fededge_gateway_updates_rejected_total", reason="secure_aggregation") == 1
@@ -349,7 +353,7 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
         for status, n in (("conflict", 1), ("refused", 1), ("merged", 1), ("duplicate", 0)):
             assert sample("fededge_gateway_partials_answered_total", status=status) == n
         assert sample("fededge_gateway_partials_sent_total") == 3
-        assert sample("fededge_gateway_out_batch_updates") == 1
+        assert sample("fededge_gateway_out_batch_updates") == 2
         assert sample("fededge_gateway_out_batch_age_seconds") > 0  # type: ignore[operator]
         with urllib.request.urlopen(f"http://127.0.0.1:{gw.metrics_port}/metrics") as resp:
             assert b"fededge_gateway_open_batch_updates 0.0" in resp.read()
@@ -359,7 +363,7 @@ def test_gateway_answers_devices_and_follows_central_answers_and_refuses_garbage
         gw.close()
         for c in (d1, d2, partials):
             c.close()
-    assert gw.accepted_total == 3
+    assert gw.accepted_total == 4
 
 
 def test_gateway_command_needs_a_site(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
