@@ -123,6 +123,11 @@ class AggregatorSettings(_Section):
         default_factory=list,
         description="sites whose gateways' partial sums the coordinator merges (gateway-{site})",
     )
+    shard_group: str | None = Field(
+        None,
+        description="MQTT shared-subscription group of the shard workers (default: "
+        "fededge-{task}); set one devices cannot guess (docs/operations.md)",
+    )
     shard_batch: int | None = Field(
         None, ge=1, description="updates per partial sum (default: min_updates_per_version)"
     )
@@ -142,6 +147,11 @@ class AggregatorSettings(_Section):
     @classmethod
     def _gateways(cls, v: list[str]) -> list[str]:
         return [check_name(site, "aggregator.gateways") for site in v]
+
+    @field_validator("shard_group")
+    @classmethod
+    def _shard_group(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "shard_group")
 
 
 class DeviceSettings(_Section):

@@ -218,3 +218,32 @@ def test_lease_vector_in_the_docs() -> None:
                             host="agg1", pid=4242, time=1764000000.0)  # fmt: skip
     raw = blocks["aggregator-lease"].strip().encode()
     assert claim.to_bytes() == raw and decode_json(raw, AggregatorLease) == claim
+
+
+@pytest.mark.parametrize("crash", [False, True], ids=["restart", "kill"])
+def test_broker_restart_suspends_the_lease_and_the_aggregator_resumes(
+    fresh_broker, tmp_path, crash
+) -> None:
+    s = _task(fresh_broker, tmp_path, n=2)
+    log_a = tmp_path / "a.log"
+    a = _start(fresh_broker.url, s.task, tmp_path / "a", log_a)
+    dev = None
+    try:
+        _wait_log(a, log_a, "aggregator ready")
+        if crash:  # the retained lease, model and sessions are gone with it
+            fresh_broker.kill()
+            fresh_broker.start()
+        else:
+            fresh_broker.restart()
+        _wait_log(a, log_a, "still holding the writer lease")
+        assert "lease connection lost: suspended" in log_a.read_text()
+        dev = Sender(s)
+        uid = dev.update({"w": np.ones(8, np.float32)}, n=1)
+        assert dev.receipt(uid, timeout=60).status == "accepted"
+        # Still the one writer: a second instance is refused.
+        b = _start(fresh_broker.url, s.task, tmp_path / "b", tmp_path / "b.log")
+        assert _exit_code(b, tmp_path / "b.log") == 1
+    finally:
+        if dev is not None:
+            dev.close()
+        assert _stop(a) == 0, log_a.read_text()[-3000:]

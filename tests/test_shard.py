@@ -13,11 +13,13 @@ import numpy as np
 import pytest
 from aggtools import Sender, init_task, make_settings
 from test_lease import _start, _stop, _wait_log
+from test_shipped_broker import shipped  # noqa: F401  (the fixture)
 
 from fededge.aggregator.partial import BatchSum, PartialSum, ids_digest
 from fededge.aggregator.policy import Layout
 from fededge.errors import ProtocolError
 from fededge.protocol import ModelVersion, Plan, Update
+from fededge.testing import wait_until
 
 D = 6  # parameters
 
@@ -68,7 +70,7 @@ pytestmark = pytest.mark.broker
 
 def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path) -> None:
     s = make_settings(broker.url, tmp_path / "state")
-    plan = Plan(min_updates_per_version=10, clip_norm=1e9, max_examples_weight=1000,
+    plan = Plan(min_updates_per_version=35, clip_norm=1e9, max_examples_weight=1000,
                 max_staleness=1000, staleness_exponent=0.0, max_updates_per_device=1000)  # fmt: skip
     init_task(s, {"w": np.zeros(D, np.float32)}, plan)
     state = tmp_path / "state"
@@ -76,6 +78,7 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
     args: dict[str, tuple[str, ...]] = {"coord": ("--shards", "3", "--coordinator")}
     args.update({f"w{i}": ("--shards", "3", "--shard-id", str(i)) for i in range(3)})
     procs: dict[str, subprocess.Popen[bytes]] = {}
+    root = state / "aggregator" / s.task
 
     def start(name: str, count: int = 1) -> None:
         procs[name] = _start(broker.url, s.task, state, logs[name], *args[name],
@@ -116,10 +119,18 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
             send(i)
         start("w1", 2)
         receipts(60)
-        kill("coord")  # batches it stored are merged after the restart, none twice
+
+        # Kill the coordinator while it holds stored batches (fewer than 35 updates) that no
+        # version has yet: they are merged after the restart, none twice.
+        def stored_and_quiet() -> bool:  # all sent batches answered, some not in a version
+            return not any(_worker_keys(root, w) for w in range(3)) and bool(_open_batches(root))
+
+        wait_until(stored_and_quiet, 60, "stored batches")
+        kill("coord")
         for i in range(60, 90):
             send(i)
         start("coord", 2)
+        _wait_log(procs["coord"], logs["coord"], "stored batches (")
         receipts(90)
         # A device that lost its receipt resends: another worker may take it (a conflict
         # the coordinator resolves) or the same one (a duplicate).
@@ -129,14 +140,10 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
             send(i)
         receipts(100)
 
-        root = state / "aggregator" / s.task
-
         def settled() -> bool:
             logged = [k for w in range(3) for k in _worker_keys(root, w)]
             counted = [k for _, keys in _versions(root).values() for k in keys]
             return not logged and sorted(counted + _open_batches(root)) == sorted(sent)
-
-        from fededge.testing import wait_until
 
         try:
             wait_until(settled, 60, "every update in a version or a stored batch")
@@ -154,7 +161,7 @@ def test_three_workers_and_a_coordinator_count_each_update_once(broker, tmp_path
     prev = versions[0][0]
     for v in sorted(versions)[1:]:
         model, keys = versions[v]
-        assert model.updates == len(keys) >= 10
+        assert model.updates == len(keys) >= 35
         w = np.array([sent[k][1] for k in keys], np.float64)
         deltas = np.stack([_delta(sent[k][0]).astype(np.float64) for k in keys])
         expected = prev.weights["w"].astype(np.float64) + (w[:, None] * deltas).sum(0) / w.sum()
@@ -214,6 +221,14 @@ def test_worker_outside_the_coordinators_shard_set_is_refused(broker, tmp_path) 
             log_w.read_text()
         )
         assert "ready: task=" not in log_w.read_text()
+        # Hostile input on the partials topic: rejected with a log line, nothing stored.
+        from fededge.mqtt import MqttClient
+        from fededge.protocol import Topics
+
+        with MqttClient(broker.settings(), "hostile", persistent=False) as c:
+            c.publish(Topics(s.topic_prefix, s.task).partial("shard-0"), b"\x00" * 64, wait=True)
+        _wait_log(coord, log_c, "rejected partial sum on")
+        assert not list((state / "aggregator" / s.task / "batches").glob("*"))
         # Same shard twice: the second refuses on the shard's lease.
         w0 = _start(broker.url, s.task, state, tmp_path / "w0.log", "--shards", "3",
                     "--shard-id", "0")  # fmt: skip
@@ -225,3 +240,45 @@ def test_worker_outside_the_coordinators_shard_set_is_refused(broker, tmp_path) 
         assert _stop(w0) == 0
     finally:
         assert _stop(coord) == 0, log_c.read_text()[-3000:]
+
+
+def test_shipped_acl_lets_the_aggregator_account_run_leases_and_shards(shipped, tmp_path) -> None:  # noqa: F811
+    """configs/acl.example as shipped: the aggregator account claims leases, shares the update
+    stream and exchanges batches; a device can do none of it."""
+    from test_shipped_broker import AGGREGATOR, DEVICES, aggregator_settings
+
+    from fededge.aggregator.lease import Lease
+    from fededge.errors import TransportError
+    from fededge.mqtt import MqttClient
+    from fededge.protocol import Topics
+
+    s = aggregator_settings(shipped, tmp_path / "agg", "acl")
+    t = Topics(s.topic_prefix, s.task)
+    lease = Lease(s)
+    lease.acquire()
+    assert lease.held
+    lease.release()
+    with MqttClient(shipped.broker(AGGREGATOR), "agg-acl", persistent=False) as c:
+        c.subscribe_all([t.shared_updates_filter("fededge-acl"), t.partials_filter,
+                         t.batch_ack("shard-0")])  # fmt: skip
+        c.publish(t.partial("shard-0"), b"x", wait=True, timeout=10)
+        c.publish(t.batch_ack("shard-0"), b"x", wait=True, timeout=10)
+    device = shipped.broker(DEVICES[0])
+    with MqttClient(device, "dev-acl", persistent=False) as c:
+        for topic in (t.aggregator_lease("writer"), t.partial("shard-0")):
+            with pytest.raises(TransportError, match="refused"):
+                c.publish(topic, b"x", wait=True, timeout=10)
+    # Mosquitto's acl_file checks reads at delivery, not at SUBSCRIBE: a device in the workers'
+    # shared group would take (and lose) its share of the updates, hence a group name the
+    # devices cannot guess (aggregator.shard_group); one in another group gets nothing.
+    worker = MqttClient(shipped.broker(AGGREGATOR), "worker-acl", persistent=False)
+    thief = MqttClient(device, "thief-acl", persistent=False)
+    sender = MqttClient(shipped.broker(DEVICES[1]), "sender-acl", persistent=False)
+    with worker, thief, sender:
+        worker.subscribe(t.shared_updates_filter("secret-4f1c"))
+        thief.subscribe(t.shared_updates_filter("fededge-acl"))
+        for i in range(10):
+            sender.publish(t.update(DEVICES[1]), b"%d" % i, wait=True, timeout=10)
+        got = [worker.messages.get(timeout=10).payload for _ in range(10)]
+        assert sorted(got) == sorted(b"%d" % i for i in range(10))
+        assert thief.messages.empty()

@@ -63,6 +63,11 @@ class Merger:
     def _path(self, worker: str, seq: int) -> Path:
         return self.dir / f"{worker}-{seq:012d}.bin"
 
+    def ensure_restored(self) -> None:
+        """Load the stored batches once the aggregator has its state (after ``agg.start``)."""
+        if not self._restored and self.agg.model is not None:
+            self.restore()
+
     def restore(self) -> None:
         """Load the stored batches that no version holds yet (needs the agg's state)."""
         self._restored = True
@@ -187,6 +192,8 @@ class Merger:
         new = self.agg.publish_version(
             weights, metrics, [k.split("/", 1)[1] for k in keys], keys + markers
         )
+        if new.version == model.version:
+            return  # not published (the privacy budget is spent): the batches stay stored
         log.info("version %d merges %d batches: %s", new.version, len(batches),
                  ", ".join(f"{p.worker}/{p.seq}:{p.count}" for p in batches))  # fmt: skip
         for p in batches:

@@ -25,6 +25,7 @@ from fededge.aggregator.store import Store, task_root
 from fededge.errors import (
     ConfigError,
     FededgeError,
+    LeaseError,
     NotReadyError,
     ProtocolError,
     StorageError,
@@ -372,8 +373,8 @@ class Aggregator:
         """Run the handling of one message so that a bug in it cannot stop the service."""
         try:
             yield
-        except (StorageError, OSError):
-            raise  # the disk failed: stop rather than acknowledge what is not durable
+        except (StorageError, OSError, LeaseError):
+            raise  # the disk failed, or another process is the writer: stop, write nothing
         except Exception:
             # A bug (NotReadyError, a misuse, included) must not take the service down or
             # wedge the message: count it, log the traceback, send the documented

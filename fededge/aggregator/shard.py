@@ -27,6 +27,7 @@ from pathlib import Path
 from fededge.aggregator.partial import BatchSum, PartialSum
 from fededge.aggregator.policy import Layout, check_update
 from fededge.aggregator.store import Store, task_root
+from fededge.aggregator.versions import UPDATE_SLACK
 from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import ConfigError, ProtocolError, SignatureError
 from fededge.fsio import atomic_write
@@ -38,7 +39,6 @@ from fededge.protocol.vocab import RejectReason
 from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
-UPDATE_SLACK = 64 * 1024
 Entry = tuple[Update, float, float]  # update, weight, norm
 
 
@@ -50,7 +50,7 @@ class ShardWorker:
         self.cfg = settings.aggregator
         self.worker = f"shard-{shard_id}"
         self.topics = Topics(settings.topic_prefix, settings.task)
-        self.group = group or f"fededge-{settings.task}"
+        self.group = group or self.cfg.shard_group or f"fededge-{settings.task}"
         # Beside the coordinator's folder (not inside: its start-up sweeps stale files there);
         # the Store's lock keeps a second process of this shard out.
         root = task_root(settings.state_dir, settings.task)
@@ -271,6 +271,15 @@ class ShardWorker:
             if key in mine:
                 later.append((msg, update))  # answered once the first copy is durable
                 return
+            floor = self.model.version - self.cfg.versions_kept + 1
+            if update.base_version < floor:
+                # The coordinator remembers the keys of the versions it keeps: an update based
+                # on an older one could be a resend of a counted update it has forgotten.
+                raise ProtocolError(
+                    f"base version {update.base_version} is older than the oldest version "
+                    f"whose update ids are remembered ({floor})",
+                    reason=RejectReason.STALE,
+                )
             quota = self.plan.max_updates_per_device
             if sum(1 for d, _ in mine if d == device) >= quota:
                 raise ProtocolError(f"device {device} already has {quota} update(s) in this "

@@ -135,10 +135,11 @@ def _run_aggregator(
     from fededge.aggregator.service import Aggregator
 
     agg = Aggregator(settings)
+    merger = None
     if settings.aggregator.coordinator:
         from fededge.aggregator.coordinator import Merger
 
-        Merger(agg)
+        merger = Merger(agg)
     lease.watch_session(lambda: agg.client)  # start() makes a new client
     agg.fence = lambda: lease.check(dog.tick)
 
@@ -157,6 +158,8 @@ def _run_aggregator(
             should_stop=lambda: shutdown.requested,
             on_connected=lambda: systemd.ready("connected; restoring state"),
         )
+        if merger is not None:
+            merger.ensure_restored()
         systemd.status(f"version {agg.version}, waiting for updates")
         agg.on_new_version(lambda _m, _old, new: systemd.status(f"published version {new}"))
         agg.run(lambda: shutdown.requested, tick=tick)
