@@ -129,6 +129,10 @@ class AggregatorSettings(_Section):
     shards: int = Field(0, ge=0, le=256, description="shard workers of a sharded task (0: none)")
     shard_id: int | None = Field(None, ge=0, description="run as this shard worker")
     coordinator: bool = Field(False, description="run as the coordinator of a sharded task")
+    gateways: list[str] = Field(
+        default_factory=list,
+        description="sites whose gateways' partial sums the coordinator merges (gateway-{site})",
+    )
     shard_group: str | None = Field(
         None,
         description="MQTT shared-subscription group of the shard workers (default: "
@@ -148,6 +152,11 @@ class AggregatorSettings(_Section):
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, 0600) that signs model versions and receipts"
     )
+
+    @field_validator("gateways")
+    @classmethod
+    def _gateways(cls, v: list[str]) -> list[str]:
+        return [check_name(site, "aggregator.gateways") for site in v]
 
     @field_validator("shard_group")
     @classmethod
@@ -198,6 +207,31 @@ class DeviceSettings(_Section):
         return v
 
 
+class GatewaySettings(_Section):
+    """A site gateway (``fededge gateway``, docs/operations.md "Site gateways").
+
+    It folds the updates of one site's devices on the site broker and sends their partial sum
+    upstream through the broker bridge; ``broker`` is the site broker. Folding reuses
+    ``aggregator.fsync``, ``commit_delay``, ``group_commit_max`` and ``max_update_bytes``.
+    """
+
+    site: str | None = Field(None, description="name of the site (gateway-{site} upstream)")
+    signing_key: Path | None = Field(
+        None, description="Ed25519 private key (PEM, 0600) that signs the gateway's receipts"
+    )
+    ship_interval: float = Field(
+        5.0, gt=0, description="s after a batch's first update before it is sent upstream"
+    )
+    ship_timeout: float = Field(
+        30.0, gt=0, description="s without the central answer before the batch is sent again"
+    )
+
+    @field_validator("site")
+    @classmethod
+    def _site(cls, v: str | None) -> str | None:
+        return None if v is None else check_name(v, "gateway.site")
+
+
 class TrustSettings(_Section):
     """Whose signatures this process trusts (docs/security.md). Empty: it trusts the broker.
 
@@ -210,6 +244,10 @@ class TrustSettings(_Section):
         None, description="aggregator's public key(s): model versions, receipts"
     )
 
+    gateway_key: str | None = Field(
+        None, description="site gateway's public key(s): receipts only (docs/operations.md)"
+    )
+
     def owner_keys(self) -> list[Ed25519PublicKey]:
         """The model owner's trusted keys (empty: plans and graphs are not verified)."""
         return trusted_keys(self.owner_key, "trust.owner_key")
@@ -217,6 +255,10 @@ class TrustSettings(_Section):
     def aggregator_keys(self) -> list[Ed25519PublicKey]:
         """The aggregator's trusted keys (empty: models and receipts are not verified)."""
         return trusted_keys(self.aggregator_key, "trust.aggregator_key")
+
+    def gateway_keys(self) -> list[Ed25519PublicKey]:
+        """Site gateways' keys, trusted for receipts only (never for models)."""
+        return trusted_keys(self.gateway_key, "trust.gateway_key")
 
 
 def trusted_keys(value: str | None, what: str) -> list[Ed25519PublicKey]:
@@ -277,6 +319,7 @@ class Settings(BaseSettings):
     log_format: Literal["text", "json"] = "text"
     aggregator: AggregatorSettings = Field(default_factory=AggregatorSettings)
     device: DeviceSettings = Field(default_factory=DeviceSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     trust: TrustSettings = Field(default_factory=TrustSettings)
     privacy: PrivacySettings = Field(default_factory=PrivacySettings)
 

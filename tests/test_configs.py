@@ -30,7 +30,8 @@ from fededge.testing.broker import (
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOMLS = sorted(CONFIGS.glob("*.toml"))
-PASSWORDS = {"fededge-aggregator": "agg-secret", "pi-01": "pw1", "pi-02": "pw2"}
+PASSWORDS = {"fededge-aggregator": "agg-secret", "pi-01": "pw1", "pi-02": "pw2",
+             "fededge-bridge-site-1": "bridge-secret"}  # fmt: skip
 
 
 def test_every_example_toml_is_shipped() -> None:
@@ -246,6 +247,47 @@ def test_acl_confines_each_device_to_its_own_topics(fleet_broker: Broker) -> Non
         assert d2.received(2) == [
             (f"{base}/model", b"v1"),
             (f"{base}/receipts/pi-02", b"r2"),
+        ]
+    finally:
+        for c in clients:
+            c.close()
+
+
+@pytest.mark.broker
+def test_acl_confines_a_site_bridge_to_its_gateway(fleet_broker: Broker) -> None:
+    """The bridge user of site-1 (configs/site-bridge.conf) sends only its gateway's partial sums
+    and device statuses up, and reads the broadcasts and its own gateway's answers."""
+    port = fleet_broker.plain_port
+    agg = _Client(port, "fededge-aggregator", PASSWORDS["fededge-aggregator"])
+    bridge = _Client(port, "fededge-bridge-site-1", PASSWORDS["fededge-bridge-site-1"])
+    clients = [agg, bridge]
+    try:
+        assert not any(c.result.is_failure for c in clients)
+        base = "fededge/digits"
+        for topic in ("aggregator/partials/+", "model", "devices/+/status", "updates/+"):
+            agg.subscribe(f"{base}/{topic}")
+        for topic in ("aggregator/acks/+", "model", "receipts/+", "updates/+"):
+            bridge.subscribe(f"{base}/{topic}")
+
+        bridge.publish(f"{base}/model", b"forged model")
+        bridge.publish(f"{base}/aggregator/partials/gateway-site-2", b"another site's")
+        bridge.publish(f"{base}/aggregator/partials/shard-0", b"a shard's")
+        bridge.publish(f"{base}/updates/pi-01", b"forged update")
+        bridge.publish(f"{base}/devices/pi-07/status", b"online")
+        bridge.publish(f"{base}/aggregator/partials/gateway-site-1", b"partial")
+        assert agg.received(2) == [
+            (f"{base}/aggregator/partials/gateway-site-1", b"partial"),
+            (f"{base}/devices/pi-07/status", b"online"),
+        ]
+
+        agg.publish(f"{base}/receipts/pi-01", b"r1")
+        agg.publish(f"{base}/updates/pi-01", b"u")  # the aggregator cannot publish these
+        agg.publish(f"{base}/aggregator/acks/gateway-site-2", b"not yours")
+        agg.publish(f"{base}/aggregator/acks/gateway-site-1", b"ack")
+        agg.publish(f"{base}/model", b"v1")
+        assert bridge.received(2) == [
+            (f"{base}/aggregator/acks/gateway-site-1", b"ack"),
+            (f"{base}/model", b"v1"),
         ]
     finally:
         for c in clients:

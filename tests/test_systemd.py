@@ -255,8 +255,12 @@ def _verify(unit_text: str, name: str, tmp_path: Path) -> str:
     return output
 
 
-def test_both_units_ship() -> None:
-    assert [u.name for u in UNITS] == ["fededge-aggregator.service", "fededge-device.service"]
+def test_every_unit_ships() -> None:
+    assert [u.name for u in UNITS] == [
+        "fededge-aggregator.service",
+        "fededge-device.service",
+        "fededge-gateway.service",
+    ]
 
 
 @needs_analyze

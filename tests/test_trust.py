@@ -90,6 +90,15 @@ def test_trust_rules_refuse_unsigned_foreign_and_forged_messages() -> None:
         "trust.owner_key (plans and graphs)",
         "trust.aggregator_key (models and receipts)",
     ]
+    # A site gateway's key (trust.gateway_key) signs receipts, never models.
+    gateway = Ed25519PrivateKey.from_private_bytes(bytes(range(2, 34)))
+    behind = TrustRules([OWNER.public_key()], [AGG.public_key()], [gateway.public_key()])
+    assert behind.open(SignedKind.RECEIPT, sign(receipt, SignedKind.RECEIPT, gateway)) == receipt
+    assert behind.open(SignedKind.RECEIPT, sign(receipt, SignedKind.RECEIPT, AGG)) == receipt
+    with pytest.raises(SignatureError):
+        behind.open(SignedKind.MODEL, sign(model, SignedKind.MODEL, gateway))
+    with pytest.raises(SignatureError):
+        rules.open(SignedKind.RECEIPT, sign(receipt, SignedKind.RECEIPT, gateway))
     state = TrustState(4, (4, 17))
     assert TrustState.from_bytes(state.to_bytes()) == state
     for junk in (b"junk", b"[]", b'{"generation": -1, "model": [1]}', b'{"model": ["a", 1]}'):

@@ -50,6 +50,8 @@ class Merger:
         self._restored = False
         self.merged_total = 0  # batches merged by this process (tests, logs)
         self.workers = {f"shard-{i}" for i in range(agg.cfg.shards)}
+        # Site gateways (fededge/gateway/) send the same partial sums under their own names.
+        self.workers |= {f"gateway-{site}" for site in agg.cfg.gateways}
         agg.update_filter = None
         agg.extra_subscriptions = [(self.topics.partials_filter, 1)]
         agg.on_other = self.on_message
@@ -107,8 +109,9 @@ class Merger:
             self.agg.client.ack(msg)
             return True
         if worker not in self.workers:
-            why = (f"{worker} is not one of this task's {len(self.workers)} shard workers "
-                   "(aggregator.shards of the coordinator): its batches are never merged")  # fmt: skip
+            why = (f"{worker} is not one of this task's {len(self.workers)} shard workers and "
+                   "gateways (aggregator.shards and aggregator.gateways of the coordinator): "
+                   "its batches are never merged")  # fmt: skip
             log.warning("refused batch %s/%d: %s", worker, p.seq, why)
             ack = BatchAck(task=p.task, worker=worker, seq=p.seq, status="refused", detail=why)
             self.agg.client.ack(msg)

@@ -19,6 +19,7 @@ COMMANDS = {
     "config": "fededge.cli.config:config",
     "demo": "fededge.cli.demo:demo",
     "device": "fededge.cli.device:device",
+    "gateway": "fededge.cli.gateway:gateway",
     "keys": "fededge.cli.keys:keys_group",
     "model": "fededge.cli.model:model",
     "status": "fededge.cli.fleet:status",

@@ -37,6 +37,12 @@ log = logging.getLogger("fededge.aggregator")
 @click.option(
     "--coordinator", is_flag=True, default=None, help="Run as the sharded task's coordinator."
 )
+@click.option(
+    "--gateway",
+    "gateways",
+    multiple=True,
+    help="A site whose gateway's partial sums the coordinator merges (repeat for each site).",
+)
 @settings_options
 @click.pass_context
 def aggregator(
@@ -47,6 +53,7 @@ def aggregator(
     shards: int | None,
     shard_id: int | None,
     coordinator: bool | None,
+    gateways: tuple[str, ...],
 ) -> int | None:
     """Run the aggregator service until SIGTERM/SIGINT (or run one of the commands below)."""
     if ctx.invoked_subcommand is not None:
@@ -56,13 +63,17 @@ def aggregator(
                        ("coordinator", coordinator)):  # fmt: skip
         if value is not None:
             setattr(cfg, key, value)
+    if gateways:
+        cfg.gateways = list(gateways)
     if cfg.shard_id is not None and (cfg.coordinator or not cfg.shard_id < cfg.shards):
         raise ConfigError(
             f"aggregator.shard_id={cfg.shard_id}: expected 0 <= shard_id < shards "
             f"(shards={cfg.shards}) and not coordinator"
         )
-    if cfg.coordinator and cfg.shards < 1:
-        raise ConfigError("aggregator.coordinator needs aggregator.shards >= 1")
+    if cfg.coordinator and cfg.shards < 1 and not cfg.gateways:
+        raise ConfigError(
+            "aggregator.coordinator needs aggregator.shards >= 1 or aggregator.gateways"
+        )
     from fededge.aggregator.lease import WRITER, Lease, shard_role
 
     shutdown = systemd.install_signal_handlers()

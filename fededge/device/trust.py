@@ -42,24 +42,27 @@ class TrustRules:
 
     owner_keys: list[Ed25519PublicKey] = field(default_factory=list)
     aggregator_keys: list[Ed25519PublicKey] = field(default_factory=list)
+    # A site gateway's keys sign the receipts of the devices behind it, nothing else.
+    gateway_keys: list[Ed25519PublicKey] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> TrustRules:
-        return cls(settings.trust.owner_keys(), settings.trust.aggregator_keys())
+        t = settings.trust
+        return cls(t.owner_keys(), t.aggregator_keys(), t.gateway_keys())
 
     def keys_for(self, kind: SignedKind) -> list[Ed25519PublicKey]:
         """Whose signature a message of ``kind`` needs (empty: it is not verified).
 
         Plans and graphs are the owner's. Models are the aggregator's, and the owner may sign
         one too (version 0 from ``fededge model init``), so a device can start before the
-        aggregator has re-signed it; receipts are the aggregator's alone.
+        aggregator has re-signed it; receipts are the aggregator's or a site gateway's.
         """
         if kind in (SignedKind.PLAN, SignedKind.GRAPH):
             return self.owner_keys
         if kind is SignedKind.MODEL:
             return [*self.aggregator_keys, *self.owner_keys] if self.aggregator_keys else []
         if kind is SignedKind.RECEIPT:
-            return self.aggregator_keys
+            return [*self.aggregator_keys, *self.gateway_keys]
         return []
 
     def open(self, kind: SignedKind, data: bytes) -> bytes:
