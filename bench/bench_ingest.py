@@ -111,7 +111,9 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
     return got[-1] - t0, size
 
 
-def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -> float:
+def aggregator_throughput(
+    port: int, n: int, d: int, state: Path, fsync: bool, profile: Path | None = None
+) -> float:
     """Seconds from the first publish until n receipts say 'accepted' (durable and folded)."""
     from fededge.aggregator.service import Aggregator
     from fededge.protocol import ModelVersion, Plan
@@ -141,7 +143,17 @@ def aggregator_throughput(port: int, n: int, d: int, state: Path, fsync: bool) -
     agg = Aggregator(settings)
     agg.start(wait_for_model=30)
     stop = threading.Event()
-    t = threading.Thread(target=agg.run, args=(stop.is_set,), daemon=True)
+    def run() -> None:
+        if profile is None:
+            agg.run(stop.is_set)
+            return
+        import cProfile
+
+        with cProfile.Profile() as prof:
+            agg.run(stop.is_set)
+        prof.dump_stats(profile)
+
+    t = threading.Thread(target=run, daemon=True)
     t.start()
     go = mp.Event()
     p = mp.Process(

@@ -39,7 +39,10 @@ def _update(i: int, rng: np.random.Generator) -> tuple[Update, bytes]:
 
 
 def _pending(store: Store, every: int = 100) -> PendingVersion:
-    return PendingVersion(store, _base(), checkpoint_every=every, max_update_bytes=1 << 20)
+    # No checkpoint overhead: groups of small test updates still exercise the checkpoint path.
+    return PendingVersion(
+        store, _base(), checkpoint_every=every, max_update_bytes=1 << 20, checkpoint_overhead=0
+    )
 
 
 def _reference(updates: list[Update]) -> np.ndarray:
