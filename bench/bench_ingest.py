@@ -143,6 +143,7 @@ def aggregator_throughput(
     agg = Aggregator(settings)
     agg.start(wait_for_model=30)
     stop = threading.Event()
+
     def run() -> None:
         if profile is None:
             agg.run(stop.is_set)

@@ -138,7 +138,6 @@ class FleetSimulator:
         k = min(connections, devices)
         self.devices = [SimDevice(f"{self.name}-d{i}", i % k) for i in range(devices)]
         self._by_name = {d.name: d for d in self.devices}
-        self._receipt_head = self.topics.receipt("")  # "{base}/receipts/"
         self.clients = [
             MqttClient(
                 broker, f"{self.name}-c{c}", persistent=True, max_inbox=100_000, name="simulator"
@@ -197,6 +196,11 @@ class FleetSimulator:
             self._drain(0.0 if sent else 0.01)
         self.stats.seconds += time.monotonic() - t0
         return self.report()
+
+    def poll(self) -> bool:
+        """Handle the messages waiting (receipts, new models) without sending; always True."""
+        self._drain(0.0)
+        return True
 
     def report(self) -> SimStats:
         """The accounting now (a copy)."""
@@ -282,8 +286,8 @@ class FleetSimulator:
             if msg.payload:
                 self._on_model(msg.payload)
             return
-        name = msg.topic[len(self._receipt_head) :]
-        d = self._by_name.get(name) if msg.topic.startswith(self._receipt_head) else None
+        name = self.topics.device_of(msg.topic, "receipts")
+        d = self._by_name.get(name) if name is not None else None
         try:
             body = open_message(msg.payload, SignedKind.RECEIPT, None).payload
             r = decode_json(body, Receipt)
