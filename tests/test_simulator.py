@@ -6,6 +6,7 @@ import numpy as np
 from aggtools import init_task, make_settings, running_aggregator
 
 from fededge.protocol import ModelVersion, Plan
+from fededge.protocol.messages import Weights
 from fededge.testing import wait_until
 from fededge.testing.simulator import FleetSimulator
 
@@ -67,7 +68,7 @@ def test_numpy_computed_updates_and_model_tracking(broker, tmp_path) -> None:
     init_task(s, {"w": np.zeros(8, np.float32)}, plan)
     target = np.linspace(-1, 1, 8).astype(np.float32)
 
-    def step(_d: str, _u: str, model: ModelVersion, rng: np.random.Generator) -> dict:
+    def step(_d: str, _u: str, model: ModelVersion, rng: np.random.Generator) -> Weights:
         # One gradient step of 0.5 * |w - target|^2 with a little noise, clipped to norm 1.
         g = (target - model.weights["w"]) * 0.1 + rng.normal(0, 0.01, 8).astype(np.float32)
         n = float(np.linalg.norm(g))
