@@ -17,6 +17,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -110,6 +111,10 @@ class PendingVersion:
         self._staged: list[tuple[Update, float, float]] = []
         self._staged_raw: list[bytes] = []
         self._writer: SegmentWriter | None = None
+        # A group written to the WAL whose fsync runs in the background (``begin_commit``).
+        self._inflight: list[tuple[Update, float, float]] = []
+        self._sync: Future[None] | None = None
+        self._syncer: ThreadPoolExecutor | None = None
         self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
 
     # -- recovery ---------------------------------------------------------------------------
@@ -165,7 +170,9 @@ class PendingVersion:
 
     def is_staged(self, key: str) -> bool:
         """Whether the update with this dedup key waits in the current group commit."""
-        return any(dedup_key(u.device, u.update_id) == key for u, _, _ in self._staged)
+        return any(
+            dedup_key(u.device, u.update_id) == key for u, _, _ in (*self._staged, *self._inflight)
+        )
 
     def device_count(self, device: str) -> int:
         """Updates of ``device`` in this version, folded or staged (max_updates_per_device).
@@ -173,7 +180,9 @@ class PendingVersion:
         Derived from durable state: the checkpoint's ``devices`` and the replayed WAL rebuild
         it after a crash, so the quota survives ``kill -9``.
         """
-        return self._per_device[device] + sum(1 for u, _, _ in self._staged if u.device == device)
+        return self._per_device[device] + sum(
+            1 for u, _, _ in (*self._staged, *self._inflight) if u.device == device
+        )
 
     def stage(self, update: Update, raw: bytes, weight: float, norm: float) -> None:
         """Hold an accepted update for the next group commit (not yet durable, not folded)."""
@@ -188,6 +197,8 @@ class PendingVersion:
         group is folded first and the accumulator checkpointed (one atomic file), which makes
         the WAL so far redundant.
         """
+        if self._inflight:
+            raise NotReadyError("commit() with a group in flight: finish_commit() it first")
         if not self._staged:
             return []
         group, raws = self._staged, self._staged_raw
@@ -196,6 +207,60 @@ class PendingVersion:
             self._fold(group)
             self.checkpoint()
             return [u for u, _, _ in group]
+        self._append_group(group, raws)
+        assert self._writer is not None
+        self._writer.commit()
+        self._fold(group)
+        self._since_checkpoint += len(group)
+        if self._since_checkpoint >= self._checkpoint_every:
+            self.checkpoint()
+        return [u for u, _, _ in group]
+
+    @property
+    def in_flight(self) -> int:
+        """Updates written by ``begin_commit`` and not yet finished."""
+        return len(self._inflight)
+
+    def begin_commit(self) -> bool:
+        """Write the staged group to the WAL and start its fsync in the background.
+
+        The pipelined form of ``commit``: while the disk works (the fsync releases the GIL),
+        the caller validates and stages the next group; ``finish_commit`` then waits for the
+        fsync and folds. Nothing may be acknowledged before ``finish_commit`` returns. False
+        (nothing done) when the group takes the checkpoint path: use ``commit``.
+        """
+        if self._inflight:
+            raise NotReadyError("begin_commit() with a group in flight: finish_commit() it first")
+        if not self._staged:
+            return True
+        if sum(len(r) for r in self._staged_raw) >= self.acc.nbytes + self._overhead:
+            return False
+        self._append_group(self._staged, self._staged_raw)
+        assert self._writer is not None
+        self._writer.write()
+        if self._syncer is None:
+            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fededge-wal-sync")
+        self._sync = self._syncer.submit(self._writer.sync)
+        self._inflight = self._staged
+        self._staged, self._staged_raw = [], []
+        return True
+
+    def finish_commit(self) -> list[Update]:
+        """Wait for the fsync of the group in flight and fold it; return its updates."""
+        if not self._inflight:
+            return []
+        assert self._sync is not None
+        group, self._inflight = self._inflight, []
+        sync, self._sync = self._sync, None
+        sync.result()  # an OSError of the fsync is raised here, before anything is acked
+        self._fold(group)
+        self._since_checkpoint += len(group)
+        if self._since_checkpoint >= self._checkpoint_every:
+            self.checkpoint()
+        return [u for u, _, _ in group]
+
+    def _append_group(self, group: list[tuple[Update, float, float]], raws: list[bytes]) -> None:
+        """Append a group's records to the current WAL segment (not written yet)."""
         if self._writer is None:
             self._writer = SegmentWriter(
                 self.store.segment_path(self.base.version, self._segment), fsync=self.store.fsync
@@ -203,13 +268,7 @@ class PendingVersion:
         for (update, weight, norm), raw in zip(group, raws, strict=True):
             header = {"id": update.update_id, "weight": weight, "norm": norm, "group": self._group}
             self._writer.append(header, raw)
-        self._writer.commit()
         self._group += 1
-        self._fold(group)
-        self._since_checkpoint += len(group)
-        if self._since_checkpoint >= self._checkpoint_every:
-            self.checkpoint()
-        return [u for u, _, _ in group]
 
     def checkpoint(self) -> None:
         """Persist the accumulator and start a new WAL segment."""
@@ -272,6 +331,13 @@ class PendingVersion:
         }
 
     def close(self) -> None:
+        if self._sync is not None:
+            # Written, maybe not durable, never acknowledged: let the fsync end before the
+            # file is closed (recovery replays it, and the resent updates are duplicates).
+            self._sync.exception()
+        if self._syncer is not None:
+            self._syncer.shutdown()
+            self._syncer = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None

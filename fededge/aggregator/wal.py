@@ -59,8 +59,16 @@ class SegmentWriter:
 
     def commit(self) -> None:
         """Group commit: one write and one fsync for every record appended since the last."""
+        self.write()
+        self.sync()
+
+    def write(self) -> None:
+        """Write the records appended since the last write (not yet durable: see ``sync``)."""
         _write_all(self._fd, self._pending)
         self._pending = []
+
+    def sync(self) -> None:
+        """Make everything written so far durable (releases the GIL while the disk works)."""
         if self._fsync:
             os.fdatasync(self._fd)
 
