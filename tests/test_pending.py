@@ -252,3 +252,23 @@ def test_torn_tail_after_a_torn_group_is_still_cut_silently(tmp_path) -> None:
     q = _pending(Store(tmp_path))
     assert q.recover() == 2 and q.sums.ids == ["u0", "u1"]
     assert seg.stat().st_size == offsets[2]
+
+
+def test_a_failed_background_checkpoint_is_raised_by_the_next_commit(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    store = Store(tmp_path)
+    p = PendingVersion(store, _base(), checkpoint_every=1, max_update_bytes=1 << 20)
+
+    def broken(*_a: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    store.write_checkpoint = broken  # type: ignore[method-assign]
+    u, raw = _update(0, rng)
+    p.stage(u, raw, 1.0, 1.0)
+    assert p.commit() == [u]  # durable in the WAL; the checkpoint after it goes on in the back
+    p._checkpoints[0].exception()  # wait for it (the worker thread has failed)
+    u2, raw2 = _update(1, rng)
+    p.stage(u2, raw2, 1.0, 1.0)
+    with pytest.raises(StorageError, match="No space left"):
+        p.commit()
+    p.close()

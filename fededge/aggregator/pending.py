@@ -115,6 +115,8 @@ class PendingVersion:
         self._inflight: list[tuple[Update, float, float]] = []
         self._sync: Future[None] | None = None
         self._syncer: ThreadPoolExecutor | None = None
+        self._checkpointer: ThreadPoolExecutor | None = None
+        self._checkpoints: list[Future[None]] = []  # background checkpoints not yet checked
         self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
 
     # -- recovery ---------------------------------------------------------------------------
@@ -199,6 +201,7 @@ class PendingVersion:
         """
         if self._inflight:
             raise NotReadyError("commit() with a group in flight: finish_commit() it first")
+        self._raise_failed_checkpoint()
         if not self._staged:
             return []
         group, raws = self._staged, self._staged_raw
@@ -213,7 +216,7 @@ class PendingVersion:
         self._fold(group)
         self._since_checkpoint += len(group)
         if self._since_checkpoint >= self._checkpoint_every:
-            self.checkpoint()
+            self.checkpoint(background=True)
         return [u for u, _, _ in group]
 
     @property
@@ -231,6 +234,7 @@ class PendingVersion:
         """
         if self._inflight:
             raise NotReadyError("begin_commit() with a group in flight: finish_commit() it first")
+        self._raise_failed_checkpoint()
         if not self._staged:
             return True
         if sum(len(r) for r in self._staged_raw) >= self.acc.nbytes + self._overhead:
@@ -256,7 +260,7 @@ class PendingVersion:
         self._fold(group)
         self._since_checkpoint += len(group)
         if self._since_checkpoint >= self._checkpoint_every:
-            self.checkpoint()
+            self.checkpoint(background=True)
         return [u for u, _, _ in group]
 
     def _append_group(self, group: list[tuple[Update, float, float]], raws: list[bytes]) -> None:
@@ -270,15 +274,37 @@ class PendingVersion:
             self._writer.append(header, raw)
         self._group += 1
 
-    def checkpoint(self) -> None:
-        """Persist the accumulator and start a new WAL segment."""
+    def checkpoint(self, *, background: bool = False) -> None:
+        """Persist the accumulator and start a new WAL segment.
+
+        ``background``: for a checkpoint that only bounds replay (the updates it covers are
+        durable in the WAL already), written by a worker thread from a copy of the state while
+        ingest goes on; a crash before it lands replays the segments instead. Checkpoints are
+        written in order by one thread; a failed one is raised by the next commit.
+        """
+        self._raise_failed_checkpoint()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        state = {k: v for k, v in self.sums.__dict__.items()}
-        self.store.write_checkpoint(self.base.version, self._segment, self.acc, state)
+        state = {k: list(v) if isinstance(v, list) else v for k, v in self.sums.__dict__.items()}
+        acc = self.acc.copy() if background else self.acc
+        if self._checkpointer is None:
+            self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="fededge-checkpoint")
+        job = self._checkpointer.submit(
+            self.store.write_checkpoint, self.base.version, self._segment, acc, state
+        )
+        if background:
+            self._checkpoints.append(job)
+        else:
+            job.result()
         self._segment += 1
         self._since_checkpoint = 0
+
+    def _raise_failed_checkpoint(self) -> None:
+        while self._checkpoints and self._checkpoints[0].done():
+            error = self._checkpoints.pop(0).exception()
+            if error is not None:
+                raise StorageError(f"writing a checkpoint failed: {error}") from error
 
     def _fold(self, group: Sequence[tuple[Update, float, float]]) -> None:
         # One pass over the accumulator per 8 updates; bitwise equal to folding one at a time,
@@ -335,9 +361,10 @@ class PendingVersion:
             # Written, maybe not durable, never acknowledged: let the fsync end before the
             # file is closed (recovery replays it, and the resent updates are duplicates).
             self._sync.exception()
-        if self._syncer is not None:
-            self._syncer.shutdown()
-            self._syncer = None
+        for pool in (self._syncer, self._checkpointer):
+            if pool is not None:
+                pool.shutdown()  # waits for the fsync and the checkpoints queued
+        self._syncer = self._checkpointer = None
         if self._writer is not None:
             self._writer.close()
             self._writer = None
