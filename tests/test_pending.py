@@ -262,7 +262,7 @@ def test_a_failed_background_checkpoint_is_raised_by_the_next_commit(tmp_path) -
     def broken(*_a: object) -> None:
         raise OSError(28, "No space left on device")
 
-    store.write_checkpoint = broken  # type: ignore[method-assign]
+    store.write_checkpoint = broken  # type: ignore[method-assign,assignment]  # a disk failure
     u, raw = _update(0, rng)
     p.stage(u, raw, 1.0, 1.0)
     assert p.commit() == [u]  # durable in the WAL; the checkpoint after it goes on in the back
