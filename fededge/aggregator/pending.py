@@ -113,6 +113,7 @@ class PendingVersion:
         self._writer: SegmentWriter | None = None
         # A group written to the WAL whose fsync runs in the background (``begin_commit``).
         self._inflight: list[tuple[Update, float, float]] = []
+        self._inflight_folded = False  # checkpoint path: folded already, its checkpoint runs
         self._sync: Future[None] | None = None
         self._syncer: ThreadPoolExecutor | None = None
         self._checkpointer: ThreadPoolExecutor | None = None
@@ -182,9 +183,8 @@ class PendingVersion:
         Derived from durable state: the checkpoint's ``devices`` and the replayed WAL rebuild
         it after a crash, so the quota survives ``kill -9``.
         """
-        return self._per_device[device] + sum(
-            1 for u, _, _ in (*self._staged, *self._inflight) if u.device == device
-        )
+        unfolded = self._staged if self._inflight_folded else [*self._staged, *self._inflight]
+        return self._per_device[device] + sum(1 for u, _, _ in unfolded if u.device == device)
 
     def stage(self, update: Update, raw: bytes, weight: float, norm: float) -> None:
         """Hold an accepted update for the next group commit (not yet durable, not folded)."""
@@ -229,8 +229,9 @@ class PendingVersion:
 
         The pipelined form of ``commit``: while the disk works (the fsync releases the GIL),
         the caller validates and stages the next group; ``finish_commit`` then waits for the
-        fsync and folds. Nothing may be acknowledged before ``finish_commit`` returns. False
-        (nothing done) when the group takes the checkpoint path: use ``commit``.
+        fsync and folds. Nothing may be acknowledged before ``finish_commit`` returns. A group
+        on the checkpoint path is folded now and its checkpoint written in the background
+        (from a copy of the accumulator) instead.
         """
         if self._inflight:
             raise NotReadyError("begin_commit() with a group in flight: finish_commit() it first")
@@ -238,7 +239,11 @@ class PendingVersion:
         if not self._staged:
             return True
         if sum(len(r) for r in self._staged_raw) >= self.acc.nbytes + self._overhead:
-            return False
+            self._fold(self._staged)
+            self._sync = self._checkpoint_job(background=True)
+            self._inflight, self._inflight_folded = self._staged, True
+            self._staged, self._staged_raw = [], []
+            return True
         self._append_group(self._staged, self._staged_raw)
         assert self._writer is not None
         self._writer.write()
@@ -256,7 +261,13 @@ class PendingVersion:
         assert self._sync is not None
         group, self._inflight = self._inflight, []
         sync, self._sync = self._sync, None
-        sync.result()  # an OSError of the fsync is raised here, before anything is acked
+        try:
+            sync.result()  # an OSError of the fsync is raised here, before anything is acked
+        except OSError as e:
+            raise StorageError(f"making a group of updates durable failed: {e}") from e
+        if self._inflight_folded:
+            self._inflight_folded = False
+            return [u for u, _, _ in group]
         self._fold(group)
         self._since_checkpoint += len(group)
         if self._since_checkpoint >= self._checkpoint_every:
@@ -282,6 +293,14 @@ class PendingVersion:
         ingest goes on; a crash before it lands replays the segments instead. Checkpoints are
         written in order by one thread; a failed one is raised by the next commit.
         """
+        job = self._checkpoint_job(background=background)
+        if background:
+            self._checkpoints.append(job)
+        else:
+            job.result()
+
+    def _checkpoint_job(self, *, background: bool) -> Future[None]:
+        """Queue a checkpoint of the state now (a copy if ``background``) on the one thread."""
         self._raise_failed_checkpoint()
         if self._writer is not None:
             self._writer.close()
@@ -293,12 +312,9 @@ class PendingVersion:
         job = self._checkpointer.submit(
             self.store.write_checkpoint, self.base.version, self._segment, acc, state
         )
-        if background:
-            self._checkpoints.append(job)
-        else:
-            job.result()
         self._segment += 1
         self._since_checkpoint = 0
+        return job
 
     def _raise_failed_checkpoint(self) -> None:
         while self._checkpoints and self._checkpoints[0].done():
