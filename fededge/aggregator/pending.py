@@ -114,6 +114,10 @@ class PendingVersion:
         # A group written to the WAL whose fsync runs in the background (``begin_commit``).
         self._inflight: list[tuple[Update, float, float]] = []
         self._inflight_folded = False  # checkpoint path: folded already, its checkpoint runs
+        # Staged and in-flight updates by key, and those not folded yet by device: the
+        # duplicate and quota checks of every update look here (sets, not scans of the groups).
+        self._waiting_keys: set[str] = set()
+        self._unfolded_devices: Counter[str] = Counter()
         self._sync: Future[None] | None = None
         self._syncer: ThreadPoolExecutor | None = None
         self._checkpointer: ThreadPoolExecutor | None = None
@@ -173,9 +177,7 @@ class PendingVersion:
 
     def is_staged(self, key: str) -> bool:
         """Whether the update with this dedup key waits in the current group commit."""
-        return any(
-            dedup_key(u.device, u.update_id) == key for u, _, _ in (*self._staged, *self._inflight)
-        )
+        return key in self._waiting_keys
 
     def device_count(self, device: str) -> int:
         """Updates of ``device`` in this version, folded or staged (max_updates_per_device).
@@ -183,12 +185,13 @@ class PendingVersion:
         Derived from durable state: the checkpoint's ``devices`` and the replayed WAL rebuild
         it after a crash, so the quota survives ``kill -9``.
         """
-        unfolded = self._staged if self._inflight_folded else [*self._staged, *self._inflight]
-        return self._per_device[device] + sum(1 for u, _, _ in unfolded if u.device == device)
+        return self._per_device[device] + self._unfolded_devices[device]
 
     def stage(self, update: Update, raw: bytes, weight: float, norm: float) -> None:
         """Hold an accepted update for the next group commit (not yet durable, not folded)."""
         self._staged.append((update, weight, norm))
+        self._waiting_keys.add(dedup_key(update.device, update.update_id))
+        self._unfolded_devices[update.device] += 1
         self._staged_raw.append(raw)
 
     def commit(self) -> list[Update]:
@@ -209,7 +212,7 @@ class PendingVersion:
         if sum(len(r) for r in raws) >= self.acc.nbytes + self._overhead:
             self._fold(group)
             self.checkpoint()
-            return [u for u, _, _ in group]
+            return self._settled(group)
         self._append_group(group, raws)
         assert self._writer is not None
         self._writer.commit()
@@ -217,7 +220,7 @@ class PendingVersion:
         self._since_checkpoint += len(group)
         if self._since_checkpoint >= self._checkpoint_every:
             self.checkpoint(background=True)
-        return [u for u, _, _ in group]
+        return self._settled(group)
 
     @property
     def in_flight(self) -> int:
@@ -267,11 +270,16 @@ class PendingVersion:
             raise StorageError(f"making a group of updates durable failed: {e}") from e
         if self._inflight_folded:
             self._inflight_folded = False
-            return [u for u, _, _ in group]
+            return self._settled(group)
         self._fold(group)
         self._since_checkpoint += len(group)
         if self._since_checkpoint >= self._checkpoint_every:
             self.checkpoint(background=True)
+        return self._settled(group)
+
+    def _settled(self, group: list[tuple[Update, float, float]]) -> list[Update]:
+        """The updates of a group now durable and folded (no longer waiting)."""
+        self._waiting_keys.difference_update(dedup_key(u.device, u.update_id) for u, _, _ in group)
         return [u for u, _, _ in group]
 
     def _append_group(self, group: list[tuple[Update, float, float]], raws: list[bytes]) -> None:
@@ -331,8 +339,11 @@ class PendingVersion:
             codec.fold(self.acc[sl], name, pairs, parallel=self._parallel)
         for update, weight, norm in group:
             self.sums.add(update, weight, norm)
-            self._ids.add(dedup_key(update.device, update.update_id))
+            key = dedup_key(update.device, update.update_id)
+            self._ids.add(key)
             self._per_device[update.device] += 1
+            if key in self._waiting_keys:  # not during recovery
+                self._unfolded_devices[update.device] -= 1
 
     # -- completion -------------------------------------------------------------------------
     def finalize(self, server_lr: float) -> dict[str, NDArray[np.float32]]:
