@@ -66,6 +66,9 @@ class DemoConfig:
     # A privacy budget: the plan's noise multiplier is the smallest that keeps ``versions``
     # versions within it (docs/privacy.md); each version shows its epsilon.
     dp_epsilon: float | None = None
+    # Adaptive clipping (docs/privacy.md): the clip starts at ``clip`` and moves toward this
+    # quantile of the devices' update norms; each version shows the clip it publishes.
+    target_unclipped_quantile: float | None = None
 
 
 @dataclass
@@ -80,6 +83,7 @@ class VersionRow:
     # Every metric of the task (loss, its metrics, and extras such as the anomaly AUC).
     metrics: dict[str, float] = field(default_factory=dict)
     epsilon: float | None = None  # spent by the versions so far (--dp-epsilon)
+    clip: float | None = None  # published with the version (--target-unclipped-quantile)
 
 
 @dataclass
@@ -108,8 +112,9 @@ class Summary:
             for v in d["versions"]:
                 v.pop("accuracy")
         for v in d["versions"]:
-            if v["epsilon"] is None:
-                v.pop("epsilon")
+            for k in ("epsilon", "clip"):
+                if v[k] is None:
+                    v.pop(k)
         return d
 
 
@@ -144,6 +149,7 @@ def demo_plan(cfg: DemoConfig) -> Plan:
         server_learning_rate=cfg.server_lr,
         update_encoding=cfg.update_encoding,
         update_block=cfg.update_block,
+        target_unclipped_quantile=cfg.target_unclipped_quantile,
         **_dp_fields(cfg),
     )
 
@@ -156,16 +162,18 @@ def _dp_fields(cfg: DemoConfig) -> dict[str, Any]:
     epsilon after ``cfg.versions`` versions is within the budget."""
     if cfg.dp_epsilon is None:
         return {}
-    from fededge.aggregator.privacy import epsilon_of
+    from fededge.aggregator.privacy import BIT_NOISE_SHARE, epsilon_of
 
+    # With adaptive clipping a version is charged at z / sqrt(1.1) (the bit's share).
+    f = math.sqrt(1 + BIT_NOISE_SHARE) if cfg.target_unclipped_quantile is not None else 1.0
     lo, hi = 0.05, 1000.0
-    if epsilon_of(((hi, cfg.versions),), DP_DELTA) > cfg.dp_epsilon:
+    if epsilon_of(((hi / f, cfg.versions),), DP_DELTA) > cfg.dp_epsilon:
         raise ConfigError(
             f"--dp-epsilon {cfg.dp_epsilon:g} is too small for {cfg.versions} versions"
         )
     while hi / lo > 1.001:
         mid = math.sqrt(lo * hi)
-        if epsilon_of(((mid, cfg.versions),), DP_DELTA) <= cfg.dp_epsilon:
+        if epsilon_of(((mid / f, cfg.versions),), DP_DELTA) <= cfg.dp_epsilon:
             hi = mid
         else:
             lo = mid
@@ -443,7 +451,7 @@ def _run(
             m = evaluator(model.weights)
             row = VersionRow(
                 model.version, m.get("accuracy", math.nan), m["loss"], model.updates,
-                when - last, m, demo_epsilon(plan, model.version),
+                when - last, m, demo_epsilon(plan, model.version), model.clip,
             )  # fmt: skip
             last = when
             summary.versions.append(row)

@@ -109,6 +109,9 @@ class AggregatorSettings(_Section):
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 picks a free port")
     recent_update_ids: int = Field(100_000, ge=100, description="update ids remembered for dedup")
     status_interval: float = Field(10.0, gt=0, description="seconds between status publications")
+    fleet_max_devices: int = Field(
+        100_000, ge=1, description="devices the fleet gauges keep state for (oldest forgotten)"
+    )
     signing_key: Path | None = Field(
         None, description="Ed25519 private key (PEM, 0600) that signs model versions and receipts"
     )
@@ -131,6 +134,12 @@ class DeviceSettings(_Section):
     metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9465, ge=0, le=65535, description="0 picks a free port")
+    metrics_textfile: Path | None = Field(
+        None, description="also write the metrics to this file (node_exporter textfile collector)"
+    )
+    metrics_textfile_interval: float = Field(
+        15.0, gt=0, description="seconds between writes of metrics_textfile"
+    )
     seed: int | None = Field(None, description="RNG seed for shuffling/noise (None = OS entropy)")
 
     @field_validator("device_id")

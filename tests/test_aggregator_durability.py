@@ -116,3 +116,49 @@ def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None
     assert v1.updates == 11 and v1.examples == int(weights.sum())
     assert proc.returncode == 0, log.read_text()[-3000:]
     assert "replayed from the WAL" in log.read_text()
+
+
+def test_kill_9_keeps_the_adaptive_clipping_bits(broker, tmp_path) -> None:
+    """The noised bits of acknowledged updates survive kill -9 (checkpoint + WAL) exactly once:
+    the clip published after the restart is the one of all six bits."""
+    from test_clipping import ref_clip
+
+    from fededge.protocol import Plan
+
+    s = make_settings(broker.url, tmp_path / "state", checkpoint_every=3)
+    d = 1000
+    plan = Plan(min_updates_per_version=6, clip_norm=1.0, target_unclipped_quantile=0.5,
+                max_updates_per_device=10)  # fmt: skip
+    init_task(s, {"w": np.zeros(d, np.float32)}, plan)
+    log = tmp_path / "aggregator.log"
+    proc = _start(tmp_path, broker.url, s.task, log)
+    _wait_ready(proc, log, 1)
+    dev = Sender(s)
+    delta = {"w": np.full(d, 1e-3, np.float32)}
+    bits = [0.5, -0.5, 0.25, -0.375, 0.125, -0.5]  # dyadic: their sum is exact in any order
+    try:
+        for i in range(4):  # a checkpoint after the third, the fourth in the WAL
+            uid = dev.update(delta, uid=f"u{i}", unclipped=bits[i])
+            assert dev.receipt(uid, timeout=60).status == "accepted"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        proc = _start(tmp_path, broker.url, s.task, log)
+        del dev.receipts["u3"]  # a resend of an acknowledged update is not counted again
+        assert dev.receipt(dev.update(delta, uid="u3", unclipped=bits[3]), 60).status == (
+            "duplicate"
+        )
+        for i in (4, 5):
+            assert dev.receipt(dev.update(delta, uid=f"u{i}", unclipped=bits[i])).status == (
+                "accepted"
+            )
+        v1 = dev.model(1, timeout=60)
+    finally:
+        dev.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    assert v1.updates == 6
+    assert v1.clip == pytest.approx(ref_clip(1.0, 0.5 + sum(bits) / 6, 0.5), rel=1e-12)
+    assert "replayed from the WAL" in log.read_text()

@@ -151,7 +151,10 @@ def test_local_api_takes_labels_as_the_spec_says(broker, tmp_path, name: str) ->
         assert code == 400 and body["error"] in ("bad_label", "bad_shape"), body
         code, body = call(server.path, "POST", "/predict", {"x": x})
         assert code == 200
-        assert np.asarray(body["probs"]).shape == (3, *b.spec.task.output_shape)
+        name_out = b.spec.task.output_name
+        assert name_out == ("outputs" if name == "diabetes_regression" else "probs")
+        assert np.asarray(body[name_out]).shape == (3, *b.spec.task.output_shape)
+        assert body["probs"] == body[name_out]  # "probs": deprecated alias for regression
         batch = client.examples.take(3, b.spec.input_shape)
         assert batch is not None
         np.testing.assert_allclose(batch.y.reshape(3, -1), np.asarray(y, np.float32).reshape(3, -1))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fededge.cli import main
+from fededge.cli.fleet import Snapshot, render_status
 from fededge.cli.render import describe
 from fededge.device.bundle import load_bundle, shipped_bundle_path
 from fededge.logs import _Handler
@@ -31,12 +33,14 @@ from fededge.protocol import (
     AggregatorStatus,
     DeviceStatus,
     Graph,
+    ModelVersion,
     Plan,
     Receipt,
     Topics,
     Update,
     decode_json,
 )
+from fededge.protocol.vocab import NO_GRAPH
 from fededge.settings import Settings as FededgeSettings
 from fededge.testing import wait_until
 
@@ -151,8 +155,33 @@ def test_status_json_and_table(broker, tmp_path, capsys) -> None:
     assert st["plan"]["min_updates_per_version"] == 1
     assert st["model"]["parent"] == 1 and st["model"]["parameters"] == 9
     assert st["problems"] == []
+    assert [d["lag"] for d in st["devices"]] == [0, 1]  # versions behind the retained v2
     assert "v2 (parent v1)" in text and "1 online, 1 offline" in text
+    assert re.search(r"dev1 +online +v2 +0 ", text) and re.search(r"dev2 +offline +v1 +1 ", text)
     assert "dev1" in text and "dev2" in text and "versions (last 2 of 2 retained)" in text
+
+
+def test_status_table_shows_secure_round_stage_and_lag(capsys) -> None:
+    mv = ModelVersion(task="t", version=9, weights=_weights(), graph_sha256=NO_GRAPH)
+    snap = Snapshot("t", "mqtt://b:1883", "fededge", model=mv, plan=Plan(max_staleness=2))
+    snap.aggregator = AggregatorStatus(task="t", state="online", version=9, round_id="r7",
+                                       round_stage="share", checked_in=12)  # fmt: skip
+    for name, version in (("a", 9), ("b", 8), ("c", 4), ("d", None)):
+        snap.devices[name] = DeviceStatus(device=name, state="online", version=version)
+    render_status(snap, last=5)
+    text = capsys.readouterr().out
+    assert re.search(r"^round +r7 stage share, 12 checked in$", text, re.M), text
+    assert "round r7" not in text  # not repeated on the aggregator line
+    lags = {m[1]: m[2] for m in re.finditer(r"^(\w) +online +(?:v\d+|-) +(\d+|-) ", text, re.M)}
+    assert lags == {"a": "0", "b": "1", "c": "5", "d": "-"}
+    snap.aggregator = snap.aggregator.model_copy(update={"round_id": None, "round_stage": "checkin",
+                                                         "checked_in": 3})  # fmt: skip
+    render_status(snap, last=5)
+    assert re.search(r"^round +collecting check-ins, 3 checked in$", capsys.readouterr().out, re.M)
+    # Asynchronous mode (no round_stage): no round line, as before.
+    snap.aggregator = AggregatorStatus(task="t", state="online", version=9)
+    render_status(snap, last=5)
+    assert "round" not in capsys.readouterr().out
 
 
 def test_status_unreachable_broker_and_missing_task(broker, capsys) -> None:

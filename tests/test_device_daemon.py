@@ -28,6 +28,7 @@ from devtools import (
     publish_task,
     wait_until,
 )
+from test_textfile import parse
 
 from fededge.device.examples import StateDb
 from fededge.device.outbox import Outbox
@@ -167,8 +168,11 @@ def test_sigterm_stops_gracefully_with_sd_notify_and_metrics(broker, tmp_path) -
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(notify_path))
     notify.settimeout(0.1)
+    textfile = tmp_path / "textfile" / "fededge.prom"
+    textfile.parent.mkdir()
     d = Daemon(broker.url, task, tmp_path / "dev", "t1", NOTIFY_SOCKET=str(notify_path),
-               WATCHDOG_USEC="600000").start()  # fmt: skip
+               WATCHDOG_USEC="600000", FEDEDGE_DEVICE__METRICS_TEXTFILE=str(textfile),
+               FEDEDGE_DEVICE__METRICS_TEXTFILE_INTERVAL="0.1").start()  # fmt: skip
     watcher = MqttClient(broker.settings(), f"w-{task}", persistent=False)
     watcher.connect()
     got: list[str] = []
@@ -194,6 +198,13 @@ def test_sigterm_stops_gracefully_with_sd_notify_and_metrics(broker, tmp_path) -
         text = urllib.request.urlopen(f"http://127.0.0.1:{port[1]}/metrics", timeout=5).read()
         assert b"fededge_device_outbox_depth 0.0" in text
         assert b"fededge_device_model_version 0.0" in text
+
+        # The same registry for node_exporter's textfile collector, rewritten every loop turn.
+        def written() -> bool:
+            return textfile.exists() and parse(textfile).get("fededge_device_model_version") == 0
+
+        wait_until(written, 30, "the textfile naming version 0")
+        assert "fededge_device_outbox_depth" in parse(textfile)
         topic = Topics("fededge", task).device_status("t1")
         watcher.subscribe(topic)
         assert d.terminate() == 0
@@ -206,6 +217,8 @@ def test_sigterm_stops_gracefully_with_sd_notify_and_metrics(broker, tmp_path) -
             msg = watcher.messages.get(timeout=5)
             states.append(decode_json(msg.payload, DeviceStatus).state)
         assert states[-1] == "offline"
+        assert parse(textfile)["fededge_device_model_version"] == 0  # written at exit too
+        assert [p.name for p in textfile.parent.iterdir()] == ["fededge.prom"]
         assert "Traceback" not in d.log.read_text()
     finally:
         notify.close()

@@ -182,6 +182,12 @@ def test_round_with_dropouts_publishes_the_survivors_mean(acl_broker: Any, tmp_p
         survivors = [d for d in f.clients if users.get(d) != "no-masked"]
         assert agg.model.updates == len(survivors) == 18
         assert agg.rounds.rounds_done == 1 and agg.rounds.rounds_aborted == 0
+        reg = agg.metrics.registry  # the same, as Prometheus sees it
+        assert reg.get_sample_value("fededge_secure_rounds_done_total") == 1
+        assert (
+            reg.get_sample_value("fededge_secure_round_stage", {"stage": str(agg.rounds.stage)})
+            == 1
+        )
         inputs = [f.offered[d][-1] for d in survivors]
         want = expected_version(base, inputs, plan)
         total = sum(r.num_examples for r in inputs)

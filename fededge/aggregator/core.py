@@ -20,6 +20,8 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
+from fededge.aggregator.fleet import FleetTracker
+from fededge.aggregator.gauges import CoreGauges
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import dedup_key, server_step_tensors
 from fededge.aggregator.policy import Layout, check_update
@@ -27,6 +29,7 @@ from fededge.aggregator.store import Store
 from fededge.aggregator.versions import VersionState
 from fededge.errors import ProtocolError, SignatureError
 from fededge.protocol import AggregatorStatus, ModelVersion, Receipt, Update
+from fededge.protocol.clipping import clip_in_force
 from fededge.protocol.messages import Weights
 from fededge.protocol.signing import SignedKind
 from fededge.protocol.vocab import RejectReason
@@ -47,6 +50,10 @@ class RoundView(Protocol):
     def stage(self) -> str | None: ...
     @property
     def checked_in(self) -> int: ...
+    @property
+    def rounds_done(self) -> int: ...
+    @property
+    def rounds_aborted(self) -> int: ...
 
 
 class AggregatorCore:
@@ -66,6 +73,9 @@ class AggregatorCore:
         self.state = VersionState(settings, store, metrics)
         self.topics = self.state.topics
         self.rounds: RoundView | None = None
+        version = lambda: self.state.model.version if self.state.model else None  # noqa: E731
+        self.fleet = FleetTracker(metrics.registry, version, max_devices=self.cfg.fleet_max_devices)
+        CoreGauges(metrics.registry, self)  # secure-round stage, privacy budget: read at scrape
         self.accepted_total = 0
         self.rejected_total = 0
         self._perf = perf
@@ -138,6 +148,7 @@ class AggregatorCore:
                 current_version=model.version,
                 plan=self.state.plan,
                 layout=pending.layout,
+                clip=clip_in_force(self.state.plan, model),
             )
         except ProtocolError as e:
             log.warning("rejected update device=%s topic=%s reason=%s: %s",
@@ -173,7 +184,7 @@ class AggregatorCore:
             else:
                 t0 = self._perf()
                 updates = pending.commit()
-                self.metrics.commit_seconds.inc(self._perf() - t0)
+                self._commit_time(self._perf() - t0)
                 out += self._accept(staged, updates, now)
         return out + self._answer_duplicates()
 
@@ -188,8 +199,12 @@ class AggregatorCore:
         msgs, self._inflight = self._inflight, []
         t0 = self._perf()
         updates = pending.finish_commit()
-        self.metrics.commit_seconds.inc(self._perf() - t0)
+        self._commit_time(self._perf() - t0)
         return self._accept(msgs, updates, now)
+
+    def _commit_time(self, elapsed: float) -> None:
+        self.metrics.commit_seconds.inc(elapsed)
+        self.metrics.commit_duration.observe(elapsed)
 
     def _accept(self, msgs: list[Incoming], updates: list[Update], now: float) -> list[Effect]:
         """Receipts of a durable, folded group; the version too if it is complete."""
@@ -197,6 +212,7 @@ class AggregatorCore:
         out: list[Effect] = []
         target = pending.base.version + 1
         for msg, update in zip(msgs, updates, strict=True):
+            self.fleet.on_update(update.device, update.base_version, pending.base.version)
             out += self._answer(msg, update.device, update.update_id, "accepted", target)
         self.accepted_total += len(updates)
         self.metrics.accepted.inc(len(updates))
@@ -359,6 +375,8 @@ class AggregatorCore:
                 self.state.on_graph(msg.payload)
             elif msg.topic == self.topics.model:
                 out += self.state.on_model(msg.payload, now)
+            elif (device := self.topics.device_of(msg.topic, "devices")) is not None:
+                self.fleet.on_status(device, msg.payload)  # devices/+/status, fleet gauges
             else:
                 log.debug("ignoring message on %s", msg.topic)
         except (ProtocolError, SignatureError) as e:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from fededge.protocol.vocab import RejectReason
 
 
 class AggregatorMetrics:
@@ -20,6 +22,8 @@ class AggregatorMetrics:
         self.rejected = Counter(
             "fededge_updates_rejected", "Updates rejected, by reason", ["reason"], registry=r
         )
+        for reason in RejectReason:  # every reason exported from the start, at 0
+            self.rejected.labels(reason.value)
         self.bytes_in = Counter("fededge_update_bytes", "Bytes of update payloads", registry=r)
         self.versions = Counter(
             "fededge_versions_published", "Model versions published", registry=r
@@ -29,6 +33,12 @@ class AggregatorMetrics:
         )
         self.commit_seconds = Counter(
             "fededge_wal_commit_seconds", "Seconds spent in WAL group commits", registry=r
+        )
+        self.commit_duration = Histogram(
+            "fededge_wal_commit_duration_seconds",
+            "Seconds per WAL group commit (validated updates to durable; receipts follow)",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0),
+            registry=r,
         )
         self.bad_control = Counter(
             "fededge_control_messages_rejected", "Bad model/plan/graph messages", registry=r
@@ -46,6 +56,11 @@ class AggregatorMetrics:
             "fededge_internal_errors", "Messages dropped by an internal error (a bug)", registry=r
         )
         self.version = Gauge("fededge_model_version", "Current model version", registry=r)
+        self.started = Gauge(
+            "fededge_aggregator_start_time_seconds", "When this aggregator process started",
+            registry=r,
+        )  # fmt: skip
+        self.started.set_to_current_time()  # changes() of it counts restarts (a crash loop)
         self.pending = Gauge(
             "fededge_pending_updates", "Updates in the pending version", registry=r
         )

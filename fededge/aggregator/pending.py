@@ -30,6 +30,7 @@ from fededge.aggregator.store import Store
 from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.protocol import ModelVersion, Plan, Update
+from fededge.protocol.clipping import unclipped_fraction
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,8 @@ class _Sums:
     eval_acc_w: float = 0.0
     eval_wsum: float = 0.0
     norm_sum: float = 0.0
+    bit_sum: float = 0.0  # adaptive clipping: sum of the centred noised bits (count: bit_count)
+    bit_count: int = 0
     ids: list[str] = field(default_factory=list)
     devices: list[str] = field(default_factory=list)  # the sender of each id, same order
     started: float = field(default_factory=time.time)
@@ -74,6 +77,9 @@ class _Sums:
             self.eval_loss_w += weight * update.eval_loss
             self.eval_acc_w += weight * update.eval_accuracy
             self.eval_wsum += weight
+        if update.unclipped is not None:  # range-checked by policy.check_bit
+            self.bit_sum += update.unclipped
+            self.bit_count += 1
         self.ids.append(update.update_id)
         self.devices.append(update.device)
 
@@ -381,6 +387,7 @@ class PendingVersion:
             "eval_loss": s.eval_loss_w / s.eval_wsum if s.eval_wsum else None,
             "eval_accuracy": s.eval_acc_w / s.eval_wsum if s.eval_wsum else None,
             "mean_update_norm": s.norm_sum / s.count if s.count else None,
+            "unclipped": unclipped_fraction(s.bit_sum, s.bit_count) if s.bit_count else None,
         }
 
     def close(self) -> None:

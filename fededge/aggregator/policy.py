@@ -11,6 +11,7 @@ import numpy as np
 from fededge.aggregator import codec
 from fededge.errors import ProtocolError, SecAggError
 from fededge.protocol import Plan, Update
+from fededge.protocol.clipping import adaptive, max_abs_bit, noise_sigma_at, stale_clip
 from fededge.protocol.vocab import RejectReason
 
 
@@ -40,14 +41,16 @@ class Layout:
         ]
 
 
-def norm_bound(plan: Plan, size: int) -> float:
+def norm_bound(plan: Plan, size: int, clip: float | None = None) -> float:
     """Largest L2 norm an honest update can have: the clip norm plus the noise's tail.
 
-    A device clips its delta to ``clip_norm`` and then adds N(0, s^2) noise to each of the ``d``
+    A device clips its delta to C (``clip``, the clip in force: the plan's ``clip_norm`` unless
+    clipping is adaptive) and then adds N(0, s^2) noise, s = z * C, to each of the ``d``
     coordinates; the noise norm follows a chi distribution with mean ~ s*sqrt(d) and standard
     deviation ~ s/sqrt(2), so s*(sqrt(d) + 10) is exceeded with negligible probability.
     """
-    return plan.clip_norm * (1 + 1e-5) + plan.noise_sigma * (math.sqrt(size) + 10.0)
+    c = plan.clip_norm if clip is None else clip
+    return c * (1 + 1e-5) + noise_sigma_at(plan, c) * (math.sqrt(size) + 10.0)
 
 
 def weight_cap(plan: Plan) -> int:
@@ -66,9 +69,11 @@ def check_update(
     current_version: int,
     plan: Plan,
     layout: Layout,
+    clip: float | None = None,
 ) -> tuple[float, float]:
     """Validate an update for the pending version; return (weight, L2 norm) or raise.
 
+    ``clip`` is the clip in force on the current version (adaptive clipping), else the plan's.
     Raises ProtocolError with one of the reasons documented in docs/protocol.md.
     """
     if update.task != task:
@@ -99,6 +104,7 @@ def check_update(
             raise ProtocolError(
                 f"{key}={value!r} is outside [0, {hi:g}]", reason=RejectReason.BAD_METRICS
             )
+    check_bit(update, plan)
     names = set(update.delta)
     expected = codec.expected_names(layout.names, update.encoding)
     if names != expected:
@@ -116,7 +122,7 @@ def check_update(
             )
         sq += n * n
     norm = math.sqrt(sq)
-    bound = norm_bound(plan, layout.size)
+    bound = norm_bound(plan, layout.size, stale_clip(plan, clip or plan.clip_norm, staleness))
     if norm > bound:
         raise ProtocolError(
             f"update norm {norm:.6g} exceeds the bound {bound:.6g}",
@@ -126,6 +132,24 @@ def check_update(
     if staleness:
         weight *= (1.0 + staleness) ** (-plan.staleness_exponent)
     return weight, norm
+
+
+def check_bit(update: Update, plan: Plan) -> None:
+    """An adaptive plan needs each update's noised bit, within what honest noise produces; a
+    bit sent under another plan is ignored (it may have been trained before a plan change)."""
+    if not adaptive(plan):
+        return
+    if update.unclipped is None:
+        raise ProtocolError(
+            "the plan has target_unclipped_quantile: the update must carry 'unclipped'",
+            reason=RejectReason.BAD_METRICS,
+        )
+    hi = max_abs_bit(plan)
+    if not abs(update.unclipped) <= hi:
+        raise ProtocolError(
+            f"unclipped={update.unclipped!r} is outside [-{hi:.6g}, {hi:.6g}]",
+            reason=RejectReason.BAD_METRICS,
+        )
 
 
 def check_secure_sum(

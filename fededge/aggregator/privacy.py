@@ -30,18 +30,15 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+# Adaptive clipping lives in fededge.protocol.clipping (devices share it); re-exported here.
+from fededge.protocol.clipping import BIT_NOISE_SHARE as BIT_NOISE_SHARE
+from fededge.protocol.clipping import CLIP_LEARNING_RATE as CLIP_LEARNING_RATE
+from fededge.protocol.clipping import MAX_CLIP as MAX_CLIP
+from fededge.protocol.clipping import MIN_CLIP as MIN_CLIP
+from fededge.protocol.clipping import adapt_clip as adapt_clip
+from fededge.protocol.clipping import bit_noise_stddev as bit_noise_stddev
+from fededge.protocol.clipping import noise_sigma_at
 from fededge.protocol.messages import Plan
-
-# Adaptive clipping: the bit noise is sized so the bit costs a tenth of the update's privacy
-# (z_eff = z / sqrt(1.1)); the clip moves by exp(-eta * (unclipped fraction - target)).
-BIT_NOISE_SHARE = 0.1
-CLIP_LEARNING_RATE = 0.2
-MIN_CLIP, MAX_CLIP = 1e-6, 1e6
-
-
-def bit_noise_stddev(z: float) -> float:
-    """Standard deviation of the noise a device adds to its clipped-or-not bit."""
-    return z / (2.0 * math.sqrt(BIT_NOISE_SHARE))
 
 
 def accounted_multiplier(plan: Plan) -> float:
@@ -54,11 +51,13 @@ def accounted_multiplier(plan: Plan) -> float:
     return z
 
 
-def secure_noise_stddev(plan: Plan) -> float:
-    """Each device's share of the noise in a secure round, sigma / sqrt(t) (the device's
-    fededge.device.training.secure_noise_stddev: the aggregator sizes its rounds with it)."""
+def secure_noise_stddev(plan: Plan, clip: float | None = None) -> float:
+    """Each device's share of the noise in a secure round, sigma / sqrt(t) at the clip in
+    force (the device's fededge.device.training.secure_noise_stddev: the aggregator sizes its
+    rounds with it)."""
     sa = plan.secure_aggregation
-    return 0.0 if sa is None else plan.noise_sigma / math.sqrt(sa.threshold)
+    sigma = plan.noise_sigma if clip is None else noise_sigma_at(plan, clip)
+    return 0.0 if sa is None else sigma / math.sqrt(sa.threshold)
 
 
 @lru_cache(maxsize=256)
@@ -79,13 +78,6 @@ def epsilon_of(events: tuple[tuple[float, int], ...], delta: float) -> float:
                 dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(z), n)
             )
     return float(accountant.get_epsilon(delta))
-
-
-def adapt_clip(clip: float, unclipped_fraction: float, target: float) -> float:
-    """Andrew et al.'s geometric update: C <- C * exp(-eta * (b - gamma)), bounded."""
-    b = min(1.0, max(0.0, unclipped_fraction))
-    new = clip * math.exp(-CLIP_LEARNING_RATE * (b - target))
-    return min(MAX_CLIP, max(MIN_CLIP, new))
 
 
 @dataclass

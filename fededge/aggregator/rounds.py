@@ -29,6 +29,13 @@ from fededge.aggregator.policy import check_secure_sum
 from fededge.aggregator.privacy import secure_noise_stddev
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.mqtt import Message
+from fededge.protocol.clipping import (
+    adaptive,
+    bit_entry_scale,
+    clip_in_force,
+    round_clip,
+    unclipped_fraction,
+)
 from fededge.protocol.messages import (
     CheckIn,
     ModelVersion,
@@ -135,6 +142,7 @@ class RoundDriver:
         self.server: ServerRound | None = None
         self._round_version: int | None = None
         self._examples: dict[str, int] = {}
+        self._clip = 1.0  # the clip in force on the round's version (set when it starts)
         self._last_round: str | None = None  # its status stays retained until the next round
         self.rounds_done = 0
         self.rounds_aborted = 0
@@ -299,17 +307,22 @@ class RoundDriver:
     def _start(
         self, sa: SecureAggregation, model: ModelVersion, cohort: list[str], now: float
     ) -> None:
-        n, clip = len(cohort), self.host.plan.clip_norm
+        plan = self.host.plan
+        n, clip = len(cohort), clip_in_force(plan, model)
+        # Adaptive clipping: the noised bit is one more entry of the masked vector, so only
+        # the survivors' sum of bits is revealed (fededge/protocol/clipping.py).
+        extra = 1 if adaptive(plan) else 0
+        self._clip = clip
         config = RoundConfig(
             round_id=f"v{model.version}-{uuid.uuid4().hex[:8]}",
             cohort=tuple(cohort),
             threshold=sa.threshold,
             neighbours=effective_neighbours(sa, n),
             bits=sa.bits,
-            clip=clip,
-            scale=dp_scale(n, clip, sa.bits, secure_noise_stddev(self.host.plan)),
+            clip=round_clip(plan, clip),
+            scale=dp_scale(n, round_clip(plan, clip), sa.bits, secure_noise_stddev(plan, clip)),
             max_weight=sa.max_weight,
-            vector_length=sum(int(w.size) for w in model.weights.values()),
+            vector_length=sum(int(w.size) for w in model.weights.values()) + extra,
             timeout_s=sa.stage_timeout,
         )
         self._examples = {d: self._checkins.pop(d)[0].num_examples for d in cohort}
@@ -375,13 +388,17 @@ class RoundDriver:
             check_secure_sum(sum_wd, sum_w, survivors=len(server.survivors),
                              clip=server.config.clip, max_weight=server.config.max_weight,
                              scale=server.config.scale,
-                             noise=secure_noise_stddev(self.host.plan))  # fmt: skip
+                             noise=secure_noise_stddev(self.host.plan, self._clip))  # fmt: skip
         except SecAggError as e:
             self.rounds_aborted += 1
             self.last_abort_reason = str(e)
             log.warning("round %s aborted: %s", rid, e)
             self.host.publish_status()
             return
+        unclipped = None
+        if server.config.vector_length == sum(int(w.size) for w in model.weights.values()) + 1:
+            centred = float(sum_wd[-1]) / bit_entry_scale(self._clip)  # sum of w~ (b - 1/2)
+            sum_wd, unclipped = sum_wd[:-1], unclipped_fraction(centred, sum_w)
         step = self.host.plan.server_learning_rate / sum_w
         weights, offset = {}, 0
         # DeviceRound flattens an update by sorted tensor name; undo exactly that.
@@ -398,6 +415,7 @@ class RoundDriver:
             "eval_loss": None,
             "eval_accuracy": None,
             "mean_update_norm": None,
+            "unclipped": unclipped,
         }
         self.rounds_done += 1
         log.info("round %s done: %d survivors, total weight %.6g", rid, len(survivors), sum_w)

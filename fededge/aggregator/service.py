@@ -256,7 +256,8 @@ class Aggregator:
         # Retained copies on the broker are ours: restore any the broker lost.
         self._execute([*self.core.state.current(), self.core.status_publish(time.time())],
                       strict=True)  # fmt: skip
-        subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions()]
+        subs = [(self.topics.updates_filter, 1), *self.rounds.subscriptions(),
+                (self.topics.device_status_filter, 0)]  # fmt: skip
         for qos in (0, 1):  # QoS 0 first: no PUBACK a broker could wait for (see above)
             self._subscribe([t for t, q in subs if q == qos], qos, tick, should_stop)
         log.info(
@@ -362,9 +363,11 @@ class Aggregator:
                 self._execute(self.core.ingest(_incoming(msg)))
         # More updates waiting: pipeline, i.e. fsync this group in the background while the
         # next step validates them (its commit sends this group's receipts and PUBACKs). Not
-        # across control messages or timer work, which must see every update folded.
+        # across control messages or timer work, which must see every update folded (device
+        # statuses only feed the fleet gauges: they do not count).
         now = time.time()
-        pipeline = not controls and inbox.qsize() > 0 and now - self._last_tick < 1.0
+        folded_first = any(self.topics.device_of(m.topic, "devices") is None for m in controls)
+        pipeline = not folded_first and inbox.qsize() > 0 and now - self._last_tick < 1.0
         self._execute(self.core.commit(now, pipeline=pipeline))
         for msg in controls:
             self._control(msg)

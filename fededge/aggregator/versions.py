@@ -25,6 +25,7 @@ from fededge.aggregator.store import Store
 from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.keys import load_private
 from fededge.protocol import Graph, ModelVersion, Plan, Topics, VersionMetrics, decode_json
+from fededge.protocol.clipping import clip_in_force, next_clip
 from fededge.protocol.messages import Weights
 from fededge.protocol.signing import SignedKind, open_message, sign
 from fededge.protocol.tensors import decode_tensors, encode_tensors
@@ -158,6 +159,9 @@ class VersionState:
         """
         old, pending = self.ready()
         new_version = old.version + 1
+        # Adaptive clipping: the clip moves with the noised unclipped fraction that went in.
+        clip = next_clip(self.plan, clip_in_force(self.plan, old), metrics.get("unclipped"))
+        metrics = {**metrics, "unclipped": metrics.get("unclipped") if clip is not None else None}
         model = ModelVersion(
             task=self.settings.task,
             version=new_version,
@@ -168,6 +172,7 @@ class VersionState:
             examples=metrics["examples"],
             time=now,
             generation=self.plan.generation,
+            clip=clip,
         )
         payload = model.to_bytes()
         seconds = max(0.0, now - self.version_started)  # the wall clock may step back (NTP)
@@ -209,7 +214,8 @@ class VersionState:
             metrics["updates"],
             metrics["examples"],
             metrics["train_loss"],
-            f" epsilon={privacy['epsilon']} delta={self.plan.delta:g}" if privacy else "",
+            (f" epsilon={privacy['epsilon']} delta={self.plan.delta:g}" if privacy else "")
+            + (f" clip={clip:.6g}" if clip is not None else ""),
         )
         # The version is durable from here on: its announcement is best effort.
         vm = VersionMetrics(
@@ -219,6 +225,7 @@ class VersionState:
             time=now,
             **metrics,
             **privacy,
+            clip=clip,
         )
         effects: list[Effect] = [
             self._publish_model(payload),

@@ -58,6 +58,13 @@ from fededge.logs import setup_logging
     help="L2 clip norm of an update.",
 )
 @click.option(
+    "--target-unclipped-quantile",
+    type=click.FloatRange(0, 1, min_open=True, max_open=True),
+    default=None,
+    help="Adaptive clipping: --clip is where the clip starts; each version moves it toward "
+    "this quantile of the update norms and shows it (docs/privacy.md).",
+)
+@click.option(
     "--alpha",
     default=0.5,
     show_default=True,
@@ -167,6 +174,7 @@ def demo(log_level: str, out_dir: Path, json_path: Path | None, **kw: object) ->
                 f" {r.version:7d}  {r.updates:7d}  {r.accuracy:8.3f} {bar:<20s} {r.loss:6.3f} "
                 f"{r.seconds:8.2f}"
                 + (f"  epsilon={r.epsilon:.3g}" if r.epsilon is not None else "")
+                + (f"  clip={r.clip:.3g}" if r.clip is not None else "")
             )
     else:
         header: list[str] = []

@@ -77,6 +77,12 @@ class Snapshot:
     def devices_online(self) -> int:
         return sum(d.state in ONLINE_STATES for d in self.devices.values())
 
+    def lag(self, d: DeviceStatus) -> int | None:
+        """Versions the device is behind the retained model (None: no model on either side)."""
+        if d.version is None or self.model is None:
+            return None
+        return max(0, self.model.version - d.version)
+
     def to_json(self) -> dict[str, Any]:
         """The `status --json` object."""
         m = self.model
@@ -105,7 +111,10 @@ class Snapshot:
             "privacy": _privacy_json(self.aggregator),
             "devices_online": self.devices_online,
             "devices_offline": len(self.devices) - self.devices_online,
-            "devices": [self.devices[k].model_dump() for k in sorted(self.devices)],
+            "devices": [
+                {**d.model_dump(), "lag": self.lag(d)}
+                for d in (self.devices[k] for k in sorted(self.devices))
+            ],
             "versions": [self.metrics[k].model_dump() for k in sorted(self.metrics)],
             "problems": [{"topic": t, "reason": r} for t, r in self.problems],
         }
@@ -194,7 +203,9 @@ def render_status(snap: Snapshot, last: int) -> None:
         out.print(Text.assemble(("aggregator ", "bold"), ("no status retained", "yellow")))
     else:
         style = "green" if a.state == "online" else "red"
-        text = describe_aggregator(a)[len("aggregator ") :]
+        # The secure round gets a line of its own below.
+        plain = a.model_copy(update={"round_id": None, "round_stage": None, "checked_in": None})
+        text = describe_aggregator(plain)[len("aggregator ") :]
         out.print(
             Text.assemble(
                 ("aggregator ", "bold"),
@@ -203,6 +214,8 @@ def render_status(snap: Snapshot, last: int) -> None:
                 f" (status {fmt_age(time.time() - a.time)} ago)" if a.time else "",
             )
         )
+    if a is not None and a.round_stage is not None:
+        out.print(Text.assemble(("round      ", "bold"), *_round_line(a)))
     online = snap.devices_online
     out.print(
         Text.assemble(
@@ -213,16 +226,20 @@ def render_status(snap: Snapshot, last: int) -> None:
     )
     if snap.devices:
         table = Table(box=None, pad_edge=False, header_style="bold")
-        for col in ("device", "state", "version", "examples", "outbox", "sent", "software", "seen"):
+        cols = ("device", "state", "version", "lag", "examples", "outbox", "sent", "software",
+                "seen")  # fmt: skip
+        for col in cols:
             table.add_column(
-                col, justify="right" if col in ("examples", "outbox", "sent") else "left"
+                col, justify="right" if col in ("lag", "examples", "outbox", "sent") else "left"
             )
+        staleness = snap.plan.max_staleness if snap.plan is not None else 0
         for name in sorted(snap.devices):
             d = snap.devices[name]
             table.add_row(
                 name,
                 Text(d.state, "green" if d.state in ONLINE_STATES else "red"),
                 "-" if d.version is None else f"v{d.version}",
+                _lag_cell(snap.lag(d), staleness),
                 str(d.examples),
                 str(d.outbox),
                 str(d.updates_sent),
@@ -264,6 +281,23 @@ def render_status(snap: Snapshot, last: int) -> None:
         out.print(Text.assemble(("versions   ", "bold"), "no version metrics retained"))
     for topic, reason in snap.problems:
         out.print(Text.assemble(("bad message ", "bold red"), f"{topic}: {reason}"))
+
+
+def _round_line(a: AggregatorStatus) -> tuple[str | tuple[str, str], ...]:
+    """The secure-aggregation round: its id and stage, or waiting for check-ins."""
+    checked = f", {a.checked_in} checked in" if a.checked_in is not None else ""
+    if a.round_id is None or a.round_stage == "checkin":
+        return (("collecting check-ins", "cyan"), checked)
+    return (f"{a.round_id} stage ", (a.round_stage or "?", "bold cyan"), checked)
+
+
+def _lag_cell(lag: int | None, max_staleness: int) -> Text:
+    """Versions behind: yellow once behind, red beyond the plan's staleness window (an update
+    from that version would be rejected ``stale``)."""
+    if lag is None:
+        return Text("-")
+    style = "green" if lag == 0 else "yellow" if lag <= max_staleness else "red"
+    return Text(str(lag), style)
 
 
 @click.command("status")

@@ -127,6 +127,7 @@ def describe_model(mv: ModelVersion, payload: bytes) -> str:
         f"sha {sha_short(hashlib.sha256(payload).hexdigest())} graph {graph} "
         f"{len(mv.weights)} tensors {flat_size(mv.weights)} params "
         f"updates={mv.updates} examples={mv.examples}"
+        + (f" clip={fmt_num(mv.clip)}" if mv.clip is not None else "")
     )
 
 
@@ -201,6 +202,8 @@ def describe_metrics(m: VersionMetrics) -> str:
         seconds=f"{m.seconds:.1f}",
         epsilon=fmt_num(m.epsilon) if m.epsilon is not None else None,
         delta=f"{m.delta:g}" if m.delta is not None else None,
+        unclipped=fmt_num(m.unclipped) if m.unclipped is not None else None,
+        clip=fmt_num(m.clip) if m.clip is not None else None,
     )
 
 
@@ -215,6 +218,9 @@ def describe_plan(p: Plan) -> str:
         noise=fmt_num(p.noise_stddev),
         z=fmt_num(p.noise_multiplier) if p.noise_multiplier else None,
         max_epsilon=fmt_num(p.max_epsilon) if p.max_epsilon is not None else None,
+        clip_quantile=fmt_num(p.target_unclipped_quantile)
+        if p.target_unclipped_quantile is not None
+        else None,
         max_staleness=p.max_staleness,
         server_lr=fmt_num(p.server_learning_rate),
     )

@@ -146,8 +146,12 @@ class _Handler(BaseHTTPRequestHandler):
                 self._reply(200, self.server.client.status())
             elif path == "/predict":
                 body = self._json_body()
-                probs, version = self.server.client.predict_versioned(_field(body, "x"))
-                self._reply(200, {"probs": probs.tolist(), "version": version})
+                out, version, name = self.server.client.predict_named(_field(body, "x"))
+                values = out.tolist()
+                reply: dict[str, Any] = {name: values, "version": version}
+                if name != "probs":  # deprecated alias (0.1 answered "probs" for every task)
+                    reply["probs"] = values
+                self._reply(200, reply)
             else:
                 body = self._json_body()
                 r = self.server.client.add_examples(_field(body, "x"), _field(body, "y"))

@@ -135,14 +135,19 @@ class Client:
         return self.predict_versioned(x)[0]
 
     def predict_versioned(self, x: Any) -> tuple[np.ndarray, int]:
-        """Probabilities and the version that produced them (one consistent snapshot)."""
+        """Model outputs and the version that produced them (one consistent snapshot)."""
+        out, version, _ = self.predict_named(x)
+        return out, version
+
+    def predict_named(self, x: Any) -> tuple[np.ndarray, int, str]:
+        """Outputs, version and the output's name (``probs``, or ``outputs`` for regression)."""
         cur = self.core.current  # one read: weights and runtime of the same version
         if cur is None:
             raise NotReadyError("no model version yet: waiting for the aggregator's model")
         xa = validate_inputs(x, cur.runtime.spec.input_shape)
-        probs = cur.runtime.infer(xa, cur.weights)
+        out = cur.runtime.infer(xa, cur.weights)
         self.metrics.predictions.inc(len(xa))
-        return probs, cur.version
+        return out, cur.version, cur.runtime.spec.task.output_name
 
     def fit(self, x: Any, y: Any) -> AddResult:
         """Add labelled examples; training starts in the background once enough are fresh."""

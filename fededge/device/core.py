@@ -41,6 +41,7 @@ from fededge.device.secagg_client import Participant, ReadyInput, handle_safely
 from fededge.device.spec import BundleSpec
 from fededge.device.trust import TRUST_FILE, Refused, TrustState, privacy_refusal
 from fededge.protocol import DeviceStatus, ModelVersion, Plan, Receipt, Topics, Update
+from fededge.protocol.clipping import clip_in_force
 from fededge.protocol.encoding import encode_delta
 from fededge.settings import PrivacySettings
 
@@ -356,7 +357,9 @@ class DeviceCore:
                      base, latest.version)  # fmt: skip
             return [], True  # the examples stay fresh and train again on the new version
         if job.plan.secure_aggregation is not None:
-            self.secagg.offer(ReadyInput(base, lu.delta, lu.num_examples, job.batch.ids))
+            clip = clip_in_force(job.plan, job.current.model)  # the bit joins the masked vector
+            self.secagg.offer(ReadyInput(base, lu.delta, lu.num_examples, job.batch.ids,
+                                         clip=clip, unclipped=lu.delta_norm <= clip))  # fmt: skip
             log.info("trained on %d examples in %.3f s (loss %.4f): waiting for a round",
                      lu.num_examples, seconds, lu.train_loss)  # fmt: skip
             return [], False
@@ -370,7 +373,7 @@ class DeviceCore:
             encoding=job.plan.update_encoding, block=job.plan.update_block,
             # DP mode: no raw losses or accuracies (docs/privacy.md, "device metrics").
             train_loss=None if dp else lu.train_loss, eval_loss=None if dp else lu.eval_loss,
-            eval_accuracy=None if dp else lu.eval_accuracy,
+            eval_accuracy=None if dp else lu.eval_accuracy, unclipped=lu.unclipped,
         ).to_bytes()  # fmt: skip
         with self._db.transaction() as c:  # the update and the use of its examples, atomically
             Outbox.put_in(c, uid, base, lu.num_examples, payload)

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from fededge import systemd
 from fededge.device.api import ApiServer
 from fededge.device.bundle import Bundle
 from fededge.device.client import Client
+from fededge.device.textfile import TextfileWriter
 from fededge.errors import ConfigError
 from fededge.settings import Settings
 
@@ -40,6 +42,18 @@ def _serve_metrics(client: Client, host: str, port: int) -> int:
         ) from None
 
 
+def _textfile(settings: Settings, client: Client) -> TextfileWriter | None:
+    path = settings.device.metrics_textfile
+    if path is None:
+        return None
+    try:
+        return TextfileWriter(
+            path, client.metrics.registry, settings.device.metrics_textfile_interval
+        )
+    except ValueError as e:
+        raise ConfigError(f"device.metrics_textfile={str(path)!r}: {e}") from None
+
+
 def run(
     settings: Settings, shutdown: systemd.Shutdown, *, bundle: Bundle | Path | None = None
 ) -> int:
@@ -53,7 +67,9 @@ def run(
     systemd.status("starting: opening state and connecting")
     client = Client(settings, bundle=bundle)
     api: ApiServer | None = None
+    textfile: TextfileWriter | None = None
     try:
+        textfile = _textfile(settings, client)
         if cfg.metrics:  # before connecting: a port in use is a configuration error, said now
             port = _serve_metrics(client, cfg.metrics_host, cfg.metrics_port)
             log.info("metrics on http://%s:%d/metrics", cfg.metrics_host, port)
@@ -80,6 +96,8 @@ def run(
             if (new := _summary(client)) != line:
                 line = new
                 systemd.status(line)
+            if textfile is not None:
+                textfile.maybe_write(time.monotonic())
             shutdown.wait(dog.poll_timeout(1.0))
         log.info("stopping: shutdown requested (signal %s)", shutdown.signum)
         return 0
@@ -90,3 +108,5 @@ def run(
         if api is not None:
             api.close()
         client.close()
+        if textfile is not None:
+            textfile.write()  # the final counts, after the client stopped

@@ -14,6 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ from fededge.errors import (
 from fededge.fsio import atomic_write
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.protocol import Graph, ModelVersion, Plan, Receipt, decode_json
+from fededge.protocol.clipping import clip_in_force, noised_bit
 from fededge.protocol.signing import SignedKind
 from fededge.settings import Settings
 
@@ -267,13 +269,16 @@ class Driver:
         if job is None:
             return False
         cur, plan = job.current, job.plan
+        clip = clip_in_force(plan, cur.model)  # the version's clip under adaptive clipping
         t0 = time.perf_counter()
         lu = local_update(
             cur.runtime, cur.weights, job.batch.x, job.batch.y,
             epochs=plan.epochs, batch_size=plan.batch_size, learning_rate=plan.learning_rate,
-            clip_norm=plan.clip_norm, noise_stddev=update_noise_stddev(plan), rng=self.rng,
+            clip_norm=clip, noise_stddev=update_noise_stddev(plan, clip), rng=self.rng,
             evaluate_first=self.cfg.evaluate_before_training and plan.evaluate,
         )  # fmt: skip
+        if plan.secure_aggregation is None:  # in secure rounds the bit is masked, not noised
+            lu = replace(lu, unclipped=noised_bit(plan, lu.delta_norm <= clip, self.rng))
         seconds = time.perf_counter() - t0
         mqtt = self.mqtt
         connected = mqtt is not None and mqtt.connected

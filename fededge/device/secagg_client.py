@@ -43,6 +43,7 @@ from fededge.device.metrics import DeviceMetrics
 from fededge.device.training import reported_examples, secure_noise_stddev
 from fededge.errors import FededgeError, ProtocolError, SecAggError
 from fededge.protocol import Plan, Topics
+from fededge.protocol.clipping import adaptive, round_clip, with_bit_entry
 from fededge.protocol.messages import CheckIn
 from fededge.protocol.roster import Roster, open_roster, trusted_keys
 from fededge.protocol.topics import ROUND_BROADCASTS
@@ -70,6 +71,8 @@ class ReadyInput:
     delta: dict[str, np.ndarray]
     num_examples: int
     example_ids: Sequence[int]
+    clip: float | None = None  # the clip in force when it was trained (None: the plan's)
+    unclipped: bool = True  # adaptive clipping: whether the delta was within the clip
 
 
 class Participant:
@@ -287,7 +290,7 @@ class Participant:
 
     def _on_config(self, round_id: str, payload: bytes, now: float) -> list[Effect]:
         from fededge.secagg import DeviceRound, RoundConfig
-        from fededge.secagg.device import Floor
+        from fededge.secagg.device import Floor, flatten
 
         if round_id in self._seen_rounds or self.round is not None:
             return []  # a round we already saw (a replay, or its retained config) or we are busy
@@ -312,7 +315,11 @@ class Participant:
         # DP plans: uniform weights (an example count is data too) and this device's share of
         # the distributed noise (docs/privacy.md).
         weight = config.max_weight if plan.dp else float(ready.num_examples)
-        out = rnd.set_input(ready.delta, weight, noise_stddev=secure_noise_stddev(plan))
+        clip = plan.clip_norm if ready.clip is None else ready.clip
+        vector: np.ndarray | dict[str, np.ndarray] = ready.delta
+        if adaptive(plan):  # the bit is one more entry of the masked vector
+            vector = with_bit_entry(flatten(ready.delta), clip, ready.unclipped)
+        out = rnd.set_input(vector, weight, noise_stddev=secure_noise_stddev(plan, clip))
         out += rnd.start()
         self.round, self._round_input, self._ready = rnd, ready, None
         self._masked_sent = False
@@ -328,13 +335,16 @@ class Participant:
         n = len(config.cohort)
         k = n - 1 if sa.neighbours == 0 or sa.neighbours >= n - 1 else sa.neighbours
         d = sum(int(np.asarray(a).size) for a in ready.delta.values())
+        clip = plan.clip_norm if ready.clip is None else ready.clip
+        if adaptive(plan):  # the bit entry (fededge/protocol/clipping.py)
+            d, clip = d + 1, round_clip(plan, clip)
         problems = [
             f"{name} {got!r}, the plan says {want!r}"
             for name, got, want in (
                 ("threshold", config.threshold, sa.threshold),
                 ("neighbours", config.neighbours, k),
                 ("bits", config.bits, sa.bits),
-                ("clip", config.clip, plan.clip_norm),
+                ("clip", config.clip, clip),
                 ("max_weight", config.max_weight, sa.max_weight),
                 ("vector_length", config.vector_length, d),
             )

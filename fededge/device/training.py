@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from fededge.device.runtime import ModelRuntime
+from fededge.protocol.clipping import noise_sigma_at
 from fededge.protocol.messages import Plan
 
 
@@ -25,24 +26,29 @@ class LocalUpdate:
     clip_scale: float  # factor applied by clipping (1.0 when not clipped)
     eval_loss: float | None = None
     eval_accuracy: float | None = None
+    unclipped: float | None = None  # adaptive clipping: the noised bit (protocol/clipping.py)
 
 
-def update_noise_stddev(plan: Plan) -> float:
+def update_noise_stddev(plan: Plan, clip: float | None = None) -> float:
     """The Gaussian noise one device adds to its clipped delta in float (docs/privacy.md).
 
     Plaintext plans: the whole sigma = z * C (``noise_multiplier``, or the old absolute
-    ``noise_stddev``), so each update is private even to the aggregator. Secure aggregation:
-    none here; :func:`secure_noise_stddev` is added as integer noise after quantisation.
+    ``noise_stddev``), so each update is private even to the aggregator; C is ``clip``, the
+    clip in force (adaptive clipping), else the plan's. Secure aggregation: none here;
+    :func:`secure_noise_stddev` is added as integer noise after quantisation.
     """
-    return 0.0 if plan.secure_aggregation is not None else plan.noise_sigma
+    if plan.secure_aggregation is not None:
+        return 0.0
+    return plan.noise_sigma if clip is None else noise_sigma_at(plan, clip)
 
 
-def secure_noise_stddev(plan: Plan) -> float:
+def secure_noise_stddev(plan: Plan, clip: float | None = None) -> float:
     """Each device's share of the distributed-DP noise in a secure round: sigma / sqrt(t), so
-    the sum of at least t = ``threshold`` survivors carries sigma; the aggregator sees only
-    that sum. 0 for plaintext plans."""
+    the sum of at least t = ``threshold`` survivors carries sigma (at the clip in force); the
+    aggregator sees only that sum. 0 for plaintext plans."""
     sa = plan.secure_aggregation
-    return 0.0 if sa is None else plan.noise_sigma / math.sqrt(sa.threshold)
+    sigma = plan.noise_sigma if clip is None else noise_sigma_at(plan, clip)
+    return 0.0 if sa is None else sigma / math.sqrt(sa.threshold)
 
 
 def reported_examples(num_examples: int, plan: Plan) -> int:

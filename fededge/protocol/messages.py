@@ -226,6 +226,10 @@ class VersionMetrics(_Json):
     # Differential privacy: epsilon at delta for all versions up to this one (docs/privacy.md).
     epsilon: float | None = Field(None, ge=0)
     delta: float | None = Field(None, gt=0, lt=1)
+    # Adaptive clipping: the noised fraction of unclipped updates that went in, and the clip
+    # published with this version (fededge/protocol/clipping.py).
+    unclipped: float | None = None
+    clip: float | None = Field(None, gt=0)
 
 
 M = TypeVar("M", bound=_Json)
@@ -342,6 +346,7 @@ class ModelVersion:
     examples: int = 0
     time: float = 0.0
     generation: int = 0  # the plan generation it belongs to (omitted when 0)
+    clip: float | None = None  # adaptive clipping: the clip devices use on it (omitted: None)
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -358,6 +363,8 @@ class ModelVersion:
             meta["parent"] = str(self.parent)
         if self.generation:
             meta["generation"] = str(self.generation)
+        if self.clip is not None:
+            meta["clip"] = repr(float(self.clip))
         return encode_tensors(self.weights, meta)
 
     @classmethod
@@ -378,6 +385,7 @@ class ModelVersion:
             examples=_meta_int(m, "examples") if "examples" in m else 0,
             time=_meta_float(m, "time", 0.0, 1e11) or 0.0,
             generation=_meta_int(m, "generation") if "generation" in m else 0,
+            clip=_meta_float(m, "clip", 1e-9, 1e9),
         )
 
 
@@ -405,6 +413,8 @@ class Update:
     # How ``delta`` is encoded (fededge/protocol/encoding.py); f32 is omitted from the bytes.
     encoding: str = "f32"
     block: int = 0  # int8: elements per scale (0: one scale per tensor)
+    # Adaptive clipping: the centred, noised clipped-or-not bit (fededge/protocol/clipping.py).
+    unclipped: float | None = None
 
     def to_bytes(self) -> bytes:
         meta = {
@@ -424,6 +434,8 @@ class Update:
             meta["encoding"] = self.encoding
         if self.encoding == "int8":
             meta["block"] = str(self.block)
+        if self.unclipped is not None:
+            meta["unclipped"] = repr(float(self.unclipped))
         return encode_tensors(self.delta, meta)
 
     @classmethod
@@ -444,6 +456,7 @@ class Update:
             eval_accuracy=_meta_float(m, "eval_accuracy", -math.inf, math.inf),
             encoding=_meta_encoding(m),
             block=_meta_int(m, "block", 0, 1 << 31) if m.get("encoding") == "int8" else 0,
+            unclipped=_meta_float(m, "unclipped", -math.inf, math.inf),  # range: the aggregator's
         )
 
 

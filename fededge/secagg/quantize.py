@@ -13,6 +13,9 @@ eps = n / scale (rounding errors are unbiased, independent, each in (-1, 1) / sc
 mean S_d / S_w is then off by at most eps * (1 + C) / (S_w - eps) per coordinate
 (:func:`mean_error_bound`).
 
+Adaptive clipping adds nothing here: a device appends its bit as one more entry of delta
+(``fededge.protocol.clipping.with_bit_entry``) and the round's clip covers it (C * sqrt(1.1)).
+
 Kernels come from fededge.native (Numba, aggregator install), loaded only when asked for with
 :func:`load_kernels` (the aggregator's :class:`ServerRound` and :func:`warmup` do): a device never
 imports Numba, even where it is installed (it costs ~70 MiB of RSS, and the device unit forbids
