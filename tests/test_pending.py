@@ -298,3 +298,19 @@ def test_pipelined_commit_recovers_bit_identical(tmp_path, overhead) -> None:
     q.recover()
     np.testing.assert_array_equal(q.acc, p.acc)
     assert q.sums.ids == p.sums.ids
+
+
+def test_checkpoint_waits_for_enough_wal_bytes(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    store = Store(tmp_path)
+    _, raw = _update(0, rng)
+    p = PendingVersion(store, _base(), checkpoint_every=1, max_update_bytes=1 << 20,
+                       checkpoint_min_bytes=3 * len(raw))  # fmt: skip
+    for i in range(5):
+        u, raw = _update(i, rng)
+        p.stage(u, raw, 1.0, 1.0)
+        p.commit()
+        p.close()  # waits for a background checkpoint, if one was started
+        # Every update is past checkpoint_every; only each third fills the bytes.
+        assert (store.load_checkpoint(3) is not None) == (i >= 2), i
+    p.close()
