@@ -200,6 +200,9 @@ peak of samples every 0.2 s during the run.
 Peak RSS across sizes within {spread:.0%} of the smallest fleet's (target: 10%). "Exactly
 once": every update has exactly one accepted receipt, none is unsettled, nothing was rejected,
 and the aggregator's accepted total (its retained status) equals the fleet's count.
+A simulated device keeps one update in flight, so 100 devices keep at most 100 unanswered
+(fewer than one broker window per group commit): their lower rate is the fleet's, not the
+aggregator's.
 """
     write_section("fleet", md)
     return 0 if all(r["ok"] for r in rows) else 1
