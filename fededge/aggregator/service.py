@@ -423,7 +423,16 @@ class Aggregator:
 
     # -- effects ----------------------------------------------------------------------------
     def _execute(self, effects: list[Effect], *, strict: bool = False) -> None:
-        carry_out(self.client, effects, self._callbacks, strict=strict)
+        if len(effects) < 3:
+            carry_out(self.client, effects, self._callbacks, strict=strict)
+            return
+        # A group's receipts and PUBACKs with one wake-up of the network thread; callbacks
+        # after the block (one may publish and wait, which needs the network thread).
+        callbacks: list[Effect] = [e for e in effects if isinstance(e, NewVersion)]
+        with self.client.batched():
+            carry_out(self.client, [e for e in effects if not isinstance(e, NewVersion)],
+                      self._callbacks, strict=strict)  # fmt: skip
+        carry_out(self.client, callbacks, self._callbacks, strict=strict)
 
     # -- publishing ---------------------------------------------------------------------------
     def publish_version(
