@@ -108,9 +108,14 @@ class AggregatorSettings(_Section):
     )
     versions_kept: int = Field(10, ge=1, description="model versions kept on disk")
     checkpoint_every: int = Field(32, ge=1, description="accumulator checkpoint every N updates")
+    checkpoint_min_bytes: int = Field(
+        4 << 20, ge=0, description="...once the WAL since the last one holds this many bytes"
+    )
     fsync: bool = Field(True, description="fsync the write-ahead log before acknowledging")
     group_commit_max: int = Field(20, ge=1, le=1000, description="updates per WAL group commit")
-    commit_delay: float = Field(0.02, ge=0, le=5, description="s to wait to fill a group commit")
+    commit_delay: float = Field(
+        0.0, ge=0, le=5, description="s to wait for more updates once the inbox is empty"
+    )
     parallel_kernels: bool = Field(False, description="use the multi-threaded accumulate kernel")
     metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
     metrics_host: str = "127.0.0.1"

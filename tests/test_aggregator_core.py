@@ -329,3 +329,71 @@ def test_graph_of_another_task_is_refused(tmp_path: Path) -> None:
     out = h.control(h.topics.graph, Graph(task="other", tflite=b"x", spec={}).to_bytes())
     assert out[:-1] == [] and h.core.state.graph is None
     assert h.metric("fededge_control_messages_rejected_total") == 1
+
+
+# -- pipelined group commit (the fsync of one group overlaps the next batch) -------------------
+def _ingest(h: Harness, *msgs: tuple[str, bytes]) -> list[Effect]:
+    out: list[Effect] = []
+    for device, payload in msgs:
+        out += h.core.ingest(Incoming(h.topics.update(device), payload, object()))
+    return out
+
+
+def test_pipelined_group_is_answered_only_once_durable(tmp_path: Path) -> None:
+    h = Harness(tmp_path, Plan(min_updates_per_version=10, max_updates_per_device=10))
+    assert _ingest(h, ("dev1", h.payload("u1")), ("dev2", h.payload("u2", device="dev2"))) == []
+    # In flight: written, its fsync running; no receipt, no PUBACK yet, nothing folded.
+    assert h.core.commit(h.now, pipeline=True) == []
+    assert h.core.in_flight and h.core.accepted_total == 0
+    pending = h.core.state.pending
+    assert pending is not None and pending.sums.count == 0
+    # The next batch is validated meanwhile; its commit answers the first group.
+    _ingest(h, ("dev3", h.payload("u3", device="dev3")))
+    out = h.core.commit(h.now, pipeline=True)
+    assert [r.update_id for r in receipts(out)] == ["u1", "u2"]
+    assert sum(isinstance(e, Ack) for e in out) == 2
+    assert [r.update_id for r in receipts(h.core.flush(h.now))] == ["u3"]
+    assert not h.core.in_flight and h.core.accepted_total == 3 and pending.sums.count == 3
+    assert h.core.flush(h.now) == []
+
+
+def test_copy_of_an_update_in_flight_waits_for_its_fsync(tmp_path: Path) -> None:
+    h = Harness(tmp_path, Plan(min_updates_per_version=10, max_updates_per_device=10))
+    raw = h.payload("u1")
+    _ingest(h, ("dev1", raw))
+    h.core.commit(h.now, pipeline=True)
+    # A second copy while the first is in flight: a duplicate (not a second accept, not
+    # counted against the quota), answered after the first copy's accepted receipt.
+    assert _ingest(h, ("dev1", raw), ("dev1", h.payload("u2"))) == []
+    out = h.core.commit(h.now, pipeline=True)
+    assert [(r.update_id, r.status) for r in receipts(out)] == [
+        ("u1", "accepted"),
+        ("u1", "duplicate"),
+    ]
+    assert [r.status for r in receipts(h.core.flush(h.now))] == ["accepted"]
+    assert h.core.accepted_total == 2
+
+
+def test_group_completing_the_version_is_not_pipelined(tmp_path: Path) -> None:
+    h = Harness(tmp_path, Plan(min_updates_per_version=2, max_updates_per_device=10))
+    _ingest(h, ("dev1", h.payload("u1")), ("dev1", h.payload("u2")))
+    out = h.core.commit(h.now, pipeline=True)
+    assert [r.status for r in receipts(out)] == ["accepted", "accepted"]
+    assert not h.core.in_flight and h.core.state.model is not None
+    assert h.core.state.model.version == 1
+
+
+def test_pipelined_group_written_but_not_finished_is_recovered(tmp_path: Path) -> None:
+    """kill -9 during the background fsync: the group was never acknowledged; its records
+    are replayed (the devices' resends are then duplicates), never half-applied."""
+    h = Harness(tmp_path, Plan(min_updates_per_version=10, max_updates_per_device=10))
+    _ingest(h, ("dev1", h.payload("u1")), ("dev2", h.payload("u2", device="dev2")))
+    h.core.commit(h.now, pipeline=True)
+    pending = h.core.state.pending
+    assert pending is not None
+    pending.close()  # the process ends here (close waits for the fsync, as the OS would)
+    h.store.close()
+    h2 = AggregatorCore(h.settings, Store(task_root(tmp_path, TASK), fsync=False),
+                        AggregatorMetrics())  # fmt: skip
+    h2.state.restore(h.now)
+    assert h2.state.pending is not None and h2.state.pending.sums.count == 2

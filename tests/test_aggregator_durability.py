@@ -56,7 +56,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], log: Path, count: int, timeout: f
 def test_kill_9_keeps_exactly_the_acknowledged_updates(broker, tmp_path) -> None:
     from fededge.protocol import Plan
 
-    s = make_settings(broker.url, tmp_path / "state", checkpoint_every=3)
+    s = make_settings(broker.url, tmp_path / "state", checkpoint_every=3, checkpoint_min_bytes=0)
     d = 50_000
     init_task(
         s,
@@ -125,7 +125,7 @@ def test_kill_9_keeps_the_adaptive_clipping_bits(broker, tmp_path) -> None:
 
     from fededge.protocol import Plan
 
-    s = make_settings(broker.url, tmp_path / "state", checkpoint_every=3)
+    s = make_settings(broker.url, tmp_path / "state", checkpoint_every=3, checkpoint_min_bytes=0)
     d = 1000
     plan = Plan(min_updates_per_version=6, clip_norm=1.0, target_unclipped_quantile=0.5,
                 max_updates_per_device=10)  # fmt: skip

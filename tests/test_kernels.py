@@ -438,3 +438,11 @@ def test_warmup_compiles_everything() -> None:
     assert kernels, "no Numba kernels found (NUMBA_DISABLE_JIT?)"
     cold = [f.py_func.__name__ for f in kernels if not f.signatures]
     assert not cold, f"warmup() left these kernels uncompiled: {cold}"
+
+
+@pytest.mark.parametrize("d", [0, 1, 7, 2410, 100_003])
+def test_the_gil_holding_norm_equals_the_gil_free_one(d: int) -> None:
+    from fededge.native import norm
+
+    x = np.random.default_rng(d).standard_normal(d).astype(np.float32)
+    assert norm.l2_norm_small(x) == norm.l2_norm(x)  # same loop and flags: bit for bit

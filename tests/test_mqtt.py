@@ -617,3 +617,33 @@ def test_only_the_transport_package_knows_paho() -> None:
         if "import paho" in (text := p.read_text()) or "from paho" in text
     }
     assert users and all(u.startswith("mqtt/") for u in users), users
+
+
+def test_batched_publications_and_acks_all_go_out(
+    broker: Mosquitto, clients: Callable[..., MqttClient]
+) -> None:
+    """Inside ``batched()`` packets are only queued; the end of the block sends them all."""
+    settings = broker.settings()
+    topic = f"batch/{uuid.uuid4().hex}"
+    sub = clients(settings, manual_ack=True)
+    sub.subscribe(f"{topic}/in", qos=1)
+    echo = clients(settings)
+    echo.subscribe(f"{topic}/out", qos=1)
+    pub = clients(settings)
+    for i in range(30):
+        pub.publish(f"{topic}/in", str(i).encode(), qos=1)
+    got = [get(sub) for _ in range(20)]  # the broker's window: 20 until we acknowledge
+    with sub.batched():
+        for m in got:
+            sub.publish(f"{topic}/out", m.payload, qos=1)
+            sub.ack(m)
+    with sub.batched():
+        pass  # an empty batch is harmless
+    # The acknowledgements reached the broker: it sends the 10 others.
+    rest = [get(sub) for _ in range(10)]
+    for m in rest:
+        sub.ack(m)
+    assert sorted(int(m.payload) for m in got + rest) == list(range(30))
+    assert sorted(int(get(echo).payload) for _ in range(20)) == sorted(int(m.payload) for m in got)
+    sub.publish(f"{topic}/out", b"after", qos=1, wait=True, timeout=10)  # the pair still works
+    assert get(echo).payload == b"after"

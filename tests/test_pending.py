@@ -39,7 +39,10 @@ def _update(i: int, rng: np.random.Generator) -> tuple[Update, bytes]:
 
 
 def _pending(store: Store, every: int = 100) -> PendingVersion:
-    return PendingVersion(store, _base(), checkpoint_every=every, max_update_bytes=1 << 20)
+    # No checkpoint overhead: groups of small test updates still exercise the checkpoint path.
+    return PendingVersion(
+        store, _base(), checkpoint_every=every, max_update_bytes=1 << 20, checkpoint_overhead=0
+    )
 
 
 def _reference(updates: list[Update]) -> np.ndarray:
@@ -249,3 +252,65 @@ def test_torn_tail_after_a_torn_group_is_still_cut_silently(tmp_path) -> None:
     q = _pending(Store(tmp_path))
     assert q.recover() == 2 and q.sums.ids == ["u0", "u1"]
     assert seg.stat().st_size == offsets[2]
+
+
+def test_a_failed_background_checkpoint_is_raised_by_the_next_commit(tmp_path) -> None:
+    rng = np.random.default_rng(5)
+    store = Store(tmp_path)
+    p = PendingVersion(store, _base(), checkpoint_every=1, max_update_bytes=1 << 20)
+
+    def broken(*_a: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    store.write_checkpoint = broken  # type: ignore[method-assign,assignment]  # a disk failure
+    u, raw = _update(0, rng)
+    p.stage(u, raw, 1.0, 1.0)
+    assert p.commit() == [u]  # durable in the WAL; the checkpoint after it goes on in the back
+    p._checkpoints[0].exception()  # wait for it (the worker thread has failed)
+    u2, raw2 = _update(1, rng)
+    p.stage(u2, raw2, 1.0, 1.0)
+    with pytest.raises(StorageError, match="No space left"):
+        p.commit()
+    p.close()
+
+
+@pytest.mark.parametrize("overhead", [0, 1 << 30])  # checkpoint path, WAL path
+def test_pipelined_commit_recovers_bit_identical(tmp_path, overhead) -> None:
+    rng = np.random.default_rng(11)
+    store = Store(tmp_path)
+    p = PendingVersion(store, _base(), checkpoint_every=4, max_update_bytes=1 << 20,
+                       checkpoint_overhead=overhead)  # fmt: skip
+    done: list[Update] = []
+    for g in range(4):
+        for i in range(3):
+            u, raw = _update(3 * g + i, rng)
+            p.stage(u, raw, float(u.num_examples), 1.0)
+        done += p.finish_commit()  # the group before, durable now
+        assert p.begin_commit()
+        # In flight: counted once for the quota and the duplicate check, folded or not.
+        assert p.device_count("d") == len(done) + 3 and p.is_staged(f"d/{u.update_id}")
+    done += p.finish_commit()
+    assert p.in_flight == 0 and len(done) == 12
+    np.testing.assert_allclose(p.acc, _reference(done), rtol=1e-12)
+    p.close()
+    p.store.close()
+    q = _pending(Store(tmp_path))
+    q.recover()
+    np.testing.assert_array_equal(q.acc, p.acc)
+    assert q.sums.ids == p.sums.ids
+
+
+def test_checkpoint_waits_for_enough_wal_bytes(tmp_path) -> None:
+    rng = np.random.default_rng(3)
+    store = Store(tmp_path)
+    _, raw = _update(0, rng)
+    p = PendingVersion(store, _base(), checkpoint_every=1, max_update_bytes=1 << 20,
+                       checkpoint_min_bytes=3 * len(raw))  # fmt: skip
+    for i in range(5):
+        u, raw = _update(i, rng)
+        p.stage(u, raw, 1.0, 1.0)
+        p.commit()
+        p.close()  # waits for a background checkpoint, if one was started
+        # Every update is past checkpoint_every; only each third fills the bytes.
+        assert (store.load_checkpoint(3) is not None) == (i >= 2), i
+    p.close()

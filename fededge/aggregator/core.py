@@ -83,6 +83,7 @@ class AggregatorCore:
         self.rejected_total = 0
         self._perf = perf
         self._staged: list[Incoming] = []
+        self._inflight: list[Incoming] = []  # a group whose fsync runs (commit(pipeline=True))
         self._after_commit: list[tuple[Incoming, str, str]] = []  # copies of staged updates
         self._last_status: float | None = None  # when the last status was published
 
@@ -163,31 +164,81 @@ class AggregatorCore:
         self._staged.append(msg)
         return []
 
-    def commit(self, now: float) -> list[Effect]:
-        """Make the staged updates durable; their receipts, and a version if one completes."""
+    @property
+    def in_flight(self) -> bool:
+        """Whether a group is written and being fsynced (``commit(pipeline=True)``)."""
+        return bool(self._inflight)
+
+    def commit(self, now: float, *, pipeline: bool = False) -> list[Effect]:
+        """Make the staged updates durable; their receipts, and a version if one completes.
+
+        With ``pipeline`` the group's fsync runs in the background while the driver stages
+        the next batch: this call returns the answers of the group before (now durable) and
+        the next ``commit`` or ``flush`` those of this one. A group that would complete the
+        version, or takes the checkpoint path, is committed at once as without it.
+        """
         _, pending = self.state.ready()
-        out: list[Effect] = []
+        out = self._finish(now)
         if self._staged:
             staged, self._staged = self._staged, []
-            t0 = self._perf()
-            updates = pending.commit()
-            elapsed = self._perf() - t0
-            self.metrics.commit_seconds.inc(elapsed)
-            self.metrics.commit_duration.observe(elapsed)
-            target = pending.base.version + 1
-            for msg, update in zip(staged, updates, strict=True):
-                self.accepted_total += 1
-                self.metrics.accepted.inc()
-                self.fleet.on_update(update.device, update.base_version, pending.base.version)
-                out += self._answer(msg, update.device, update.update_id, "accepted", target)
-            self.metrics.pending.set(pending.sums.count)
-            self.metrics.pending_examples.set(pending.sums.examples)
-            if pending.sums.count >= self.state.plan.min_updates_per_version:
-                out += self._complete_version(now)
+            room = self.state.plan.min_updates_per_version - pending.sums.count
+            if pipeline and len(staged) < room and pending.begin_commit():
+                self._inflight = staged
+            else:
+                t0 = self._perf()
+                updates = pending.commit()
+                self._commit_time(self._perf() - t0)
+                out += self._accept(staged, updates, now)
+        return out + self._answer_duplicates()
+
+    def flush(self, now: float) -> list[Effect]:
+        """Finish the group in flight, if any: the answers that waited for its fsync."""
+        return self._finish(now) + self._answer_duplicates()
+
+    def _finish(self, now: float) -> list[Effect]:
+        if not self._inflight:
+            return []
+        _, pending = self.state.ready()
+        msgs, self._inflight = self._inflight, []
+        t0 = self._perf()
+        updates = pending.finish_commit()
+        self._commit_time(self._perf() - t0)
+        return self._accept(msgs, updates, now)
+
+    def _commit_time(self, elapsed: float) -> None:
+        self.metrics.commit_seconds.inc(elapsed)
+        self.metrics.commit_duration.observe(elapsed)
+
+    def _accept(self, msgs: list[Incoming], updates: list[Update], now: float) -> list[Effect]:
+        """Receipts of a durable, folded group; the version too if it is complete."""
+        _, pending = self.state.ready()
+        out: list[Effect] = []
+        target = pending.base.version + 1
+        for msg, update in zip(msgs, updates, strict=True):
+            self.fleet.on_update(update.device, update.base_version, pending.base.version)
+            out += self._answer(msg, update.device, update.update_id, "accepted", target)
+        self.accepted_total += len(updates)
+        self.metrics.accepted.inc(len(updates))
+        self.metrics.pending.set(pending.sums.count)
+        self.metrics.pending_examples.set(pending.sums.examples)
+        if pending.sums.count >= self.state.plan.min_updates_per_version:
+            out += self._complete_version(now)
+        return out
+
+    def _answer_duplicates(self) -> list[Effect]:
+        """Answer second copies whose first copy is now durable (the others wait on)."""
+        if not self._after_commit:
+            return []
+        pending = self.state.pending
+        out: list[Effect] = []
+        waiting: list[tuple[Incoming, str, str]] = []
         for msg, device, uid in self._after_commit:
+            if pending is not None and pending.is_staged(dedup_key(device, uid)):
+                waiting.append((msg, device, uid))
+                continue
             self.metrics.duplicates.inc()
             out += self._answer(msg, device, uid, "duplicate")
-        self._after_commit.clear()
+        self._after_commit = waiting
         return out
 
     def internal_error(self, msg: Incoming) -> list[Effect]:

@@ -43,6 +43,8 @@ __all__ = [
 ]
 
 _F32 = np.dtype(np.float32)
+# Vectors at least this long go to the kernels that release the GIL (see native/norm.py).
+GIL_FREE_MIN = 1 << 18
 _F64 = np.dtype(np.float64)
 
 
@@ -356,6 +358,8 @@ def l2_norm(x: NDArray[np.float32]) -> float:
     a finite value, so ``math.isfinite(l2_norm(x))`` is the one-pass finiteness check.
     """
     _check_array("x", x, _F32, 1)
+    if x.shape[0] < GIL_FREE_MIN:
+        return float(_norm.l2_norm_small(x))
     return float(_norm.l2_norm(x))
 
 
@@ -400,6 +404,7 @@ def warmup(*, parallel: bool = True) -> None:
             accumulate(acc, update, 1.0, parallel=True)
         accumulate_many(acc, rows, w)
         l2_norm(update)
+        _norm.l2_norm(update)  # the GIL-free one, for long vectors
         finalize(update, acc, 1.0, 1.0)
         finalize(update, acc_ro, 1.0, 1.0)
     accumulate_group(acc, [x] * 15, np.ones(15))  # 8 + 4 + 2 + 1 rows

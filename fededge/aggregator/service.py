@@ -1,9 +1,10 @@
 """The aggregator service: the driver of the sans-IO core over MQTT.
 
 Everything the aggregator decides is in :class:`~fededge.aggregator.core.AggregatorCore`; this
-module owns what the core must not: the MQTT client, the loop, group-commit batching (the
-``commit_delay`` wait), start-up and connection retries, clocks, the metrics endpoint and the
-``on_new_version`` callbacks. It carries out the core's effects in the order returned.
+module owns what the core must not: the MQTT client, the loop, group-commit batching (a group
+is what has arrived when the inbox runs dry; under load its fsync overlaps the next batch),
+start-up and connection retries, clocks, the metrics endpoint and the ``on_new_version``
+callbacks. It carries out the core's effects in the order returned.
 """
 
 from __future__ import annotations
@@ -160,6 +161,7 @@ class Aggregator:
         self.extra_subscriptions: list[tuple[str, int]] = []
         self.on_other: Callable[[Message], bool] = lambda _msg: False
         self._deferred: list[Message] = []
+        self._last_tick = 0.0
         self._client_id = (
             client_id or settings.broker.client_id or f"fededge-aggregator-{settings.task}"
         )
@@ -318,8 +320,12 @@ class Aggregator:
     def close(self, *, offline: bool = True) -> None:
         """Publish the offline status and disconnect; on-disk state is always consistent.
 
-        ``offline=False`` after losing the lease: the status topic is the new writer's.
+        ``offline=False`` after losing the lease: the status topic is the new writer's, and a
+        pipelined group is left unanswered (its devices resend to the new writer).
         """
+        if offline and self.core.in_flight and self.client.connected:
+            # A pipelined group: answer it once durable, so its devices need not resend.
+            self._execute(self.core.flush(time.time()))
         try:
             if offline and self.client.connected:
                 self.client.publish(self.topics.aggregator_status, self._offline(), retain=True,
@@ -337,22 +343,36 @@ class Aggregator:
         self.fence()
         batch = self._deferred[: self.cfg.group_commit_max]
         del self._deferred[: len(batch)]
+        inbox = self.client.messages
+        if not batch and self.core.in_flight:
+            try:
+                batch.append(inbox.get_nowait())
+            except queue.Empty:
+                self._execute(self.core.flush(time.time()))  # nothing to overlap it with
         if not batch:
             try:
-                batch.append(self.client.messages.get(timeout=timeout))
+                batch.append(inbox.get(timeout=timeout))
             except queue.Empty:
                 self._tick()
                 return 0
-        # Group commit with a short delay (like PostgreSQL's commit_delay): under load, waiting a
-        # few ms gathers up to group_commit_max updates for one fsync.
-        deadline = time.monotonic() + self.cfg.commit_delay
-        while len(batch) < self.cfg.group_commit_max:
+        # Group commit without a timer: take what has already arrived, up to group_commit_max,
+        # and commit as soon as the inbox is empty. Waiting for more is pointless: under load
+        # the next messages arrive during this commit's fsync (the broker's in-flight window is
+        # twice the group), and when the window is full nothing can arrive before our PUBACKs.
+        # ``commit_delay`` > 0 restores a bounded wait for lightly loaded, fsync-bound disks.
+        limit = self.cfg.group_commit_max
+        while len(batch) < limit:
             try:
-                batch.append(
-                    self.client.messages.get(timeout=max(0.0, deadline - time.monotonic()))
-                )
+                batch.append(inbox.get_nowait())
             except queue.Empty:
                 break
+        if self.cfg.commit_delay > 0 and len(batch) < limit:
+            deadline = time.monotonic() + self.cfg.commit_delay
+            while len(batch) < limit:
+                try:
+                    batch.append(inbox.get(timeout=max(0.0, deadline - time.monotonic())))
+                except queue.Empty:
+                    break
         controls: list[Message] = []
         for msg in batch:
             if not self.core.is_update(msg.topic):
@@ -363,13 +383,22 @@ class Aggregator:
             with self._guard(msg):
                 self._execute(self.core.ingest(_incoming(msg)))
         self.fence()
-        self._execute(self.core.commit(time.time()))
+        # More updates waiting: pipeline, i.e. fsync this group in the background while the
+        # next step validates them (its commit sends this group's receipts and PUBACKs). Not
+        # across control messages or timer work, which must see every update folded (device
+        # statuses only feed the fleet gauges: they do not count).
+        now = time.time()
+        folded_first = any(self.topics.device_of(m.topic, "devices") is None for m in controls)
+        pipeline = not folded_first and inbox.qsize() > 0 and now - self._last_tick < 1.0
+        self._execute(self.core.commit(now, pipeline=pipeline))
         for msg in controls:
             self._control(msg)
-        self._tick()
+        if not self.core.in_flight:
+            self._tick()
         return len(batch)
 
     def _tick(self) -> None:
+        self._last_tick = time.time()
         self.rounds.tick()
         self._execute(self.core.tick(time.time()))
 
@@ -422,7 +451,16 @@ class Aggregator:
         self.client.max_message_bytes = effective_limit(
             self.settings.broker.max_message_bytes, self.plan.max_message_bytes
         )
-        carry_out(self.client, effects, self._callbacks, strict=strict)
+        if len(effects) < 3:
+            carry_out(self.client, effects, self._callbacks, strict=strict)
+            return
+        # A group's receipts and PUBACKs with one wake-up of the network thread; callbacks
+        # after the block (one may publish and wait, which needs the network thread).
+        callbacks: list[Effect] = [e for e in effects if isinstance(e, NewVersion)]
+        with self.client.batched():
+            carry_out(self.client, [e for e in effects if not isinstance(e, NewVersion)],
+                      self._callbacks, strict=strict)  # fmt: skip
+        carry_out(self.client, callbacks, self._callbacks, strict=strict)
 
     # -- publishing ---------------------------------------------------------------------------
     def publish_version(

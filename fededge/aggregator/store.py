@@ -163,11 +163,11 @@ class Store:
             [head, acc.data.cast("B")],
             fsync=self.fsync,
         )
+        # The unlinks need no directory fsync of their own: a segment that reappears after a
+        # crash is covered by this checkpoint, and recovery deletes it unread.
         for s, p in self.segments(base_version):
             if s <= seg:
                 p.unlink()
-        if self.fsync:
-            fsync_dir(self.pending_dir)
 
     def load_checkpoint(
         self, base_version: int

@@ -135,6 +135,7 @@ class VersionState:
             self.store,
             model,
             checkpoint_every=self.cfg.checkpoint_every,
+            checkpoint_min_bytes=self.cfg.checkpoint_min_bytes,
             parallel=self.cfg.parallel_kernels,
             max_update_bytes=max(MAX_MODEL_MESSAGE, self.update_limit),
             rotated=self.plan.update_rotation == "hadamard",

@@ -8,7 +8,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from types import TracebackType
 
 import paho.mqtt.client as paho
@@ -352,6 +352,32 @@ class MqttClient:
             raise TransportError(f"cannot publish to {topic!r}: {paho.error_string(info.rc)}")
         if wait:
             self._session.wait_published(info, f"{topic!r}", timeout)
+
+    @contextlib.contextmanager
+    def batched(self) -> Iterator[None]:
+        """Queue the packets of the publish()/ack() calls inside, and wake paho's network
+        thread once at the end instead of once per packet.
+
+        Quirk: paho's ``_packet_queue`` writes a byte to its socket pair for every packet
+        queued from another thread, so the network thread wakes (and takes the GIL) per
+        packet; the aggregator queues a receipt and a PUBACK per update, in groups. With the
+        write end hidden, packets are only queued; one byte at the end wakes the thread, which
+        writes them all. Packets queued by the network thread itself need no wake-up. Not for
+        ``publish(wait=True)`` (nothing would send it until the block ends).
+        """
+        c = self._client
+        pair = c._sockpairW
+        if pair is None or threading.get_ident() == self._session.net_thread:
+            yield
+            return
+        c._sockpairW = None
+        try:
+            yield
+        finally:
+            if c._sockpairW is None:  # paho made no new pair meanwhile (it does in loop_start)
+                c._sockpairW = pair
+            with contextlib.suppress(OSError):  # BlockingIOError: a wake-up is pending anyway
+                pair.send(b"0")
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS>0 message received with ``manual_ack``; a no-op otherwise.

@@ -7,6 +7,8 @@
   pytest);
 - ``fededge.testing.fleet`` — in-process aggregator and device helpers;
 - ``fededge.testing.secagg`` — a whole SecAgg+ round simulated in memory.
+- ``fededge.testing.simulator`` — thousands of protocol-level devices in one process, against a
+  real broker and aggregator, with exactly-once accounting.
 
 Nothing here is imported by the device or aggregator services.
 """
