@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import numpy as np
@@ -167,7 +168,7 @@ def test_core_version_is_the_statistic_of_the_decoded_updates(
     plan = Plan(min_updates_per_version=k, robust=stat, robust_beta=0.3, server_learning_rate=0.5,
                 update_encoding=enc, update_block=block, clip_norm=10)  # fmt: skip
     # checkpoint_every=2: the log rolls to a new segment every 2 updates, never checkpoints.
-    h = Harness(tmp_path, plan, checkpoint_every=2)
+    h = Harness(tmp_path, plan, checkpoint_every=2, checkpoint_min_bytes=0)
     rng = np.random.default_rng(5)
     sent = [encode_delta(_delta(i), enc, block, rng) for i in range(k)]
     (model,) = _send_all(h, sent, encoding=enc, block=block)
@@ -205,9 +206,9 @@ def test_robust_aggregate_feeds_the_server_optimizer(tmp_path: Any) -> None:
 def test_a_restart_mid_version_gives_the_same_version_bit_for_bit(tmp_path: Any) -> None:
     plan = Plan(min_updates_per_version=6, robust="trimmed_mean", robust_beta=0.2)
     deltas = [_delta(i) for i in range(6)]
-    a = Harness(tmp_path / "a", plan, checkpoint_every=2)
+    a = Harness(tmp_path / "a", plan, checkpoint_every=2, checkpoint_min_bytes=0)
     (straight,) = _send_all(a, deltas)
-    b = Harness(tmp_path / "b", plan, checkpoint_every=2)
+    b = Harness(tmp_path / "b", plan, checkpoint_every=2, checkpoint_min_bytes=0)
     assert _send_all(b, deltas[:5]) == []
     _restart(b, tmp_path / "b")  # a new process on the same state: the WAL is replayed
     (resumed,) = _send_all(b, deltas, first=5)
@@ -219,14 +220,15 @@ def test_a_plan_turned_robust_mid_version_falls_back_to_the_mean_for_that_versio
     tmp_path: Any, caplog: Any
 ) -> None:
     plan = Plan(min_updates_per_version=4)
-    h = Harness(tmp_path, plan, checkpoint_every=1)  # every update checkpointed: log deleted
+    h = Harness(tmp_path, plan, checkpoint_every=1, checkpoint_min_bytes=0)  # log deleted
     deltas = [_delta(i) for i in range(8)]
     assert _send_all(h, deltas[:2]) == []
     h.control(h.topics.plan, Plan(min_updates_per_version=4, robust="median").to_bytes())
     (v1,) = _send_all(h, deltas[:4], first=2)
     mean = np.mean([_flat(d).astype(np.float32).astype(np.float64) for d in deltas[:4]], axis=0)
     np.testing.assert_allclose(_flat(v1.weights), mean, rtol=1e-6)
-    assert "the log holds 2 of its 4 updates" in caplog.text
+    # 2 or 3: the checkpoints that delete the log are written in the background
+    assert re.search(r"the log holds [23] of its 4 updates", caplog.text), caplog.text
     # The next version is logged from its start: the median.
     (v2,) = _send_all(h, deltas, first=4, base=1)
     med = np.median(np.stack([_flat(d).astype(np.float32) for d in deltas[4:]]), axis=0)
