@@ -22,7 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from fededge.errors import SecAggError
-from fededge.secagg import crypto, identity
+from fededge.secagg import crypto, identity, unmask
 from fededge.secagg.graph import TERMINAL, Stage, check_stage, connected, neighbour_graph, prune
 from fededge.secagg.messages import (
     TO_ALL,
@@ -40,7 +40,7 @@ from fededge.secagg.messages import (
     UnmaskRequest,
     UnmaskShares,
 )
-from fededge.secagg.quantize import FixedPoint, add_mod, load_kernels, sub_mod
+from fededge.secagg.quantize import FixedPoint, add_mod, load_kernels
 
 log = logging.getLogger(__name__)
 _DEVICE_STAGE = {
@@ -75,6 +75,7 @@ class ServerRound:
         rng: crypto.RandomSource = crypto.system_random,
         *,
         roster: identity.Roster | None = None,
+        unmask_threads: int | None = None,
     ) -> None:
         load_kernels()  # the aggregator's sums use Numba where installed (devices never load it)
         self.config = config
@@ -86,6 +87,7 @@ class ServerRound:
         # With the roster, signatures are checked here too, so a bad one drops its sender
         # instead of failing the round at the devices (which check them whatever we do).
         self._roster = roster
+        self._unmask_threads = unmask_threads  # None: one per CPU (fededge.secagg.unmask)
         self._fixed = FixedPoint(config.bits, config.clip, config.scale, config.max_weight)
         self._graph = neighbour_graph(config.round_id, config.cohort, config.neighbours)
         self._index = {d: i + 1 for i, d in enumerate(config.cohort)}
@@ -325,12 +327,12 @@ class ServerRound:
         return [Outgoing(TO_ALL, request)]
 
     def _close_unmask(self) -> list[Outgoing]:
-        cfg, bits = self.config, self.config.bits
-        prg = crypto.MaskPRG(self._acc.shape[0])
+        cfg = self.config
+        terms: list[unmask.MaskTerm] = []  # every mask to remove, then removed in one pass
         for d in sorted(self._survivors):
             shares = self._b_shares.get(d, [])
             self._require(len(shares), f"self-mask shares of {d}")
-            sub_mod(self._acc, prg.expand(crypto.combine_shares(shares[: cfg.threshold])), bits)
+            terms.append((crypto.combine_shares(shares[: cfg.threshold]), -1))
         for d in sorted(self._lost):
             shares = self._s_shares.get(d, [])
             self._require(len(shares), f"mask-key shares of {d}")
@@ -340,9 +342,10 @@ class ServerRound:
             agreement = crypto.KeyAgreement(private)
             for partner in sorted(self._partners[d] & self._survivors):
                 shared = agreement.with_peer(self._keys[partner][1])
-                mask = prg.expand(crypto.pair_seed(shared, cfg.round_id, partner, d))
+                seed = crypto.pair_seed(shared, cfg.round_id, partner, d)
                 # partner added +mask if its id is the smaller one, else -mask: undo that.
-                (sub_mod if partner < d else add_mod)(self._acc, mask, bits)
+                terms.append((seed, -1 if partner < d else 1))
+        unmask.apply_masks(self._acc, terms, cfg.bits, threads=self._unmask_threads)
         self._result = self._fixed.decode(self._acc)
         self._b_shares.clear()
         self._s_shares.clear()
