@@ -55,8 +55,8 @@ def _check(acc: npt.NDArray[np.uint32], terms: Sequence[MaskTerm], bits: int) ->
         raise ValueError("acc must be a 1-D uint32 numpy array")
     if not (acc.flags.c_contiguous and acc.flags.writeable):
         raise ValueError("acc must be contiguous and writeable")
-    if not 1 <= bits <= 32:
-        raise ValueError(f"bits must be in 1..32, got {bits}")
+    if not 8 <= bits <= 32:  # as fededge.secagg.quantize
+        raise ValueError(f"bits must be in 8..32, got {bits}")
     for seed, sign in terms:
         if len(seed) != crypto.SEED_BYTES:
             raise SecAggError(f"seed must be {crypto.SEED_BYTES} bytes, got {len(seed)}")
