@@ -9,6 +9,8 @@ from hypothesis import strategies as st
 
 from fededge.errors import SecAggError
 from fededge.secagg import crypto, unmask
+from fededge.secagg.graph import Stage
+from fededge.testing.secagg import Simulation, make_config
 
 
 def _terms(rng: np.random.Generator, count: int) -> list[unmask.MaskTerm]:
@@ -109,3 +111,24 @@ def test_bad_arguments_are_refused() -> None:
         unmask.apply_masks_reference(acc, [(b"short", 1)], 32)
     assert not acc.any()  # nothing was touched by a refused call
     assert unmask.default_threads() >= 1
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+def test_a_round_with_dropouts_gives_the_same_sum_on_any_thread_count(threads: int) -> None:
+    # 12 devices, 2 drop after sharing keys: the server removes 10 self-masks and the pair
+    # masks of the 2 lost devices, on 1 or 3 threads (5,001 words: 3 threads get ranges).
+    devices = [f"d{i:02d}" for i in range(12)]
+    rng = np.random.default_rng(3)
+    inputs = {d: (rng.standard_normal(5000).astype(np.float32) * 0.01, 2.0) for d in devices}
+    cfg = make_config("r-threads", devices, 5000, threshold=4, neighbours=6)
+    results = []
+    for n in (threads, None):
+        sim = Simulation(cfg, inputs, {Stage.MASKED: devices[:2]}, unmask_threads=n)
+        server = sim.run()
+        assert server.stage == Stage.DONE, server.abort_reason
+        assert server.result is not None
+        results.append(server.result)
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    assert results[0][1] == results[1][1]
+    expected = sum(2.0 * inputs[d][0].astype(np.float64) for d in devices[2:])
+    np.testing.assert_allclose(results[0][0], expected, atol=1e-3)

@@ -67,6 +67,8 @@ class ServerRound:
     after each handle (including one that raised) and on a timer: stage deadlines and the
     consequences of dropping a misbehaving device are applied there. A rejected message raises
     SecAggError after the state is made consistent; honest devices are never affected.
+    ``unmask_threads`` (default: one per CPU) remove the masks at unmasking
+    (:func:`fededge.secagg.unmask.apply_masks`).
     """
 
     def __init__(
