@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -11,6 +13,14 @@ from fededge.errors import SecAggError
 from fededge.secagg import crypto, unmask
 from fededge.secagg.graph import Stage
 from fededge.testing.secagg import Simulation, make_config
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _small_thread_ranges() -> Iterator[None]:
+    # Threads take ranges of a few words here, so every test exercises streams opened mid-way.
+    saved, unmask.MIN_THREAD_WORDS = unmask.MIN_THREAD_WORDS, 4
+    yield
+    unmask.MIN_THREAD_WORDS = saved
 
 
 def _terms(rng: np.random.Generator, count: int) -> list[unmask.MaskTerm]:

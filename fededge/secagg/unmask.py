@@ -37,9 +37,11 @@ MaskTerm = tuple[bytes, int]
 DEFAULT_CHUNK_WORDS = 1 << 15
 """Words per chunk (128 KiB): the chunk of the sum and the keystream buffer stay in L2."""
 
+MIN_THREAD_WORDS = 1 << 15
+"""Fewest words a thread gets (else fewer threads): below, starting one costs more than it saves."""
+
 _WORDS_PER_BLOCK = 4  # a 16-byte AES block holds 4 uint32 words
 _COUNTER_MOD = 1 << 128
-_MIN_THREAD_WORDS = 1 << 13
 
 
 def default_threads() -> int:
@@ -122,9 +124,9 @@ def apply_masks(
     if n_words == 0 or not terms:
         return
     # Ranges start on block boundaries (so each stream opens at a whole counter block); a
-    # thread gets at least _MIN_THREAD_WORDS or it is not worth starting.
+    # thread gets at least MIN_THREAD_WORDS or it is not worth starting.
     blocks = -(-n_words // _WORDS_PER_BLOCK)
-    threads = max(1, min(threads, n_words // _MIN_THREAD_WORDS))
+    threads = max(1, min(threads, n_words // MIN_THREAD_WORDS))
     bounds = [_WORDS_PER_BLOCK * (blocks * i // threads) for i in range(threads)] + [n_words]
     ranges = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if lo < hi]
     if len(ranges) == 1:
