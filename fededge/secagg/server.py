@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -329,12 +330,33 @@ class ServerRound:
         return [Outgoing(TO_ALL, request)]
 
     def _close_unmask(self) -> list[Outgoing]:
-        cfg = self.config
-        terms: list[unmask.MaskTerm] = []  # every mask to remove, then removed in one pass
+        cfg, threads = self.config, self._unmask_threads
+        self_terms: list[unmask.MaskTerm] = []
         for d in sorted(self._survivors):
             shares = self._b_shares.get(d, [])
             self._require(len(shares), f"self-mask shares of {d}")
-            terms.append((crypto.combine_shares(shares[: cfg.threshold]), -1))
+            self_terms.append((crypto.combine_shares(shares[: cfg.threshold]), -1))
+        # The self-masks are removed on worker threads (AES-CTR releases the GIL) while this
+        # thread rebuilds the dropped devices' keys and runs the X25519 agreements (which hold
+        # it); the wait in `finally` keeps an abort from clearing the sum under the workers.
+        with ThreadPoolExecutor(1, thread_name_prefix="unmask") as worker:
+            removing = worker.submit(unmask.apply_masks, self._acc, self_terms, cfg.bits,
+                                     threads=threads)  # fmt: skip
+            try:
+                pair_terms = self._pair_mask_terms()
+            finally:
+                removing.result()
+        unmask.apply_masks(self._acc, pair_terms, cfg.bits, threads=threads)
+        self._result = self._fixed.decode(self._acc)
+        self._b_shares.clear()
+        self._s_shares.clear()
+        self.stage = Stage.DONE
+        status = RoundStatus(cfg.round_id, "done", "", len(self._survivors))
+        return [Outgoing(TO_ALL, status)]
+
+    def _pair_mask_terms(self) -> list[unmask.MaskTerm]:
+        """The pair masks that survivors added with the devices lost before masked input."""
+        cfg, terms = self.config, []
         for d in sorted(self._lost):
             shares = self._s_shares.get(d, [])
             self._require(len(shares), f"mask-key shares of {d}")
@@ -347,13 +369,7 @@ class ServerRound:
                 seed = crypto.pair_seed(shared, cfg.round_id, partner, d)
                 # partner added +mask if its id is the smaller one, else -mask: undo that.
                 terms.append((seed, -1 if partner < d else 1))
-        unmask.apply_masks(self._acc, terms, cfg.bits, threads=self._unmask_threads)
-        self._result = self._fixed.decode(self._acc)
-        self._b_shares.clear()
-        self._s_shares.clear()
-        self.stage = Stage.DONE
-        status = RoundStatus(cfg.round_id, "done", "", len(self._survivors))
-        return [Outgoing(TO_ALL, status)]
+        return terms
 
     def _abort(self, reason: str) -> list[Outgoing]:
         log.warning("round %s aborted: %s", self.config.round_id, reason)
