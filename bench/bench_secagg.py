@@ -531,8 +531,7 @@ def main() -> None:
         f" {r['fused_1'] * ms:.1f} ms; fused, {int(r['threads'])} threads (default)"
         f" {r['fused_n'] * ms:.1f} ms; AES-CTR keystream alone, 1 thread (the floor)"
         f" {r['aes_1'] * ms:.1f} ms. Inside the rounds, the removal calls took"
-        f" {ours['remove_s'] * ms:.1f} ms of the {ours['unmask_s'] * ms:.1f} ms unmasking"
-        " (the self-masks' call overlaps the rebuilding of the dropped devices' keys)."
+        f" {ours['remove_s'] * ms:.1f} ms of the {ours['unmask_s'] * ms:.1f} ms unmasking."
     )
     md = "\n".join(
         [

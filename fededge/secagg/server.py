@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
@@ -330,23 +329,17 @@ class ServerRound:
         return [Outgoing(TO_ALL, request)]
 
     def _close_unmask(self) -> list[Outgoing]:
-        cfg, threads = self.config, self._unmask_threads
+        cfg = self.config
         self_terms: list[unmask.MaskTerm] = []
         for d in sorted(self._survivors):
             shares = self._b_shares.get(d, [])
             self._require(len(shares), f"self-mask shares of {d}")
             self_terms.append((crypto.combine_shares(shares[: cfg.threshold]), -1))
-        # The self-masks are removed on worker threads (AES-CTR releases the GIL) while this
-        # thread rebuilds the dropped devices' keys and runs the X25519 agreements (which hold
-        # it); the wait in `finally` keeps an abort from clearing the sum under the workers.
-        with ThreadPoolExecutor(1, thread_name_prefix="unmask") as worker:
-            removing = worker.submit(unmask.apply_masks, self._acc, self_terms, cfg.bits,
-                                     threads=threads)  # fmt: skip
-            try:
-                pair_terms = self._pair_mask_terms()
-            finally:
-                removing.result()
-        unmask.apply_masks(self._acc, pair_terms, cfg.bits, threads=threads)
+        # Every mask is removed in one fused pass over the sum (fededge.secagg.unmask). Removing
+        # the self-masks on worker threads while this thread runs the X25519 agreements was
+        # measured too: no faster, as the workers then wait for the GIL between AES chunks.
+        terms = self_terms + self._pair_mask_terms()
+        unmask.apply_masks(self._acc, terms, cfg.bits, threads=self._unmask_threads)
         self._result = self._fixed.decode(self._acc)
         self._b_shares.clear()
         self._s_shares.clear()
