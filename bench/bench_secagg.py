@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 # FEDEDGE_BENCH_TREE: measure the code of another checkout (set by --baseline for its runs).
 sys.path.insert(0, os.environ.get("FEDEDGE_BENCH_TREE") or str(Path(__file__).resolve().parents[1]))
@@ -85,6 +86,20 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
     timer.wrap(DeviceRound, "_maybe_send_masked", "mask")  # only calls that produced a message
     timer.wrap(ServerRound, "_close_unmask", "unmask")
     timer.wrap(ServerRound, "_on_masked", "fold", only_if=lambda r: True)
+    removed: list[tuple[int, float]] = []  # (masks, seconds) per apply_masks call, if any
+    try:
+        from fededge.secagg import unmask
+    except ImportError:  # a --baseline tree from before the fused removal
+        pass
+    else:
+        apply_masks = unmask.apply_masks
+
+        def counted(acc: Any, terms: Any, *args: Any, **kwargs: Any) -> None:
+            t0 = time.perf_counter()
+            apply_masks(acc, terms, *args, **kwargs)
+            removed.append((len(terms), time.perf_counter() - t0))
+
+        unmask.apply_masks = counted
     cpu: dict[str, float] = {}
     stage_cpu: dict[tuple[str, str], float] = {}  # (device, entry point or message type)
 
@@ -169,6 +184,8 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
     }
     masks_per_device = 1 + k  # self mask + one per neighbour (fewer if a neighbour dropped early)
     med = {key: statistics.median(v) for key, v in timer.times.items()}
+    calls = len(removed) // repeats  # apply_masks calls per round
+    per_round = [removed[i : i + calls] for i in range(0, len(removed), calls)] if calls else []
     return {
         "encode_s": med["encode"],
         "mask_s": med["mask"],
@@ -177,6 +194,10 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
         "stage_s": stage_s,
         "fold_s": med["fold"],
         "unmask_s": med["unmask"],
+        "remove_s": statistics.median(sum(t for _, t in r) for r in per_round) if removed else None,
+        "masks_removed": statistics.median(sum(m for m, _ in r) for r in per_round)
+        if removed
+        else None,
         "round_wall_s": statistics.median(wall),
         "prg_gbs": 4 * (d + 1) / prg_s / 1e9,
         "mask_gbs": masks_per_device * 4 * (d + 1) / med["mask"] / 1e9,
@@ -185,6 +206,45 @@ def run_fededge(n: int, d: int, k: int, t: int, dropout: float, repeats: int) ->
         "sent_bytes": statistics.median(sent[x] / repeats for x in survivors),
         "received_bytes": statistics.median(received[x] / repeats for x in survivors),
     }
+
+
+def run_removal(d: int, masks: int, repeats: int) -> dict[str, float]:
+    """Removing ``masks`` masks of d + 1 words from a sum, measured apart and alternated so
+    all variants see the same load: the plain path (expand each mask, then add it), the fused
+    path on 1 thread and on the default threads, and the AES-CTR keystream alone (the floor:
+    the same bytes of keystream into a cache-resident buffer, nothing added)."""
+    from fededge.secagg import unmask
+
+    rng = np.random.default_rng(1)
+    terms = [(rng.bytes(32), 1 if i % 2 else -1) for i in range(masks)]
+    acc = rng.integers(0, 1 << 32, d + 1, dtype=np.uint32)
+    chunk = unmask.DEFAULT_CHUNK_WORDS
+    buffer = bytearray(4 * chunk + 16)
+    zeros = bytes(4 * chunk)
+
+    def keystream_only() -> None:
+        for seed, _ in terms:
+            enc = Cipher(algorithms.AES(seed[:16]), modes.CTR(seed[16:])).encryptor()
+            for start in range(0, d + 1, chunk):
+                enc.update_into(zeros[: 4 * min(chunk, d + 1 - start)], buffer)
+
+    variants: dict[str, Callable[[], None]] = {
+        "plain_1": lambda: unmask.apply_masks_reference(acc, terms, 32),
+        "fused_1": lambda: unmask.apply_masks(acc, terms, 32, threads=1),
+        "fused_n": lambda: unmask.apply_masks(acc, terms, 32),
+        "aes_1": keystream_only,
+    }
+    times: dict[str, list[float]] = {key: [] for key in variants}
+    for fn in variants.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for key, fn in variants.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    out = {key: statistics.median(v) for key, v in times.items()}
+    out["threads"] = unmask.default_threads()
+    return out
 
 
 def run_flower(n: int, d: int, k: int, t: int, dropout: float, repeats: int) -> dict[str, float]:
@@ -420,6 +480,7 @@ def main() -> None:
                                                       "dropout", "repeats")]  # fmt: skip
         ab = run_ab(args.baseline, args.pairs, argv)
     ours = run_fededge(n, d, k, t, args.dropout, max(3, args.repeats // 2))
+    removal = run_removal(d, int(ours["masks_removed"]), args.repeats)
     try:
         flwr = None if args.no_flower else run_flower(n, d, k, t, args.dropout, args.repeats)
     except ImportError:
@@ -462,6 +523,16 @@ def main() -> None:
         f"| mask PRG keystream | {ours['prg_gbs']:.2f} GB/s (AES-128-CTR) | "
         f"{g('prg_gbs') or 0:.2f} GB/s (MT19937, 32-bit seed) | |"
     )
+    r = removal
+    removal_md = (
+        f"Mask removal alone ({int(ours['masks_removed'])} masks of {d + 1:,} words, as in"
+        f" the round; medians of {args.repeats}, variants alternated): plain path (expand each"
+        f" mask, then add it) {r['plain_1'] * ms:.1f} ms; fused, 1 thread"
+        f" {r['fused_1'] * ms:.1f} ms; fused, {int(r['threads'])} threads (default)"
+        f" {r['fused_n'] * ms:.1f} ms; AES-CTR keystream alone, 1 thread (the floor)"
+        f" {r['aes_1'] * ms:.1f} ms. Inside the rounds, the removal calls took"
+        f" {ours['remove_s'] * ms:.1f} ms of the {ours['unmask_s'] * ms:.1f} ms unmasking."
+    )
     md = "\n".join(
         [
             "## Secure aggregation (SecAgg+)",
@@ -469,7 +540,8 @@ def main() -> None:
             f"`bench/bench_secagg.py`: n = {n} devices, d = {d:,} parameters,"
             f" {args.dropout:.0%} of devices drop after sharing keys (before masked input),"
             f" {k} neighbours, threshold {t};"
-            " medians, one thread. Ours: AES-128-CTR masks, X25519, uint32 words mod 2^32; Flower 1.x: MT19937"
+            " medians; devices on one thread, the aggregator's mask removal on one thread per"
+            " CPU. Ours: AES-128-CTR masks, X25519, uint32 words mod 2^32; Flower 1.x: MT19937"
             " masks from a 32-bit seed, ECDH P-384, int64 vectors.",
             "",
             *rows,
@@ -483,6 +555,8 @@ def main() -> None:
             f" {ours['fold_s'] * ms:.2f} ms; a whole simulated round (all {n} devices and the"
             f" server, in one process, every message encoded) takes {ours['round_wall_s']:.1f} s."
             f" Each device also receives {ours['received_bytes'] / 1024:.1f} KiB.",
+            "",
+            removal_md,
             "",
             *(["", *ab_markdown(ab, args.baseline, d)] if ab else []),
             "",

@@ -117,6 +117,11 @@ class AggregatorSettings(_Section):
         0.0, ge=0, le=5, description="s to wait for more updates once the inbox is empty"
     )
     parallel_kernels: bool = Field(False, description="use the multi-threaded accumulate kernel")
+    unmask_threads: int | None = Field(
+        None,
+        ge=1,
+        description="threads removing masks at secure-aggregation unmasking; default: one per CPU",
+    )
     metrics: bool = Field(True, description="serve Prometheus metrics over HTTP")
     metrics_host: str = "127.0.0.1"
     metrics_port: int = Field(9464, ge=0, le=65535, description="0 picks a free port")

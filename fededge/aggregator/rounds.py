@@ -130,8 +130,10 @@ class RoundDriver:
         *,
         rng: random.Random | None = None,
         owner_keys: Sequence[Ed25519PublicKey] = (),
+        unmask_threads: int | None = None,
     ) -> None:
         self.host = host
+        self._unmask_threads = unmask_threads  # None: one per CPU
         self._owner_keys = list(owner_keys)  # verify the roster with them (else: unverified)
         self.roster: Roster | None = None
         self._roster_keys: dict[str, Ed25519PublicKey] = {}
@@ -340,7 +342,9 @@ class RoundDriver:
                 self.topics.round_broadcast(self._last_round, "status"), b"", retain=True
             )
             self._last_round = None
-        self.server = ServerRound(config, roster=self._roster_keys)
+        self.server = ServerRound(
+            config, roster=self._roster_keys, unmask_threads=self._unmask_threads
+        )
         log.info("round %s started: %d devices, t=%d, k=%d, d=%d", config.round_id, n,
                  config.threshold, config.neighbours, config.vector_length)  # fmt: skip
         self._send(self.server.start(now))

@@ -148,7 +148,9 @@ class Aggregator:
         self.core = AggregatorCore(settings, self.store, self.metrics)
         # secure aggregation, when the plan asks for it; the roster is verified with the owner key
         self.rounds = RoundDriver(
-            _RoundHost(self), owner_keys=trusted_keys(settings.trust.owner_key)
+            _RoundHost(self),
+            owner_keys=trusted_keys(settings.trust.owner_key),
+            unmask_threads=self.cfg.unmask_threads,
         )
         self.core.rounds = self.rounds
         self._callbacks: list[NewVersionCallback] = []

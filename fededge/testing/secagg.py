@@ -96,6 +96,7 @@ class Simulation:
     # identity keys of the cohort (deterministic from ``seed`` if not given) and the roster
     identities: Mapping[str, Ed25519PrivateKey] | None = None
     roster: Mapping[str, Ed25519PublicKey] | None = None
+    unmask_threads: int | None = None  # the server's (None: one per CPU)
 
     def __post_init__(self) -> None:
         if self.identities is None:
@@ -103,7 +104,8 @@ class Simulation:
         if self.roster is None:
             self.roster = roster_of(self.identities)
         self.server = ServerRound(self.config, crypto.deterministic_random(self.seed + b"server"),
-                                  roster=self.roster)  # fmt: skip
+                                  roster=self.roster,
+                                  unmask_threads=self.unmask_threads)  # fmt: skip
         self.devices: dict[str, DeviceRound] = {}
         self._queue: deque[tuple[str, Outgoing]] = deque()
 
