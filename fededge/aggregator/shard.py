@@ -24,17 +24,25 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from fededge.aggregator.intake import (
+    check,
+    check_quota,
+    count_device,
+    parse_update,
+    receipt_bytes,
+    refuse_secure,
+    update_limit,
+)
 from fededge.aggregator.partial import BatchSum, PartialSum
-from fededge.aggregator.policy import Layout, check_update
+from fededge.aggregator.policy import Layout
 from fededge.aggregator.store import Store, task_root
-from fededge.aggregator.versions import UPDATE_SLACK
 from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import ConfigError, ProtocolError, SignatureError
 from fededge.fsio import atomic_write
 from fededge.keys import load_private
 from fededge.mqtt import RETAINED_QUIET, Message, MqttClient
-from fededge.protocol import BatchAck, ModelVersion, Plan, Receipt, Topics, Update, decode_json
-from fededge.protocol.signing import SignedKind, open_message, sign
+from fededge.protocol import BatchAck, ModelVersion, Plan, Topics, Update, decode_json
+from fededge.protocol.signing import SignedKind, open_message
 from fededge.protocol.vocab import RejectReason
 from fededge.settings import Settings
 
@@ -263,17 +271,12 @@ class ShardWorker:
             self.client.ack(msg)
             return
         update: Update | None = None
-        limit = 2 * self._model_bytes + UPDATE_SLACK
-        if self.cfg.max_update_bytes is not None:
-            limit = min(limit, self.cfg.max_update_bytes)
+        limit = update_limit(self._model_bytes, self.cfg.max_update_bytes)
         try:
-            if len(msg.payload) > limit:
-                raise ProtocolError(f"{len(msg.payload)} bytes exceed the update limit of "
-                                    f"{limit} bytes", reason=RejectReason.OVERSIZE)  # fmt: skip
-            update = Update.from_bytes(msg.payload, max_bytes=limit)
-            if self.plan.secure_aggregation is not None:
-                raise ProtocolError("the plan asks for secure aggregation: send masked inputs "
-                                    "in rounds", reason=RejectReason.SECURE_AGGREGATION)  # fmt: skip
+            update = parse_update(msg.payload, limit)
+            refuse_secure(
+                self.plan, "the plan asks for secure aggregation: send masked inputs in rounds"
+            )
             key = (device, update.update_id)
             mine = [(u.device, u.update_id) for u, _, _ in self.batch]
             mine += [(e[0].device, e[0].update_id) for _, e, _ in staged]
@@ -289,14 +292,9 @@ class ShardWorker:
                     f"whose update ids are remembered ({floor})",
                     reason=RejectReason.STALE,
                 )
-            quota = self.plan.max_updates_per_device
-            if sum(1 for d, _ in mine if d == device) >= quota:
-                raise ProtocolError(f"device {device} already has {quota} update(s) in this "
-                                    "worker's batch (max_updates_per_device)",
-                                    reason=RejectReason.DEVICE_QUOTA)  # fmt: skip
-            weight, norm = check_update(update, task=self.settings.task, device=device,
-                                        current_version=self.model.version, plan=self.plan,
-                                        layout=Layout.of(self.model.weights))  # fmt: skip
+            check_quota(count_device(device, (d for d, _ in mine)), device, self.plan,
+                        "this worker's batch")  # fmt: skip
+            weight, norm = check(update, self.settings.task, device, self.model, self.plan)
         except ProtocolError as e:
             log.warning("rejected update device=%s reason=%s: %s", device, e.reason, e.detail)
             if update is not None and device != "?":
@@ -309,14 +307,8 @@ class ShardWorker:
     def _answer(self, msg: Message, u: Update, status: str, reason: RejectReason | None = None,
                 detail: str | None = None) -> None:  # fmt: skip
         assert self.model is not None
-        r = Receipt(task=self.settings.task, device=u.device, update_id=u.update_id,
-                    status=status,
-                    reason=reason.value if reason else None,
-                    detail=detail[:1024] if detail else None, version=self.model.version,
-                    pending=self.model.version + 1 if status == "accepted" else None)  # fmt: skip
-        payload = r.to_bytes()
-        if self.signer is not None:
-            payload = sign(payload, SignedKind.RECEIPT, self.signer)
+        payload = receipt_bytes(self.settings.task, u, status, self.model.version, self.signer,
+                                reason, detail)  # fmt: skip
         self.client.publish(self.topics.receipt(u.device), payload, qos=1)
         self.client.ack(msg)
 

@@ -27,20 +27,28 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from fededge.aggregator.policy import Layout, check_update
+from fededge.aggregator.intake import (
+    check,
+    check_quota,
+    count_device,
+    parse_update,
+    receipt_bytes,
+    refuse_secure,
+    update_limit,
+)
+from fededge.aggregator.policy import Layout
 from fededge.aggregator.store import Store, task_root
 from fededge.errors import ConfigError, ProtocolError, SignatureError
 from fededge.gateway.batches import Entry, SiteBatches, key_of
 from fededge.gateway.metrics import GatewayMetrics
 from fededge.keys import load_private
 from fededge.mqtt import Message, MqttClient
-from fededge.protocol import BatchAck, ModelVersion, Plan, Receipt, Topics, Update, decode_json
-from fededge.protocol.signing import SignedKind, open_message, sign
+from fededge.protocol import BatchAck, ModelVersion, Plan, Topics, Update, decode_json
+from fededge.protocol.signing import SignedKind, open_message
 from fededge.protocol.vocab import RejectReason
 from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
-UPDATE_SLACK = 64 * 1024
 RECENT_KEYS = 100_000  # keys of merged batches remembered to answer resends as duplicates
 
 
@@ -234,18 +242,14 @@ class Gateway:
             self.client.ack(msg)
             return
         update: Update | None = None
-        limit = 2 * self._model_bytes + UPDATE_SLACK
-        if self.cfg.max_update_bytes is not None:
-            limit = min(limit, self.cfg.max_update_bytes)
+        limit = update_limit(self._model_bytes, self.cfg.max_update_bytes)
         try:
-            if len(msg.payload) > limit:
-                raise ProtocolError(f"{len(msg.payload)} bytes exceed the update limit of "
-                                    f"{limit} bytes", reason=RejectReason.OVERSIZE)  # fmt: skip
-            update = Update.from_bytes(msg.payload, max_bytes=limit)
-            if self.plan.secure_aggregation is not None:
-                raise ProtocolError("secure aggregation does not run through a site gateway: "
-                                    "connect the device to the central broker",
-                                    reason=RejectReason.SECURE_AGGREGATION)  # fmt: skip
+            update = parse_update(msg.payload, limit)
+            refuse_secure(
+                self.plan,
+                "secure aggregation does not run through a site gateway: connect the device "
+                "to the central broker",
+            )
             key = f"{device}/{update.update_id}"
             if (
                 key in self._recent
@@ -254,16 +258,10 @@ class Gateway:
             ):
                 later.append((msg, update))  # answered once the first copy is durable
                 return
-            quota = self.plan.max_updates_per_device
-            mine = self.batches.device_count(device) + sum(1 for _, e, _ in staged
-                                                         if e[0].device == device)  # fmt: skip
-            if mine >= quota:
-                raise ProtocolError(f"device {device} already has {quota} update(s) in this "
-                                    "gateway's batch (max_updates_per_device)",
-                                    reason=RejectReason.DEVICE_QUOTA)  # fmt: skip
-            weight, norm = check_update(update, task=self.settings.task, device=device,
-                                        current_version=self.model.version, plan=self.plan,
-                                        layout=Layout.of(self.model.weights))  # fmt: skip
+            held = self.batches.device_count(device)
+            held += count_device(device, (e[0].device for _, e, _ in staged))
+            check_quota(held, device, self.plan, "this gateway's batch")
+            weight, norm = check(update, self.settings.task, device, self.model, self.plan)
         except ProtocolError as e:
             log.warning("rejected update device=%s reason=%s: %s", device, e.reason, e.detail)
             self.metrics.rejected.labels(e.reason.value).inc()
@@ -277,13 +275,8 @@ class Gateway:
     def _answer(self, msg: Message, u: Update, status: str, reason: RejectReason | None = None,
                 detail: str | None = None) -> None:  # fmt: skip
         assert self.model is not None
-        r = Receipt(task=self.settings.task, device=u.device, update_id=u.update_id,
-                    status=status, reason=reason.value if reason else None,
-                    detail=detail[:1024] if detail else None, version=self.model.version,
-                    pending=self.model.version + 1 if status == "accepted" else None)  # fmt: skip
-        payload = r.to_bytes()
-        if self.signer is not None:
-            payload = sign(payload, SignedKind.RECEIPT, self.signer)
+        payload = receipt_bytes(self.settings.task, u, status, self.model.version, self.signer,
+                                reason, detail)  # fmt: skip
         self.client.publish(self.topics.receipt(u.device), payload, qos=1)
         self.client.ack(msg)
 
