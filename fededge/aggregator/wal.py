@@ -32,8 +32,12 @@ class Record:
     payload: bytes
 
 
+# One encoder for every record: json.dumps with arguments builds a JSONEncoder per call.
+_HEADER_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
 def encode_record(header: dict[str, Any], payload: bytes) -> bytes:
-    h = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    h = _HEADER_JSON(header).encode()
     crc = zlib.crc32(payload, zlib.crc32(h))
     return _PREFIX.pack(_MAGIC, len(h), len(payload), crc) + h + payload
 
