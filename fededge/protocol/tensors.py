@@ -164,7 +164,7 @@ def _first(entry: tuple[tuple[int, int], str, Any]) -> tuple[int, int]:
 
 def _dims_ok(shape: list[Any]) -> bool:
     # type() is int: JSON gives int or bool, never another int subclass; bool is refused.
-    for d in shape:
+    for d in shape:  # noqa: SIM110 (a loop: all() over a generator costs a frame per call)
         if type(d) is not int or not 0 <= d < 1 << 40:
             return False
     return True
