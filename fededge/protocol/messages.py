@@ -550,16 +550,20 @@ class Update:
         p = decode_tensors(payload, max_bytes=max_bytes)
         m = p.metadata
         fast = _plain_update(m, p.tensors)
-        if fast is not None:
-            return fast
-        _check_header(m, "update")  # the general path, which also names what is wrong
+        return fast if fast is not None else cls.from_fields(m, p.tensors)
+
+    @classmethod
+    def from_fields(cls, m: dict[str, str], tensors: dict[str, NDArray[np.generic]]) -> Update:
+        """The update of decoded metadata and tensors (the general path, which also names
+        what is wrong: ``from_bytes`` tries a faster one for plain updates first)."""
+        _check_header(m, "update")
         return cls(
             task=_meta_name(m, "task"),
             device=_meta_name(m, "device"),
             update_id=_meta_name(m, "update_id"),
             base_version=_meta_int(m, "base_version"),
             num_examples=_meta_int(m, "num_examples", 1, 1 << 40),
-            delta=_any_tensors(p.tensors),
+            delta=_any_tensors(tensors),
             # Range checks of these are the aggregator's (reason "bad_metrics", with a receipt).
             train_loss=_meta_float(m, "train_loss", -math.inf, math.inf),
             eval_loss=_meta_float(m, "eval_loss", -math.inf, math.inf),
