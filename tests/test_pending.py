@@ -328,4 +328,4 @@ def test_update_header_is_the_json_encoders(weight: float, norm: float) -> None:
     want = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     assert update_header("dev-1.u_2", weight, norm, 17) == want
     assert update_header("u", float("inf"), norm, 0) is None
-    assert update_header("u", 3, norm, 0) is None  # type: ignore[arg-type]  # an int: encoder
+    assert update_header("u", 3, norm, 0) is None  # an int: the encoder writes it
