@@ -647,3 +647,36 @@ def test_batched_publications_and_acks_all_go_out(
     assert sorted(int(get(echo).payload) for _ in range(20)) == sorted(int(m.payload) for m in got)
     sub.publish(f"{topic}/out", b"after", qos=1, wait=True, timeout=10)  # the pair still works
     assert get(echo).payload == b"after"
+
+
+def test_read_ahead_socket_returns_the_stream_in_order() -> None:
+    # paho's socket reads ahead (fededge/mqtt/readahead.py): any sequence of recv sizes gets
+    # the bytes sent, in order; pending() counts what was read ahead; EOF and "nothing yet"
+    # pass through as from the socket itself.
+    import socket
+
+    from fededge.mqtt.readahead import READ_AHEAD, ReadAheadSocket, read_ahead
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        r = read_ahead(b)
+        assert isinstance(r, ReadAheadSocket) and r.raw is b and r.fileno() == b.fileno()
+        with pytest.raises(BlockingIOError):
+            r.recv(1)
+        data = bytes(range(256)) * 40
+        a.sendall(data)
+        got = r.recv(1)
+        assert r.pending() == len(data) - 1
+        for size in (1, 2, 7, 100, 5000, READ_AHEAD):
+            got += r.recv(size)
+        got += r.recv(len(data))
+        assert got == data and r.pending() == 0
+        big = b"x" * (READ_AHEAD + 10)
+        a.sendall(big)
+        got = b""
+        while len(got) < len(big):
+            got += r.recv(READ_AHEAD)
+        assert got == big
+        a.close()
+        assert r.recv(1) == b""
