@@ -680,3 +680,44 @@ def test_read_ahead_socket_returns_the_stream_in_order() -> None:
         assert got == big
         a.close()
         assert r.recv(1) == b""
+
+
+@pytest.mark.parametrize("v5", [False, True])
+def test_publish_decoder_agrees_with_pahos(v5: bool) -> None:
+    # fededge/mqtt/pahoclient.py decodes PUBLISH packets with one copy of the payload: same
+    # fields as paho's decode_publish, and MalformedPacket wherever paho raises it.
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+    from paho.mqtt.exception import MalformedPacket
+
+    from fededge.mqtt.pahoclient import decode_publish
+
+    proto = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+    topic = b"fededge/t/updates/d1"
+    props = b"\x05\x01\x01\x23\x00\x07" if v5 else b""  # payload format 1, topic alias 7
+    packets = []
+    for qos in (0, 1):
+        head = len(topic).to_bytes(2, "big") + topic + (b"\x12\x34" if qos else b"")
+        for payload in (b"", b"x", bytes(range(256)) * 3):
+            packets.append((qos << 1 | 0x08 | 0x01, head + props + payload))
+            packets.append((qos << 1, head + (b"\x00" if v5 else b"") + payload))
+    good = len(packets)
+    # Malformed: cut anywhere in the fixed fields, a topic longer than the packet, a
+    # properties length longer than the packet or of five bytes.
+    whole = packets[2][1]
+    packets += [(0x02, whole[:i]) for i in range(len(topic) + 8)]
+    packets += [(0x02, b"\xff\xff" + topic), (0x00, b"\x00\x00abc")]
+    if v5:
+        packets += [(0x00, b"\x00\x01t\x7f"), (0x00, b"\x00\x01t\xff\xff\xff\xff\x01")]
+    for i, (header, packet) in enumerate(packets):
+        try:
+            want = _packet.decode_publish(header, bytes(packet), proto)
+        except MalformedPacket:
+            with pytest.raises(MalformedPacket):
+                decode_publish(header, bytearray(packet), v5)
+            continue
+        assert i < good or len(packet) >= len(topic) + 5, (i, packet)
+        got = decode_publish(header, bytearray(packet), v5)
+        assert got[:5] == want[:5] and got.payload == bytes(want.payload)
+        assert type(got.payload) is bytes
+        assert str(got.properties) == str(want.properties)

@@ -10,7 +10,6 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Any
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
@@ -21,7 +20,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fededge.errors import ConfigError, NotReadyError, TransportError
 from fededge.mqtt.chunked import ChunkedInbox, ChunkLimits, publish_chunked
 from fededge.mqtt.inbox import DEFAULT_INBOX, Message
-from fededge.mqtt.readahead import ReadAheadSocket, read_ahead
+from fededge.mqtt.pahoclient import PahoClient
+from fededge.mqtt.readahead import ReadAheadSocket
 from fededge.mqtt.security import configure_auth_and_tls, describe_connect_error
 from fededge.mqtt.session import Session
 from fededge.settings import BrokerSettings
@@ -43,19 +43,12 @@ class Will:
     retain: bool = True
 
 
-class _PahoClient(paho.Client):
-    """paho's client reading its plain TCP socket ahead (fededge/mqtt/readahead.py)."""
-
-    def _create_socket(self) -> Any:
-        return read_ahead(super()._create_socket())
-
-
 def _paho_client(
     broker: BrokerSettings, client_id: str, persistent: bool, max_queued: int, will: Will | None
 ) -> paho.Client:
     """A paho client set up the fededge way (callbacks are attached by the Session)."""
     v5 = broker.protocol == "5"
-    client = _PahoClient(
+    client = PahoClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
