@@ -86,7 +86,7 @@ class AggregatorCore:
         self._inflight: list[Incoming] = []  # a group whose fsync runs (commit(pipeline=True))
         self._after_commit: list[tuple[Incoming, str, str]] = []  # copies of staged updates
         self._last_status: float | None = None  # when the last status was published
-        self._bytes_in, self._kernel_seconds = 0, 0.0  # of the batch being ingested
+        self._kernel_seconds = 0.0  # validation time of the batch being ingested
         self._receipts = self.topics.receipt("d")[:-1]  # + a device name checked on arrival
 
     def is_update(self, topic: str) -> bool:
@@ -97,7 +97,7 @@ class AggregatorCore:
         """Validate one update: stage it for ``commit`` (no effects yet) or answer it now."""
         model, pending = self.state.ready()
         device = self.topics.device_of(msg.topic, "updates") or "?"
-        self._bytes_in += len(msg.payload)  # counted once per batch (in commit)
+        self.metrics.bytes_in.inc(len(msg.payload))  # at once: it shows the update arrived
         if msg.qos == 0:
             # QoS 0 has no acknowledgement and no redelivery, so "a receipt means durable"
             # cannot hold for it; devices always use QoS 1. Dropped without a receipt.
@@ -195,11 +195,10 @@ class AggregatorCore:
         return out + self._answer_duplicates()
 
     def _count_batch(self) -> None:
-        """The batch's bytes and validation time into the metrics (one update of each)."""
-        if self._bytes_in:
-            self.metrics.bytes_in.inc(self._bytes_in)
+        """The batch's validation time into the metrics (one update of the counter)."""
+        if self._kernel_seconds:
             self.metrics.kernel_seconds.inc(self._kernel_seconds)
-            self._bytes_in, self._kernel_seconds = 0, 0.0
+            self._kernel_seconds = 0.0
 
     def flush(self, now: float) -> list[Effect]:
         """Finish the group in flight, if any: the answers that waited for its fsync."""
