@@ -678,8 +678,21 @@ def test_read_ahead_socket_returns_the_stream_in_order() -> None:
         while len(got) < len(big):
             got += r.recv(READ_AHEAD)
         assert got == big
+        a.sendall(data)  # recv_into: from the read-ahead buffer, then from the socket
+        assert r.recv(3) == data[:3]
+        out = bytearray(len(data))
+        n = 3
+        while n < len(data):
+            n += r.recv_into(memoryview(out)[n : n + 1000])
+        assert out[3:] == data[3:] and r.pending() == 0
+        out = bytearray(len(big))
+        a.sendall(big)
+        n = 0
+        while n < len(big):
+            n += r.recv_into(memoryview(out)[n:])
+        assert out == big
         a.close()
-        assert r.recv(1) == b""
+        assert r.recv(1) == b"" and r.recv_into(memoryview(bytearray(10))) == 0
 
 
 @pytest.mark.parametrize("v5", [False, True])

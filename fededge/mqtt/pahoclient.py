@@ -1,6 +1,8 @@
 """paho's client with a cheaper receive path (the quirks it works around are paho 2.2's).
 
 - Its plain TCP socket reads ahead (fededge/mqtt/readahead.py): one ``recv`` for many packets.
+- A packet's body is received straight into a buffer of its announced length (paho receives
+  it in pieces of new bytes objects and appends each to a growing bytearray).
 - PUBLISH packets are decoded with one copy of the payload. paho's ``decode_publish`` peels
   the packet with ``struct.unpack(f"!H{n}s")`` and slicing, copying the rest of the packet at
   each field (topic length, topic, packet id, and under MQTT 5 twice more in the properties):
@@ -18,7 +20,7 @@ from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from fededge.mqtt.readahead import read_ahead
+from fededge.mqtt.readahead import ReadAheadSocket, read_ahead
 
 
 class Publish(NamedTuple):
@@ -90,6 +92,92 @@ class PahoClient(paho.Client):
 
     def _create_socket(self) -> Any:
         return read_ahead(super()._create_socket())
+
+    def _sock_recv_into(self, view: memoryview) -> int:
+        sock = self._sock
+        if isinstance(sock, ReadAheadSocket):
+            return sock.recv_into(view)
+        data = self._sock_recv(len(view))  # TLS, websockets: paho's way (its errors mapped)
+        view[: len(data)] = data
+        return len(data)
+
+    def _packet_read(self) -> MQTTErrorCode:
+        # paho 2.2's _packet_read, with the body received into a preallocated buffer.
+        p = self._in_packet
+        if p["command"] == 0:
+            try:
+                command = self._sock_recv(1)
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except TimeoutError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "timeout on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            except OSError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if len(command) == 0:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            p["command"] = command[0]
+        if p["have_remaining"] == 0:
+            while True:
+                try:
+                    byte = self._sock_recv(1)
+                except BlockingIOError:
+                    return MQTTErrorCode.MQTT_ERR_AGAIN
+                except OSError as err:
+                    self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                if len(byte) == 0:
+                    return MQTTErrorCode.MQTT_ERR_CONN_LOST
+                byte_value = byte[0]
+                p["remaining_count"].append(byte_value)
+                # MQTT allows at most 4 bytes (268,435,455): never allocate more than that.
+                if len(p["remaining_count"]) > 4:
+                    return MQTTErrorCode.MQTT_ERR_PROTOCOL
+                p["remaining_length"] += (byte_value & 127) * p["remaining_mult"]
+                p["remaining_mult"] = p["remaining_mult"] * 128
+                if (byte_value & 128) == 0:
+                    break
+            p["have_remaining"] = 1
+            p["to_process"] = p["remaining_length"]
+            p["packet"] = bytearray(p["remaining_length"])
+        packet = p["packet"]
+        count = 100  # as paho: do not get stuck in this loop on a huge message
+        while p["to_process"] > 0:
+            try:
+                n = self._sock_recv_into(memoryview(packet)[len(packet) - p["to_process"] :])
+            except BlockingIOError:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as err:
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            if n == 0:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            p["to_process"] -= n
+            with self._msgtime_mutex:
+                self._last_bytes_received = paho.time_func()
+            count -= 1
+            if count == 0:
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+        p["pos"] = 0
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = {
+            "command": 0,
+            "have_remaining": 0,
+            "remaining_count": [],
+            "remaining_mult": 1,
+            "remaining_length": 0,
+            "packet": bytearray(b""),
+            "to_process": 0,
+            "pos": 0,
+        }
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        return rc
 
     def _handle_publish(self) -> MQTTErrorCode:
         header = self._in_packet["command"]

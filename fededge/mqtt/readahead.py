@@ -43,6 +43,24 @@ class ReadAheadSocket:
         self._buf, self._pos = data, bufsize
         return data[:bufsize]
 
+    def recv_into(self, view: memoryview) -> int:
+        """Fill the start of ``view`` as ``recv`` would return bytes; how many bytes."""
+        buf, pos = self._buf, self._pos
+        want = len(view)
+        if pos < len(buf):
+            end = min(pos + want, len(buf))
+            view[: end - pos] = memoryview(buf)[pos:end]
+            if end == len(buf):
+                self._buf, self._pos = b"", 0
+            else:
+                self._pos = end
+            return end - pos
+        if want >= READ_AHEAD:  # a large body: straight into its place
+            return self._sock.recv_into(view)
+        data = self.recv(want)
+        view[: len(data)] = data
+        return len(data)
+
     @property
     def raw(self) -> socket.socket:
         """The wrapped socket."""
