@@ -734,3 +734,23 @@ def test_publish_decoder_agrees_with_pahos(v5: bool) -> None:
         assert got[:5] == want[:5] and got.payload == bytes(want.payload)
         assert type(got.payload) is bytes
         assert str(got.properties) == str(want.properties)
+
+
+@pytest.mark.parametrize("prealloc", [1 << 26, 100])
+def test_large_bodies_arrive_whole(
+    broker: Mosquitto, clients: Callable[..., MqttClient], monkeypatch: pytest.MonkeyPatch,
+    prealloc: int,
+) -> None:  # fmt: skip
+    # Bodies are received into a preallocated buffer, or above PREALLOCATE_MAX grown as paho
+    # does (fededge/mqtt/pahoclient.py): both give the payloads sent, back to back.
+    from fededge.mqtt import pahoclient
+
+    monkeypatch.setattr(pahoclient, "PREALLOCATE_MAX", prealloc)
+    settings = broker.settings()
+    sub, pub = clients(settings), clients(settings)
+    topic = f"big/{uuid.uuid4().hex}"
+    sub.subscribe(topic, qos=1)
+    payloads = [bytes([i]) * n for i, n in enumerate((1, 99, 100, 101, 70_000, 3 << 20))]
+    for p in payloads:
+        pub.publish(topic, p, qos=1)
+    assert [get(sub).payload for _ in payloads] == payloads

@@ -22,6 +22,8 @@ from paho.mqtt.properties import Properties
 
 from fededge.mqtt.readahead import ReadAheadSocket, read_ahead
 
+PREALLOCATE_MAX = 64 * 1024 * 1024  # larger bodies grow as they arrive, as in paho
+
 
 class Publish(NamedTuple):
     """A decoded PUBLISH packet (paho's ``PublishPacket`` fields)."""
@@ -140,12 +142,19 @@ class PahoClient(paho.Client):
                     break
             p["have_remaining"] = 1
             p["to_process"] = p["remaining_length"]
-            p["packet"] = bytearray(p["remaining_length"])
+            # Preallocated up to a bound: a broker's announced length is not yet data.
+            if p["remaining_length"] <= PREALLOCATE_MAX:
+                p["packet"] = bytearray(p["remaining_length"])
         packet = p["packet"]
         count = 100  # as paho: do not get stuck in this loop on a huge message
         while p["to_process"] > 0:
             try:
-                n = self._sock_recv_into(memoryview(packet)[len(packet) - p["to_process"] :])
+                if len(packet) < p["remaining_length"]:  # not preallocated: paho's way
+                    data = self._sock_recv(p["to_process"])
+                    packet += data
+                    n = len(data)
+                else:
+                    n = self._sock_recv_into(memoryview(packet)[len(packet) - p["to_process"] :])
             except BlockingIOError:
                 return MQTTErrorCode.MQTT_ERR_AGAIN
             except OSError as err:
