@@ -113,6 +113,18 @@ def test_accept_then_duplicate(tmp_path: Path) -> None:
     assert h.core.state.pending is not None and h.core.state.pending.sums.count == 2
 
 
+def test_receipts_are_the_receipt_models_bytes(tmp_path: Path) -> None:
+    # The core writes accepted and duplicate receipts without the Receipt model (ingest speed):
+    # the bytes must be exactly the model's, pending or not.
+    h = Harness(tmp_path, Plan(min_updates_per_version=3))
+    for out, status, pending in ((h.send("u1"), "accepted", 1), (h.send("u1"), "duplicate", None)):
+        (pub,) = [e for e in out if isinstance(e, Publish)]
+        assert pub.topic == h.topics.receipt("dev1")
+        want = Receipt(task=TASK, device="dev1", update_id="u1", status=status, version=0,
+                       pending=pending)  # fmt: skip
+        assert pub.payload == want.to_bytes()
+
+
 def test_second_copy_in_one_batch_is_answered_after_the_commit(tmp_path: Path) -> None:
     h = Harness(tmp_path, Plan(min_updates_per_version=3))
     raw = h.payload("u1")

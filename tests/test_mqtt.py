@@ -647,3 +647,110 @@ def test_batched_publications_and_acks_all_go_out(
     assert sorted(int(get(echo).payload) for _ in range(20)) == sorted(int(m.payload) for m in got)
     sub.publish(f"{topic}/out", b"after", qos=1, wait=True, timeout=10)  # the pair still works
     assert get(echo).payload == b"after"
+
+
+def test_read_ahead_socket_returns_the_stream_in_order() -> None:
+    # paho's socket reads ahead (fededge/mqtt/readahead.py): any sequence of recv sizes gets
+    # the bytes sent, in order; pending() counts what was read ahead; EOF and "nothing yet"
+    # pass through as from the socket itself.
+    import socket
+
+    from fededge.mqtt.readahead import READ_AHEAD, ReadAheadSocket, read_ahead
+
+    a, b = socket.socketpair()
+    with a, b:
+        b.setblocking(False)
+        r = read_ahead(b)
+        assert isinstance(r, ReadAheadSocket) and r.raw is b and r.fileno() == b.fileno()
+        with pytest.raises(BlockingIOError):
+            r.recv(1)
+        data = bytes(range(256)) * 40
+        a.sendall(data)
+        got = r.recv(1)
+        assert r.pending() == len(data) - 1
+        for size in (1, 2, 7, 100, 5000):
+            got += r.recv(size)
+        got += r.recv(len(data))
+        assert got == data and r.pending() == 0
+        big = b"x" * (READ_AHEAD + 10)
+        a.sendall(big)
+        got = b""
+        while len(got) < len(big):
+            got += r.recv(READ_AHEAD)
+        assert got == big
+        a.sendall(data)  # recv_into: from the read-ahead buffer, then from the socket
+        assert r.recv(3) == data[:3]
+        out = bytearray(len(data))
+        n = 3
+        while n < len(data):
+            n += r.recv_into(memoryview(out)[n : n + 1000])
+        assert out[3:] == data[3:] and r.pending() == 0
+        out = bytearray(len(big))
+        a.sendall(big)
+        n = 0
+        while n < len(big):
+            n += r.recv_into(memoryview(out)[n:])
+        assert out == big
+        a.close()
+        assert r.recv(1) == b"" and r.recv_into(memoryview(bytearray(10))) == 0
+
+
+@pytest.mark.parametrize("v5", [False, True])
+def test_publish_decoder_agrees_with_pahos(v5: bool) -> None:
+    # fededge/mqtt/pahoclient.py decodes PUBLISH packets with one copy of the payload: same
+    # fields as paho's decode_publish, and MalformedPacket wherever paho raises it.
+    from paho.mqtt import _packet
+    from paho.mqtt.enums import MQTTProtocolVersion
+    from paho.mqtt.exception import MalformedPacket
+
+    from fededge.mqtt.pahoclient import decode_publish
+
+    proto = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+    topic = b"fededge/t/updates/d1"
+    props = b"\x05\x01\x01\x23\x00\x07" if v5 else b""  # payload format 1, topic alias 7
+    packets = []
+    for qos in (0, 1):
+        head = len(topic).to_bytes(2, "big") + topic + (b"\x12\x34" if qos else b"")
+        for payload in (b"", b"x", bytes(range(256)) * 3):
+            packets.append((qos << 1 | 0x08 | 0x01, head + props + payload))
+            packets.append((qos << 1, head + (b"\x00" if v5 else b"") + payload))
+    good = len(packets)
+    # Malformed: cut anywhere in the fixed fields, a topic longer than the packet, a
+    # properties length longer than the packet or of five bytes.
+    whole = packets[2][1]
+    packets += [(0x02, whole[:i]) for i in range(len(topic) + 8)]
+    packets += [(0x02, b"\xff\xff" + topic), (0x00, b"\x00\x00abc")]
+    if v5:
+        packets += [(0x00, b"\x00\x01t\x7f"), (0x00, b"\x00\x01t\xff\xff\xff\xff\x01")]
+    for i, (header, packet) in enumerate(packets):
+        try:
+            want = _packet.decode_publish(header, bytes(packet), proto)
+        except MalformedPacket:
+            with pytest.raises(MalformedPacket):
+                decode_publish(header, bytearray(packet), v5)
+            continue
+        assert i < good or len(packet) >= len(topic) + 5, (i, packet)
+        got = decode_publish(header, bytearray(packet), v5)
+        assert got[:5] == want[:5] and got.payload == bytes(want.payload)
+        assert type(got.payload) is bytes
+        assert str(got.properties) == str(want.properties)
+
+
+@pytest.mark.parametrize("prealloc", [1 << 26, 100])
+def test_large_bodies_arrive_whole(
+    broker: Mosquitto, clients: Callable[..., MqttClient], monkeypatch: pytest.MonkeyPatch,
+    prealloc: int,
+) -> None:  # fmt: skip
+    # Bodies are received into a preallocated buffer, or above PREALLOCATE_MAX grown as paho
+    # does (fededge/mqtt/pahoclient.py): both give the payloads sent, back to back.
+    from fededge.mqtt import pahoclient
+
+    monkeypatch.setattr(pahoclient, "PREALLOCATE_MAX", prealloc)
+    settings = broker.settings()
+    sub, pub = clients(settings), clients(settings)
+    topic = f"big/{uuid.uuid4().hex}"
+    sub.subscribe(topic, qos=1)
+    payloads = [bytes([i]) * n for i, n in enumerate((1, 99, 100, 101, 70_000, 3 << 20))]
+    for p in payloads:
+        pub.publish(topic, p, qos=1)
+    assert [get(sub).payload for _ in payloads] == payloads

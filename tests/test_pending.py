@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -314,3 +316,16 @@ def test_checkpoint_waits_for_enough_wal_bytes(tmp_path) -> None:
         # Every update is past checkpoint_every; only each third fills the bytes.
         assert (store.load_checkpoint(3) is not None) == (i >= 2), i
     p.close()
+
+
+@pytest.mark.parametrize("weight", [1.0, 32.0, 0.1, 1e-300, 12345.678901234567])
+@pytest.mark.parametrize("norm", [0.0, 0.9999999999999999, 1e20, 5e-324])
+def test_update_header_is_the_json_encoders(weight: float, norm: float) -> None:
+    # The WAL writes its update headers without the JSON encoder (ingest speed): same bytes.
+    from fededge.aggregator.wal import update_header
+
+    header = {"id": "dev-1.u_2", "weight": weight, "norm": norm, "group": 17}
+    want = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    assert update_header("dev-1.u_2", weight, norm, 17) == want
+    assert update_header("u", float("inf"), norm, 0) is None
+    assert update_header("u", 3, norm, 0) is None  # an int: the encoder writes it

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import re
 import struct
@@ -276,6 +277,53 @@ def test_roundtrip_agrees_with_safetensors(tensors, meta) -> None:
     assert set(ours.tensors) == set(ref)
     for k in ref:
         np.testing.assert_array_equal(ours.tensors[k], ref[k])
+
+
+_PLAIN_META = {
+    "fededge": "1", "kind": "update", "task": "t", "device": "d", "update_id": "u",
+    "base_version": "0", "num_examples": "1",
+}  # fmt: skip
+
+
+def _general_update(raw: bytes) -> Update:
+    """Update.from_bytes without its fast path (messages._plain_update)."""
+    p = decode_tensors(raw, max_bytes=1 << 20)
+    return Update.from_fields(p.metadata, p.tensors)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        st.sampled_from([*_PLAIN_META, "train_loss", "eval_loss", "eval_accuracy", "chunk",
+                         "encoding", "rotation", "unclipped", "extra"]),
+        st.one_of(st.sampled_from(["0", "1", "7", "update", "t", "d", "u", "1e3", "nan", "-1",
+                                   "²", "9" * 17, "", "a/b", "x" * 65, "1.5", "inf"]),
+                  st.text(max_size=8)),
+    ),
+)  # fmt: skip
+def test_update_fast_path_agrees_with_the_general_path(changes: dict[str, str]) -> None:
+    # The fast path for plain updates must accept, build and refuse exactly as the general
+    # path does (same fields, same ProtocolError message and reason).
+    meta = {**_PLAIN_META, **changes}
+    raw = encode_tensors({"a": np.arange(4, dtype=np.float32)}, meta)
+    try:
+        want: Update | ProtocolError = _general_update(raw)
+    except ProtocolError as e:
+        want = e
+    try:
+        got: Update | ProtocolError = Update.from_bytes(raw, max_bytes=1 << 20)
+    except ProtocolError as e:
+        got = e
+    if isinstance(want, ProtocolError):
+        assert isinstance(got, ProtocolError)
+        assert (str(got), got.reason) == (str(want), want.reason)
+    else:
+        assert isinstance(got, Update)
+        for f in dataclasses.fields(Update):
+            if f.name != "delta":
+                assert getattr(got, f.name) == getattr(want, f.name), f.name
+        assert got.delta.keys() == want.delta.keys()
+        np.testing.assert_array_equal(got.delta["a"], want.delta["a"])
 
 
 @settings(max_examples=200, deadline=None)

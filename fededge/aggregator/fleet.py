@@ -135,6 +135,19 @@ class FleetTracker(Collector):
             self._add(d)
             self._evict()
 
+    def on_updates(self, updates: list[tuple[str, int]], current_version: int) -> None:
+        """``on_update`` for a group of (device, base_version): one lock for the group."""
+        observe = self.staleness.observe
+        for _, base_version in updates:
+            observe(max(0, current_version - base_version))
+        with self._lock:
+            for device, _ in updates:
+                d = self._touch(device)
+                self._remove(d)
+                d.updates += 1
+                self._add(d)
+            self._evict()
+
     def _touch(self, device: str) -> _Device:
         d = self._devices.get(device)
         if d is None:

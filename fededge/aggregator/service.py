@@ -376,14 +376,21 @@ class Aggregator:
                 except queue.Empty:
                     break
         controls: list[Message] = []
+        is_update, ingest = self.core.is_update, self.core.ingest
         for msg in batch:
-            if not self.core.is_update(msg.topic):
+            if not is_update(msg.topic):
                 # After the commit: a new plan may complete the version, which must not happen
                 # while this batch's updates are staged against it.
                 controls.append(msg)
                 continue
-            with self._guard(msg):
-                self._execute(self.core.ingest(_incoming(msg)))
+            try:  # _guard, inline: this runs once per update
+                effects = ingest(Incoming(msg.topic, msg.payload, msg, msg.qos))
+                if effects:  # most updates are answered by the commit
+                    self._execute(effects)
+            except (StorageError, OSError, LeaseError):
+                raise  # as in _guard
+            except Exception:
+                self._internal_error(msg)
         self.fence()
         # More updates waiting: pipeline, i.e. fsync this group in the background while the
         # next step validates them (its commit sends this group's receipts and PUBACKs). Not
@@ -412,11 +419,14 @@ class Aggregator:
         except (StorageError, OSError, LeaseError):
             raise  # the disk failed, or another process is the writer: stop, write nothing
         except Exception:
-            # A bug (NotReadyError, a misuse, included) must not take the service down or
-            # wedge the message: count it, log the traceback, send the documented
-            # internal_error receipt if the update can be named, acknowledge and go on.
-            log.exception("internal error on a message on %s; dropped", msg.topic)
-            self._execute(self.core.internal_error(_incoming(msg)))
+            self._internal_error(msg)
+
+    def _internal_error(self, msg: Message) -> None:
+        # A bug (NotReadyError, a misuse, included) must not take the service down or wedge
+        # the message: count it, log the traceback, send the documented internal_error
+        # receipt if the update can be named, acknowledge and go on.
+        log.exception("internal error on a message on %s; dropped", msg.topic)
+        self._execute(self.core.internal_error(_incoming(msg)))
 
     def _control(self, msg: Message) -> None:
         with self._guard(msg):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import struct
 import zlib
@@ -32,10 +33,27 @@ class Record:
     payload: bytes
 
 
-def encode_record(header: dict[str, Any], payload: bytes) -> bytes:
-    h = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+# One encoder for every record: json.dumps with arguments builds a JSONEncoder per call.
+_HEADER_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
+
+
+def encode_record(header: dict[str, Any] | bytes, payload: bytes) -> bytes:
+    """A record of ``header`` (a dict, or its JSON from ``update_header``) and ``payload``."""
+    h = header if isinstance(header, bytes) else _HEADER_JSON(header).encode()
     crc = zlib.crc32(payload, zlib.crc32(h))
     return _PREFIX.pack(_MAGIC, len(h), len(payload), crc) + h + payload
+
+
+def update_header(update_id: str, weight: float, norm: float, group: int) -> bytes | None:
+    """The JSON header of an update's record, as ``encode_record`` writes the dict
+    ``{"id", "weight", "norm", "group"}``, without the JSON encoder: ``update_id`` is a checked
+    name (nothing to escape). None if a value needs the encoder (not a finite float)."""
+    if type(weight) is not float or type(norm) is not float:
+        return None
+    if not (math.isfinite(weight) and math.isfinite(norm)):
+        return None
+    w, n = repr(weight), repr(norm)
+    return f'{{"group":{group},"id":"{update_id}","norm":{n},"weight":{w}}}'.encode()
 
 
 class SegmentWriter:
@@ -54,7 +72,7 @@ class SegmentWriter:
         if fsync:
             fsync_dir(path.parent)
 
-    def append(self, header: dict[str, Any], payload: bytes) -> None:
+    def append(self, header: dict[str, Any] | bytes, payload: bytes) -> None:
         self._pending.append(encode_record(header, payload))
 
     def commit(self) -> None:

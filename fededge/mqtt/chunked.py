@@ -146,6 +146,17 @@ class ChunkedInbox(Inbox):
     def offer(self, message: Message, abandon: Callable[[], bool]) -> bool:
         if self.passthrough:
             return super().offer(message, abandon)
+        payload = message.payload
+        if (
+            not message.retain
+            and payload
+            and not self.reassembler.transfers  # else: _take expires them
+            and CHUNKS not in message.topic
+            and not looks_like_chunk(payload)
+        ):
+            # The common message (an update, a status): what _take would return unchanged,
+            # without its lock and clock (read by this thread only: the one producer).
+            return super().offer(message, abandon)
         with self._lock:
             whole = self._take(message)
         if whole is None:

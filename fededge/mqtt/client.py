@@ -20,6 +20,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fededge.errors import ConfigError, NotReadyError, TransportError
 from fededge.mqtt.chunked import ChunkedInbox, ChunkLimits, publish_chunked
 from fededge.mqtt.inbox import DEFAULT_INBOX, Message
+from fededge.mqtt.pahoclient import PahoClient
+from fededge.mqtt.readahead import ReadAheadSocket
 from fededge.mqtt.security import configure_auth_and_tls, describe_connect_error
 from fededge.mqtt.session import Session
 from fededge.settings import BrokerSettings
@@ -46,7 +48,7 @@ def _paho_client(
 ) -> paho.Client:
     """A paho client set up the fededge way (callbacks are attached by the Session)."""
     v5 = broker.protocol == "5"
-    client = paho.Client(
+    client = PahoClient(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -232,6 +234,8 @@ class MqttClient:
         # shutdown(), not close(): the network thread may be in select() on this socket; it
         # now sees EOF and handles the loss itself.
         sock = self._client.socket()
+        if isinstance(sock, ReadAheadSocket):
+            sock = sock.raw
         if isinstance(sock, socket.socket):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)

@@ -73,7 +73,12 @@ class Session:
         client.on_subscribe = self.on_subscribe
         client.on_unsubscribe = self.on_subscribe
         client.on_publish = self.on_publish
-        client.on_log = self.on_log
+        # Quirk: with an on_log callback paho formats every log line it makes, several per
+        # packet (with str() of its v5 properties); through a logger it formats nothing
+        # unless the logger is enabled for the level. This one is for errors, and for
+        # everything only when fededge.mqtt logs at DEBUG.
+        client.on_log = None
+        client.enable_logger(_PahoLog(self))  # type: ignore[arg-type]
 
     # --- called by the client's users ---------------------------------------------------------
 
@@ -310,9 +315,21 @@ class Session:
                 while len(self.pub_failures) > 256:
                     self.pub_failures.popitem(last=False)
 
-    def on_log(self, client: paho.Client, userdata: Any, level: int, buf: str) -> None:
-        if level == paho.MQTT_LOG_ERR:
+    def on_log(self, level: int, buf: str) -> None:
+        """A line of paho's log (``level`` as in ``logging``): its last error is kept for the
+        disconnect message, everything goes to our log at DEBUG."""
+        if level >= logging.ERROR:
             self.last_error = buf
-            self.log.debug("paho: %s", buf)
-        elif self.log.isEnabledFor(logging.DEBUG):
-            self.log.debug("paho: %s", buf)
+        self.log.debug("paho: %s", buf)
+
+
+class _PahoLog:
+    """What paho needs of a ``logging.Logger`` (``log``), formatting only what is used."""
+
+    def __init__(self, session: Session) -> None:
+        self._session = session
+
+    def log(self, level: int, fmt: str, *args: Any) -> None:
+        s = self._session
+        if level >= logging.ERROR or s.log.isEnabledFor(logging.DEBUG):
+            s.on_log(level, fmt % args if args else fmt)

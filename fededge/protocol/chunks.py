@@ -131,7 +131,7 @@ def split(payload: bytes, max_message_bytes: int) -> tuple[list[bytes], bytes]:
 
 def looks_like_chunk(payload: bytes) -> bool:
     """Cheap test for a chunk or manifest (sorted metadata puts ``kind`` near the start)."""
-    return _PREFILTER in payload[:1024]
+    return payload.find(_PREFILTER, 0, 1024) >= 0  # no copy of the first KiB
 
 
 def _uint(meta: dict[str, str], key: str, lo: int, hi: int) -> int:

@@ -92,52 +92,49 @@ def decode_tensors(
     hostile payload raises ProtocolError and never an IndexError or a huge allocation.
     """
     buf = memoryview(payload).cast("B")
-    if len(buf) > max_bytes:
+    size = len(buf)
+    if size > max_bytes:
         raise ProtocolError(
-            f"payload of {len(buf)} bytes exceeds the limit of {max_bytes}",
+            f"payload of {size} bytes exceeds the limit of {max_bytes}",
             reason=RejectReason.OVERSIZE,
         )
-    if len(buf) < 8:
-        raise ProtocolError(f"payload of {len(buf)} bytes is too short for safetensors")
-    (hlen,) = struct.unpack_from("<Q", buf, 0)
-    if hlen > max_header or hlen > len(buf) - 8:
+    if size < 8:
+        raise ProtocolError(f"payload of {size} bytes is too short for safetensors")
+    (hlen,) = _U64.unpack_from(buf, 0)
+    if hlen > max_header or hlen > size - 8:
         raise ProtocolError(f"safetensors header length {hlen} is out of bounds")
     try:
-        header = json.loads(bytes(buf[8 : 8 + hlen]).decode("utf-8"))
+        header = json.loads(str(buf[8 : 8 + hlen], "utf-8"))
     except (ValueError, RecursionError) as e:  # also bad UTF-8 and >4300-digit integers
         raise ProtocolError(f"safetensors header is not valid JSON: {str(e)[:200]}") from None
-    if not isinstance(header, dict):
+    if type(header) is not dict:  # json.loads builds plain dicts, lists, str, int, float, bool
         raise ProtocolError("safetensors header is not a JSON object")
     meta = header.pop("__metadata__", {})
-    if not isinstance(meta, dict) or not all(
-        isinstance(k, str) and isinstance(v, str) for k, v in meta.items()
-    ):
+    if type(meta) is not dict:
         raise ProtocolError("safetensors __metadata__ must map strings to strings")
+    for v in meta.values():  # keys of a JSON object are always strings
+        if type(v) is not str:
+            raise ProtocolError("safetensors __metadata__ must map strings to strings")
     if len(header) > MAX_TENSORS:
         raise ProtocolError(f"{len(header)} tensors exceed the limit of {MAX_TENSORS}")
     data = buf[8 + hlen :]
-    entries = []
-    for name, info in header.items():
-        entries.append((_offsets(name, info), name, info))
-    entries.sort(key=lambda e: e[0])
+    entries = [(_offsets(name, info), name, info) for name, info in header.items()]
+    if len(entries) > 1:
+        entries.sort(key=_first)
     tensors: dict[str, NDArray[np.generic]] = {}
     pos = 0
+    ndata = len(data)
     for (start, end), name, info in entries:
         if start != pos:
             raise ProtocolError(f"tensor {name!r}: data offsets leave a gap or overlap")
-        if end > len(data):
+        if end > ndata:
             raise ProtocolError(f"tensor {name!r}: data runs past the end of the payload")
-        dtype = _DTYPES.get(str(info.get("dtype")))
+        code = info.get("dtype")
+        dtype = _DTYPES.get(code) if type(code) is str else _DTYPES.get(str(code))
         if dtype is None:
             raise ProtocolError(f"tensor {name!r}: dtype {info.get('dtype')!r} is not allowed")
         shape = info.get("shape")
-        if (
-            not isinstance(shape, list)
-            or len(shape) > 8
-            or not all(
-                isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 1 << 40 for d in shape
-            )
-        ):
+        if type(shape) is not list or len(shape) > 8 or not _dims_ok(shape):
             raise ProtocolError(f"tensor {name!r}: bad shape {shape!r}")
         count = math.prod(shape)  # Python ints: numpy's int64 product could wrap to 0
         if count * dtype.itemsize != end - start:
@@ -145,25 +142,45 @@ def decode_tensors(
                 f"tensor {name!r}: shape {shape} of {info['dtype']} needs "
                 f"{count * dtype.itemsize} bytes, offsets give {end - start}"
             )
-        arr = np.frombuffer(data[start:end], dtype=dtype).reshape(shape)
+        arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+        if len(shape) != 1:
+            arr = arr.reshape(shape)
         arr.flags.writeable = False
         tensors[name] = arr
         pos = end
-    if pos != len(data):
-        raise ProtocolError(f"data section has {len(data) - pos} trailing bytes not in any tensor")
-    return TensorPayload(tensors=dict(sorted(tensors.items())), metadata=dict(meta))
+    if pos != ndata:
+        raise ProtocolError(f"data section has {ndata - pos} trailing bytes not in any tensor")
+    if len(tensors) > 1:
+        tensors = dict(sorted(tensors.items()))
+    return TensorPayload(tensors=tensors, metadata=meta)
 
 
-def _offsets(name: object, info: object) -> tuple[int, int]:
-    if not isinstance(name, str) or not name or len(name) > 256:
+_U64 = struct.Struct("<Q")
+
+
+def _first(entry: tuple[tuple[int, int], str, Any]) -> tuple[int, int]:
+    return entry[0]
+
+
+def _dims_ok(shape: list[Any]) -> bool:
+    # type() is int: JSON gives int or bool, never another int subclass; bool is refused.
+    for d in shape:  # noqa: SIM110 (a loop: all() over a generator costs a frame per call)
+        if type(d) is not int or not 0 <= d < 1 << 40:
+            return False
+    return True
+
+
+def _offsets(name: str, info: object) -> tuple[int, int]:
+    if not name or len(name) > 256:  # keys of a JSON object are always strings
         raise ProtocolError(f"tensor name {name!r} is not a string of 1-256 characters")
-    if not isinstance(info, dict):
+    if type(info) is not dict:
         raise ProtocolError(f"tensor {name!r}: entry is not an object")
     offs = info.get("data_offsets")
     if (
-        not isinstance(offs, list)
+        type(offs) is not list
         or len(offs) != 2
-        or not all(isinstance(o, int) and not isinstance(o, bool) for o in offs)
+        or type(offs[0]) is not int
+        or type(offs[1]) is not int
         or not 0 <= offs[0] <= offs[1]
     ):
         raise ProtocolError(f"tensor {name!r}: bad data_offsets {offs!r}")

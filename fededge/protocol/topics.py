@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from fededge.protocol.vocab import check_name, is_name
@@ -31,6 +31,10 @@ class Topics:
 
     prefix: str
     task: str
+    # device_of(topic, "updates"), memoised: not part of the value (no compare, hash, repr)
+    _update_devices: dict[str, str | None] = field(
+        default_factory=dict, init=False, repr=False, compare=False, hash=False
+    )
 
     def __post_init__(self) -> None:
         check_name(self.task, "task")
@@ -172,6 +176,20 @@ class Topics:
 
     def device_of(self, topic: str, kind: str) -> str | None:
         """The device name in ``{base}/{kind}/{device}[/...]``, or None if it does not match."""
+        if kind == "updates":  # twice per update on the aggregator's hot path: memoised
+            memo = self._update_devices
+            try:
+                return memo[topic]
+            except KeyError:
+                pass
+            device = self._device_of(topic, kind)
+            if len(memo) >= 65536:  # bounded: topics come from the network
+                memo.clear()
+            memo[topic] = device
+            return device
+        return self._device_of(topic, kind)
+
+    def _device_of(self, topic: str, kind: str) -> str | None:
         head = f"{self.base}/{kind}/"
         if not topic.startswith(head):
             return None

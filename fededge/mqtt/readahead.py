@@ -1,0 +1,84 @@
+"""A read-ahead wrapper for paho's plain TCP socket: one ``recv`` system call for many packets.
+
+Quirk: paho reads each packet with several ``recv`` calls (the command byte, each byte of the
+remaining length, then the body), and each call releases and retakes the GIL. For a receiver
+of small messages that is three to four system calls per message, and in a busy process each
+GIL release can hand the interpreter to another thread and wait for it back. paho asks a
+socket for ``pending()`` (SSL sockets have it) and reads again without waiting in ``select``
+while bytes are pending, so a socket that reads ahead into a buffer and reports what is left
+there is all it takes. TLS sockets buffer records themselves and are left alone.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+from typing import Any
+
+READ_AHEAD = 64 * 1024
+
+
+class ReadAheadSocket:
+    """``sock`` with ``recv`` served from a read-ahead buffer; everything else is ``sock``'s."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def recv(self, bufsize: int) -> bytes:
+        buf, pos = self._buf, self._pos
+        if pos < len(buf):
+            end = min(pos + bufsize, len(buf))
+            if end == len(buf):
+                self._buf, self._pos = b"", 0
+            else:
+                self._pos = end
+            return buf[pos:end] if pos or end < len(buf) else buf
+        if bufsize >= READ_AHEAD:  # a large body: straight into paho's hands, no copy
+            return self._sock.recv(bufsize)
+        data = self._sock.recv(READ_AHEAD)  # BlockingIOError and b"" (closed) pass through
+        if len(data) <= bufsize:
+            return data
+        self._buf, self._pos = data, bufsize
+        return data[:bufsize]
+
+    def recv_into(self, view: memoryview) -> int:
+        """Fill the start of ``view`` as ``recv`` would return bytes; how many bytes."""
+        buf, pos = self._buf, self._pos
+        want = len(view)
+        if pos < len(buf):
+            end = min(pos + want, len(buf))
+            view[: end - pos] = memoryview(buf)[pos:end]
+            if end == len(buf):
+                self._buf, self._pos = b"", 0
+            else:
+                self._pos = end
+            return end - pos
+        if want >= READ_AHEAD:  # a large body: straight into its place
+            return self._sock.recv_into(view)
+        data = self.recv(want)
+        view[: len(data)] = data
+        return len(data)
+
+    @property
+    def raw(self) -> socket.socket:
+        """The wrapped socket."""
+        return self._sock
+
+    def pending(self) -> int:
+        """Bytes read ahead and not yet returned (paho reads them without waiting)."""
+        return len(self._buf) - self._pos
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+def read_ahead(sock: Any) -> Any:
+    """``sock`` wrapped if it is a plain (not TLS) socket, else ``sock`` itself."""
+    if isinstance(sock, socket.socket) and not isinstance(sock, ssl.SSLSocket):
+        return ReadAheadSocket(sock)
+    return sock
