@@ -20,7 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from fededge.errors import ConfigError, NotReadyError, TransportError
 from fededge.mqtt.chunked import ChunkedInbox, ChunkLimits, publish_chunked
 from fededge.mqtt.inbox import DEFAULT_INBOX, Message
-from fededge.mqtt.pahoclient import PahoClient
+from fededge.mqtt.pahoclient import PAHO_RECEIVE_PATH, PahoClient
 from fededge.mqtt.readahead import ReadAheadSocket
 from fededge.mqtt.security import configure_auth_and_tls, describe_connect_error
 from fededge.mqtt.session import Session
@@ -48,7 +48,8 @@ def _paho_client(
 ) -> paho.Client:
     """A paho client set up the fededge way (callbacks are attached by the Session)."""
     v5 = broker.protocol == "5"
-    client = PahoClient(
+    # The cheaper receive path overrides paho 2.2 internals; any other paho gets paho's own.
+    client = (PahoClient if PAHO_RECEIVE_PATH else paho.Client)(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,

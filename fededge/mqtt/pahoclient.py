@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
@@ -22,6 +23,8 @@ from paho.mqtt.properties import Properties
 
 from fededge.mqtt.readahead import ReadAheadSocket, read_ahead
 
+#: The overrides below are copies/adaptations of paho 2.2's private methods: used only there.
+PAHO_RECEIVE_PATH = importlib.metadata.version("paho-mqtt").startswith("2.2.")
 PREALLOCATE_MAX = 64 * 1024 * 1024  # larger bodies grow as they arrive, as in paho
 
 
