@@ -385,6 +385,13 @@ class PendingVersion:
         self._since_checkpoint = self._wal_bytes = 0
         return job
 
+    def settle_checkpoints(self) -> None:
+        """Wait for the background checkpoints (they delete WAL segments they cover); raise
+        a failed one. For readers of the segments, such as robust aggregation."""
+        for job in self._checkpoints:
+            job.exception()  # waits
+        self._raise_failed_checkpoint()
+
     def _raise_failed_checkpoint(self) -> None:
         while self._checkpoints and self._checkpoints[0].done():
             error = self._checkpoints.pop(0).exception()

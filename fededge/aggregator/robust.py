@@ -131,6 +131,7 @@ class Logged:
 def logged_updates(pending: PendingVersion) -> list[Logged]:
     """Every update in the pending version's WAL segments, in log order (payloads unread)."""
     out: list[Logged] = []
+    pending.settle_checkpoints()  # a checkpoint landing now would delete a segment we list
     for _, path in pending.store.segments(pending.base.version):
         with path.open("rb") as f:
             for header, off, plen in record_spans(path):
