@@ -23,9 +23,10 @@ and past 1.5 keep-alive intervals the broker drops the connection (a persistent 
 redelivers what was not acknowledged).
 """
 
-from fededge.mqtt.client import MAX_INFLIGHT, MAX_PAYLOAD, MqttClient, Will
+from fededge.mqtt.client import MAX_PAYLOAD, MqttClient, Will
 from fededge.mqtt.inbox import DEFAULT_INBOX, Inbox, Message
 from fededge.mqtt.retained import RETAINED_QUIET, discard_session, read_retained
+from fededge.mqtt.session import MAX_INFLIGHT
 
 __all__ = [
     "DEFAULT_INBOX",

@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from fededge.errors import TransportError
-from fededge.mqtt.inbox import Inbox, Message
+from fededge.mqtt.inbox import DEFAULT_INBOX_BYTES, Inbox, Message
 from fededge.protocol.chunks import (
     MIN_MESSAGE_BYTES,
     ChunkError,
@@ -127,11 +127,12 @@ class ChunkedInbox(Inbox):
         self,
         maxsize: int,
         *,
+        max_bytes: int = DEFAULT_INBOX_BYTES,
         on_take: Callable[[Message], None] | None = None,
         limits: ChunkLimits = ChunkLimits(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        super().__init__(maxsize, on_take=on_take)
+        super().__init__(maxsize, max_bytes=max_bytes, on_take=on_take)
         #: Acknowledges a chunk (set by the client once its session exists).
         self.ack: Callable[[Message], None] = lambda message: None
         self._clock = clock
@@ -144,24 +145,43 @@ class ChunkedInbox(Inbox):
         self.passthrough = False  # True: no reassembly (tools that see chunk topics as such)
 
     def offer(self, message: Message, abandon: Callable[[], bool]) -> bool:
-        if self.passthrough:
-            return super().offer(message, abandon)
-        payload = message.payload
-        if (
-            not message.retain
-            and payload
-            and not self.reassembler.transfers  # else: _take expires them
-            and CHUNKS not in message.topic
-            and not looks_like_chunk(payload)
-        ):
-            # The common message (an update, a status): what _take would return unchanged,
-            # without its lock and clock (read by this thread only: the one producer).
+        if self.passthrough or self._whole(message):
             return super().offer(message, abandon)
         with self._lock:
             whole = self._take(message)
         if whole is None:
             return True  # held (and acknowledged) or refused
         return super().offer(whole, abandon)
+
+    def offer_many(self, messages: list[Message], abandon: Callable[[], bool]) -> list[Message]:
+        if self.passthrough:
+            return super().offer_many(messages, abandon)
+        left: list[Message] = []
+        run: list[Message] = []  # whole messages in a row, queued at once
+        for message in messages:
+            if self._whole(message):
+                run.append(message)
+                continue
+            if run:
+                left += super().offer_many(run, abandon)
+                run = []
+            if not self.offer(message, abandon):
+                left.append(message)
+        if run:
+            left += super().offer_many(run, abandon)
+        return left
+
+    def _whole(self, message: Message) -> bool:
+        # The common message (an update, a status): what _take would return unchanged, without
+        # its lock and clock (read by the network thread only: the one producer).
+        payload = message.payload
+        return (
+            not message.retain
+            and bool(payload)
+            and not self.reassembler.active
+            and CHUNKS not in message.topic
+            and not looks_like_chunk(payload)
+        )
 
     def get(self, block: bool = True, timeout: float | None = None) -> Message:
         try:

@@ -23,14 +23,11 @@ from fededge.mqtt.inbox import DEFAULT_INBOX, Message
 from fededge.mqtt.pahoclient import PAHO_RECEIVE_PATH, PahoClient
 from fededge.mqtt.readahead import ReadAheadSocket
 from fededge.mqtt.security import configure_auth_and_tls, describe_connect_error
-from fededge.mqtt.session import Session
+from fededge.mqtt.session import MAX_INFLIGHT, Session
 from fededge.settings import BrokerSettings
 
 # MQTT's remaining-length field caps a packet at 256 MiB; checked here so the error is ours.
 MAX_PAYLOAD = 268_435_455 - 65_536
-# Mosquitto's default receive maximum (max_inflight_messages) is 20 and paho 2.2 ignores the
-# ReceiveMaximum a v5 CONNACK announces; more in flight would be refused by the broker.
-MAX_INFLIGHT = 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -343,7 +340,11 @@ class MqttClient:
             self._not_on_network_thread("publish")
         if wait and not self.connected:
             raise TransportError(f"cannot publish to {topic!r}: not connected to {self._addr}")
-        info = self._client.publish(topic, data, qos=qos, retain=retain)
+        client = self._client
+        if qos == 1 and isinstance(client, PahoClient):
+            info: paho.MQTTMessageInfo = client.publish_qos1(topic, data, retain)
+        else:
+            info = client.publish(topic, data, qos=qos, retain=retain)
         if info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
             raise TransportError(f"cannot publish to {topic!r}: outgoing queue full "
                                  f"({self._client.max_queued_messages} messages)")  # fmt: skip

@@ -10,6 +10,8 @@ from collections.abc import Callable
 #: Messages an inbox holds by default. QoS>0 messages are bounded well below this by the
 #: broker's in-flight window (see ``Inbox``), so it is mostly room for QoS 0 bursts.
 DEFAULT_INBOX = 1000
+#: Payload bytes an inbox holds by default: 64 updates of 1M float32 parameters.
+DEFAULT_INBOX_BYTES = 256 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,21 +31,25 @@ class Message:
 class Inbox(queue.Queue[Message]):
     """The received messages of one client, in order, bounded: back-pressure, not memory growth.
 
-    paho's network thread puts, the application takes (``get``/``get_nowait``), as from any
+    paho's network thread offers, the application takes (``get``/``get_nowait``), as from any
     ``queue.Queue``. Every QoS>0 message is acknowledged to the broker only once it is taken
-    (or, with ``manual_ack``, once the application acks it), so the broker never has more of
-    them in flight to this client than its in-flight window (Mosquitto's
-    ``max_inflight_messages``: 20 by default, 40 in configs/mosquitto.conf; an MQTT 5 client's
-    Receive Maximum): that window is the real bound, and further messages wait in the broker's
-    own bounded queue (``max_queued_messages``/``max_queued_bytes``).
+    (or, with ``manual_ack``, once the application acks it). The broker's in-flight window
+    (Mosquitto's ``max_inflight_messages``, an MQTT 5 client's Receive Maximum) does **not**
+    bound what waits here. Quirk, measured on Mosquitto 2.0.11 with ``max_inflight_messages
+    40``, MQTT 5 and 3.1.1 alike: a subscriber that acknowledges in groups while publishing
+    receives far more than 40 unacknowledged messages (over 1,000 seen). So this inbox is the
+    bound, in messages (``maxsize``) and in payload bytes (``max_bytes``; one message larger
+    than that is still taken when the inbox is empty), and further messages wait in the
+    broker's own bounded queue (``max_queued_messages``/``max_queued_bytes``).
 
-    Past that, two rules keep the inbox at ``maxsize``:
+    Two rules keep it there:
 
-    - a QoS>0 message that finds the inbox full **blocks** the network thread until there is
-      room (paho reads and writes nothing meanwhile: TCP back-pressure up to the broker). It
-      cannot be dropped: it is acknowledged when taken, and the broker would not resend it in
-      this session. This only happens if the broker's window exceeds ``maxsize // 2``, and a
-      thread that waits for a PUBACK or SUBACK then waits until a message is taken.
+    - a QoS>0 message that finds the inbox full **blocks** the network thread until the
+      application has taken a quarter of it (paho reads and writes nothing meanwhile: TCP
+      back-pressure up to the broker). It cannot be dropped: it is acknowledged when taken, and
+      the broker would not resend it in this session. Waiting for a quarter, not for one
+      message, keeps the two threads from handing the interpreter to each other per message. A
+      thread that waits for a PUBACK or SUBACK meanwhile waits until that much is taken.
     - a QoS 0 message is taken only while the inbox is less than half full, and otherwise
       **dropped** and counted (``dropped``). QoS 0 promises nothing, the broker does not limit
       it, and blocking for it would let any publisher stall this connection: keep-alives and the
@@ -51,36 +57,96 @@ class Inbox(queue.Queue[Message]):
     """
 
     def __init__(
-        self, maxsize: int = DEFAULT_INBOX, *, on_take: Callable[[Message], None] | None = None
+        self,
+        maxsize: int = DEFAULT_INBOX,
+        *,
+        max_bytes: int = DEFAULT_INBOX_BYTES,
+        on_take: Callable[[Message], None] | None = None,
     ) -> None:
         if maxsize < 2:
             raise ValueError(f"an inbox needs room for at least 2 messages, got {maxsize}")
+        if max_bytes < 1:
+            raise ValueError(f"an inbox needs room for at least 1 byte, got {max_bytes}")
         super().__init__(maxsize)
+        self.max_bytes = max_bytes
         self.qos0_limit = maxsize // 2
+        self.nbytes = 0  # payload bytes waiting
         self.dropped = 0  # QoS 0 messages dropped because the inbox was half full
         self.blocked = threading.Event()  # set while the network thread waits for room
         self._on_take = on_take
+        self._room = threading.Condition(self.mutex)  # notified by _get at the low-water mark
+        self._waiting = False
+        self._low = maxsize - max(1, maxsize // 4)
+        self._low_bytes = max_bytes - max_bytes // 4
+
+    # Called by queue.Queue with ``mutex`` held.
+    def _put(self, item: Message) -> None:
+        self.queue.append(item)
+        self.nbytes += len(item.payload)
+
+    def _get(self) -> Message:
+        item: Message = self.queue.popleft()
+        self.nbytes -= len(item.payload)
+        if self._waiting and len(self.queue) <= self._low and self.nbytes <= self._low_bytes:
+            self._room.notify()
+        return item
+
+    def _is_full(self) -> bool:
+        n = len(self.queue)
+        return n >= self.maxsize or (n > 0 and self.nbytes >= self.max_bytes)
+
+    def full(self) -> bool:
+        with self.mutex:
+            return self._is_full()
 
     def offer(self, message: Message, abandon: Callable[[], bool]) -> bool:
         """Put ``message`` by the rules above; False if it was dropped (QoS 0) or ``abandon()``
         turned true while waiting for room (the client is closing)."""
-        if message.qos == 0:
-            # One producer (the network thread): the size cannot grow between check and put.
-            if self.qsize() >= self.qos0_limit:
-                self.dropped += 1
-                return False
-            self.put_nowait(message)
-            return True
-        while True:
-            try:
-                self.put(message, timeout=0.1)
-            except queue.Full:
-                self.blocked.set()
+        return not self._queue_many([message], abandon)
+
+    def offer_many(self, messages: list[Message], abandon: Callable[[], bool]) -> list[Message]:
+        """Put ``messages`` in order by the rules above; those not queued (QoS 0 dropped, or
+        not queued because ``abandon()`` turned true while waiting for room)."""
+        return self._queue_many(messages, abandon)
+
+    def _queue_many(self, messages: list[Message], abandon: Callable[[], bool]) -> list[Message]:
+        left: list[Message] = []
+        with self.mutex:
+            added = 0
+            for i, message in enumerate(messages):
+                if message.qos == 0:
+                    if len(self.queue) >= self.qos0_limit:
+                        self.dropped += 1
+                        left.append(message)
+                        continue
+                elif self._is_full():
+                    if added:
+                        self.not_empty.notify(added)
+                        added = 0
+                    if not self._wait_for_room(abandon):
+                        left.extend(messages[i:])
+                        break
+                self._put(message)
+                self.unfinished_tasks += 1
+                added += 1
+            if added:
+                self.not_empty.notify(added)
+        return left
+
+    def _wait_for_room(self, abandon: Callable[[], bool]) -> bool:
+        # With ``mutex`` held; _get notifies once the application took a quarter of the inbox.
+        # ``blocked`` stays set if abandoned: the next message queued clears it.
+        self.blocked.set()
+        self._waiting = True
+        try:
+            while self._is_full():
                 if abandon():
                     return False
-            else:
-                self.blocked.clear()
-                return True
+                self._room.wait(0.1)
+        finally:
+            self._waiting = False
+        self.blocked.clear()
+        return True
 
     def get(self, block: bool = True, timeout: float | None = None) -> Message:
         message = super().get(block, timeout)

@@ -8,11 +8,21 @@
   each field (topic length, topic, packet id, and under MQTT 5 twice more in the properties):
   four to five copies of every payload, i.e. milliseconds per 4 MB update. Here the fields
   are read from a memoryview and only the payload is copied out. QoS 2 goes paho's way.
+- Small packets are handled in batches (``_read_batch``): every whole packet in the read-ahead
+  buffer is parsed in one loop; a run of PUBLISHes (QoS 0/1, no MQTT 5 properties, UTF-8
+  topic) goes to ``on_publish_batch`` in one call, so the receiver takes its lock and wakes its
+  reader once per batch instead of once per message; a PUBACK without properties or a failure
+  code is matched to its message without paho's decoder, new ``ReasonCode``/``Properties``
+  objects and its scan of every outgoing message. Anything else (CONNACK, SUBACK, QoS 2, properties, a
+  malformed or incomplete packet) is left in the buffer for paho's own path, which reads it
+  and decides exactly as before.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import paho.mqtt.client as paho
@@ -20,12 +30,31 @@ from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from fededge.mqtt.readahead import ReadAheadSocket, read_ahead
 
 #: The overrides below are copies/adaptations of paho 2.2's private methods: used only there.
 PAHO_RECEIVE_PATH = importlib.metadata.version("paho-mqtt").startswith("2.2.")
 PREALLOCATE_MAX = 64 * 1024 * 1024  # larger bodies grow as they arrive, as in paho
+
+
+class Received(NamedTuple):
+    """A PUBLISH taken by the batch path: what ``on_publish_batch`` receives."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    dup: bool
+
+
+#: What a plain PUBACK reports to ``on_publish``: shared, never changed by the callback. An
+#: MQTT 5 PUBACK may carry a reason code; these two are not failures (0x10: no subscribers).
+_PUBACK_OK = ReasonCode(PacketTypes.PUBACK)
+_OK = {code: ReasonCode(PacketTypes.PUBACK, identifier=code) for code in (0x00, 0x10)}
+_NO_PROPERTIES = Properties(PacketTypes.PUBACK)  # type: ignore[no-untyped-call]
 
 
 class Publish(NamedTuple):
@@ -92,8 +121,36 @@ def decode_publish(header: int, packet: bytes | bytearray, v5: bool) -> Publish:
     return Publish(bool(header & 0x08), qos, bool(header & 0x01), topic, mid, properties, payload)
 
 
+class SharedInfo(paho.MQTTMessageInfo):
+    """An ``MQTTMessageInfo`` whose condition is one shared by all of them.
+
+    Quirk: paho makes a ``threading.Condition`` (and its lock) for every message published,
+    which the sender of a receipt per update never waits on; most of them are never used. The
+    shared one is notified to all its waiters, and each checks its own message.
+    """
+
+    __slots__ = ()
+    _shared = threading.Condition()
+
+    def __init__(self, mid: int) -> None:  # paho's fields, without a Condition of its own
+        self.mid = mid
+        self._published = False
+        self._condition = SharedInfo._shared
+        self.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        self._iterpos = 0
+
+    def _set_as_published(self) -> None:
+        with self._condition:
+            self._published = True
+            self._condition.notify_all()
+
+
 class PahoClient(paho.Client):
     """``paho.Client`` with the receive path above."""
+
+    #: Takes a batch of received PUBLISHes (set by the session; None: paho's ``on_message``).
+    #: Batches are read only with ``manual_ack``: this client never acknowledges them itself.
+    on_publish_batch: Callable[[list[Received]], None] | None = None
 
     def _create_socket(self) -> Any:
         return read_ahead(super()._create_socket())
@@ -109,6 +166,12 @@ class PahoClient(paho.Client):
     def _packet_read(self) -> MQTTErrorCode:
         # paho 2.2's _packet_read, with the body received into a preallocated buffer.
         p = self._in_packet
+        if p["command"] == 0 and self.on_publish_batch is not None and self._manual_ack:
+            sock = self._sock
+            if isinstance(sock, ReadAheadSocket):
+                rc = self._read_batch(sock)
+                if rc is not None:
+                    return rc
         if p["command"] == 0:
             try:
                 command = self._sock_recv(1)
@@ -210,3 +273,159 @@ class PahoClient(paho.Client):
         if r.qos == 0 or self._manual_ack:
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         return self._send_puback(message.mid)
+
+    def publish_qos1(self, topic: str, payload: bytes, retain: bool = False) -> SharedInfo:
+        """``publish(topic, payload, qos=1, retain=retain)`` as paho 2.2 does it, with a
+        ``SharedInfo``; ValueError for what paho refuses."""
+        topic_bytes = topic.encode()
+        if not topic_bytes and self._protocol != MQTTProtocolVersion.MQTTv5:
+            raise ValueError("Invalid topic.")
+        self._raise_for_invalid_topic(topic_bytes)
+        if len(payload) > 268435455:
+            raise ValueError("Payload too large.")
+        mid = self._mid_generate()
+        message = paho.MQTTMessage.__new__(paho.MQTTMessage)
+        message.timestamp = paho.time_func()
+        message.state = paho.mqtt_ms_invalid
+        message.dup = False
+        message.mid = mid
+        message._topic = topic_bytes
+        message.payload = payload
+        message.qos = 1
+        message.retain = retain
+        message.properties = None
+        info = message.info = SharedInfo(mid)
+        with self._out_message_mutex:
+            out = self._out_messages
+            if (0 < self._max_queued_messages <= len(out)) or mid in out:
+                info.rc = MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
+                return info
+            out[mid] = message
+            if self._max_inflight_messages == 0 or (
+                self._inflight_messages < self._max_inflight_messages
+            ):
+                self._inflight_messages += 1
+                message.state = paho.mqtt_ms_wait_for_puback
+                rc = self._send_publish(mid, topic_bytes, payload, 1, retain, False, info, None)
+                if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # sent after the reconnect
+                    self._inflight_messages -= 1
+                    message.state = paho.mqtt_ms_publish
+                info.rc = rc
+            else:
+                message.state = paho.mqtt_ms_queued
+        return info
+
+    def _read_batch(self, sock: ReadAheadSocket) -> MQTTErrorCode | None:
+        """Handle the whole packets at the start of the read-ahead buffer that the batch path
+        takes (module docstring); None if the first is not one of them (paho's path reads it).
+        """
+        try:
+            if sock.fill() == 0:
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:
+            self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        buf, pos = sock.buffered()
+        end = len(buf)
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        batch: list[Received] = []
+        start = pos
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        while pos < end:
+            header = buf[pos]
+            # Remaining length: at most 4 bytes; anything odd is left to paho's path.
+            i, length, shift = pos + 1, 0, 0
+            while i < end and shift < 28:
+                b = buf[i]
+                length |= (b & 0x7F) << shift
+                shift += 7
+                i += 1
+                if not b & 0x80:
+                    break
+            else:
+                break
+            body_end = i + length
+            if body_end > end:
+                break  # incomplete: paho's path reads the rest
+            kind = header & 0xF0
+            if kind == 0x30 and header & 0x06 != 0x06 and header & 0x06 != 0x04:
+                r = _publish_fields(buf, header, i, body_end, v5)
+                if r is None:
+                    break
+                batch.append(r)
+            elif header == 0x40 and (length == 2 or (length == 3 and v5 and buf[i + 2] in _OK)):
+                reason = _PUBACK_OK if length == 2 else _OK[buf[i + 2]]
+                rc = self._plain_puback(buf[i] << 8 | buf[i + 1], reason)
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    pos = body_end
+                    break
+            else:
+                break
+            pos = body_end
+        if pos == start:
+            return None
+        sock.consume(pos)
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        if batch:
+            deliver = self.on_publish_batch
+            if deliver is not None:
+                deliver(batch)
+        return rc
+
+    def _plain_puback(self, mid: int, reason: ReasonCode) -> MQTTErrorCode:
+        # paho's _handle_pubackcomp + _do_on_publish for a PUBACK without properties or failure;
+        # paho's _update_inflight (a scan of every outgoing message) only if some wait for room.
+        with self._out_message_mutex:
+            msg = self._out_messages.get(mid)
+            if msg is None:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
+            on_publish = self.on_publish
+            if on_publish is not None:
+                with self._in_callback_mutex:
+                    try:
+                        on_publish(self, self._userdata, mid, reason, _NO_PROPERTIES)  # type: ignore[call-arg]
+                    except Exception as err:
+                        self._easy_log(paho.MQTT_LOG_ERR, "Caught exception in on_publish: %s",
+                                       err)  # fmt: skip
+                        if not self.suppress_exceptions:
+                            raise
+            del self._out_messages[mid]
+            msg.info._set_as_published()
+            if msg.qos > 0:
+                self._inflight_messages -= 1
+                if self._max_inflight_messages > 0 and (
+                    len(self._out_messages) > self._inflight_messages
+                ):
+                    return self._update_inflight()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def _publish_fields(buf: bytes, header: int, i: int, end: int, v5: bool) -> Received | None:
+    """The PUBLISH whose body is ``buf[i:end]``, or None if paho's path must take it (empty or
+    non-UTF-8 topic, MQTT 5 properties, anything malformed)."""
+    if end - i < 2:
+        return None
+    pos = i + 2 + (buf[i] << 8 | buf[i + 1])
+    if pos == i + 2 or pos > end:
+        return None
+    try:
+        topic = buf[i + 2 : pos].decode()
+    except UnicodeDecodeError:
+        return None
+    qos = (header & 0x06) >> 1
+    mid = 0
+    if qos:
+        if pos + 2 > end:
+            return None
+        mid = buf[pos] << 8 | buf[pos + 1]
+        if mid == 0:
+            return None
+        pos += 2
+    if v5:
+        if pos >= end or buf[pos] != 0:
+            return None  # properties (or none at all: malformed): paho decides
+        pos += 1
+    return Received(topic, buf[pos:end], qos, bool(header & 0x01), mid, bool(header & 0x08))

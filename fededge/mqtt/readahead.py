@@ -61,6 +61,28 @@ class ReadAheadSocket:
         view[: len(data)] = data
         return len(data)
 
+    def fill(self) -> int:
+        """Read ahead once if nothing is buffered; how many bytes are buffered now.
+
+        0 means the peer closed the connection; BlockingIOError and OSError pass through.
+        """
+        if self._pos < len(self._buf):
+            return len(self._buf) - self._pos
+        data = self._sock.recv(READ_AHEAD)
+        self._buf, self._pos = data, 0
+        return len(data)
+
+    def buffered(self) -> tuple[bytes, int]:
+        """The read-ahead buffer and the position of its first unread byte (see ``consume``)."""
+        return self._buf, self._pos
+
+    def consume(self, pos: int) -> None:
+        """Mark the buffer read up to ``pos`` (a position in what ``buffered`` returned)."""
+        if pos >= len(self._buf):
+            self._buf, self._pos = b"", 0
+        else:
+            self._pos = pos
+
     @property
     def raw(self) -> socket.socket:
         """The wrapped socket."""

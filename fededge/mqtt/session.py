@@ -20,6 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 from fededge.errors import TransportError
 from fededge.mqtt.inbox import Inbox, Message
+from fededge.mqtt.pahoclient import PahoClient, Received
 from fededge.mqtt.security import refusal
 from fededge.settings import BrokerSettings
 
@@ -30,6 +31,25 @@ SESSION_TAKEN_OVER = 0x8E
 # CONNACK are taken as a takeover ping-pong with another client that has our id.
 FLAP_LIMIT = 3
 FLAP_WINDOW = 2.0
+# QoS>0 publishes in flight: without a Receive Maximum from the broker (Mosquitto's default
+# max_inflight_messages is 20, and a v3.1.1 CONNACK cannot say), and the most we take from one.
+MAX_INFLIGHT = 20
+MAX_INFLIGHT_V5 = 1000
+
+
+def inflight_window(properties: Properties | None) -> int:
+    """How many QoS>0 publishes to keep unacknowledged: the Receive Maximum of an MQTT 5
+    CONNACK (Mosquitto announces its ``max_inflight_messages``), up to ``MAX_INFLIGHT_V5``;
+    ``MAX_INFLIGHT`` without one (MQTT 3.1.1 has none; Mosquitto's default is 20).
+
+    Quirk: paho 2.2 ignores the CONNACK's Receive Maximum and keeps its own limit (20 by
+    default); a receiver that answers each of a group of messages with a QoS 1 receipt then
+    queues half its receipts behind the other half whenever the broker allows more.
+    """
+    announced = getattr(properties, "ReceiveMaximum", None) if properties is not None else None
+    if type(announced) is not int or announced < 1:
+        return MAX_INFLIGHT
+    return min(announced, MAX_INFLIGHT_V5)
 
 
 class Session:
@@ -73,6 +93,8 @@ class Session:
         client.on_subscribe = self.on_subscribe
         client.on_unsubscribe = self.on_subscribe
         client.on_publish = self.on_publish
+        if isinstance(client, PahoClient):
+            client.on_publish_batch = self.on_batch
         # Quirk: with an on_log callback paho formats every log line it makes, several per
         # packet (with str() of its v5 properties); through a logger it formats nothing
         # unless the logger is enabled for the level. This one is for errors, and for
@@ -157,6 +179,9 @@ class Session:
                 return
             session = bool(flags.session_present)
             self.net_thread = threading.get_ident()
+            # paho's setter refuses on a live connection; paho reads the limit only when it
+            # sends, and resends the session's messages after this callback.
+            client._max_inflight_messages = inflight_window(properties)
             with self.cond:
                 self.conn += 1
                 self.unacked.clear()
@@ -263,12 +288,34 @@ class Session:
         except Exception:
             self.log.exception("internal error handling a message on %r", msg._topic)
 
-    def _not_queued(self, message: Message) -> None:
+    def on_batch(self, batch: list[Received]) -> None:
+        """``on_message`` for a batch of PUBLISHes read at once (pahoclient.py): one lock, one
+        offer, one wake-up of the reader."""
+        try:
+            with self.lock:
+                conn = self.conn
+                unacked = self.unacked
+                for r in batch:
+                    if r.qos:
+                        unacked.add(r.mid)
+            messages = [Message(r.topic, r.payload, r.qos, r.retain, r.mid, r.dup, conn)
+                        for r in batch]  # fmt: skip
+            before = self.inbox.dropped
+            for message in self.inbox.offer_many(messages, lambda: self.closing):
+                before += message.qos == 0
+                self._not_queued(message, before)
+        except Exception:
+            self.log.exception("internal error handling %d messages", len(batch))
+
+    def _not_queued(self, message: Message, dropped: int | None = None) -> None:
+        """Log a message the inbox did not take; ``dropped``: the inbox's count of dropped
+        QoS 0 messages with this one (after a batch the inbox's own count is further on)."""
         if message.qos > 0:
             # Only when closing: unacknowledged, so a persistent session gets it again.
             self.log.debug("closing: left %s unacknowledged", message.topic)
             return
-        dropped = self.inbox.dropped
+        if dropped is None:
+            dropped = self.inbox.dropped
         if dropped == 1 or dropped % 1000 == 0:
             self.log.warning(
                 "inbox half full (%d messages): dropped %d QoS 0 message(s) so far, last on %s",

@@ -251,6 +251,11 @@ class Reassembler:
     def transfers(self) -> int:
         return sum(len(s.transfers) for s in list(self._streams.values()))
 
+    @property
+    def active(self) -> bool:
+        """Whether any transfer is in progress (``transfers`` > 0), cheaply when none is."""
+        return bool(self._streams) and self.transfers > 0
+
     def _fail(self, reason: ChunkReason, message: str) -> ChunkError:
         self.refused[reason] += 1
         return ChunkError(message, reason)
