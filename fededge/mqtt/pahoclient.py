@@ -7,15 +7,17 @@
   the packet with ``struct.unpack(f"!H{n}s")`` and slicing, copying the rest of the packet at
   each field (topic length, topic, packet id, and under MQTT 5 twice more in the properties):
   four to five copies of every payload, i.e. milliseconds per 4 MB update. Here the fields
-  are read from a memoryview and only the payload is copied out. QoS 2 goes paho's way.
+  are read from a memoryview and only the payload is copied out. QoS 2 (and the invalid QoS
+  3) goes paho's way.
 - Small packets are handled in batches (``_read_batch``): every whole packet in the read-ahead
   buffer is parsed in one loop; a run of PUBLISHes (QoS 0/1, no MQTT 5 properties, UTF-8
   topic) goes to ``on_publish_batch`` in one call, so the receiver takes its lock and wakes its
   reader once per batch instead of once per message; a PUBACK without properties or a failure
   code is matched to its message without paho's decoder, new ``ReasonCode``/``Properties``
-  objects and its scan of every outgoing message. Anything else (CONNACK, SUBACK, QoS 2, properties, a
-  malformed or incomplete packet) is left in the buffer for paho's own path, which reads it
-  and decides exactly as before.
+  objects and its scan of every outgoing message. Anything else (CONNACK, SUBACK, QoS 2,
+  properties, a malformed or incomplete packet) is left in the buffer for paho's own path,
+  which reads it and decides exactly as before (tests/test_mqtt_batch.py feeds both paths the
+  same byte streams, cut anywhere).
 """
 
 from __future__ import annotations
@@ -256,7 +258,7 @@ class PahoClient(paho.Client):
 
     def _handle_publish(self) -> MQTTErrorCode:
         header = self._in_packet["command"]
-        if (header & 0x06) >> 1 == 2:
+        if header & 0x06 in (0x04, 0x06):  # QoS 2, or 3 (a protocol error): paho decides
             return super()._handle_publish()
         r = decode_publish(header, self._in_packet["packet"],
                            self._protocol == MQTTProtocolVersion.MQTTv5)  # fmt: skip

@@ -1,0 +1,300 @@
+"""The batch receive path of fededge's paho client (fededge/mqtt/pahoclient.py), its inbox
+(bounded in messages and bytes, with a low-water mark) and the in-flight window from CONNACK.
+
+The batch path must decide exactly what paho's own path decides: the same byte stream, cut
+anywhere, gives the same PUBLISHes in the same order and the same PUBACK outcomes; whatever
+it does not take (properties, QoS 2, failure codes, malformed or incomplete packets) is left
+to paho, which fails the connection where paho fails it.
+"""
+
+from __future__ import annotations
+
+import random
+import socket
+import struct
+import threading
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+
+from fededge.mqtt import MqttClient
+from fededge.mqtt.inbox import Inbox, Message
+from fededge.mqtt.pahoclient import PAHO_RECEIVE_PATH, PahoClient, Received
+from fededge.mqtt.readahead import read_ahead
+from fededge.testing import wait_until
+from fededge.testing.broker import Mosquitto
+from fededge.testing.pytest_plugin import MosquittoFactory
+
+pytestmark = pytest.mark.skipif(not PAHO_RECEIVE_PATH, reason="batch path needs paho 2.2")
+
+N_OUT = 8  # QoS 1 publications awaiting PUBACK before the stream is read
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _packet(header: int, body: bytes) -> bytes:
+    return bytes([header]) + _varint(len(body)) + body
+
+
+def _publish(topic: bytes, payload: bytes, qos: int, mid: int, v5: bool, *, props: bytes = b"",
+             retain: bool = False, dup: bool = False) -> bytes:  # fmt: skip
+    body = struct.pack("!H", len(topic)) + topic + (struct.pack("!H", mid) if qos else b"")
+    if v5:
+        body += _varint(len(props)) + props
+    header = 0x30 | qos << 1 | (0x08 if dup else 0) | (0x01 if retain else 0)
+    return _packet(header, body + payload)
+
+
+def _stream(v5: bool, rng: random.Random) -> bytes:
+    """Every kind of packet a broker may send after CONNACK, the batch path's and paho's."""
+    out = []
+    for i in range(40):
+        out.append(_publish(f"t/{i}".encode(), rng.randbytes(rng.randrange(0, 300)), i % 2,
+                            100 + i, v5, retain=i % 3 == 0, dup=i % 5 == 0))  # fmt: skip
+    out.append(_packet(0x40, struct.pack("!H", 1)))  # PUBACK, no reason code
+    out.append(_packet(0x40, struct.pack("!H", 999)))  # PUBACK of nothing we sent
+    out.append(_packet(0xD0, b""))  # PINGRESP
+    out.append(_publish(b"t/\xff\xfe", b"bad utf-8 topic", 1, 300, v5))
+    out.append(_publish(b"t/big", rng.randbytes(150_000), 1, 301, v5))  # beyond read-ahead
+    out.append(_publish(b"t/q2", b"qos 2", 2, 302, v5))
+    if v5:
+        out.append(_publish(b"t/props", b"with properties", 1, 303, v5, props=b"\x01\x01"))
+        out.append(_packet(0x40, struct.pack("!HB", 2, 0x00)))  # success, explicit
+        out.append(_packet(0x40, struct.pack("!HB", 3, 0x10)))  # no matching subscribers
+        out.append(_packet(0x40, struct.pack("!HB", 4, 0x80)))  # unspecified error
+        out.append(_packet(0x40, struct.pack("!HBB", 5, 0x00, 0)))  # empty properties
+        out.append(_packet(0x40, struct.pack("!HB", 6, 0x87)))  # not authorized
+    else:
+        out += [_packet(0x40, struct.pack("!H", m)) for m in range(2, 7)]
+    for i in range(30):
+        out.append(_publish(f"u/{i}".encode(), bytes([i]) * i, 1, 400 + i, v5))
+        if i % 7 == 0:
+            out.append(_packet(0x40, struct.pack("!H", 7 + i // 7)))
+    return b"".join(out)
+
+
+class Recorder:
+    """A paho client (plain or fededge's) reading a socket pair; what its callbacks saw."""
+
+    def __init__(self, cls: type[paho.Client], v5: bool) -> None:
+        proto = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+        self.client = cls(CallbackAPIVersion.VERSION2, client_id="rec", protocol=proto,
+                          manual_ack=True)  # fmt: skip
+        self.client.max_inflight_messages_set(N_OUT // 2)  # half of them queued behind
+        self.peer, sock = socket.socketpair()
+        sock.setblocking(False)
+        self.client._sock = read_ahead(sock) if cls is PahoClient else sock
+        self.client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+        self.published: list[tuple[Any, ...]] = []
+        self.acked: list[tuple[int, int]] = []
+        self.client.on_message = self._on_message
+        self.client.on_publish = lambda _c, _u, mid, rc, _p: self.acked.append((mid, rc.value))
+        if isinstance(self.client, PahoClient):
+            self.client.on_publish_batch = self._on_batch
+        for i in range(N_OUT):
+            self.client.publish(f"o/{i}", b"x", qos=1)
+
+    def _on_message(self, _c: paho.Client, _u: object, m: paho.MQTTMessage) -> None:
+        self.published.append((m._topic, bytes(m.payload), m.qos, bool(m.retain), m.mid,
+                               bool(m.dup)))  # fmt: skip
+
+    def _on_batch(self, batch: list[Received]) -> None:
+        for r in batch:
+            self.published.append((r.topic.encode(), r.payload, r.qos, r.retain, r.mid, r.dup))
+
+    def feed(self, data: bytes, cuts: list[int]) -> MQTTErrorCode:
+        """Send ``data`` in pieces and read after each; the first error, or success."""
+        pos = 0
+        for end in [*cuts, len(data)]:
+            self.peer.sendall(data[pos:end])
+            pos = end
+            rc = self.read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def read(self) -> MQTTErrorCode:
+        # As paho's loop: read while bytes are there (pending() for the read-ahead socket).
+        c = self.client
+        while True:
+            rc = c.loop_read()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS or c._sock is None:
+                return rc
+            sock = c._sock
+            if getattr(sock, "pending", lambda: 0)() == 0 and not _readable(sock):
+                return rc
+
+    def state(self) -> tuple[int, list[int]]:
+        c = self.client
+        return c._inflight_messages, sorted(c._out_messages)
+
+    def close(self) -> None:
+        self.peer.close()
+        if self.client._sock is not None:
+            self.client._sock.close()
+
+
+def _readable(sock: Any) -> bool:
+    import select
+
+    try:
+        return bool(select.select([sock], [], [], 0)[0])
+    except (OSError, ValueError):
+        return False
+
+
+@pytest.mark.parametrize("v5", [False, True])
+@pytest.mark.parametrize("seed", range(6))
+def test_batch_path_agrees_with_pahos_on_any_cut_of_the_stream(v5: bool, seed: int) -> None:
+    rng = random.Random(seed)
+    data = _stream(v5, rng)
+    cuts = sorted(rng.sample(range(1, len(data)), 1 + seed * 7))
+    if seed == 0:
+        cuts = []  # the whole stream at once
+    plain, ours = Recorder(paho.Client, v5), Recorder(PahoClient, v5)
+    try:
+        assert plain.feed(data, cuts) == ours.feed(data, cuts) == MQTTErrorCode.MQTT_ERR_SUCCESS
+        assert ours.published == plain.published
+        assert len(ours.published) == 40 + 1 + 1 + 30 + (1 if v5 else 0)  # QoS 2 waits for PUBREL
+        assert ours.acked == plain.acked  # same mids, same reason codes, same order
+        assert ours.state() == plain.state()
+    finally:
+        plain.close()
+        ours.close()
+
+
+@pytest.mark.parametrize("v5", [False, True])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        _packet(0x32, b"\xff\xff" + b"t"),  # topic longer than the packet
+        _packet(0x32, b"\x00\x01t\x00\x00" + b"\x00"),  # QoS 1 with packet id 0
+        b"\x30\xff\xff\xff\xff\x01",  # remaining length of five bytes
+        _packet(0x36, b"\x00\x01t\x00\x01"),  # QoS 3
+        _packet(0x40, b"\x00"),  # PUBACK too short
+        _packet(0x00, b""),  # reserved packet type
+    ],
+)
+def test_malformed_packets_fail_as_in_paho(v5: bool, bad: bytes) -> None:
+    rng = random.Random(1)
+    good = b"".join(_publish(f"t/{i}".encode(), rng.randbytes(50), 1, 10 + i, v5)
+                    for i in range(5))  # fmt: skip
+    data = good + bad + good
+    plain, ours = Recorder(paho.Client, v5), Recorder(PahoClient, v5)
+    try:
+        rc_plain, rc_ours = plain.feed(data, []), ours.feed(data, [])
+        assert rc_ours == rc_plain
+        assert ours.published == plain.published
+        assert ours.acked == plain.acked
+    finally:
+        plain.close()
+        ours.close()
+
+
+# --- the inbox ------------------------------------------------------------------------------------
+
+
+def _m(i: int, qos: int = 1, size: int = 1) -> Message:
+    return Message(f"t/{i}", bytes([i % 256]) * size, qos, False, i + 1)
+
+
+def test_inbox_takes_batches_in_order_and_waits_for_a_quarter_to_drain() -> None:
+    inbox = Inbox(8)
+    assert inbox.offer_many([_m(i) for i in range(6)], lambda: False) == []
+    # QoS 0 only below half: 6 of 8 are there, so these two are dropped and counted.
+    assert inbox.offer_many([_m(6, 0), _m(7, 0)], lambda: False) == [_m(6, 0), _m(7, 0)]
+    assert inbox.dropped == 2
+    left: list[list[Message]] = []
+    t = threading.Thread(target=lambda: left.append(
+        inbox.offer_many([_m(i) for i in range(8, 12)], lambda: False)), daemon=True)  # fmt: skip
+    t.start()
+    # 8 and 9 fill it; 10 waits until a quarter (2) is taken, not until one is.
+    wait_until(inbox.blocked.is_set, 10, "the producer waiting for room")
+    assert inbox.qsize() == 8
+    assert inbox.get_nowait().mid == 1
+    assert inbox.blocked.is_set() and inbox.qsize() == 7  # one taken: still waiting
+    assert inbox.get_nowait().mid == 2
+    t.join(30)
+    assert not t.is_alive() and left == [[]] and not inbox.blocked.is_set()
+    assert [inbox.get_nowait().mid for _ in range(8)] == [3, 4, 5, 6, 9, 10, 11, 12]
+
+
+def test_inbox_bound_in_bytes_takes_one_large_message_when_empty() -> None:
+    inbox = Inbox(100, max_bytes=1000)
+    assert inbox.offer(_m(0, size=5000), lambda: False)  # larger than the bound: empty, taken
+    assert inbox.full() and inbox.nbytes == 5000
+    assert not inbox.offer(_m(1, size=10), lambda: True)  # full in bytes: waits (here gives up)
+    assert inbox.get_nowait().mid == 1 and inbox.nbytes == 0
+    assert inbox.offer_many([_m(i, size=300) for i in range(2, 5)], lambda: False) == []
+    assert inbox.nbytes == 900 and not inbox.full()
+    assert inbox.offer(_m(5, size=300), lambda: False) and inbox.full()
+    # Closing while waiting: the rest of the batch is handed back, in order.
+    rest = [_m(i, size=10) for i in range(6, 9)]
+    assert inbox.offer_many(rest, lambda: True) == rest
+    with pytest.raises(ValueError, match="at least 1 byte"):
+        Inbox(10, max_bytes=0)
+
+
+# --- with a broker --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def window_broker(mosquitto_factory: MosquittoFactory) -> Iterator[Mosquitto]:
+    yield mosquitto_factory(max_inflight_messages=40, max_queued_messages=10_000)
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_in_flight_window_is_the_brokers_receive_maximum(
+    window_broker: Mosquitto, protocol: str
+) -> None:
+    """paho ignores the Receive Maximum of an MQTT 5 CONNACK; fededge's client takes it (40
+    here), and keeps 20 under MQTT 3.1.1, which cannot announce one."""
+    c = MqttClient(window_broker.settings(protocol=protocol), f"w-{uuid.uuid4().hex[:6]}")
+    with c:
+        assert c._client._max_inflight_messages == (40 if protocol == "5" else 20)
+        for i in range(200):  # more than the window: all acknowledged, none refused
+            c.publish(f"w/{i}", b"x", qos=1, wait=i == 199, timeout=30)
+        assert c._client._inflight_messages == 0
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_group_acking_subscriber_gets_everything_once_in_order(
+    window_broker: Mosquitto, protocol: str
+) -> None:
+    """A subscriber that takes messages in groups and acknowledges each group after
+    publishing a receipt per message (the aggregator's pattern), through the batch path:
+    every message exactly once, in order, and the inbox never above its bound."""
+    settings = window_broker.settings(protocol=protocol)
+    topic = f"g/{uuid.uuid4().hex[:8]}"
+    sub = MqttClient(settings, f"s-{uuid.uuid4().hex[:6]}", manual_ack=True, max_inbox=50)
+    pub = MqttClient(settings, f"p-{uuid.uuid4().hex[:6]}")
+    with sub, pub:
+        sub.subscribe(f"{topic}/+", qos=1)
+        n = 3000
+        for i in range(n):
+            pub.publish(f"{topic}/d{i % 7}", i.to_bytes(4, "big") * 10, qos=1)
+        got: list[int] = []
+        most = 0
+        while len(got) < n:
+            batch = [sub.messages.get(timeout=30)]
+            most = max(most, sub.messages.qsize() + 1)
+            while len(batch) < 20 and sub.messages.qsize():
+                batch.append(sub.messages.get_nowait())
+            with sub.batched():
+                for m in batch:
+                    sub.publish(f"{topic}-receipts/{m.mid}", b"r", qos=1)
+                    sub.ack(m)
+            got += [int.from_bytes(m.payload[:4], "big") for m in batch]
+        assert got == list(range(n))
+        assert most <= 50
