@@ -95,7 +95,7 @@ class Recorder:
         self.peer, sock = socket.socketpair()
         sock.setblocking(False)
         self.client._sock = read_ahead(sock) if cls is PahoClient else sock
-        self.client._state = paho._ConnectionState.MQTT_CS_CONNECTED
+        self.client._state = paho._ConnectionState.MQTT_CS_CONNECTED  # type: ignore[attr-defined]
         self.published: list[tuple[Any, ...]] = []
         self.acked: list[tuple[int, int]] = []
         self.client.on_message = self._on_message
