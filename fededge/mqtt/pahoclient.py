@@ -9,6 +9,10 @@
   four to five copies of every payload, i.e. milliseconds per 4 MB update. Here the fields
   are read from a memoryview and only the payload is copied out. QoS 2 (and the invalid QoS
   3) goes paho's way.
+- Outgoing packets that need nothing but sending (everything except QoS 0 PUBLISH, whose
+  ``on_publish`` paho calls when written, and DISCONNECT) go out together in one ``sendmsg``
+  (``_packet_write``): paho makes one ``send`` system call per packet, and a receiver that
+  answers each update with a receipt and a PUBACK sends two packets per update.
 - Small packets are handled in batches (``_read_batch``): every whole packet in the read-ahead
   buffer is parsed in one loop; a run of PUBLISHes (QoS 0/1, no MQTT 5 properties, UTF-8
   topic) goes to ``on_publish_batch`` in one call, so the receiver takes its lock and wakes its
@@ -39,6 +43,9 @@ from fededge.mqtt.readahead import ReadAheadSocket, read_ahead
 #: The overrides below are copies/adaptations of paho 2.2's private methods: used only there.
 PAHO_RECEIVE_PATH = importlib.metadata.version("paho-mqtt").startswith("2.2.")
 PREALLOCATE_MAX = 64 * 1024 * 1024  # larger bodies grow as they arrive, as in paho
+#: Bytes and packets gathered into one ``sendmsg`` (IOV_MAX is 1024 on Linux).
+GATHER_BYTES = 1 << 20
+GATHER_PACKETS = 512
 
 
 class Received(NamedTuple):
@@ -316,6 +323,59 @@ class PahoClient(paho.Client):
             else:
                 message.state = paho.mqtt_ms_queued
         return info
+
+    def _packet_write(self) -> MQTTErrorCode:
+        # paho 2.2's _packet_write, with runs of plain packets gathered into one sendmsg.
+        sock = self._sock
+        out = self._out_packet
+        if not isinstance(sock, ReadAheadSocket):
+            return super()._packet_write()  # TLS, websockets: paho's way
+        while out:
+            head = out[0]
+            if head["command"] & 0xF0 == paho.DISCONNECT or (
+                head["command"] & 0xF0 == paho.PUBLISH and head["qos"] == 0
+            ):
+                return super()._packet_write()  # paho acts once these are written
+            batch: list[Any] = []
+            size = 0
+            while out and size < GATHER_BYTES and len(batch) < GATHER_PACKETS:
+                p = out.popleft()  # other threads only append: popleft/appendleft are safe
+                if p["command"] & 0xF0 == paho.DISCONNECT or (
+                    p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0
+                ):
+                    out.appendleft(p)
+                    break
+                batch.append(p)
+                size += p["to_process"]
+            views = [memoryview(p["packet"])[p["pos"] :] for p in batch]
+            try:
+                n = sock.raw.sendmsg(views)
+            except BlockingIOError:
+                out.extendleft(reversed(batch))
+                self._call_socket_register_write()
+                return MQTTErrorCode.MQTT_ERR_AGAIN
+            except OSError as err:
+                out.extendleft(reversed(batch))
+                self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+                return MQTTErrorCode.MQTT_ERR_CONN_LOST
+            finally:
+                for v in views:
+                    v.release()
+            i = 0
+            while i < len(batch) and n >= batch[i]["to_process"]:
+                n -= batch[i]["to_process"]
+                batch[i]["pos"] += batch[i]["to_process"]
+                batch[i]["to_process"] = 0
+                i += 1
+            if i < len(batch):  # the socket took part of it: the rest goes first next time
+                batch[i]["pos"] += n
+                batch[i]["to_process"] -= n
+                out.extendleft(reversed(batch[i:]))
+                if n == 0 and i == 0:
+                    break
+        with self._msgtime_mutex:
+            self._last_msg_out = paho.time_func()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _read_batch(self, sock: ReadAheadSocket) -> MQTTErrorCode | None:
         """Handle the whole packets at the start of the read-ahead buffer that the batch path
