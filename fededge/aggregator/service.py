@@ -79,11 +79,15 @@ def carry_out(
     *,
     strict: bool = False,
 ) -> None:
-    """Carry out the core's effects in order; a failed publication is logged unless ``strict``."""
+    """Carry out the core's effects in order; a failed publication is logged unless ``strict``.
+
+    Acknowledgements are sent together after the publications (each still after its receipt).
+    """
+    acks: list[Message] = []
     for e in effects:
         if isinstance(e, Ack):
             if isinstance(e.handle, Message):
-                client.ack(e.handle)
+                acks.append(e.handle)
         elif isinstance(e, Publish):
             try:
                 client.publish(e.topic, e.payload, qos=e.qos, retain=e.retain)
@@ -93,11 +97,14 @@ def carry_out(
                 # A lost receipt: the device resends and gets a "duplicate" receipt.
                 log.warning("publication on %s failed: %s", e.topic, err)
         elif isinstance(e, NewVersion):
+            client.ack_many(acks)
+            acks = []
             for cb in callbacks:
                 try:
                     cb(e.model, e.old, e.new)
                 except Exception:  # logged with its traceback; the service goes on
                     log.exception("on_new_version callback %r failed", cb)
+    client.ack_many(acks)
 
 
 class _RoundHost:
@@ -363,11 +370,8 @@ class Aggregator:
         # twice the group), and when the window is full nothing can arrive before our PUBACKs.
         # ``commit_delay`` > 0 restores a bounded wait for lightly loaded, fsync-bound disks.
         limit = self.cfg.group_commit_max
-        while len(batch) < limit:
-            try:
-                batch.append(inbox.get_nowait())
-            except queue.Empty:
-                break
+        if len(batch) < limit:
+            batch += inbox.take(limit - len(batch))
         if self.cfg.commit_delay > 0 and len(batch) < limit:
             deadline = time.monotonic() + self.cfg.commit_delay
             while len(batch) < limit:

@@ -393,6 +393,11 @@ class MqttClient:
         if self.manual_ack:
             self._session.ack(message)
 
+    def ack_many(self, messages: list[Message]) -> None:
+        """``ack`` each of ``messages`` in order (one lock for all)."""
+        if self.manual_ack and messages:
+            self._session.ack_many(messages)
+
     def _ack_taken(self, message: Message) -> None:
         # Without manual_ack a message is acknowledged as it leaves the inbox: the broker's
         # in-flight window then bounds what waits in it (see Inbox).

@@ -148,6 +148,19 @@ class Inbox(queue.Queue[Message]):
         self.blocked.clear()
         return True
 
+    def take(self, limit: int) -> list[Message]:
+        """Up to ``limit`` waiting messages, oldest first, without waiting (one lock for all);
+        as ``get_nowait`` for each."""
+        with self.mutex:
+            n = min(limit, len(self.queue))
+            taken = [self._get() for _ in range(n)]
+            if n:
+                self.not_full.notify(n)
+        if self._on_take is not None:
+            for message in taken:
+                self._on_take(message)
+        return taken
+
     def get(self, block: bool = True, timeout: float | None = None) -> Message:
         message = super().get(block, timeout)
         if self._on_take is not None:

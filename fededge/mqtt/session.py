@@ -134,27 +134,35 @@ class Session:
         if failure is not None:
             raise TransportError(f"broker {self.addr} refused publish to {what}: {failure}")
 
+    def ack_many(self, messages: list[Message]) -> None:
+        """``ack`` each of ``messages``, in order, under one hold of the lock."""
+        with self.lock:
+            for message in messages:
+                self._ack_locked(message)
+
     def ack(self, message: Message) -> None:
         """Send the PUBACK of a QoS>0 message, if it came on the current connection.
 
         After a reconnect the broker redelivers every unacknowledged message and reuses freed
         ids, so acking a stale id could acknowledge a different message before it is processed.
         """
-        if message.qos == 0 or self.client is None:
-            return
         # Held while queueing the PUBACK: on_disconnect takes the same lock before paho goes on
         # to reconnect (which walks its packet queue), so the check and the append are one step
         # with respect to a connection change.
         with self.lock:
-            current = message._conn == self.conn and message.mid in self.unacked
-            if current:
-                self.unacked.discard(message.mid)
-            if not current or not self.connected.is_set():
-                self.log.debug(
-                    "not acking mid %d of %s: connection changed", message.mid, message.topic
-                )
-                return
-            rc = self.client.ack(message.mid, message.qos)
+            self._ack_locked(message)
+
+    def _ack_locked(self, message: Message) -> None:
+        if message.qos == 0 or self.client is None:
+            return
+        current = message._conn == self.conn and message.mid in self.unacked
+        if current:
+            self.unacked.discard(message.mid)
+        if not current or not self.connected.is_set():
+            self.log.debug("not acking mid %d of %s: connection changed", message.mid,
+                           message.topic)  # fmt: skip
+            return
+        rc = self.client.ack(message.mid, message.qos)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"cannot acknowledge {message.topic!r}: {paho.error_string(rc)}")
 
