@@ -329,3 +329,28 @@ def test_update_header_is_the_json_encoders(weight: float, norm: float) -> None:
     assert update_header("dev-1.u_2", weight, norm, 17) == want
     assert update_header("u", float("inf"), norm, 0) is None
     assert update_header("u", 3, norm, 0) is None  # an int: the encoder writes it
+
+
+def test_wal_records_are_zlib_crc32_whatever_computes_it(tmp_path) -> None:
+    # wal.py uses ISA-L's CRC-32 when installed: the same checksum as zlib's, so segments
+    # written by either read with either. Records are written as head + payload (no copy).
+    import struct
+    import zlib
+
+    from fededge.aggregator import wal
+
+    payload = np.arange(1000, dtype=np.float32).tobytes()
+    header = {"id": "u1", "weight": 2.0, "norm": 0.5, "group": 3}
+    rec = wal.encode_record(header, payload)
+    magic, hlen, plen, crc = struct.unpack_from("<4sIQI", rec)
+    h = rec[20 : 20 + hlen]
+    assert (magic, plen, rec[20 + hlen :]) == (b"FEW1", len(payload), payload)
+    assert crc == zlib.crc32(h + payload)
+    w = wal.SegmentWriter(tmp_path / "seg", fsync=False)
+    w.append(header, payload)
+    w.append(wal.update_header("u2", 1.0, 0.25, 3) or b"", payload[:12])
+    w.commit()
+    w.close()
+    records, damage = wal.scan_segment(tmp_path / "seg")
+    assert damage is None and [r.payload for r in records] == [payload, payload[:12]]
+    assert (tmp_path / "seg").read_bytes().startswith(rec)

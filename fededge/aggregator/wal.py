@@ -7,7 +7,6 @@ import logging
 import math
 import os
 import struct
-import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,11 @@ from typing import Any
 
 from fededge.errors import StorageError
 from fededge.fsio import fsync_dir
+
+try:  # ISA-L's CRC-32: the same checksum as zlib's, about 5x faster on 4 MB records
+    from isal.isal_zlib import crc32
+except ImportError:  # pragma: no cover - isal comes with the aggregator extra
+    from zlib import crc32
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +43,14 @@ _HEADER_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 def encode_record(header: dict[str, Any] | bytes, payload: bytes) -> bytes:
     """A record of ``header`` (a dict, or its JSON from ``update_header``) and ``payload``."""
+    return record_head(header, payload) + payload
+
+
+def record_head(header: dict[str, Any] | bytes, payload: bytes) -> bytes:
+    """What precedes ``payload`` in its record (``encode_record`` without copying it)."""
     h = header if isinstance(header, bytes) else _HEADER_JSON(header).encode()
-    crc = zlib.crc32(payload, zlib.crc32(h))
-    return _PREFIX.pack(_MAGIC, len(h), len(payload), crc) + h + payload
+    crc = crc32(payload, crc32(h))
+    return _PREFIX.pack(_MAGIC, len(h), len(payload), crc) + h
 
 
 def update_header(update_id: str, weight: float, norm: float, group: int) -> bytes | None:
@@ -73,7 +82,8 @@ class SegmentWriter:
             fsync_dir(path.parent)
 
     def append(self, header: dict[str, Any] | bytes, payload: bytes) -> None:
-        self._pending.append(encode_record(header, payload))
+        # Head and payload as two parts of the writev: the payload is never copied.
+        self._pending += (record_head(header, payload), payload)
 
     def commit(self) -> None:
         """Group commit: one write and one fsync for every record appended since the last."""
@@ -226,7 +236,7 @@ def _check(data: bytes, pos: int) -> str | None:
         return "truncated record"
     h = data[start : start + hlen]
     p = data[start + hlen : start + hlen + plen]
-    if zlib.crc32(p, zlib.crc32(h)) != crc:
+    if crc32(p, crc32(h)) != crc:
         return "CRC mismatch"
     return None
 
