@@ -186,6 +186,7 @@ class Aggregator:
             will=Will(self.topics.aggregator_status, self._offline()),
             name="aggregator",
             exclusive=True,  # another process with our id: stop, never kick it back (lease.py)
+            in_place_payloads=True,  # 4 MB updates are not copied after the socket read
         )
 
     # -- public API -------------------------------------------------------------------------

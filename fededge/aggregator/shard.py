@@ -93,7 +93,7 @@ class ShardWorker:
         self.accepted_total = 0
         self.client = MqttClient(settings.broker, f"fededge-aggregator-{settings.task}-{self.worker}",
                                  persistent=True, manual_ack=True, exclusive=True,
-                                 name=self.worker)  # fmt: skip
+                                 name=self.worker, in_place_payloads=True)  # fmt: skip
 
     # -- durable state ------------------------------------------------------------------------
     def _log_path(self, seq: int) -> Path:

@@ -97,7 +97,7 @@ class Gateway:
         self.merged_total = 0
         self.client = MqttClient(settings.broker, f"fededge-gateway-{settings.task}-{gw.site}",
                                  persistent=True, manual_ack=True, exclusive=True,
-                                 name="gateway")  # fmt: skip
+                                 name="gateway", in_place_payloads=True)  # fmt: skip
 
     # -- running ---------------------------------------------------------------------------------
     def start(self, tick: Callable[[], object] = lambda: None,

@@ -91,7 +91,9 @@ class MqttClient:
     Received messages go to ``messages`` (an ``Inbox``: a bounded ``queue.Queue``, see there
     for what happens when it is full). With ``manual_ack=True`` every QoS>0 message taken from
     it must be passed to ``ack`` once it is processed - duplicates included; otherwise taking
-    a message acknowledges it.
+    a message acknowledges it. With ``in_place_payloads`` a payload of 64 KiB or more is a
+    ``bytearray`` (the buffer the socket filled, not copied): read it like bytes, never
+    modify it, never use it as a dict key.
     """
 
     def __init__(
@@ -106,6 +108,7 @@ class MqttClient:
         max_inbox: int = DEFAULT_INBOX,
         name: str = "mqtt",
         exclusive: bool = False,
+        in_place_payloads: bool = False,
     ) -> None:
         if not client_id:
             raise ConfigError("MQTT client id must not be empty")
@@ -136,6 +139,10 @@ class MqttClient:
         self._started = False
 
         self._client = _paho_client(broker, client_id, persistent, max_queued, will)
+        if isinstance(self._client, PahoClient):
+            # Large payloads stay in the buffer they were received into (pahoclient.py): a
+            # bytearray, which the aggregator's parsers, WAL and hashes read like bytes.
+            self._client.in_place_payloads = in_place_payloads
         self._session.attach(self._client)
 
     # --- connection -------------------------------------------------------------------------

@@ -7,8 +7,10 @@
   the packet with ``struct.unpack(f"!H{n}s")`` and slicing, copying the rest of the packet at
   each field (topic length, topic, packet id, and under MQTT 5 twice more in the properties):
   four to five copies of every payload, i.e. milliseconds per 4 MB update. Here the fields
-  are read from a memoryview and only the payload is copied out. QoS 2 (and the invalid QoS
-  3) goes paho's way.
+  are read from a memoryview and only the payload is copied out. With ``in_place_payloads``
+  (the aggregator's clients) not even that from ``IN_PLACE_MIN`` on: the payload is the
+  packet's own buffer with its head cut off, a ``bytearray`` (reads like ``bytes``; nothing
+  writes to a received payload). QoS 2 (and the invalid QoS 3) goes paho's way.
 - Outgoing packets that need nothing but sending (everything except QoS 0 PUBLISH, whose
   ``on_publish`` paho calls when written, and DISCONNECT) go out together in one ``sendmsg``
   (``_packet_write``): paho makes one ``send`` system call per packet, and a receiver that
@@ -29,7 +31,7 @@ from __future__ import annotations
 import importlib.metadata
 import threading
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
@@ -46,6 +48,9 @@ PREALLOCATE_MAX = 64 * 1024 * 1024  # larger bodies grow as they arrive, as in p
 #: Bytes and packets gathered into one ``sendmsg`` (IOV_MAX is 1024 on Linux).
 GATHER_BYTES = 1 << 20
 GATHER_PACKETS = 512
+#: From this size a PUBLISH's payload is the packet's buffer (a ``bytearray``), not a copy,
+#: in clients made with ``in_place_payloads`` (decode_publish).
+IN_PLACE_MIN = 64 * 1024
 
 
 class Received(NamedTuple):
@@ -78,7 +83,9 @@ class Publish(NamedTuple):
     payload: bytes
 
 
-def decode_publish(header: int, packet: bytes | bytearray, v5: bool) -> Publish:
+def decode_publish(
+    header: int, packet: bytes | bytearray, v5: bool, *, in_place: bool = False
+) -> Publish:
     """What paho's ``_packet.decode_publish`` returns, copying only the payload; malformed
     packets raise ``MalformedPacket`` as there."""
     mv = memoryview(packet)
@@ -126,7 +133,14 @@ def decode_publish(header: int, packet: bytes | bytearray, v5: bool) -> Publish:
             except Exception as e:  # what paho's convert_exception turns into MalformedPacket
                 raise MalformedPacket(str(e)) from e
         pos = end
-    payload = bytes(mv[pos:])
+    if in_place and n - pos >= IN_PLACE_MIN and isinstance(packet, bytearray):
+        # The packet's own buffer becomes the payload: deleting a bytearray's head moves its
+        # start (no copy), so a large payload is never copied after the socket filled it.
+        mv.release()
+        del packet[:pos]
+        payload = cast(bytes, packet)  # a bytearray: see the module docstring
+    else:
+        payload = bytes(mv[pos:])
     return Publish(bool(header & 0x08), qos, bool(header & 0x01), topic, mid, properties, payload)
 
 
@@ -160,6 +174,8 @@ class PahoClient(paho.Client):
     #: Takes a batch of received PUBLISHes (set by the session; None: paho's ``on_message``).
     #: Batches are read only with ``manual_ack``: this client never acknowledges them itself.
     on_publish_batch: Callable[[list[Received]], None] | None = None
+    #: Large payloads are the received packet's buffer, a bytearray (``decode_publish``).
+    in_place_payloads = False
 
     def _create_socket(self) -> Any:
         return read_ahead(super()._create_socket())
@@ -268,7 +284,8 @@ class PahoClient(paho.Client):
         if header & 0x06 in (0x04, 0x06):  # QoS 2, or 3 (a protocol error): paho decides
             return super()._handle_publish()
         r = decode_publish(header, self._in_packet["packet"],
-                           self._protocol == MQTTProtocolVersion.MQTTv5)  # fmt: skip
+                           self._protocol == MQTTProtocolVersion.MQTTv5,
+                           in_place=self.in_place_payloads)  # fmt: skip
         message = paho.MQTTMessage(mid=r.mid, topic=r.topic)
         message.dup = r.dup
         message.qos = r.qos

@@ -11,7 +11,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode
@@ -289,7 +289,11 @@ class Session:
                 conn = self.conn
                 if msg.qos > 0:
                     self.unacked.add(msg.mid)
-            message = Message(topic, bytes(msg.payload), msg.qos, bool(msg.retain), msg.mid,
+            # bytes, or with in_place_payloads a large payload's own bytearray (pahoclient.py)
+            payload = msg.payload
+            if type(payload) is not bytearray:
+                payload = bytes(payload)  # no copy if it is bytes already
+            message = Message(topic, cast(bytes, payload), msg.qos, bool(msg.retain), msg.mid,
                               bool(msg.dup), conn)  # fmt: skip
             if not self.inbox.offer(message, lambda: self.closing):
                 self._not_queued(message)
