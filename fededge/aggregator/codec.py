@@ -37,12 +37,12 @@ def tensor_norm(update: Update, name: str, shape: tuple[int, ...]) -> float:
             f"tensor {name!r} is {arr.dtype}, not {want} (encoding {update.encoding})",
             reason=RejectReason.WRONG_DTYPE,
         )
-    if tuple(arr.shape) != shape:
+    if arr.shape != shape:
         raise ProtocolError(
             f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}",
             reason=RejectReason.WRONG_SHAPE,
         )
-    flat = arr.reshape(-1)
+    flat = arr if arr.ndim == 1 else arr.reshape(-1)
     if update.encoding == "f32":
         return kernels.l2_norm(flat)
     if update.encoding == "f16":

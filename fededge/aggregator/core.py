@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator import robust
-from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
+from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish, ack, publish
 from fededge.aggregator.fleet import FleetTracker
 from fededge.aggregator.gauges import CoreGauges
 from fededge.aggregator.metrics import AggregatorMetrics
@@ -88,6 +88,8 @@ class AggregatorCore:
         self._last_status: float | None = None  # when the last status was published
         self._kernel_seconds = 0.0  # validation time of the batch being ingested
         self._receipts = self.topics.receipt("d")[:-1]  # + a device name checked on arrival
+        # The common receipt's JSON up to the device name (see _answer).
+        self._receipt_head = f'{{"v":1,"kind":"receipt","task":"{settings.task}","device":"'
 
     def is_update(self, topic: str) -> bool:
         return self.topics.device_of(topic, "updates") is not None
@@ -221,12 +223,20 @@ class AggregatorCore:
 
     def _accept(self, msgs: list[Incoming], updates: list[Update], now: float) -> list[Effect]:
         """Receipts of a durable, folded group; the version too if it is complete."""
-        _, pending = self.state.ready()
+        model, pending = self.state.ready()
         out: list[Effect] = []
         target = pending.base.version + 1
         self.fleet.on_updates([(u.device, u.base_version) for u in updates], pending.base.version)
+        # _answer(msg, update.device, update.update_id, "accepted", target) for each, in one
+        # loop: every update here is named and its device checked (a name, never "?").
+        head = self._receipt_head
+        tail = f'","status":"accepted","version":{model.version},"pending":{target}}}'
+        sign, receipts, kind, append = self.state.sign, self._receipts, SignedKind.RECEIPT, out.append
         for msg, update in zip(msgs, updates, strict=True):
-            out += self._answer(msg, update.device, update.update_id, "accepted", target)
+            device = update.device
+            text = f'{head}{device}","update_id":"{update.update_id}{tail}'
+            append(publish(receipts + device, sign(kind, text.encode())))
+            append(ack(msg.handle))
         self.accepted_total += len(updates)
         self.metrics.accepted.inc(len(updates))
         self.metrics.pending.set(pending.sums.count)
@@ -294,15 +304,15 @@ class AggregatorCore:
             # Receipt(...).to_bytes() (tests/test_aggregator_core.py compares them).
             version = model.version
             text = (
-                f'{{"v":1,"kind":"receipt","task":"{self.settings.task}","device":"{device}",'
+                f'{self._receipt_head}{device}",'
                 f'"update_id":"{update_id}","status":"{status}","version":{version}}}'
                 if pending is None
-                else f'{{"v":1,"kind":"receipt","task":"{self.settings.task}","device":"{device}",'
+                else f'{self._receipt_head}{device}",'
                 f'"update_id":"{update_id}","status":"{status}","version":{version},'
                 f'"pending":{pending}}}'
             )
             payload = self.state.sign(SignedKind.RECEIPT, text.encode())
-            out.append(Publish(self._receipts + device, payload))
+            out.append(publish(self._receipts + device, payload))
         elif update_id is not None and device != "?":
             receipt = Receipt(
                 task=self.settings.task,
@@ -316,7 +326,7 @@ class AggregatorCore:
             )
             payload = self.state.sign(SignedKind.RECEIPT, receipt.to_bytes())
             out.append(Publish(self.topics.receipt(device), payload))
-        out.append(Ack(msg.handle))
+        out.append(ack(msg.handle))
         return out
 
     # -- versions ---------------------------------------------------------------------------

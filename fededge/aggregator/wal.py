@@ -39,9 +39,32 @@ _HEADER_JSON = json.JSONEncoder(separators=(",", ":"), sort_keys=True).encode
 
 def encode_record(header: dict[str, Any] | bytes, payload: bytes) -> bytes:
     """A record of ``header`` (a dict, or its JSON from ``update_header``) and ``payload``."""
+    return _record_head(header, payload) + payload
+
+
+def _record_head(header: dict[str, Any] | bytes, payload: bytes) -> bytes:
+    """A record up to its payload: prefix and header (the payload follows as it is)."""
     h = header if isinstance(header, bytes) else _HEADER_JSON(header).encode()
-    crc = zlib.crc32(payload, zlib.crc32(h))
-    return _PREFIX.pack(_MAGIC, len(h), len(payload), crc) + h + payload
+    return _PACK(_MAGIC, len(h), len(payload), _crc32(payload, _crc32(h))) + h
+
+
+_PACK = _PREFIX.pack
+# zlib.crc32 releases the GIL for inputs over 5 KiB. For a small payload that costs more than it
+# saves: in the aggregator the MQTT network thread takes the GIL and the main thread waits for
+# it back (see SegmentWriter), so payloads below _CRC_SPLIT are checksummed in pieces that keep
+# it; the CRC is the same (crc32 chains). Large ones release it (the MQTT thread runs meanwhile).
+_CRC_PIECE = 5 * 1024
+_CRC_SPLIT = 64 * 1024
+
+
+def _crc32(data: bytes, crc: int = 0) -> int:
+    n = len(data)
+    if n <= _CRC_PIECE or n >= _CRC_SPLIT:
+        return zlib.crc32(data, crc)
+    view = memoryview(data)
+    for i in range(0, n, _CRC_PIECE):
+        crc = zlib.crc32(view[i : i + _CRC_PIECE], crc)
+    return crc
 
 
 def update_header(update_id: str, weight: float, norm: float, group: int) -> bytes | None:
@@ -73,7 +96,8 @@ class SegmentWriter:
             fsync_dir(path.parent)
 
     def append(self, header: dict[str, Any] | bytes, payload: bytes) -> None:
-        self._pending.append(encode_record(header, payload))
+        # The record as two parts for the writev, head and payload: no copy of the payload.
+        self._pending += (_record_head(header, payload), payload)
 
     def commit(self) -> None:
         """Group commit: one write and one fsync for every record appended since the last."""

@@ -103,10 +103,14 @@ def decode_tensors(
     (hlen,) = _U64.unpack_from(buf, 0)
     if hlen > max_header or hlen > size - 8:
         raise ProtocolError(f"safetensors header length {hlen} is out of bounds")
-    try:
-        header = json.loads(str(buf[8 : 8 + hlen], "utf-8"))
-    except (ValueError, RecursionError) as e:  # also bad UTF-8 and >4300-digit integers
-        raise ProtocolError(f"safetensors header is not valid JSON: {str(e)[:200]}") from None
+    header = _scan_header(buf, hlen)
+    if header is _NOT_SCANNED:  # json.loads: the same value, or the error to report
+        try:
+            header = json.loads(str(buf[8 : 8 + hlen], "utf-8"))
+        except (ValueError, RecursionError) as e:  # also bad UTF-8 and >4300-digit integers
+            raise ProtocolError(
+                f"safetensors header is not valid JSON: {str(e)[:200]}"
+            ) from None
     if type(header) is not dict:  # json.loads builds plain dicts, lists, str, int, float, bool
         raise ProtocolError("safetensors header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -118,6 +122,7 @@ def decode_tensors(
     if len(header) > MAX_TENSORS:
         raise ProtocolError(f"{len(header)} tensors exceed the limit of {MAX_TENSORS}")
     data = buf[8 + hlen :]
+    writable = not buf.readonly
     entries = [(_offsets(name, info), name, info) for name, info in header.items()]
     if len(entries) > 1:
         entries.sort(key=_first)
@@ -145,7 +150,8 @@ def decode_tensors(
         arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
         if len(shape) != 1:
             arr = arr.reshape(shape)
-        arr.flags.writeable = False
+        if writable:  # a view of a read-only buffer (bytes) is read-only already
+            arr.flags.writeable = False
         tensors[name] = arr
         pos = end
     if pos != ndata:
@@ -156,6 +162,22 @@ def decode_tensors(
 
 
 _U64 = struct.Struct("<Q")
+_NOT_SCANNED = object()
+# The scanner json.loads itself uses (the default decoder's): called directly it skips the
+# Python layers of json.loads (decode, raw_decode and two whitespace regexes).
+_SCAN = json.decoder.JSONDecoder().scan_once
+
+
+def _scan_header(buf: memoryview, hlen: int) -> Any:
+    """The header as ``json.loads`` parses it, for the common header (a JSON value, then only
+    the spaces that pad it); ``_NOT_SCANNED`` for anything else, which ``json.loads`` then
+    parses or refuses with its own message."""
+    try:
+        text = str(buf[8 : 8 + hlen], "utf-8").rstrip(" ")
+        value, end = _SCAN(text, 0)
+    except Exception:  # StopIteration, ValueError, RecursionError: json.loads says what
+        return _NOT_SCANNED
+    return value if end == len(text) else _NOT_SCANNED
 
 
 def _first(entry: tuple[tuple[int, int], str, Any]) -> tuple[int, int]:
