@@ -97,9 +97,13 @@ class AggregatorCore:
     # -- updates ----------------------------------------------------------------------------
     def ingest(self, msg: Incoming) -> list[Effect]:
         """Validate one update: stage it for ``commit`` (no effects yet) or answer it now."""
-        model, pending = self.state.ready()
+        # Runs once per update on the aggregator's main thread: attributes read once each.
+        state = self.state
+        model, pending = state.ready()
+        payload = msg.payload
+        size = len(payload)
         device = self.topics.device_of(msg.topic, "updates") or "?"
-        self.metrics.bytes_in.inc(len(msg.payload))  # at once: it shows the update arrived
+        self.metrics.bytes_in.inc(size)  # at once: it shows the update arrived
         if msg.qos == 0:
             # QoS 0 has no acknowledgement and no redelivery, so "a receipt means durable"
             # cannot hold for it; devices always use QoS 1. Dropped without a receipt.
@@ -107,18 +111,20 @@ class AggregatorCore:
             log.warning("dropped a QoS 0 update device=%s topic=%s (updates must use QoS 1)",
                         device, msg.topic)  # fmt: skip
             return [Ack(msg.handle)]
-        t0 = self._perf()
+        perf = self._perf
+        t0 = perf()
         update: Update | None = None
-        limit = self.state.update_limit
+        limit = state.update_limit
         try:
-            if len(msg.payload) > limit:
+            if size > limit:
                 raise ProtocolError(
-                    f"{len(msg.payload)} bytes exceed the update limit of {limit} bytes "
+                    f"{size} bytes exceed the update limit of {limit} bytes "
                     "(max_update_bytes, or 2x the model message)",
                     reason=RejectReason.OVERSIZE,
                 )
-            update = Update.from_bytes(msg.payload, max_bytes=limit)
-            if self.state.plan.secure_aggregation is not None:
+            update = Update.from_bytes(payload, max_bytes=limit)
+            plan = state.plan
+            if plan.secure_aggregation is not None:
                 raise ProtocolError(
                     "the plan asks for secure aggregation: send masked inputs in rounds",
                     reason=RejectReason.SECURE_AGGREGATION,
@@ -130,17 +136,18 @@ class AggregatorCore:
                 # a crash before the commit would leave the device holding a false receipt.
                 self._after_commit.append((msg, device, uid))
                 return []
-            if key in self.state.dedup or pending.has(key):
+            dedup = state.dedup
+            if key in dedup or pending.has(key):
                 self.metrics.duplicates.inc()
                 log.info("duplicate update device=%s update_id=%s: answered again", device, uid)
                 return self._answer(msg, device, uid, "duplicate")
-            if update.base_version < self.state.dedup.floor:
+            if update.base_version < dedup.floor:
                 raise ProtocolError(
                     f"base version {update.base_version} is older than the oldest version whose "
-                    f"update ids are remembered ({self.state.dedup.floor})",
+                    f"update ids are remembered ({dedup.floor})",
                     reason=RejectReason.STALE,
                 )
-            quota = self.state.plan.max_updates_per_device
+            quota = plan.max_updates_per_device
             if pending.device_count(device) >= quota:
                 # After deduplication: a resend of a counted update is a duplicate, not this.
                 raise ProtocolError(
@@ -153,9 +160,9 @@ class AggregatorCore:
                 task=self.settings.task,
                 device=device,
                 current_version=model.version,
-                plan=self.state.plan,
+                plan=plan,
                 layout=pending.layout,
-                clip=clip_in_force(self.state.plan, model),
+                clip=clip_in_force(plan, model),
             )
         except ProtocolError as e:
             log.warning("rejected update device=%s topic=%s reason=%s: %s",
@@ -163,8 +170,8 @@ class AggregatorCore:
             uid_or_none = update.update_id if update is not None else None
             return self._reject(msg, device, uid_or_none, e.reason, e.detail)
         finally:
-            self._kernel_seconds += self._perf() - t0
-        pending.stage(update, msg.payload, weight, norm)
+            self._kernel_seconds += perf() - t0
+        pending.stage(update, payload, weight, norm)
         self._staged.append(msg)
         return []
 

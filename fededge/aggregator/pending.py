@@ -148,11 +148,30 @@ class _Sums:
     devices: list[str] = field(default_factory=list)  # the sender of each id, same order
     started: float = field(default_factory=time.time)
 
-    def add(self, update: Update, weight: float, norm: float) -> None:
-        self.count += 1
-        self.examples += update.num_examples
-        self.total_weight += weight
-        self.norm_sum += norm
+    def add_group(self, group: Sequence[tuple[Update, float, float]]) -> None:
+        """``add`` each (update, weight, norm) in order: the same sums, bit for bit (each is
+        added in the same order), with the fields read and written once per group."""
+        count, examples, total_weight, norm_sum = (
+            self.count, self.examples, self.total_weight, self.norm_sum)  # fmt: skip
+        ids, devices = self.ids, self.devices
+        for update, weight, norm in group:
+            count += 1
+            examples += update.num_examples
+            total_weight += weight
+            norm_sum += norm
+            if not (
+                update.train_loss is None
+                and update.eval_loss is None
+                and update.eval_accuracy is None
+                and update.unclipped is None
+            ):
+                self._add_metrics(update, weight)
+            ids.append(update.update_id)
+            devices.append(update.device)
+        self.count, self.examples, self.total_weight, self.norm_sum = (
+            count, examples, total_weight, norm_sum)  # fmt: skip
+
+    def _add_metrics(self, update: Update, weight: float) -> None:
         if update.train_loss is not None:
             self.loss_w += weight * update.train_loss
             self.loss_wsum += weight
@@ -163,8 +182,9 @@ class _Sums:
         if update.unclipped is not None:  # range-checked by policy.check_bit
             self.bit_sum += update.unclipped
             self.bit_count += 1
-        self.ids.append(update.update_id)
-        self.devices.append(update.device)
+
+    def add(self, update: Update, weight: float, norm: float) -> None:
+        self.add_group(((update, weight, norm),))
 
     def keys(self) -> list[str]:
         """Deduplication keys: an update id counts per device, so no device can squat another's."""
@@ -485,13 +505,16 @@ class PendingVersion:
         # Encoded updates (f16, int8) go through fused dequantise-accumulate kernels.
         pairs = [(u, w) for u, w, _ in group]
         self.domain.fold(self.acc, self.layout, pairs, parallel=self._parallel)
-        for update, weight, norm in group:
-            self.sums.add(update, weight, norm)
-            key = dedup_key(update.device, update.update_id)
-            self._ids.add(key)
-            self._per_device[update.device] += 1
-            if key in self._waiting_keys:  # not during recovery
-                self._unfolded_devices[update.device] -= 1
+        self.sums.add_group(group)
+        ids, per_device, waiting = self._ids, self._per_device, self._waiting_keys
+        unfolded = self._unfolded_devices
+        for update, _, _ in group:
+            device = update.device
+            key = dedup_key(device, update.update_id)
+            ids.add(key)
+            per_device[device] += 1
+            if key in waiting:  # not during recovery
+                unfolded[device] -= 1
 
     # -- completion -------------------------------------------------------------------------
     def finalize(self, server_lr: float) -> dict[str, NDArray[np.float32]]:

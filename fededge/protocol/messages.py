@@ -15,7 +15,7 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from fededge.errors import ProtocolError
-from fededge.protocol.tensors import decode_tensors, encode_tensors
+from fededge.protocol.tensors import decode_parts, decode_tensors, encode_tensors
 from fededge.protocol.vocab import NAME_PATTERN, NAME_RE, RejectReason, is_name
 
 PROTOCOL_VERSION = 1
@@ -547,10 +547,9 @@ class Update:
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int) -> Update:
-        p = decode_tensors(payload, max_bytes=max_bytes)
-        m = p.metadata
-        fast = _plain_update(m, p.tensors)
-        return fast if fast is not None else cls.from_fields(m, p.tensors)
+        tensors, m = decode_parts(payload, max_bytes=max_bytes)
+        fast = _plain_update(m, tensors)
+        return fast if fast is not None else cls.from_fields(m, tensors)
 
     @classmethod
     def from_fields(cls, m: dict[str, str], tensors: dict[str, NDArray[np.generic]]) -> Update:

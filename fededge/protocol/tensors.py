@@ -91,6 +91,24 @@ def decode_tensors(
     matching byte lengths, offsets contiguous from 0 and covering the whole data section), so a
     hostile payload raises ProtocolError and never an IndexError or a huge allocation.
     """
+    tensors, meta = decode_parts(payload, max_bytes=max_bytes, max_header=max_header)
+    # A frozen dataclass's __init__ sets each field through object.__setattr__: filled at
+    # once, the same object (this runs once per update the aggregator receives).
+    out = _new(TensorPayload)
+    out.__dict__.update(tensors=tensors, metadata=meta)
+    return out
+
+
+_new = object.__new__
+
+
+def decode_parts(
+    payload: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int,
+    max_header: int = MAX_HEADER_BYTES,
+) -> tuple[dict[str, NDArray[np.generic]], dict[str, str]]:
+    """``decode_tensors`` as its two parts (tensors, metadata), without the TensorPayload."""
     buf = memoryview(payload).cast("B")
     size = len(buf)
     if size > max_bytes:
@@ -147,7 +165,7 @@ def decode_tensors(
                 f"tensor {name!r}: shape {shape} of {info['dtype']} needs "
                 f"{count * dtype.itemsize} bytes, offsets give {end - start}"
             )
-        arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+        arr = np.frombuffer(data, dtype, count, start)  # positional: half the call's cost
         if len(shape) != 1:
             arr = arr.reshape(shape)
         if writable:  # a view of a read-only buffer (bytes) is read-only already
@@ -158,7 +176,7 @@ def decode_tensors(
         raise ProtocolError(f"data section has {ndata - pos} trailing bytes not in any tensor")
     if len(tensors) > 1:
         tensors = dict(sorted(tensors.items()))
-    return TensorPayload(tensors=tensors, metadata=meta)
+    return tensors, meta
 
 
 _U64 = struct.Struct("<Q")
