@@ -36,12 +36,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fededge.aggregator.core import AggregatorCore  # noqa: E402
-from fededge.aggregator.effects import Ack, Effect, Incoming, Publish  # noqa: E402
-from fededge.aggregator.metrics import AggregatorMetrics  # noqa: E402
-from fededge.aggregator.store import Store, task_root  # noqa: E402
-from fededge.protocol import ModelVersion, Plan, Topics, Update  # noqa: E402
-from fededge.settings import load_settings  # noqa: E402
+from fededge.aggregator.core import AggregatorCore
+from fededge.aggregator.effects import Ack, Effect, Incoming, Publish, incoming
+from fededge.aggregator.metrics import AggregatorMetrics
+from fededge.aggregator.store import Store, task_root
+from fededge.protocol import ModelVersion, Plan, Topics, Update
+from fededge.settings import load_settings
 
 DEVICES = 50
 
@@ -97,7 +97,7 @@ def one_run(
     n = len(msgs)
     core = make_core(state, task, d, n, fsync=not args.no_fsync)
     topics = Topics("fededge", task)
-    incoming = [(topics.update(dev), body) for dev, body in msgs]
+    messages = [(topics.update(dev), body) for dev, body in msgs]
     group = args.group
     pipeline = not args.no_pipeline
     receipts = acks = 0
@@ -113,9 +113,10 @@ def one_run(
     ingest = core.ingest
     p0, t0 = time.process_time(), time.thread_time()
     for i in range(0, n, group):
-        for topic, body in incoming[i : i + group]:
-            # As Aggregator.step: an Incoming per message; most are answered by the commit.
-            effects = ingest(Incoming(topic, body, None, 1))
+        for topic, body in messages[i : i + group]:
+            # As Aggregator.step: an Incoming per message (effects.incoming); most are
+            # answered by the commit.
+            effects = ingest(incoming(topic, body, None, 1))
             if effects:
                 count(effects)
         count(core.commit(time.time(), pipeline=pipeline))

@@ -238,11 +238,11 @@ class AggregatorCore:
         # loop: every update here is named and its device checked (a name, never "?").
         head = self._receipt_head
         tail = f'","status":"accepted","version":{model.version},"pending":{target}}}'
-        sign, receipts, kind, append = self.state.sign, self._receipts, SignedKind.RECEIPT, out.append
+        sign, receipts, append = self.state.sign, self._receipts, out.append
         for msg, update in zip(msgs, updates, strict=True):
             device = update.device
             text = f'{head}{device}","update_id":"{update.update_id}{tail}'
-            append(publish(receipts + device, sign(kind, text.encode())))
+            append(publish(receipts + device, sign(SignedKind.RECEIPT, text.encode())))
             append(ack(msg.handle))
         self.accepted_total += len(updates)
         self.metrics.accepted.inc(len(updates))

@@ -56,6 +56,13 @@ Effect = Publish | Ack | NewVersion
 _new = object.__new__
 
 
+def incoming(topic: str, payload: bytes, handle: object, qos: int) -> Incoming:
+    """``Incoming(topic, payload, handle, qos)``, built faster."""
+    m = _new(Incoming)
+    m.__dict__.update(topic=topic, payload=payload, handle=handle, qos=qos)
+    return m
+
+
 def publish(topic: str, payload: bytes) -> Publish:
     """``Publish(topic, payload)``, built faster (QoS 1, not retained)."""
     p = _new(Publish)

@@ -13,6 +13,7 @@ original order, so the recovered sum is bit-identical to the one that was acknow
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -96,9 +97,7 @@ class _SyncThread:
         self._thread.join()
 
 
-def _sync_worker(
-    ref: weakref.ref[_SyncThread], go: threading.Lock, done: threading.Lock
-) -> None:
+def _sync_worker(ref: weakref.ref[_SyncThread], go: threading.Lock, done: threading.Lock) -> None:
     while True:
         go.acquire()
         owner = ref()
@@ -117,10 +116,8 @@ def _sync_worker(
 
 def _wake(go: threading.Lock) -> None:
     """Let the worker of a collected _SyncThread see that it is gone."""
-    try:
+    with contextlib.suppress(RuntimeError):  # a job handed over, not yet taken: it wakes anyway
         go.release()
-    except RuntimeError:  # a job was handed over and not yet taken: the worker wakes anyway
-        pass
 
 
 def dedup_key(device: str, update_id: str) -> str:

@@ -98,7 +98,9 @@ def check_update(
             f"max_staleness is {plan.max_staleness}",
             reason=RejectReason.STALE,
         )
-    if not (update.train_loss is None and update.eval_loss is None and update.eval_accuracy is None):
+    if not (
+        update.train_loss is None and update.eval_loss is None and update.eval_accuracy is None
+    ):
         for key, hi in (("train_loss", 1e6), ("eval_loss", 1e6), ("eval_accuracy", 1.0)):
             value = getattr(update, key)
             # Bounded, not just finite: the aggregator sums weighted values; 1e308 overflows.
@@ -129,7 +131,10 @@ def check_update(
             )
         sq += n * n
     norm = math.sqrt(sq)
-    bound = _norm_bound(plan, size, stale_clip(plan, clip or plan.clip_norm, staleness))
+    c = clip or plan.clip_norm
+    if staleness > 0:  # stale_clip is the identity on a current update
+        c = stale_clip(plan, c, staleness)
+    bound = _norm_bound(plan, size, c)
     if norm > bound:
         raise ProtocolError(
             f"update norm {norm:.6g} exceeds the bound {bound:.6g}",

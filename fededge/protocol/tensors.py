@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -126,9 +126,7 @@ def decode_parts(
         try:
             header = json.loads(str(buf[8 : 8 + hlen], "utf-8"))
         except (ValueError, RecursionError) as e:  # also bad UTF-8 and >4300-digit integers
-            raise ProtocolError(
-                f"safetensors header is not valid JSON: {str(e)[:200]}"
-            ) from None
+            raise ProtocolError(f"safetensors header is not valid JSON: {str(e)[:200]}") from None
     if type(header) is not dict:  # json.loads builds plain dicts, lists, str, int, float, bool
         raise ProtocolError("safetensors header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -183,7 +181,7 @@ _U64 = struct.Struct("<Q")
 _NOT_SCANNED = object()
 # The scanner json.loads itself uses (the default decoder's): called directly it skips the
 # Python layers of json.loads (decode, raw_decode and two whitespace regexes).
-_SCAN = json.decoder.JSONDecoder().scan_once
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.decoder.JSONDecoder().scan_once  # type: ignore[attr-defined]
 
 
 def _scan_header(buf: memoryview, hlen: int) -> Any:
