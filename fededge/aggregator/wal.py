@@ -96,6 +96,8 @@ class SegmentWriter:
             fsync_dir(path.parent)
 
     def append(self, header: dict[str, Any] | bytes, payload: bytes) -> None:
+        """Add a record, written by the next ``write``/``commit``. The payload is written from
+        the caller's object, not a copy: it must not change before then (bytes cannot)."""
         # The record as two parts for the writev, head and payload: no copy of the payload.
         self._pending += (_record_head(header, payload), payload)
 
