@@ -215,3 +215,42 @@ def test_killed_device_process_goes_offline_by_its_last_will(broker, tmp_path) -
             assert reg.get_sample_value("fededge_fleet_devices_tracked") == 1
         finally:
             d.cleanup()
+
+
+def _on_updates_by_parts(fleet: FleetTracker, updates: list[tuple[str, int]], current: int) -> None:
+    """on_updates as it was written first: each device touched, removed and added again."""
+    for _, base in updates:
+        fleet.staleness.observe(max(0, current - base))
+    for device, _ in updates:
+        d = fleet._touch(device)
+        fleet._remove(d)
+        d.updates += 1
+        fleet._add(d)
+    fleet._evict()
+
+
+@pytest.mark.parametrize("max_devices", [3, 4, 100])
+def test_on_updates_leaves_what_remove_and_add_did(max_devices: int) -> None:
+    # The group form (the core's, once per commit) skips the online counts an update leaves
+    # unchanged: the state must be what removing and adding each device made of it.
+    ref, group = Tracked(max_devices), Tracked(max_devices)
+    events = [("a", 5), ("b", 4), ("a", 5), ("c", 3), ("d", 5), ("e", 5), ("b", 5), ("a", 2)]
+    for t in (ref, group):
+        t.fleet.on_status("a", _status("a", version=5))
+        t.fleet.on_status("b", _status("b", "training", version=4, refused="floor"))
+        t.fleet.on_status("c", _status("c", "offline"))
+    for part in (events[:3], events[3:]):
+        _on_updates_by_parts(ref.fleet, part, 5)
+        group.fleet.on_updates(part, 5)
+    for name in ("_online", "_refusing", "_versions", "_updates"):
+        assert getattr(group.fleet, name) == getattr(ref.fleet, name), name
+
+    def devices(t: Tracked) -> list[tuple[str, bool, bool, int | None, int]]:
+        return [(k, d.online, d.refused, d.version, d.updates) for k, d in t.fleet._devices.items()]
+
+    assert devices(group) == devices(ref)
+
+    def samples(t: Tracked) -> list[bytes]:  # the *_created timestamps differ: left out
+        return [x for x in generate_latest(t.registry).splitlines() if b"_created" not in x]
+
+    assert samples(group) == samples(ref)

@@ -354,3 +354,82 @@ def test_wal_records_are_zlib_crc32_whatever_computes_it(tmp_path) -> None:
     records, damage = wal.scan_segment(tmp_path / "seg")
     assert damage is None and [r.payload for r in records] == [payload, payload[:12]]
     assert (tmp_path / "seg").read_bytes().startswith(rec)
+
+
+@pytest.mark.parametrize("size", [0, 1, 5119, 5120, 5121, 10_240, 10_241, 65_535, 65_536, 200_000])
+def test_wal_records_are_unchanged_bytes(tmp_path, size: int) -> None:
+    # Records go to the writev as head + payload (no copy) and small payloads are checksummed
+    # in pieces that keep the GIL: the file holds exactly what encode_record writes.
+    import zlib
+
+    from fededge.aggregator.wal import (
+        _PREFIX,
+        SegmentWriter,
+        _crc32,
+        encode_record,
+        read_segment,
+    )
+
+    payload = np.random.default_rng(size).bytes(size)
+    assert _crc32(payload) == zlib.crc32(payload)
+    assert _crc32(payload, 12345) == zlib.crc32(payload, 12345)
+    header = {"id": "u", "weight": 1.0, "norm": 2.0, "group": 0}
+    h = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
+    want = _PREFIX.pack(b"FEW1", len(h), size, zlib.crc32(payload, zlib.crc32(h))) + h + payload
+    assert encode_record(header, payload) == encode_record(h, payload) == want
+    w = SegmentWriter(tmp_path / "s.wal", fsync=False)
+    w.append(header, payload)
+    w.append(h, payload)
+    w.commit()
+    w.close()
+    assert (tmp_path / "s.wal").read_bytes() == want + want
+    assert [r.payload for r in read_segment(tmp_path / "s.wal", repair=False)] == [payload] * 2
+
+
+def test_a_failed_pipelined_fsync_is_raised_before_anything_is_acked(tmp_path, monkeypatch) -> None:
+    import os
+
+    rng = np.random.default_rng(8)
+    p = PendingVersion(Store(tmp_path), _base(), checkpoint_every=100, max_update_bytes=1 << 20)
+    u, raw = _update(0, rng)
+    p.stage(u, raw, 1.0, 1.0)
+
+    def broken(_fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fdatasync", broken)
+    assert p.begin_commit() and p.in_flight == 1
+    with pytest.raises(StorageError, match=r"making a group of updates durable failed: .*Input/o"):
+        p.finish_commit()
+    assert p.sums.count == 0  # not folded, not returned: never acknowledged
+    monkeypatch.undo()
+    u1, raw1 = _update(1, rng)
+    p.stage(u1, raw1, 1.0, 1.0)
+    assert p.begin_commit()
+    assert [x.update_id for x in p.finish_commit()] == ["u1"]  # the thread goes on
+    p.close()
+
+
+def test_wal_sync_thread_ends_with_close_or_its_pending_version() -> None:
+    import gc
+    import threading
+
+    from fededge.aggregator.pending import _SyncThread
+
+    def alive() -> int:
+        return sum(t.name == "fededge-test-sync" for t in threading.enumerate())
+
+    s = _SyncThread("fededge-test-sync")
+    s.submit(lambda: None).result()
+    with pytest.raises(ZeroDivisionError):
+        s.submit(lambda: 1 / 0).result()
+    assert isinstance(s.exception(), ZeroDivisionError)  # kept until the next job
+    s.shutdown()
+    assert alive() == 0
+    s = _SyncThread("fededge-test-sync")
+    s.submit(lambda: None)
+    thread = s._thread
+    del s
+    gc.collect()
+    thread.join(10)
+    assert not thread.is_alive()

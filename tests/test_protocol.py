@@ -358,3 +358,45 @@ def test_json_decoders_random_values(obj) -> None:
     for cls in (Plan, Receipt, DeviceStatus, AggregatorStatus, VersionMetrics):
         with contextlib.suppress(ProtocolError):
             decode_json(payload, cls)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+        '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}     ',
+        ' \t{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}\n\r ',
+        '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}  x',
+        '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}{}',
+        '{"a": 1, "a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+        '\ufeff{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}',
+        '{"a": {"dtype": "F\\u0033\\u0032", "shape": [1], "data_offsets": [0, 4]}}',
+        "null  ",
+        "  ",
+        "",
+        "1e400",
+        "NaN",
+        "[" * 100_000 + "]" * 100_000,
+        '{"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}',
+    ],
+)
+def test_header_json_is_parsed_as_json_loads_does(text: str) -> None:
+    # decode_tensors calls json's scanner directly for the usual header: the same value, and
+    # for anything else json.loads' own value or message.
+    raw = text.encode()
+    payload = struct.pack("<Q", len(raw)) + raw + b"\0" * 4
+    try:
+        want: object = json.loads(text)
+    except (ValueError, RecursionError) as e:
+        want = f"safetensors header is not valid JSON: {str(e)[:200]}"
+    try:
+        got = decode_tensors(payload, max_bytes=1 << 22, max_header=1 << 22)
+    except ProtocolError as e:
+        if isinstance(want, str):
+            assert e.detail == want
+        else:
+            assert type(want) is not dict or not want  # refused after parsing: not JSON's error
+            assert "not valid JSON" not in e.detail
+        return
+    assert isinstance(want, dict)
+    assert set(got.tensors) == set(want) - {"__metadata__"}

@@ -37,12 +37,12 @@ def tensor_norm(update: Update, name: str, shape: tuple[int, ...]) -> float:
             f"tensor {name!r} is {arr.dtype}, not {want} (encoding {update.encoding})",
             reason=RejectReason.WRONG_DTYPE,
         )
-    if tuple(arr.shape) != shape:
+    if arr.shape != shape:
         raise ProtocolError(
             f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}",
             reason=RejectReason.WRONG_SHAPE,
         )
-    flat = arr.reshape(-1)
+    flat = arr if arr.ndim == 1 else arr.reshape(-1)
     if update.encoding == "f32":
         return kernels.l2_norm(flat)
     if update.encoding == "f16":
@@ -94,11 +94,7 @@ def fold(
                 for u, w in run:
                     kernels.accumulate(acc, u.delta[name].reshape(-1), w, parallel=True)
             else:
-                kernels.accumulate_group(
-                    acc,
-                    [u.delta[name].reshape(-1) for u, _ in run],
-                    [w for _, w in run],
-                )
+                kernels.accumulate_group(acc, _flat(run, name), [w for _, w in run])
         elif enc == "f16":
             for u, w in run:
                 kernels.dequant_accumulate_f16(acc, u.delta[name].reshape(-1), w)  # type: ignore[arg-type]
@@ -112,3 +108,12 @@ def fold(
                 [w for _, w in run],
             )
         i = j
+
+
+def _flat(run: Sequence[tuple[Update, float]], name: str) -> list[NDArray[np.float32]]:
+    """Tensor ``name`` of each update as a 1-D array (the array itself if it is one)."""
+    out = []
+    for u, _ in run:
+        a = u.delta[name]
+        out.append(a if a.ndim == 1 else a.reshape(-1))
+    return out

@@ -20,7 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator import robust
-from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
+from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish, ack, publish
 from fededge.aggregator.fleet import FleetTracker
 from fededge.aggregator.gauges import CoreGauges
 from fededge.aggregator.metrics import AggregatorMetrics
@@ -88,6 +88,8 @@ class AggregatorCore:
         self._last_status: float | None = None  # when the last status was published
         self._kernel_seconds = 0.0  # validation time of the batch being ingested
         self._receipts = self.topics.receipt("d")[:-1]  # + a device name checked on arrival
+        # The common receipt's JSON up to the device name (see _answer).
+        self._receipt_head = f'{{"v":1,"kind":"receipt","task":"{settings.task}","device":"'
 
     def is_update(self, topic: str) -> bool:
         return self.topics.device_of(topic, "updates") is not None
@@ -95,9 +97,13 @@ class AggregatorCore:
     # -- updates ----------------------------------------------------------------------------
     def ingest(self, msg: Incoming) -> list[Effect]:
         """Validate one update: stage it for ``commit`` (no effects yet) or answer it now."""
-        model, pending = self.state.ready()
+        # Runs once per update on the aggregator's main thread: attributes read once each.
+        state = self.state
+        model, pending = state.ready()
+        payload = msg.payload
+        size = len(payload)
         device = self.topics.device_of(msg.topic, "updates") or "?"
-        self.metrics.bytes_in.inc(len(msg.payload))  # at once: it shows the update arrived
+        self.metrics.bytes_in.inc(size)  # at once: it shows the update arrived
         if msg.qos == 0:
             # QoS 0 has no acknowledgement and no redelivery, so "a receipt means durable"
             # cannot hold for it; devices always use QoS 1. Dropped without a receipt.
@@ -105,18 +111,20 @@ class AggregatorCore:
             log.warning("dropped a QoS 0 update device=%s topic=%s (updates must use QoS 1)",
                         device, msg.topic)  # fmt: skip
             return [Ack(msg.handle)]
-        t0 = self._perf()
+        perf = self._perf
+        t0 = perf()
         update: Update | None = None
-        limit = self.state.update_limit
+        limit = state.update_limit
         try:
-            if len(msg.payload) > limit:
+            if size > limit:
                 raise ProtocolError(
-                    f"{len(msg.payload)} bytes exceed the update limit of {limit} bytes "
+                    f"{size} bytes exceed the update limit of {limit} bytes "
                     "(max_update_bytes, or 2x the model message)",
                     reason=RejectReason.OVERSIZE,
                 )
-            update = Update.from_bytes(msg.payload, max_bytes=limit)
-            if self.state.plan.secure_aggregation is not None:
+            update = Update.from_bytes(payload, max_bytes=limit)
+            plan = state.plan
+            if plan.secure_aggregation is not None:
                 raise ProtocolError(
                     "the plan asks for secure aggregation: send masked inputs in rounds",
                     reason=RejectReason.SECURE_AGGREGATION,
@@ -128,17 +136,18 @@ class AggregatorCore:
                 # a crash before the commit would leave the device holding a false receipt.
                 self._after_commit.append((msg, device, uid))
                 return []
-            if key in self.state.dedup or pending.has(key):
+            dedup = state.dedup
+            if key in dedup or pending.has(key):
                 self.metrics.duplicates.inc()
                 log.info("duplicate update device=%s update_id=%s: answered again", device, uid)
                 return self._answer(msg, device, uid, "duplicate")
-            if update.base_version < self.state.dedup.floor:
+            if update.base_version < dedup.floor:
                 raise ProtocolError(
                     f"base version {update.base_version} is older than the oldest version whose "
-                    f"update ids are remembered ({self.state.dedup.floor})",
+                    f"update ids are remembered ({dedup.floor})",
                     reason=RejectReason.STALE,
                 )
-            quota = self.state.plan.max_updates_per_device
+            quota = plan.max_updates_per_device
             if pending.device_count(device) >= quota:
                 # After deduplication: a resend of a counted update is a duplicate, not this.
                 raise ProtocolError(
@@ -151,9 +160,9 @@ class AggregatorCore:
                 task=self.settings.task,
                 device=device,
                 current_version=model.version,
-                plan=self.state.plan,
+                plan=plan,
                 layout=pending.layout,
-                clip=clip_in_force(self.state.plan, model),
+                clip=clip_in_force(plan, model),
             )
         except ProtocolError as e:
             log.warning("rejected update device=%s topic=%s reason=%s: %s",
@@ -161,8 +170,8 @@ class AggregatorCore:
             uid_or_none = update.update_id if update is not None else None
             return self._reject(msg, device, uid_or_none, e.reason, e.detail)
         finally:
-            self._kernel_seconds += self._perf() - t0
-        pending.stage(update, msg.payload, weight, norm)
+            self._kernel_seconds += perf() - t0
+        pending.stage(update, payload, weight, norm)
         self._staged.append(msg)
         return []
 
@@ -221,12 +230,20 @@ class AggregatorCore:
 
     def _accept(self, msgs: list[Incoming], updates: list[Update], now: float) -> list[Effect]:
         """Receipts of a durable, folded group; the version too if it is complete."""
-        _, pending = self.state.ready()
+        model, pending = self.state.ready()
         out: list[Effect] = []
         target = pending.base.version + 1
         self.fleet.on_updates([(u.device, u.base_version) for u in updates], pending.base.version)
+        # _answer(msg, update.device, update.update_id, "accepted", target) for each, in one
+        # loop: every update here is named and its device checked (a name, never "?").
+        head = self._receipt_head
+        tail = f'","status":"accepted","version":{model.version},"pending":{target}}}'
+        sign, receipts, append = self.state.sign, self._receipts, out.append
         for msg, update in zip(msgs, updates, strict=True):
-            out += self._answer(msg, update.device, update.update_id, "accepted", target)
+            device = update.device
+            text = f'{head}{device}","update_id":"{update.update_id}{tail}'
+            append(publish(receipts + device, sign(SignedKind.RECEIPT, text.encode())))
+            append(ack(msg.handle))
         self.accepted_total += len(updates)
         self.metrics.accepted.inc(len(updates))
         self.metrics.pending.set(pending.sums.count)
@@ -294,15 +311,15 @@ class AggregatorCore:
             # Receipt(...).to_bytes() (tests/test_aggregator_core.py compares them).
             version = model.version
             text = (
-                f'{{"v":1,"kind":"receipt","task":"{self.settings.task}","device":"{device}",'
+                f'{self._receipt_head}{device}",'
                 f'"update_id":"{update_id}","status":"{status}","version":{version}}}'
                 if pending is None
-                else f'{{"v":1,"kind":"receipt","task":"{self.settings.task}","device":"{device}",'
+                else f'{self._receipt_head}{device}",'
                 f'"update_id":"{update_id}","status":"{status}","version":{version},'
                 f'"pending":{pending}}}'
             )
             payload = self.state.sign(SignedKind.RECEIPT, text.encode())
-            out.append(Publish(self._receipts + device, payload))
+            out.append(publish(self._receipts + device, payload))
         elif update_id is not None and device != "?":
             receipt = Receipt(
                 task=self.settings.task,
@@ -316,7 +333,7 @@ class AggregatorCore:
             )
             payload = self.state.sign(SignedKind.RECEIPT, receipt.to_bytes())
             out.append(Publish(self.topics.receipt(device), payload))
-        out.append(Ack(msg.handle))
+        out.append(ack(msg.handle))
         return out
 
     # -- versions ---------------------------------------------------------------------------

@@ -140,12 +140,21 @@ class FleetTracker(Collector):
         observe = self.staleness.observe
         for _, base_version in updates:
             observe(max(0, current_version - base_version))
+        devices, tally = self._devices, self._updates
         with self._lock:
             for device, _ in updates:
-                d = self._touch(device)
-                self._remove(d)
-                d.updates += 1
-                self._add(d)
+                # _touch, _remove, d.updates += 1, _add: the online and version counts a
+                # remove and an add would take back and give again are left alone.
+                d = devices.get(device)
+                if d is None:
+                    d = devices[device] = _Device()  # offline, no updates: counted at 0 only
+                    old = 0
+                else:
+                    devices.move_to_end(device)
+                    old = d.updates
+                    _count(tally, old, -1)
+                d.updates = old + 1
+                tally[old + 1] += 1
             self._evict()
 
     def _touch(self, device: str) -> _Device:

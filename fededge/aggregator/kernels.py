@@ -96,6 +96,14 @@ def _check_weight_values(weights: NDArray[np.float64]) -> None:
         raise ValueError(f"weights[{i}]: must be finite and >= 0, got {weights[i]}")
 
 
+def _weights_ok(weights: NDArray[np.float64]) -> bool:
+    """True if every weight is finite and >= 0 (a cheap test for the usual case; False may
+    also mean a sum that overflows: ``_check_weight_values`` then decides)."""
+    values = weights.tolist()
+    # A NaN or an infinity makes the sum non-finite; then min() needs no NaN care.
+    return not values or (math.isfinite(sum(values)) and min(values) >= 0.0)
+
+
 def accumulate(
     acc: NDArray[np.float64],
     update: NDArray[np.float32],
@@ -155,15 +163,26 @@ def accumulate_group(
         raise ValueError(f"weights: not a sequence of real numbers ({exc})") from None
     if w.ndim != 1 or w.shape[0] != len(updates):
         raise ValueError(f"weights: has shape {w.shape} but there are {len(updates)} updates")
-    _check_weight_values(w)
+    if not _weights_ok(w):
+        _check_weight_values(w)
     views = []
+    n = acc.shape[0]
     for i, u in enumerate(updates):
+        # The checks of _check_array and _check_same_length, which name the problem when
+        # one fails (the names are formatted only then: this runs once per update).
+        if isinstance(u, np.ndarray) and u.dtype == _F32 and u.ndim == 1 and u.shape[0] == n:
+            flags = u.flags
+            if flags.c_contiguous:
+                # Read-only views: one compiled specialisation whatever mix of buffers comes
+                # in (an array that is read-only already, a received payload's, is one).
+                if flags.writeable:
+                    u = u.view()
+                    u.flags.writeable = False
+                views.append(u)
+                continue
         _check_array(f"updates[{i}]", u, _F32, 1)
         _check_same_length(f"updates[{i}]", u, "acc", acc)
-        # Read-only views: one compiled specialisation whatever mix of buffers comes in.
-        v = u.view()
-        v.flags.writeable = False
-        views.append(v)
+        raise AssertionError("unreachable: the checks above raise")  # pragma: no cover
     k, j = len(views), 0
     # The fold kernels take their rows as separate arguments (fixed arity, spelled out).
     while j + 8 <= k:

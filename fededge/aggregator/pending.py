@@ -13,10 +13,13 @@ original order, so the recovered sum is bit-identical to the one that was acknow
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import threading
 import time
+import weakref
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -40,6 +43,81 @@ log = logging.getLogger(__name__)
 # fdatasync. Without it a group of small updates (2.4k parameters: 20 x 10 KB > 19 KB of
 # accumulator) took the checkpoint path at every commit, at three times the fsync latency.
 CHECKPOINT_OVERHEAD = 1 << 20
+
+
+class _SyncThread:
+    """Runs one job at a time (a WAL group's fsync) on its own thread.
+
+    What ``ThreadPoolExecutor(1).submit`` did per group, without its per-call Future (a
+    Condition and its lock), work item, queue and thread-count check: two locks hand the job
+    over and back. ``submit`` returns the thread itself as the job's handle, with the part of
+    the Future interface the pending version uses: ``exception()`` waits for the job and
+    returns what it raised (None if nothing), ``result()`` waits and raises it. The thread ends
+    at ``shutdown()``, or once this object is garbage (as an executor's would).
+    """
+
+    def __init__(self, name: str) -> None:
+        self._go = threading.Lock()
+        self._go.acquire()
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._job: Callable[[], object] | None = None
+        self._busy = False  # a job submitted and not yet waited for
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=_sync_worker, args=(weakref.ref(self), self._go, self._done), name=name,
+            daemon=True,
+        )  # fmt: skip
+        weakref.finalize(self, _wake, self._go)
+        self._thread.start()
+
+    def submit(self, job: Callable[[], object]) -> _SyncThread:
+        if self._busy:
+            raise NotReadyError("a job is still running on the WAL sync thread")
+        self._busy, self._error, self._job = True, None, job
+        self._go.release()
+        return self
+
+    def exception(self) -> BaseException | None:
+        if self._busy:
+            self._done.acquire()
+            self._busy = False
+        return self._error
+
+    def result(self) -> None:
+        error = self.exception()
+        if error is not None:
+            raise error
+
+    def shutdown(self) -> None:
+        """Wait for the job running, if any, and end the thread."""
+        self.exception()
+        self._job = None
+        self._go.release()
+        self._thread.join()
+
+
+def _sync_worker(ref: weakref.ref[_SyncThread], go: threading.Lock, done: threading.Lock) -> None:
+    while True:
+        go.acquire()
+        owner = ref()
+        if owner is None:  # garbage: nobody waits for anything
+            return
+        job, owner._job = owner._job, None
+        if job is None:  # shutdown
+            return
+        try:
+            job()
+        except BaseException as e:  # as a Future: raised to whoever waits for it
+            owner._error = e
+        del owner
+        done.release()
+
+
+def _wake(go: threading.Lock) -> None:
+    """Let the worker of a collected _SyncThread see that it is gone."""
+    with contextlib.suppress(RuntimeError):  # a job handed over, not yet taken: it wakes anyway
+        go.release()
 
 
 def dedup_key(device: str, update_id: str) -> str:
@@ -67,11 +145,30 @@ class _Sums:
     devices: list[str] = field(default_factory=list)  # the sender of each id, same order
     started: float = field(default_factory=time.time)
 
-    def add(self, update: Update, weight: float, norm: float) -> None:
-        self.count += 1
-        self.examples += update.num_examples
-        self.total_weight += weight
-        self.norm_sum += norm
+    def add_group(self, group: Sequence[tuple[Update, float, float]]) -> None:
+        """``add`` each (update, weight, norm) in order: the same sums, bit for bit (each is
+        added in the same order), with the fields read and written once per group."""
+        count, examples, total_weight, norm_sum = (
+            self.count, self.examples, self.total_weight, self.norm_sum)  # fmt: skip
+        ids, devices = self.ids, self.devices
+        for update, weight, norm in group:
+            count += 1
+            examples += update.num_examples
+            total_weight += weight
+            norm_sum += norm
+            if not (
+                update.train_loss is None
+                and update.eval_loss is None
+                and update.eval_accuracy is None
+                and update.unclipped is None
+            ):
+                self._add_metrics(update, weight)
+            ids.append(update.update_id)
+            devices.append(update.device)
+        self.count, self.examples, self.total_weight, self.norm_sum = (
+            count, examples, total_weight, norm_sum)  # fmt: skip
+
+    def _add_metrics(self, update: Update, weight: float) -> None:
         if update.train_loss is not None:
             self.loss_w += weight * update.train_loss
             self.loss_wsum += weight
@@ -82,8 +179,9 @@ class _Sums:
         if update.unclipped is not None:  # range-checked by policy.check_bit
             self.bit_sum += update.unclipped
             self.bit_count += 1
-        self.ids.append(update.update_id)
-        self.devices.append(update.device)
+
+    def add(self, update: Update, weight: float, norm: float) -> None:
+        self.add_group(((update, weight, norm),))
 
     def keys(self) -> list[str]:
         """Deduplication keys: an update id counts per device, so no device can squat another's."""
@@ -131,8 +229,8 @@ class PendingVersion:
         # duplicate and quota checks of every update look here (sets, not scans of the groups).
         self._waiting_keys: set[str] = set()
         self._unfolded_devices: Counter[str] = Counter()
-        self._sync: Future[None] | None = None
-        self._syncer: ThreadPoolExecutor | None = None
+        self._sync: Future[None] | _SyncThread | None = None
+        self._syncer: _SyncThread | None = None
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoints: list[Future[None]] = []  # background checkpoints not yet checked
         self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
@@ -278,7 +376,7 @@ class PendingVersion:
         assert self._writer is not None
         self._writer.write()
         if self._syncer is None:
-            self._syncer = ThreadPoolExecutor(1, thread_name_prefix="fededge-wal-sync")
+            self._syncer = _SyncThread("fededge-wal-sync")
         self._sync = self._syncer.submit(self._writer.sync)
         self._inflight = self._staged
         self._staged, self._staged_raw = [], []
@@ -404,13 +502,16 @@ class PendingVersion:
         # Encoded updates (f16, int8) go through fused dequantise-accumulate kernels.
         pairs = [(u, w) for u, w, _ in group]
         self.domain.fold(self.acc, self.layout, pairs, parallel=self._parallel)
-        for update, weight, norm in group:
-            self.sums.add(update, weight, norm)
-            key = dedup_key(update.device, update.update_id)
-            self._ids.add(key)
-            self._per_device[update.device] += 1
-            if key in self._waiting_keys:  # not during recovery
-                self._unfolded_devices[update.device] -= 1
+        self.sums.add_group(group)
+        ids, per_device, waiting = self._ids, self._per_device, self._waiting_keys
+        unfolded = self._unfolded_devices
+        for update, _, _ in group:
+            device = update.device
+            key = dedup_key(device, update.update_id)
+            ids.add(key)
+            per_device[device] += 1
+            if key in waiting:  # not during recovery
+                unfolded[device] -= 1
 
     # -- completion -------------------------------------------------------------------------
     def finalize(self, server_lr: float) -> dict[str, NDArray[np.float32]]:
@@ -458,9 +559,10 @@ class PendingVersion:
             # Written, maybe not durable, never acknowledged: let the fsync end before the
             # file is closed (recovery replays it, and the resent updates are duplicates).
             self._sync.exception()
-        for pool in (self._syncer, self._checkpointer):
-            if pool is not None:
-                pool.shutdown()  # waits for the fsync and the checkpoints queued
+        if self._syncer is not None:
+            self._syncer.shutdown()  # waits for the fsync
+        if self._checkpointer is not None:
+            self._checkpointer.shutdown()  # waits for the checkpoints queued
         self._syncer = self._checkpointer = None
         if self._writer is not None:
             self._writer.close()

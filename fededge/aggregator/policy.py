@@ -98,21 +98,25 @@ def check_update(
             f"max_staleness is {plan.max_staleness}",
             reason=RejectReason.STALE,
         )
-    for key, hi in (("train_loss", 1e6), ("eval_loss", 1e6), ("eval_accuracy", 1.0)):
-        value = getattr(update, key)
-        # Bounded, not just finite: the aggregator sums weighted values, and 1e308 overflows.
-        if value is not None and not 0.0 <= value <= hi:
-            raise ProtocolError(
-                f"{key}={value!r} is outside [0, {hi:g}]", reason=RejectReason.BAD_METRICS
-            )
-    check_bit(update, plan)
-    names = set(update.delta)
+    if not (
+        update.train_loss is None and update.eval_loss is None and update.eval_accuracy is None
+    ):
+        for key, hi in (("train_loss", 1e6), ("eval_loss", 1e6), ("eval_accuracy", 1.0)):
+            value = getattr(update, key)
+            # Bounded, not just finite: the aggregator sums weighted values; 1e308 overflows.
+            if value is not None and not 0.0 <= value <= hi:
+                raise ProtocolError(
+                    f"{key}={value!r} is outside [0, {hi:g}]", reason=RejectReason.BAD_METRICS
+                )
+    if plan.target_unclipped_quantile is not None:  # adaptive(plan): check_bit returns if not
+        check_bit(update, plan)
     size = layout.size  # of the model: the norm bound's noise term counts its coordinates
     if update.rotation == "hadamard":  # one tensor of the padded size (issue 13)
         p = padded_size(size)
         layout = Layout((ROTATED,), ((p,),), (0,), p)
-    expected = codec.expected_names(layout.names, update.encoding)
-    if names != expected:
+    expected = _expected_names(layout.names, update.encoding)
+    if update.delta.keys() != expected:
+        names = set(update.delta)
         missing = sorted(expected - names)[:5]
         extra = sorted(names - expected)[:5]
         raise ProtocolError(
@@ -127,7 +131,10 @@ def check_update(
             )
         sq += n * n
     norm = math.sqrt(sq)
-    bound = norm_bound(plan, size, stale_clip(plan, clip or plan.clip_norm, staleness))
+    c = clip or plan.clip_norm
+    if staleness > 0:  # stale_clip is the identity on a current update
+        c = stale_clip(plan, c, staleness)
+    bound = _norm_bound(plan, size, c)
     if norm > bound:
         raise ProtocolError(
             f"update norm {norm:.6g} exceeds the bound {bound:.6g}",
@@ -137,6 +144,33 @@ def check_update(
     if staleness:
         weight *= (1.0 + staleness) ** (-plan.staleness_exponent)
     return weight, norm
+
+
+# Per-update constants, remembered (check_update runs once per update on the aggregator's main
+# thread): the tensor names an encoding carries, and the norm bound of the last plan, size and
+# clip (plans are immutable; the entry keeps its plan alive, so identity cannot be reused).
+_NAMES: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
+_BOUND: tuple[Plan, int, float, float] | None = None
+
+
+def _expected_names(names: tuple[str, ...], encoding: str) -> frozenset[str]:
+    key = (names, encoding)
+    found = _NAMES.get(key)
+    if found is None:
+        if len(_NAMES) >= 64:
+            _NAMES.clear()
+        found = _NAMES[key] = frozenset(codec.expected_names(names, encoding))
+    return found
+
+
+def _norm_bound(plan: Plan, size: int, clip: float) -> float:
+    global _BOUND
+    last = _BOUND
+    if last is not None and last[0] is plan and last[1] == size and last[2] == clip:
+        return last[3]
+    bound = norm_bound(plan, size, clip)
+    _BOUND = (plan, size, clip, bound)
+    return bound
 
 
 def check_bit(update: Update, plan: Plan) -> None:

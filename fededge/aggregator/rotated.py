@@ -115,6 +115,11 @@ class Domain:
         parallel: bool = False,
     ) -> None:
         """Fold (update, weight) pairs into ``acc`` in order; runs of direct ones by kernels."""
+        if self.rotation is None and all([u.rotation == "none" for u, _ in group]):
+            # The usual group (self.direct(u) for every update): one run, found in one pass.
+            for name, sl in layout.slices():
+                codec.fold(acc[sl], name, group, parallel=parallel)
+            return
         i = 0
         while i < len(group):
             if not self.direct(group[i][0]):

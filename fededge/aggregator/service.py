@@ -18,7 +18,7 @@ from typing import Any
 
 from fededge.aggregator import kernels, robust
 from fededge.aggregator.core import AggregatorCore
-from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish
+from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish, incoming
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.rounds import RoundDriver
@@ -389,7 +389,7 @@ class Aggregator:
                 controls.append(msg)
                 continue
             try:  # _guard, inline: this runs once per update
-                effects = ingest(Incoming(msg.topic, msg.payload, msg, msg.qos))
+                effects = ingest(incoming(msg.topic, msg.payload, msg, msg.qos))
                 if effects:  # most updates are answered by the commit
                     self._execute(effects)
             except (StorageError, OSError, LeaseError):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -15,8 +16,8 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from fededge.errors import ProtocolError
-from fededge.protocol.tensors import decode_tensors, encode_tensors
-from fededge.protocol.vocab import NAME_PATTERN, NAME_RE, RejectReason, is_name
+from fededge.protocol.tensors import decode_parts, decode_tensors, encode_tensors
+from fededge.protocol.vocab import NAME_PATTERN, RejectReason, is_name
 
 PROTOCOL_VERSION = 1
 MAX_JSON_BYTES = 256 * 1024
@@ -547,10 +548,9 @@ class Update:
 
     @classmethod
     def from_bytes(cls, payload: bytes, *, max_bytes: int) -> Update:
-        p = decode_tensors(payload, max_bytes=max_bytes)
-        m = p.metadata
-        fast = _plain_update(m, p.tensors)
-        return fast if fast is not None else cls.from_fields(m, p.tensors)
+        tensors, m = decode_parts(payload, max_bytes=max_bytes)
+        fast = _plain_update(m, tensors)
+        return fast if fast is not None else cls.from_fields(m, tensors)
 
     @classmethod
     def from_fields(cls, m: dict[str, str], tensors: dict[str, NDArray[np.generic]]) -> Update:
@@ -621,7 +621,7 @@ _PLAIN_UPDATE_KEYS = frozenset(
     ("fededge", "kind", "task", "device", "update_id", "base_version", "num_examples")
 )
 _PLAIN_UPDATE_METRICS = frozenset(("train_loss", "eval_loss", "eval_accuracy"))
-_NAME_MATCH = NAME_RE.fullmatch
+_NAMES3_MATCH = re.compile(rf"{NAME_PATTERN}/{NAME_PATTERN}/{NAME_PATTERN}").fullmatch
 
 
 def _plain_int(raw: str, hi: int) -> int | None:
@@ -647,7 +647,7 @@ def _plain_update(meta: dict[str, str], tensors: dict[str, NDArray[np.generic]])
     if meta["fededge"] != "1" or meta["kind"] != "update":
         return None
     task, device, uid = meta["task"], meta["device"], meta["update_id"]
-    if _NAME_MATCH(task) is None or _NAME_MATCH(device) is None or _NAME_MATCH(uid) is None:
+    if _NAMES3_MATCH(f"{task}/{device}/{uid}") is None:  # all three names ("/" is in none)
         return None
     base = _plain_int(meta["base_version"], 1 << 53)
     examples = _plain_int(meta["num_examples"], 1 << 40)

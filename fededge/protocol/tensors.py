@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -91,6 +91,24 @@ def decode_tensors(
     matching byte lengths, offsets contiguous from 0 and covering the whole data section), so a
     hostile payload raises ProtocolError and never an IndexError or a huge allocation.
     """
+    tensors, meta = decode_parts(payload, max_bytes=max_bytes, max_header=max_header)
+    # A frozen dataclass's __init__ sets each field through object.__setattr__: filled at
+    # once, the same object (this runs once per update the aggregator receives).
+    out = _new(TensorPayload)
+    out.__dict__.update(tensors=tensors, metadata=meta)
+    return out
+
+
+_new = object.__new__
+
+
+def decode_parts(
+    payload: bytes | bytearray | memoryview,
+    *,
+    max_bytes: int,
+    max_header: int = MAX_HEADER_BYTES,
+) -> tuple[dict[str, NDArray[np.generic]], dict[str, str]]:
+    """``decode_tensors`` as its two parts (tensors, metadata), without the TensorPayload."""
     buf = memoryview(payload).cast("B")
     size = len(buf)
     if size > max_bytes:
@@ -103,10 +121,12 @@ def decode_tensors(
     (hlen,) = _U64.unpack_from(buf, 0)
     if hlen > max_header or hlen > size - 8:
         raise ProtocolError(f"safetensors header length {hlen} is out of bounds")
-    try:
-        header = json.loads(str(buf[8 : 8 + hlen], "utf-8"))
-    except (ValueError, RecursionError) as e:  # also bad UTF-8 and >4300-digit integers
-        raise ProtocolError(f"safetensors header is not valid JSON: {str(e)[:200]}") from None
+    header = _scan_header(buf, hlen)
+    if header is _NOT_SCANNED:  # json.loads: the same value, or the error to report
+        try:
+            header = json.loads(str(buf[8 : 8 + hlen], "utf-8"))
+        except (ValueError, RecursionError) as e:  # also bad UTF-8 and >4300-digit integers
+            raise ProtocolError(f"safetensors header is not valid JSON: {str(e)[:200]}") from None
     if type(header) is not dict:  # json.loads builds plain dicts, lists, str, int, float, bool
         raise ProtocolError("safetensors header is not a JSON object")
     meta = header.pop("__metadata__", {})
@@ -118,6 +138,7 @@ def decode_tensors(
     if len(header) > MAX_TENSORS:
         raise ProtocolError(f"{len(header)} tensors exceed the limit of {MAX_TENSORS}")
     data = buf[8 + hlen :]
+    writable = not buf.readonly
     entries = [(_offsets(name, info), name, info) for name, info in header.items()]
     if len(entries) > 1:
         entries.sort(key=_first)
@@ -142,20 +163,37 @@ def decode_tensors(
                 f"tensor {name!r}: shape {shape} of {info['dtype']} needs "
                 f"{count * dtype.itemsize} bytes, offsets give {end - start}"
             )
-        arr = np.frombuffer(data, dtype=dtype, count=count, offset=start)
+        arr = np.frombuffer(data, dtype, count, start)  # positional: half the call's cost
         if len(shape) != 1:
             arr = arr.reshape(shape)
-        arr.flags.writeable = False
+        if writable:  # a view of a read-only buffer (bytes) is read-only already
+            arr.flags.writeable = False
         tensors[name] = arr
         pos = end
     if pos != ndata:
         raise ProtocolError(f"data section has {ndata - pos} trailing bytes not in any tensor")
     if len(tensors) > 1:
         tensors = dict(sorted(tensors.items()))
-    return TensorPayload(tensors=tensors, metadata=meta)
+    return tensors, meta
 
 
 _U64 = struct.Struct("<Q")
+_NOT_SCANNED = object()
+# The scanner json.loads itself uses (the default decoder's): called directly it skips the
+# Python layers of json.loads (decode, raw_decode and two whitespace regexes).
+_SCAN: Callable[[str, int], tuple[Any, int]] = json.decoder.JSONDecoder().scan_once  # type: ignore[attr-defined]
+
+
+def _scan_header(buf: memoryview, hlen: int) -> Any:
+    """The header as ``json.loads`` parses it, for the common header (a JSON value, then only
+    the spaces that pad it); ``_NOT_SCANNED`` for anything else, which ``json.loads`` then
+    parses or refuses with its own message."""
+    try:
+        text = str(buf[8 : 8 + hlen], "utf-8").rstrip(" ")
+        value, end = _SCAN(text, 0)
+    except Exception:  # StopIteration, ValueError, RecursionError: json.loads says what
+        return _NOT_SCANNED
+    return value if end == len(text) else _NOT_SCANNED
 
 
 def _first(entry: tuple[tuple[int, int], str, Any]) -> tuple[int, int]:
