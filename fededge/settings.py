@@ -63,6 +63,11 @@ class BrokerSettings(_Section):
         300 * 1024 * 1024, ge=1 << 20, description="bytes all partial transfers may reserve"
     )
     chunk_max_transfers: int = Field(32, ge=1, le=100_000, description="partial transfers held")
+    inbox_max_bytes: int = Field(
+        256 * 1024 * 1024, ge=1 << 20,
+        description="payload bytes received and not yet processed, per client; past it the "
+        "client stops reading and the broker holds the rest",
+    )  # fmt: skip
 
     @field_validator("url")
     @classmethod

@@ -298,3 +298,31 @@ def test_group_acking_subscriber_gets_everything_once_in_order(
             got += [int.from_bytes(m.payload[:4], "big") for m in batch]
         assert got == list(range(n))
         assert most <= 50
+
+
+def test_inbox_bound_in_bytes_holds_large_messages_at_the_broker(
+    window_broker: Mosquitto,
+) -> None:
+    """``broker.inbox_max_bytes``: a client that takes nothing holds at most that many payload
+    bytes (the broker keeps the rest); taking them lets the rest in, all in order, and the
+    large ones arrive as the buffer they were received into when asked for in place."""
+    settings = window_broker.settings(inbox_max_bytes=1 << 20)
+    topic = f"big/{uuid.uuid4().hex[:8]}"
+    sub = MqttClient(settings, f"s-{uuid.uuid4().hex[:6]}", manual_ack=True,
+                     in_place_payloads=True)  # fmt: skip
+    pub = MqttClient(window_broker.settings(), f"p-{uuid.uuid4().hex[:6]}")
+    with sub, pub:
+        sub.subscribe(topic, qos=1)
+        sizes = [200_000] * 20 + [10]
+        for i, size in enumerate(sizes):
+            pub.publish(topic, bytes([i]) * size, qos=1, wait=i == len(sizes) - 1, timeout=30)
+        wait_until(sub.messages.blocked.is_set, 30, "the network thread waiting for room")
+        assert sub.messages.nbytes <= (1 << 20) + 200_000
+        got = []
+        while len(got) < len(sizes):
+            m = sub.messages.get(timeout=30)
+            sub.ack(m)
+            got.append(m)
+        assert [len(m.payload) for m in got] == sizes
+        assert all(m.payload == bytes([i]) * len(m.payload) for i, m in enumerate(got))
+        assert type(got[0].payload) is bytearray and type(got[-1].payload) is bytes

@@ -127,7 +127,10 @@ class MqttClient:
             timeout=broker.chunk_timeout,
         )
         self.messages = ChunkedInbox(
-            max_inbox, on_take=None if manual_ack else self._ack_taken, limits=limits
+            max_inbox,
+            max_bytes=broker.inbox_max_bytes,
+            on_take=None if manual_ack else self._ack_taken,
+            limits=limits,
         )
         self._session = Session(broker, self._addr, self._log, self.messages, manual_ack)
         self.messages.ack = self._session.ack
