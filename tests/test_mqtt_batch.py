@@ -318,11 +318,11 @@ def test_inbox_bound_in_bytes_holds_large_messages_at_the_broker(
             pub.publish(topic, bytes([i]) * size, qos=1, wait=i == len(sizes) - 1, timeout=30)
         wait_until(sub.messages.blocked.is_set, 30, "the network thread waiting for room")
         assert sub.messages.nbytes <= (1 << 20) + 200_000
-        got = []
+        got: list[Message] = []
         while len(got) < len(sizes):
             m = sub.messages.get(timeout=30)
             sub.ack(m)
             got.append(m)
         assert [len(m.payload) for m in got] == sizes
         assert all(m.payload == bytes([i]) * len(m.payload) for i, m in enumerate(got))
-        assert type(got[0].payload) is bytearray and type(got[-1].payload) is bytes
+        assert isinstance(got[0].payload, bytearray) and type(got[-1].payload) is bytes
