@@ -263,8 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     load0 = os.getloadavg()
     rows = []
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
-        # The in-flight window of configs/mosquitto.conf (40, twice group_commit_max): the broker
-        # keeps sending the next group while the aggregator makes the last one durable.
+        # The in-flight window of configs/mosquitto.conf (40): the publisher's window (MQTT 5
+        # Receive Maximum); Mosquitto does not hold it towards the aggregator (see the text).
         broker = Mosquitto(
             Path(tmp) / "mosquitto", max_queued_messages=100_000, max_inflight_messages=40
         )
@@ -302,7 +302,7 @@ Per size: updates of that many float32 parameters from one publisher process at 
 through a private Mosquitto on loopback with `max_inflight_messages 40` as in
 `configs/mosquitto.conf`. Baseline, measured in the same run just before each aggregator run:
 a raw paho subscriber that only counts (it acknowledges at once). The aggregator runs on its
-defaults (`group_commit_max` 20, `commit_delay` 0, fsync on, state on the local disk, receipts
+defaults (`group_commit_max` 100, `commit_delay` 0, fsync on, state on the local disk, receipts
 signed if a key is configured: none here) and counts an update only when its receipt says it is
 durable and folded. Medians of {args.repeats} interleaved runs; the ratio is the median of the
 per-run ratios (range in brackets).
@@ -311,39 +311,36 @@ per-run ratios (range in brackets).
 |---:|---:|---:|---:|---:|---:|---:|---:|---|
 {table}
 
-How the aggregator gets there (issue 14): a group is what has arrived when the inbox runs
-dry (no `commit_delay` wait); with more updates waiting the group's WAL fsync runs on a worker
-thread while the next batch is validated (its receipts and PUBACKs follow once durable), so the
-broker's window of 40 holds the group being synced and the one being validated; periodic
-checkpoints are written in the background; a group's records go out in one `writev`; small
-groups of small updates take the WAL path instead of a checkpoint (3 fsyncs); small vectors get
-a norm kernel that keeps the GIL (releasing it hands the GIL to the MQTT thread and waits).
+How the aggregator gets there (issue 14), in the order it was done:
 
-Second round (issue 14, per-update Python), measured as CPU per update of each thread
-(`/proc/self/task/*/stat`) and with cProfile of the step loop: the validation of one update
-without a broker went from ~55 to ~40 µs (a fast path for plain f32 updates in
-`Update.from_bytes` that falls back to the general path for anything else, so errors and
-reasons are unchanged; leaner safetensors checks; receipts of accepted and duplicate updates
-and WAL record headers formatted directly, byte for byte what the model and the JSON encoder
-write; fleet tracking once per group; memoised update topics). The larger gain was in paho's
-receive path, shared by every fededge client (`fededge/mqtt/pahoclient.py`,
-`fededge/mqtt/readahead.py`): paho formatted every log line because an `on_log` callback was
-set (now a logger that formats errors only); it read each packet with three or four `recv`
-calls (now one read-ahead `recv` serves many packets, `pending()` tells paho to read on); it
-received a body in pieces appended to a growing bytearray (now straight into a buffer of the
-announced length); and its PUBLISH decoder copied the rest of the packet at every field, four
-to five copies of each payload under MQTT 5 (now one). At 2,410 parameters the aggregator's
-main thread went from ~100 to ~70 µs per update and its MQTT thread from ~75 to ~55 µs; at 1M
-the process from ~5.3 to ~3.9 ms of CPU per update.
-What remains per update is the MQTT work in Python the raw subscriber does not do: the
-aggregator's paho thread handles four packets per update (the update, its PUBACK, the receipt
-and the receipt's PUBACK) where the raw subscriber handles two, and the PUBACK is sent by
-another thread than the one that read the update (after the fsync), where the raw subscriber
-acknowledges inline. "MQTT floor" measures exactly that with nothing else: fededge's
-`MqttClient` with manual acknowledgement taking each update, publishing a receipt-sized QoS 1
-message and acknowledging, in groups of 20 (`floor_throughput`). No aggregator that keeps the
-protocol's rules can beat it; on a loaded machine every cross-thread hand-over waits for a CPU,
-which is why the floor itself drops well below 1 under load.
+1. *Group commit without a timer, pipelined*: a group is what has arrived when the inbox runs
+   dry (no `commit_delay` wait, at most `group_commit_max`, 100); with more updates waiting the
+   group's WAL fsync runs on a sync thread while the next group is validated (its receipts and
+   PUBACKs follow once durable); checkpoints are written in the background; a group's records
+   go out in one `writev` (record head and payload as separate parts: no copy of the payload).
+2. *Per-update Python*: a fast path for plain f32 updates in `Update.from_bytes` (it falls back
+   to the general parser, so errors and reasons are unchanged), cached plan checks, one fold
+   per group, receipts and WAL headers formatted directly (byte-equal to the models, tested);
+   `bench/bench_ingest_core.py` measures this part without a broker.
+3. *The MQTT client* (`fededge/mqtt/pahoclient.py`, shared by every fededge client): a
+   read-ahead socket; every whole packet in the read-ahead buffer parsed in one loop, runs of
+   PUBLISHes handed to the inbox at once (one lock, one wake-up), PUBACKs matched without
+   paho's decoder and its scan of all outgoing messages; outgoing packets gathered into one
+   `sendmsg`; QoS 1 publications without a `threading.Condition` each; large payloads kept in
+   the buffer the socket filled (no copy); the in-flight window taken from the MQTT 5 CONNACK
+   (paho ignores it). Each decides exactly as paho's own path (tests/test_mqtt_batch.py).
+4. *Bounds*: Mosquitto 2.0.11 does not hold `max_inflight_messages` towards a subscriber that
+   acknowledges in groups (1,000+ unacknowledged seen with 40), so the client's inbox bound
+   (1,000 messages, `broker.inbox_max_bytes` 256 MiB) is what holds, with a low-water mark so
+   the network thread is not woken per message when it is full. The WAL CRC-32 is computed by
+   ISA-L (`isal`, the same checksum as zlib's, ~5x faster).
+
+"MQTT floor": the MQTT work the protocol requires and the raw subscriber does not do, with
+nothing else: fededge's `MqttClient` with manual acknowledgement taking each update, publishing
+a receipt-sized QoS 1 message and acknowledging, in groups of 20 (`floor_throughput`): four
+packets per update where the raw subscriber handles two, and the PUBACK sent after the group
+rather than inline. On these 2 shared cores every update's CPU in the aggregator process is
+CPU the publisher (~55 µs per update at 2,410 parameters) and Mosquitto do not get.
 """
     write_section("ingest", md)
     return 0
