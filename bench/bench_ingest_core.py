@@ -40,7 +40,7 @@ from fededge.aggregator.core import AggregatorCore
 from fededge.aggregator.effects import Ack, Effect, Incoming, Publish, incoming
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.store import Store, task_root
-from fededge.protocol import ModelVersion, Plan, Topics, Update
+from fededge.protocol import ModelVersion, Plan, Topics
 from fededge.settings import load_settings
 
 DEVICES = 50
@@ -48,22 +48,9 @@ DEVICES = 50
 
 def payloads(task: str, n: int, d: int) -> list[tuple[str, bytes]]:
     """(device, update bytes) as bench/bench_ingest.py publishes them."""
-    rng = np.random.default_rng(0)
-    delta = {"w": (rng.standard_normal(d) * (0.5 / np.sqrt(d))).astype(np.float32)}
-    return [
-        (
-            f"d{i % DEVICES}",
-            Update(
-                task=task,
-                device=f"d{i % DEVICES}",
-                update_id=f"u{i}",
-                base_version=0,
-                num_examples=32,
-                delta=delta,
-            ).to_bytes(),
-        )
-        for i in range(n)
-    ]
+    from bench.bench_ingest import _payloads
+
+    return [(f"d{i % DEVICES}", p) for i, p in enumerate(_payloads(task, n, d))]
 
 
 def make_core(state: Path, task: str, d: int, n: int, *, fsync: bool) -> AggregatorCore:
