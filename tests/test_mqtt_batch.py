@@ -326,3 +326,68 @@ def test_inbox_bound_in_bytes_holds_large_messages_at_the_broker(
         assert [len(m.payload) for m in got] == sizes
         assert all(m.payload == bytes([i]) * len(m.payload) for i, m in enumerate(got))
         assert isinstance(got[0].payload, bytearray) and type(got[-1].payload) is bytes
+
+
+@pytest.mark.parametrize("v5", [False, True])
+def test_gathered_writes_send_exactly_pahos_bytes(v5: bool) -> None:
+    """Outgoing packets gathered into one sendmsg (with short writes into a small TCP send
+    buffer, and QoS 0 publications that go paho's way) make the same byte stream as paho's
+    one send per packet; QoS 1 publications without a Condition each get the same mids."""
+    import select
+
+    proto = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
+    rng = random.Random(7)
+    ops = [(rng.random(), rng.randrange(0, 3000)) for _ in range(400)]
+    streams: list[bytes] = []
+    mids: list[list[int]] = []
+    for cls in (paho.Client, PahoClient):
+        c = cls(CallbackAPIVersion.VERSION2, client_id="w", protocol=proto, manual_ack=True)
+        c.max_inflight_messages_set(1000)
+        peer, sock = _tcp_pair()  # TCP: a full send buffer takes part of a write
+        sock.setblocking(False)
+        c._sock = read_ahead(sock) if cls is PahoClient else sock
+        c._state = paho._ConnectionState.MQTT_CS_CONNECTED  # type: ignore[attr-defined]
+        got = bytearray()
+        reader = threading.Thread(target=_read_to_eof, args=(peer, got), daemon=True)
+        reader.start()
+        infos: list[paho.MQTTMessageInfo] = []
+        for i, (kind, size) in enumerate(ops):
+            payload = bytes([i % 256]) * size
+            if kind < 0.1:
+                c.publish(f"s/{i}", payload, qos=0)
+            elif kind < 0.3:
+                c.ack(1000 + i, 1)  # a PUBACK
+            elif isinstance(c, PahoClient):
+                infos.append(c.publish_qos1(f"r/{i}", payload))
+            else:
+                infos.append(c.publish(f"r/{i}", payload, qos=1))
+        while c._out_packet:  # what did not fit: written as the reader makes room
+            select.select([], [sock], [], 5)
+            assert c.loop_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
+        sock.shutdown(socket.SHUT_WR)
+        reader.join(30)
+        assert not reader.is_alive()
+        streams.append(bytes(got))
+        mids.append([info.mid for info in infos])
+        assert not any(info.is_published() for info in infos)  # no PUBACK has come
+        peer.close()
+        sock.close()
+    assert len(streams[0]) > 100_000 and streams[1] == streams[0]
+    assert mids[1] == mids[0]
+
+
+def _read_to_eof(sock: socket.socket, into: bytearray) -> None:
+    while data := sock.recv(65536):
+        into += data
+
+
+def _tcp_pair() -> tuple[socket.socket, socket.socket]:
+    """A connected loopback TCP pair with small buffers: (reader, writer)."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        writer = socket.socket()
+        writer.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        writer.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        writer.connect(server.getsockname())
+        reader, _ = server.accept()
+    reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
+    return reader, writer
