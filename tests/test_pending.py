@@ -442,3 +442,29 @@ def test_wal_sync_thread_ends_with_close_or_its_pending_version() -> None:
     gc.collect()
     thread.join(10)
     assert not thread.is_alive()
+
+
+def test_in_place_payloads_read_like_bytes(tmp_path) -> None:
+    # The aggregator's, shard workers' and gateway's clients hand large payloads over as the
+    # bytearray the socket filled (fededge/mqtt/pahoclient.py, in_place_payloads): parsed,
+    # logged and read back exactly as bytes, and the update's arrays are still read-only.
+    from fededge.aggregator import wal
+    from fededge.aggregator.intake import parse_update
+
+    delta = {"b": np.ones(7, np.float32), "w": np.arange(50_000, dtype=np.float32)}
+    raw = Update(task="t", device="d1", update_id="u1", base_version=0, num_examples=3,
+                 delta=delta).to_bytes()  # fmt: skip
+    inplace = bytearray(raw)
+    a, b = parse_update(raw, 1 << 30), parse_update(inplace, 1 << 30)  # type: ignore[arg-type]
+    assert (a.update_id, a.num_examples) == (b.update_id, b.num_examples)
+    for name in delta:
+        np.testing.assert_array_equal(a.delta[name], b.delta[name])
+        assert not b.delta[name].flags.writeable
+    with pytest.raises(ValueError):
+        b.delta["w"][0] = 1.0
+    w = wal.SegmentWriter(tmp_path / "seg", fsync=False)
+    w.append(wal.update_header("u1", 3.0, 1.0, 0) or b"", inplace)  # type: ignore[arg-type]
+    w.commit()
+    w.close()
+    records, damage = wal.scan_segment(tmp_path / "seg")
+    assert damage is None and [r.payload for r in records] == [raw]
