@@ -368,8 +368,8 @@ def test_wal_records_are_unchanged_bytes(tmp_path, size: int, isal: bool, monkey
 
     if not isal:
         monkeypatch.setattr(wal, "_isal_crc32", None)
-    elif wal._isal_crc32 is None:
-        pytest.skip("isal is not installed")
+    else:  # the aggregator extra (and so the test extra) installs it
+        assert wal._isal_crc32 is not None, "isal is not installed: pip install -e '.[test]'"
 
     from fededge.aggregator.wal import (
         _PREFIX,
@@ -468,3 +468,28 @@ def test_in_place_payloads_read_like_bytes(tmp_path) -> None:
     w.close()
     records, damage = wal.scan_segment(tmp_path / "seg")
     assert damage is None and [r.payload for r in records] == [raw]
+    # The other large messages these clients read: a signed model, a masked input, a partial
+    # sum (kept on disk by the coordinator).
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fededge.aggregator.partial import BatchSum, PartialSum
+    from fededge.aggregator.policy import Layout
+    from fededge.fsio import atomic_write
+    from fededge.protocol.signing import open_message, sign
+    from fededge.secagg.messages import MaskedInput, decode_payload
+
+    key = Ed25519PrivateKey.generate()
+    model = ModelVersion(task="t", version=1, weights=delta, graph_sha256="0" * 64)
+    opened = open_message(bytearray(sign(model.to_bytes(), "model", key)), "model",  # type: ignore[arg-type]
+                          [key.public_key()])  # fmt: skip
+    got = ModelVersion.from_bytes(opened.payload, max_bytes=1 << 30)
+    np.testing.assert_array_equal(got.weights["w"], delta["w"])
+    masked = MaskedInput(round_id="r1", device="d1", vector=np.arange(50_000, dtype=np.uint32))
+    back = decode_payload(bytearray(masked.to_bytes()), masked=True, max_length=50_001)  # type: ignore[arg-type]
+    assert isinstance(back, MaskedInput) and np.array_equal(back.vector, masked.vector)
+    batch = BatchSum(Layout.of(delta))
+    batch.add(a, 3.0, 1.0)
+    part = batch.message("t", "shard-0", 1, 0).to_bytes()
+    assert PartialSum.from_bytes(bytearray(part), max_bytes=1 << 30).count == 1  # type: ignore[arg-type]
+    atomic_write(tmp_path / "part", bytearray(part), fsync=False)  # type: ignore[arg-type]
+    assert (tmp_path / "part").read_bytes() == part

@@ -310,17 +310,8 @@ class PahoClient(paho.Client):
         if len(payload) > 268435455:
             raise ValueError("Payload too large.")
         mid = self._mid_generate()
-        message = paho.MQTTMessage.__new__(paho.MQTTMessage)
-        message.timestamp = paho.time_func()
-        message.state = paho.mqtt_ms_invalid
-        message.dup = False
-        message.mid = mid
-        message._topic = topic_bytes
-        message.payload = payload
-        message.qos = 1
-        message.retain = retain
-        message.properties = None
-        info = message.info = SharedInfo(mid)
+        message = _qos1_message(mid, topic_bytes, payload, retain)
+        info = cast(SharedInfo, message.info)
         with self._out_message_mutex:
             out = self._out_messages
             if (0 < self._max_queued_messages <= len(out)) or mid in out:
@@ -348,18 +339,13 @@ class PahoClient(paho.Client):
         if not isinstance(sock, ReadAheadSocket):
             return super()._packet_write()  # TLS, websockets: paho's way
         while out:
-            head = out[0]
-            if head["command"] & 0xF0 == paho.DISCONNECT or (
-                head["command"] & 0xF0 == paho.PUBLISH and head["qos"] == 0
-            ):
-                return super()._packet_write()  # paho acts once these are written
+            if _paho_acts_on(out[0]):
+                return super()._packet_write()
             batch: list[Any] = []
             size = 0
             while out and size < GATHER_BYTES and len(batch) < GATHER_PACKETS:
                 p = out.popleft()  # other threads only append: popleft/appendleft are safe
-                if p["command"] & 0xF0 == paho.DISCONNECT or (
-                    p["command"] & 0xF0 == paho.PUBLISH and p["qos"] == 0
-                ):
+                if _paho_acts_on(p):
                     out.appendleft(p)
                     break
                 batch.append(p)
@@ -480,6 +466,29 @@ class PahoClient(paho.Client):
                 ):
                     return self._update_inflight()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def _paho_acts_on(packet: Any) -> bool:
+    """Whether paho does something once this outgoing packet is written (``on_publish`` of a
+    QoS 0 PUBLISH, closing after DISCONNECT): such packets go paho's way, one ``send`` each."""
+    kind = packet["command"] & 0xF0
+    return bool(kind == paho.DISCONNECT or (kind == paho.PUBLISH and packet["qos"] == 0))
+
+
+def _qos1_message(mid: int, topic: bytes, payload: bytes, retain: bool) -> paho.MQTTMessage:
+    """What paho's ``publish`` stores for a QoS 1 message, with a ``SharedInfo``."""
+    message = paho.MQTTMessage.__new__(paho.MQTTMessage)
+    message.timestamp = paho.time_func()
+    message.state = paho.mqtt_ms_invalid
+    message.dup = False
+    message.mid = mid
+    message._topic = topic
+    message.payload = payload
+    message.qos = 1
+    message.retain = retain
+    message.properties = None
+    message.info = SharedInfo(mid)
+    return message
 
 
 def _publish_fields(buf: bytes, header: int, i: int, end: int, v5: bool) -> Received | None:
