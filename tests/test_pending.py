@@ -493,3 +493,38 @@ def test_in_place_payloads_read_like_bytes(tmp_path) -> None:
     assert PartialSum.from_bytes(bytearray(part), max_bytes=1 << 30).count == 1  # type: ignore[arg-type]
     atomic_write(tmp_path / "part", bytearray(part), fsync=False)  # type: ignore[arg-type]
     assert (tmp_path / "part").read_bytes() == part
+
+
+def test_background_checkpoints_reuse_their_copies_and_each_holds_its_own_sum(tmp_path) -> None:
+    """A background checkpoint writes from a copy of the accumulator; the copy of a finished
+    one is reused for the next (no fresh 8 MB array per checkpoint), and never while written."""
+    rng = np.random.default_rng(5)
+    store = Store(tmp_path)
+    p = _pending(store)  # overhead 0: every group takes the checkpoint path
+    written: list[np.ndarray] = []  # held: a new array cannot take a reused one's address
+    write = store.write_checkpoint
+
+    def recording(base: int, seg: int, acc: np.ndarray, meta: dict) -> None:
+        written.append(acc)
+        write(base, seg, acc, meta)
+
+    store.write_checkpoint = recording  # type: ignore[method-assign]
+    done: list[Update] = []
+    for g in range(12):
+        for i in range(2):
+            u, raw = _update(2 * g + i, rng)
+            p.stage(u, raw, float(u.num_examples), 1.0)
+        done += p.finish_commit()  # the previous group's checkpoint is durable now
+        if done:
+            _seg, acc, state = store.load_checkpoint(3)  # type: ignore[misc]
+            np.testing.assert_array_equal(acc, p.acc)  # exactly the sum folded so far
+            assert state["ids"] == [u.update_id for u in done]
+        assert p.begin_commit()
+    done += p.finish_commit()
+    np.testing.assert_allclose(p.acc, _reference(done), rtol=1e-12)
+    assert len(written) == 12 and len({id(a) for a in written}) <= 2  # copies reused, not allocated
+    p.close()
+    store.close()
+    q = _pending(Store(tmp_path))
+    q.recover()
+    np.testing.assert_array_equal(q.acc, p.acc)

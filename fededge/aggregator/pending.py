@@ -233,6 +233,7 @@ class PendingVersion:
         self._syncer: _SyncThread | None = None
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoints: list[Future[None]] = []  # background checkpoints not yet checked
+        self._spare_accs: list[NDArray[np.float64]] = []  # copies written already (reused)
         self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
         # Robust aggregation (fededge/aggregator/robust.py) reads every update of the version
         # back from the WAL: while set, nothing is checkpointed (which would delete segments);
@@ -473,15 +474,29 @@ class PendingVersion:
             self._writer.close()
             self._writer = None
         state = {k: list(v) if isinstance(v, list) else v for k, v in self.sums.__dict__.items()}
-        acc = self.acc.copy() if background else self.acc
+        acc = self._copy_of_acc() if background else self.acc
         if self._checkpointer is None:
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="fededge-checkpoint")
         job = self._checkpointer.submit(
             self.store.write_checkpoint, self.base.version, self._segment, acc, state
         )
+        if background:  # its copy is free again once written (or failed)
+            job.add_done_callback(lambda _job: self._spare_accs.append(acc))
         self._segment += 1
         self._since_checkpoint = self._wal_bytes = 0
         return job
+
+    def _copy_of_acc(self) -> NDArray[np.float64]:
+        """A copy of the accumulator for a background checkpoint, into a buffer a finished one
+        gave back if there is one: a fresh 8 MB array (1M parameters) per checkpoint is 2,048
+        pages the kernel faults in and zeroes first."""
+        spare = self._spare_accs
+        while spare:
+            buf = spare.pop()
+            if buf.shape == self.acc.shape:
+                np.copyto(buf, self.acc)
+                return buf
+        return self.acc.copy()
 
     def settle_checkpoints(self) -> None:
         """Wait for the background checkpoints (they delete WAL segments they cover); raise

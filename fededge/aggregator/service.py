@@ -32,6 +32,7 @@ from fededge.errors import (
     StorageError,
     TransportError,
 )
+from fededge.memory import keep_freed_memory
 from fededge.mqtt import Message, MqttClient, Will
 from fededge.mqtt.chunked import effective_limit, register_chunk_metrics, with_chunk_filters
 from fededge.protocol import Graph, ModelVersion, Plan, Topics
@@ -237,6 +238,7 @@ class Aggregator:
         broker answered (the service is up, possibly still waiting for a model). A broker that
         is down is retried with backoff until ``should_stop()``.
         """
+        keep_freed_memory()  # large packets and checkpoints reuse mapped pages (memory.py)
         kernels.warmup(parallel=self.cfg.parallel_kernels)
         robust.warmup(parallel=self.cfg.parallel_kernels)
         replayed = self.core.state.restore(time.time())

@@ -40,6 +40,7 @@ from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import ConfigError, ProtocolError, SignatureError
 from fededge.fsio import atomic_write
 from fededge.keys import load_private
+from fededge.memory import keep_freed_memory
 from fededge.mqtt import RETAINED_QUIET, Message, MqttClient
 from fededge.protocol import BatchAck, ModelVersion, Plan, Topics, Update, decode_json
 from fededge.protocol.signing import SignedKind, open_message
@@ -153,6 +154,7 @@ class ShardWorker:
               should_stop: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
         from fededge.aggregator.service import connect_with_retry
 
+        keep_freed_memory()  # large packets reuse mapped pages (fededge/memory.py)
         connect_with_retry(self.client, self.settings, tick, should_stop)
         self.client.subscribe_all([self.topics.plan, self.topics.model,
                                    self.topics.batch_ack(self.worker)], qos=1)  # fmt: skip

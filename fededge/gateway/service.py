@@ -42,6 +42,7 @@ from fededge.errors import ConfigError, ProtocolError, SignatureError
 from fededge.gateway.batches import Entry, SiteBatches, key_of
 from fededge.gateway.metrics import GatewayMetrics
 from fededge.keys import load_private
+from fededge.memory import keep_freed_memory
 from fededge.mqtt import Message, MqttClient
 from fededge.protocol import BatchAck, ModelVersion, Plan, Topics, Update, decode_json
 from fededge.protocol.signing import SignedKind, open_message
@@ -104,6 +105,7 @@ class Gateway:
               should_stop: Callable[[], bool] = lambda: False) -> None:  # fmt: skip
         from fededge.aggregator.service import connect_with_retry
 
+        keep_freed_memory()  # large packets reuse mapped pages (fededge/memory.py)
         if self.cfg.metrics:
             try:
                 self.metrics_port = self.metrics.serve(self.cfg.metrics_host, self.cfg.metrics_port)

@@ -1,0 +1,55 @@
+"""Process memory policy of the services that receive large updates (aggregator, shard, gateway).
+
+Quirk (glibc malloc, measured on the 1M-parameter ingest bench): every 4 MB update packet is a
+fresh ``bytearray``; glibc serves blocks that large with ``mmap`` and unmaps them on ``free``,
+so every packet's 1,000 pages are faulted in and zeroed again by the kernel, and so is every
+8 MB copy of the accumulator a background checkpoint writes. That cost ~0.8 ms per update on
+the network thread alone. Serving such blocks from the heap and keeping freed memory there
+(up to a bound) lets the next packet reuse the pages already mapped: the aggregator's CPU per
+1M-parameter update fell by about a quarter (docs/benchmarks.md).
+
+The price is RSS: up to ``keep`` bytes of freed memory stay in the process instead of going
+back to the kernel. Services call :func:`keep_freed_memory` once at start; libraries and
+devices do not (a Raspberry Pi's memory is better returned).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import platform
+
+log = logging.getLogger(__name__)
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+#: glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2: 32 MiB on 64-bit systems.
+MMAP_THRESHOLD = 32 << 20
+#: Freed memory kept at the top of the heap (what the inbox bound lets through, about).
+KEEP_BYTES = 256 << 20
+
+_done = False
+
+
+def keep_freed_memory(keep: int = KEEP_BYTES) -> bool:
+    """Serve blocks up to 32 MiB from the heap and keep up to ``keep`` freed bytes there.
+
+    Process-wide and idempotent; True once set. Only glibc has these knobs: elsewhere (musl,
+    macOS) nothing changes and False is returned.
+    """
+    global _done
+    if _done:
+        return True
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        ok = bool(libc.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD) == 1)
+        ok = libc.mallopt(_M_TRIM_THRESHOLD, keep) == 1 and ok
+    except (OSError, AttributeError) as e:  # no libc to load, or no mallopt in it
+        log.debug("malloc policy unchanged: %s", e)
+        return False
+    _done = ok
+    return ok
