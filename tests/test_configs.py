@@ -48,6 +48,13 @@ def test_example_config_loads(path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert settings.topic_prefix == "fededge"
 
 
+def test_gateway_stale_floor_matches_the_central_aggregator() -> None:
+    """A gateway's versions_kept above the coordinator's would let it accept resends the central
+    side no longer recognises (docs/operations.md 2.5, "Resends")."""
+    gw = load_settings(CONFIGS / "gateway.toml").aggregator
+    assert gw.versions_kept == load_settings(CONFIGS / "aggregator.toml").aggregator.versions_kept
+
+
 def test_size_limits_agree() -> None:
     conf = (CONFIGS / "mosquitto.conf").read_text()
     packet = int(re.search(r"^max_packet_size (\d+)$", conf, re.M).group(1))  # type: ignore[union-attr]

@@ -12,6 +12,7 @@ import json
 import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -442,3 +443,226 @@ def test_two_sites_fill_one_version_together(tmp_path: Path) -> None:
         model = _versions(root)[v][0]
         np.testing.assert_allclose(model.weights["w"], expected, rtol=1e-6)
         prev = expected
+
+
+# --- exactly once when a key is forgotten: another site, a restart during a cut ------------------
+
+
+class Link:
+    """A TCP relay to the central broker's port, cut and restored by the test: one site's uplink
+    goes away while the central broker and the other site stay up."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.port = free_port()
+        self._lock = threading.Lock()
+        self._socks: list[socket.socket] = []
+        self._server: socket.socket | None = None
+        self.restore()
+
+    def restore(self) -> None:
+        self._server = socket.create_server(("127.0.0.1", self.port))
+        threading.Thread(target=self._accept, args=(self._server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
+        while True:
+            try:
+                near, _ = server.accept()
+                far = socket.create_connection(("127.0.0.1", self.target), timeout=10)
+            except OSError:
+                return  # cut
+            far.settimeout(None)
+            with self._lock:
+                if self._server is not server:
+                    near.close(), far.close()
+                    return
+                self._socks += [near, far]
+            for src, dst in ((near, far), (far, near)):
+                threading.Thread(target=self._pump, args=(src, dst), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(1 << 16):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def cut(self) -> None:
+        with self._lock:
+            server, self._server = self._server, None
+            socks, self._socks = self._socks, []
+        if server is not None:
+            with contextlib.suppress(OSError):
+                server.shutdown(socket.SHUT_RDWR)  # wakes accept()
+            server.close()
+        for s in socks:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()
+
+
+class Merges:
+    """What the coordinator merged, seen on the central broker: each batch's latest copy and
+    the answers; an update counts once per batch answered ``merged``."""
+
+    def __init__(self, central: Mosquitto, topics: Topics) -> None:
+        self.client = MqttClient(central.settings(), "merges-observer", persistent=False)
+        self.client.connect()
+        self.client.subscribe(topics.partials_filter, qos=1)
+        self.client.subscribe(f"{topics.base}/aggregator/acks/+", qos=1)
+        self.latest: dict[tuple[str, int], list[str]] = {}
+        self.merged: list[str] = []
+
+    def count(self, key: str) -> int:
+        with contextlib.suppress(queue.Empty):
+            while True:
+                msg = self.client.messages.get_nowait()
+                if "/partials/" in msg.topic:
+                    p = PartialSum.from_bytes(msg.payload, max_bytes=1 << 30)
+                    self.latest[(p.worker, p.seq)] = p.keys
+                else:
+                    ack = decode_json(msg.payload, BatchAck)
+                    if ack.status == "merged":
+                        self.merged += self.latest.get((ack.worker, ack.seq), [])
+        return self.merged.count(key)
+
+
+class TwoSites:
+    """A central broker and coordinator, sites s-1 (its bridge through a ``Link``) and s-2 with
+    their gateways, every process keeping ``versions_kept = 2``."""
+
+    def __init__(self, tmp_path: Path, plan: Plan) -> None:
+        tls = make_tls_files(tmp_path / "tls")
+        tls_port = free_port()
+        self.central = Mosquitto(tmp_path / "central",
+                                 extra_config=tls.listener(tls_port, require_certificate=False))  # fmt: skip
+        self.central.start()
+        self.link = Link(tls_port)
+        self.sites = {s: site_broker(tmp_path / s, port, tls.ca_cert, s)
+                      for s, port in (("s-1", self.link.port), ("s-2", tls_port))}  # fmt: skip
+        for b in self.sites.values():
+            b.start()
+        self.task = new_task()
+        init_task(load_settings(None, {"broker": {"url": self.central.url}, "task": self.task}),
+                  {"w": np.zeros(3, np.float32)}, plan)  # fmt: skip
+        self.merges = Merges(self.central, Topics("fededge", self.task))
+        self.env = {"FEDEDGE_AGGREGATOR__METRICS": "false",
+                    "FEDEDGE_AGGREGATOR__LEASE_SETTLE": "0.3",
+                    "FEDEDGE_AGGREGATOR__VERSIONS_KEPT": "2",
+                    "FEDEDGE_GATEWAY__SHIP_INTERVAL": "0.3",
+                    "FEDEDGE_GATEWAY__SHIP_TIMEOUT": "3"}  # fmt: skip
+        self.state = tmp_path / "state"
+        self.logs = {n: tmp_path / f"{n}.log" for n in ("central", "s-1", "s-2")}
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.senders: list[Sender] = []
+        self.procs["central"] = _spawn(
+            self.logs["central"], "aggregator", "--broker", self.central.url, "--task", self.task,
+            "--state-dir", str(self.state), "--coordinator", "--gateway", "s-1", "--gateway",
+            "s-2", env=self.env)  # fmt: skip
+        _wait_log(self.procs["central"], self.logs["central"], "aggregator ready")
+        for s in self.sites:
+            self.start_gateway(s)
+
+    def start_gateway(self, site: str, count: int = 1) -> None:
+        self.procs[site] = _spawn(self.logs[site], "gateway", "--broker", self.sites[site].url,
+                                  "--task", self.task, "--state-dir", str(self.state), "--site",
+                                  site, env=self.env)  # fmt: skip
+        _wait_log(self.procs[site], self.logs[site], "gateway ready", count)
+
+    def kill_gateway(self, site: str) -> None:
+        self.procs[site].send_signal(signal.SIGKILL)
+        self.procs[site].wait(10)
+
+    def sender(self, site: str, device: str) -> Sender:
+        s = load_settings(None, {"broker": self.sites[site].settings().model_dump(),
+                                 "task": self.task})  # fmt: skip
+        self.senders.append(Sender(s, device))
+        return self.senders[-1]
+
+    def close(self) -> dict[str, str]:
+        for snd in self.senders:
+            snd.close()
+        self.merges.client.close()
+        codes = {name: _stop(p) for name, p in self.procs.items()}
+        for b in self.sites.values():
+            b.stop()
+        self.link.cut()
+        self.central.stop()
+        out = {n: p.read_text()[-3000:] for n, p in self.logs.items()}
+        assert set(codes.values()) == {0}, (codes, out)
+        return out
+
+
+def _delta(value: float) -> dict[str, np.ndarray]:
+    return {"w": np.full(3, value, np.float32)}
+
+
+# One update per version; an update may be 10 versions old, the memory of counted updates holds
+# 2 versions (centrally and at the gateways): older resends can no longer be recognised.
+FORGETFUL = Plan(min_updates_per_version=1, clip_norm=1e9, max_staleness=10,
+                 max_updates_per_device=5)  # fmt: skip
+
+
+def test_a_resend_older_than_the_central_memory_is_stale_at_another_site(tmp_path: Path) -> None:
+    """d's update k is counted through site s-1; the central side keeps 2 versions, so 3
+    versions later it has forgotten k. d moves to site s-2 without its receipt and resends k:
+    s-2 never saw it and the coordinator would merge it again, so s-2 rejects it as stale, on
+    the same floor as a shard worker (base version older than the versions remembered)."""
+    t = TwoSites(tmp_path, FORGETFUL)
+    try:
+        d, e = t.sender("s-1", "d"), t.sender("s-2", "e")
+        d.update(_delta(1.0), base=0, uid="k")
+        assert d.receipt("k", TIMEOUT).status == "accepted"
+        for v in (1, 2, 3):  # accepted on base v: s-2 has seen version v
+            e.model(v, TIMEOUT)
+            e.update(_delta(2.0 + v), base=v, uid=f"e{v}")
+            assert e.receipt(f"e{v}", TIMEOUT).status == "accepted"
+        e.model(4, TIMEOUT)  # the central side keeps versions 3 and 4; k is in version 1
+        moved = t.sender("s-2", "d")
+        moved.update(_delta(1.0), base=0, uid="k")
+        r = moved.receipt("k", TIMEOUT)
+        # Whatever s-2 did with k went up before e's next update (one batch at a time, in order).
+        e.update(_delta(9.0), base=4, uid="e4")
+        assert e.receipt("e4", TIMEOUT).status == "accepted"
+        wait_until(lambda: t.merges.count("e/e4"), TIMEOUT, "e4 merged")
+        assert t.merges.count("d/k") == 1, "k counted twice"
+        assert (r.status, r.reason) == ("rejected", "stale"), r
+        assert "older than the oldest version whose update ids are remembered" in (r.detail or "")
+    finally:
+        t.close()
+
+
+def test_a_gateway_killed_during_a_cut_still_knows_what_it_merged(tmp_path: Path) -> None:
+    """k is merged through s-1; s-1's uplink is cut and its gateway killed -9 and restarted; the
+    central side builds versions from s-2 until it has forgotten k. d, which never got k's
+    receipt, resends it: s-1 (still on version 1, so k is within every floor it knows) answers
+    it as a duplicate from its durable memory, instead of sending k up again, where nothing
+    could recognise it any more."""
+    t = TwoSites(tmp_path, FORGETFUL)
+    try:
+        d, e = t.sender("s-1", "d"), t.sender("s-2", "e")
+        d.update(_delta(1.0), base=0, uid="k")
+        assert d.receipt("k", TIMEOUT).status == "accepted"
+        _wait_log(t.procs["s-1"], t.logs["s-1"], "batch 0 merged upstream")
+        d.model(1, TIMEOUT)
+        t.link.cut()
+        t.kill_gateway("s-1")
+        t.start_gateway("s-1", 2)
+        for v in (1, 2, 3):
+            e.model(v, TIMEOUT)
+            e.update(_delta(2.0 + v), base=v, uid=f"e{v}")
+            assert e.receipt(f"e{v}", TIMEOUT).status == "accepted"
+        e.model(4, TIMEOUT)  # the central side keeps versions 3 and 4; k is in version 1
+        d.receipts.pop("k")
+        d.update(_delta(1.0), base=0, uid="k")
+        r = d.receipt("k", TIMEOUT)
+        d.update(_delta(7.0), base=1, uid="f")
+        assert d.receipt("f", TIMEOUT).status == "accepted"
+        t.link.restore()
+        wait_until(lambda: t.merges.count("d/f"), TIMEOUT, "f merged after the cut")
+        assert t.merges.count("d/k") == 1, "k counted twice"
+        assert (r.status, r.version) == ("duplicate", 1), r  # s-1 was on version 1
+    finally:
+        t.close()

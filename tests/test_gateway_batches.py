@@ -65,3 +65,32 @@ def test_site_batches_refuse_a_damaged_state_file(tmp_path: Path) -> None:
     (tmp_path / "state.json").write_text('{"merged": "x"}')
     with pytest.raises(StorageError, match="unreadable gateway state"):
         SiteBatches(tmp_path, fsync=False)
+
+
+def test_merged_keys_survive_a_restart_until_below_the_floor(tmp_path: Path) -> None:
+    b = _reopen(tmp_path)
+    u1, u2, u3 = _update("d1", "a", 0.5), _update("d2", "b", -1.0), _update("d1", "c", 2.0)
+    b.append([((u1, 1.0, 0.1), u1.to_bytes()), ((u2, 2.0, 0.2), u2.to_bytes())])
+    b.send(base=3)
+    b.append([((u3, 3.0, 0.3), u3.to_bytes())])
+    assert b.settle(wait=True) == ["d1/a", "d2/b"] and b.remembers("d2/b")
+    assert not b.remembers("d1/c") and b.holds("d1/c")
+    b.send(base=5)
+    assert b.exclude({"d1/c"}) == 1 and b.settle(wait=False) == []  # nothing merged: no file
+    (tmp_path / "merged-000000000007.json.tmp").write_text('{"ba')  # a write cut short
+    b.close()
+    b = _reopen(tmp_path)  # kill -9: what was merged is still known
+    assert b.remembers("d1/a") and b.remembers("d2/b") and not b.remembers("d1/c")
+    assert sorted(p.name for p in tmp_path.glob("merged-*")) == ["merged-000000000000.json"]
+    b.forget_before(3)  # batch 0 was sent on version 3: its updates are within the floor
+    assert b.remembers("d1/a")
+    b.forget_before(4)
+    assert not b.remembers("d1/a") and not list(tmp_path.glob("merged-*"))
+    b.close()
+    assert not _reopen(tmp_path).remembers("d1/a")
+
+
+def test_site_batches_refuse_a_damaged_merged_file(tmp_path: Path) -> None:
+    (tmp_path / "merged-000000000000.json").write_text('{"base": 1, "keys": [3]}')
+    with pytest.raises(StorageError, match="unreadable gateway state"):
+        SiteBatches(tmp_path, fsync=False)

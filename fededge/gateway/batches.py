@@ -8,7 +8,12 @@ Files in the gateway's state folder:
 - ``state.json``: ``sent`` (the newest batch sent upstream) and ``sent_base`` (the version
   the gateway knew when it first sent it), ``merged`` (the newest batch the central aggregator
   answered ``merged``/``duplicate``) and ``gate`` (the next batch waits for a version newer
-  than this; -1: no wait).
+  than this; -1: no wait);
+- ``merged-{seq}.json``: the update keys of a merged batch and its ``sent_base``, written
+  (atomically) before ``state.json`` says it is merged, so that a device's resend is answered
+  ``duplicate`` after a restart too. Every update of the batch is based on ``sent_base`` or
+  an older version, so the file is deleted once ``sent_base`` falls below the gateway's
+  ``stale`` floor (:meth:`SiteBatches.forget_before`): an update that old is rejected anyway.
 
 ``sent`` is written before the batch is published, so after ``kill -9`` a batch with
 ``merged < seq <= sent`` is *out* and is sent again (the central side merges each
@@ -60,6 +65,13 @@ class SiteBatches:
         for path in root.glob("batch-*.wal"):
             if int(path.stem.split("-")[1]) <= self.merged:
                 path.unlink()  # merged before a crash cut the clean-up short
+        # The keys of merged batches still within the stale floor: seq -> (sent_base, keys).
+        self._merged: dict[int, tuple[int, list[str]]] = {}
+        self._recent: dict[str, int] = {}  # key -> seq of the merged batch that holds it
+        for path in root.glob("merged-*.json.tmp"):
+            path.unlink()  # a write cut short by a crash: the batch was not settled
+        for path in root.glob("merged-*.json"):
+            self._remember(*self._read_merged(path))
         self.out_seq: int | None = self.sent if self.sent > self.merged else None
         self.open_seq = max(self.sent, self.merged) + 1
         self.out_keys = [key_of(e) for e in self._entries(self.out_seq)]
@@ -87,6 +99,25 @@ class SiteBatches:
             return dict.fromkeys(STATE_KEYS, -1)
         except (ValueError, KeyError, TypeError) as e:
             raise StorageError(f"{path}: unreadable gateway state ({e})") from None
+
+    def _merged_path(self, seq: int) -> Path:
+        return self.root / f"merged-{seq:012d}.json"
+
+    def _read_merged(self, path: Path) -> tuple[int, int, list[str]]:
+        """``(seq, sent_base, keys)`` of a ``merged-{seq}.json``."""
+        try:
+            seq = int(path.stem.split("-", 1)[1])
+            raw = json.loads(path.read_text())
+            base, keys = int(raw["base"]), raw["keys"]
+            if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
+                raise TypeError("keys must be a list of strings")
+            return seq, base, keys
+        except (ValueError, KeyError, TypeError) as e:
+            raise StorageError(f"{path}: unreadable gateway state ({e})") from None
+
+    def _remember(self, seq: int, base: int, keys: list[str]) -> None:
+        self._merged[seq] = (base, keys)
+        self._recent.update(dict.fromkeys(keys, seq))
 
     def _write_state(self) -> None:
         body = {k: getattr(self, k) for k in STATE_KEYS}
@@ -132,6 +163,21 @@ class SiteBatches:
         """Whether the update with this dedup key is in the out or the open batch."""
         return key in self._keys
 
+    def remembers(self, key: str) -> bool:
+        """Whether the update with this dedup key is in a merged batch still remembered."""
+        return key in self._recent
+
+    def forget_before(self, floor: int) -> None:
+        """Forget the merged batches first sent on a version older than ``floor`` (the gateway
+        rejects an update based on a version that old as ``stale``)."""
+        for seq, (base, keys) in list(self._merged.items()):
+            if base < floor:
+                self._merged_path(seq).unlink(missing_ok=True)
+                del self._merged[seq]
+                for k in keys:
+                    if self._recent.get(k) == seq:
+                        del self._recent[k]
+
     def device_count(self, device: str) -> int:
         """Updates of ``device`` in the open batch (max_updates_per_device)."""
         return self._devices[device]
@@ -176,6 +222,11 @@ class SiteBatches:
         if self.out_seq is None:
             return []
         keys = self.out_keys
+        if keys:  # remembered before the batch is forgotten: a resend stays a duplicate
+            body = {"base": self.sent_base, "keys": keys}
+            atomic_write(self._merged_path(self.out_seq), json.dumps(body).encode(),
+                         fsync=self.fsync)  # fmt: skip
+            self._remember(self.out_seq, self.sent_base, keys)
         self._keys.difference_update(keys)
         self.merged, self.gate = self.out_seq, self.sent_base if wait else -1
         self._write_state()

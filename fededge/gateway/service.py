@@ -24,7 +24,6 @@ from __future__ import annotations
 import logging
 import queue
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 
 from fededge.aggregator.intake import (
@@ -50,7 +49,6 @@ from fededge.protocol.vocab import RejectReason
 from fededge.settings import Settings
 
 log = logging.getLogger(__name__)
-RECENT_KEYS = 100_000  # keys of merged batches remembered to answer resends as duplicates
 
 
 class Gateway:
@@ -92,7 +90,6 @@ class Gateway:
             out_age=lambda: 0.0 if self._out_since is None else time.monotonic() - self._out_since,
             open_updates=lambda: len(b.open_keys), out_updates=lambda: len(b.out_keys))  # fmt: skip
         self.metrics_port: int | None = None
-        self._recent: OrderedDict[str, None] = OrderedDict()
         self._warned_secure = False
         self.accepted_total = 0
         self.merged_total = 0
@@ -217,10 +214,7 @@ class Gateway:
         if ack.status in ("merged", "duplicate"):
             full = len(b.out_keys) >= self.plan.min_updates_per_version
             self._out_since = None
-            for k in b.settle(wait=full):
-                self._recent[k] = None
-            while len(self._recent) > RECENT_KEYS:
-                self._recent.popitem(last=False)
+            b.settle(wait=full)  # its keys stay on disk: a resend is answered duplicate
             self.merged_total += 1
             log.info("batch %d %s upstream", ack.seq, ack.status)
             return
@@ -254,12 +248,23 @@ class Gateway:
             )
             key = f"{device}/{update.update_id}"
             if (
-                key in self._recent
+                self.batches.remembers(key)
                 or self.batches.holds(key)
                 or any(key_of(e) == key for _, e, _ in staged)
             ):
                 later.append((msg, update))  # answered once the first copy is durable
                 return
+            floor = self._floor()
+            if update.base_version < floor:
+                # As a shard worker (aggregator/shard.py): the coordinator remembers the keys of
+                # the versions it keeps only, this gateway those of the batches it sent on them:
+                # an update based on an older version could be a resend of a counted update
+                # that neither would recognise.
+                raise ProtocolError(
+                    f"base version {update.base_version} is older than the oldest version "
+                    f"whose update ids are remembered ({floor})",
+                    reason=RejectReason.STALE,
+                )
             held = self.batches.device_count(device)
             held += count_device(device, (e[0].device for _, e, _ in staged))
             check_quota(held, device, self.plan, "this gateway's batch")
@@ -302,12 +307,20 @@ class Gateway:
                 ):
                     self.model, self._model_bytes = model, len(body)
                     self.metrics.version.set(model.version)
+                    self.batches.forget_before(self._floor())
             elif msg.topic == self.topics.batch_ack(self.worker):
                 self._on_answer(decode_json(msg.payload, BatchAck))
         except (ProtocolError, SignatureError) as e:
             self.metrics.bad_control.inc()
             log.warning("rejected message on %s: %s", msg.topic, e)
         self.client.ack(msg)
+
+    def _floor(self) -> int:
+        """The oldest base version accepted: the central aggregator keeps ``versions_kept``
+        versions (and their update keys), this gateway's ``versions_kept`` must not exceed
+        that (docs/operations.md 2.5)."""
+        assert self.model is not None
+        return self.model.version - self.cfg.versions_kept + 1
 
     def close(self) -> None:
         self.batches.close()
