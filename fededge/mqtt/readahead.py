@@ -15,7 +15,10 @@ import socket
 import ssl
 from typing import Any
 
-READ_AHEAD = 64 * 1024
+# One read takes what the socket holds, up to this: at 10 KB updates a 64 KiB read left one
+# packet in seven cut at its end, and each cut one goes paho's slower path (bench: 14.5% of
+# PUBLISHes, 2.1% at 256 KiB, and half the reads).
+READ_AHEAD = 256 * 1024
 
 
 class ReadAheadSocket:
