@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from aggtools import make_settings, running_aggregator
 from devtools import mlp_bundle, new_task, publish_task
@@ -254,3 +255,34 @@ def test_on_updates_leaves_what_remove_and_add_did(max_devices: int) -> None:
         return [x for x in generate_latest(t.registry).splitlines() if b"_created" not in x]
 
     assert samples(group) == samples(ref)
+
+
+@pytest.mark.parametrize("fields", ["as they are", "unexpected"])
+def test_observe_counts_exports_what_single_observations_do(fields: str) -> None:
+    # FleetTracker.on_updates observes a group's staleness once per distinct value: the sum,
+    # buckets and count exported are exactly those of one observe() per update.
+    from collections import Counter as Tally
+
+    from prometheus_client import Histogram
+
+    from fededge.aggregator.fleet import LAG_BUCKETS
+    from fededge.aggregator.metrics import observe_counts
+
+    rng = np.random.default_rng(4)
+    groups = [[0] * 100, [0, 1, 1, 2, 3, 4, 5, 6, 9, 10, 11, 100, 101, 10**6],
+              [int(x) for x in rng.integers(0, 200, 500)], [], [7]]  # fmt: skip
+    one, many = CollectorRegistry(), CollectorRegistry()
+    hists = [Histogram("h", "x", buckets=[*LAG_BUCKETS, float("inf")], registry=r)
+             for r in (one, many)]  # fmt: skip
+    if fields == "unexpected":  # another prometheus_client: observe() one at a time
+        hists[1]._buckets = tuple(hists[1]._buckets)  # type: ignore[assignment]
+    for group in groups:
+        for lag in group:
+            hists[0].observe(lag)
+        observe_counts(hists[1], Tally(group))
+
+    def samples(r: CollectorRegistry) -> list[bytes]:
+        return [x for x in generate_latest(r).splitlines() if b"_created" not in x]
+
+    assert samples(many) == samples(one)
+    assert many.get_sample_value("h_count") == sum(map(len, groups))

@@ -446,3 +446,59 @@ def test_the_gil_holding_norm_equals_the_gil_free_one(d: int) -> None:
 
     x = np.random.default_rng(d).standard_normal(d).astype(np.float32)
     assert norm.l2_norm_small(x) == norm.l2_norm(x)  # same loop and flags: bit for bit
+
+
+def _unaligned(d: int) -> NDArray[np.float32]:
+    buf = bytearray(4 * d + 1)
+    x = np.frombuffer(buf, np.float32, d, 1)
+    x[:] = rand32(d, seed=5)
+    return x
+
+
+@pytest.mark.parametrize("d", [0, 1, 7, 2410, (1 << 18) - 1, 1 << 18])
+def test_l2_norm_without_dispatch_is_the_dispatched_kernel(d: int, monkeypatch) -> None:
+    # l2_norm calls l2_norm_small's compiled entry point for the array types the aggregator
+    # sees (C-contiguous, aligned, 1-D float32, read-only or not): the same machine code
+    # as through Numba's dispatcher, so the same bits, NaN and inf included.
+    from fededge.native import norm
+
+    K.warmup(parallel=False)
+    assert set(K._SMALL_NORM) == {True, False}
+    x = rand32(d, seed=d, scale=1e3)
+    if d:
+        x[d // 2] = np.float32(3e38)
+    cases = [x, np.frombuffer(x.tobytes(), np.float32), x[: d // 2]]
+    if d > 3:
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[3] = bad
+            cases += [y, np.frombuffer(y.tobytes(), np.float32)]
+    dispatched = norm.l2_norm_small if d < K.GIL_FREE_MIN else norm.l2_norm
+    want = [float(dispatched(c)).hex() for c in cases]
+
+    def no_dispatch(_x: object) -> float:
+        raise AssertionError("dispatched")
+
+    monkeypatch.setattr(norm, "l2_norm_small", no_dispatch)
+    if d < K.GIL_FREE_MIN:  # these no longer reach the dispatcher
+        assert [K.l2_norm(c).hex() for c in cases] == want
+    else:
+        assert [K.l2_norm(c).hex() for c in cases[:1]] == want[:1]
+    monkeypatch.undo()
+    # Anything else goes the checked way: the dispatcher (a type of its own) or the error.
+    odd = _unaligned(d)
+    assert not odd.flags.aligned or d == 0
+    assert K.l2_norm(odd).hex() == float(dispatched(odd)).hex()
+    assert K.l2_norm(odd).hex() == K.l2_norm(odd.copy()).hex()
+
+    class Sub(np.ndarray):
+        pass
+
+    assert K.l2_norm(x.view(Sub)).hex() == want[0]
+    with pytest.raises(ValueError, match="dtype is >f4"):
+        K.l2_norm(x.astype(">f4"))
+    if d > 1:
+        with pytest.raises(ValueError, match="not C-contiguous"):
+            K.l2_norm(np.repeat(x, 2)[::2])
+    with pytest.raises(ValueError, match="has 2 dimensions"):
+        K.l2_norm(x.reshape(1, -1))

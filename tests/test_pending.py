@@ -528,3 +528,66 @@ def test_background_checkpoints_reuse_their_copies_and_each_holds_its_own_sum(tm
     q = _pending(Store(tmp_path))
     q.recover()
     np.testing.assert_array_equal(q.acc, p.acc)
+
+
+@pytest.mark.parametrize("isal", [True, False])
+def test_a_groups_records_are_those_append_writes(tmp_path, isal: bool, monkeypatch) -> None:
+    # SegmentWriter.append_updates (one call per group) writes each record as append does
+    # with update_header's bytes, or the header dict where that is None (not a finite float).
+    from fededge.aggregator import wal
+
+    if not isal:
+        monkeypatch.setattr(wal, "_isal_crc32", None)
+    rng = np.random.default_rng(11)
+    payloads = [rng.bytes(n) for n in (0, 1, 100, 6000, 70_000)] * 3
+    values = [1.0, 32.0, 0.1, 5e-324, 1e300, 3, float("inf"), float("nan"), -0.0, True]
+    records = [
+        (f"u{i}", values[i % len(values)], values[(3 * i + 1) % len(values)], p)
+        for i, p in enumerate(payloads)
+    ]
+    one = wal.SegmentWriter(tmp_path / "one", fsync=False)
+    for uid, weight, norm, p in records:
+        header = {"id": uid, "weight": weight, "norm": norm, "group": 42}
+        one.append(wal.update_header(uid, weight, norm, 42) or header, p)  # type: ignore[arg-type]
+    one.commit()
+    group = wal.SegmentWriter(tmp_path / "group", fsync=False)
+    group.append_updates(42, records)  # type: ignore[arg-type]
+    group.commit()
+    one.close()
+    group.close()
+    assert (tmp_path / "group").read_bytes() == (tmp_path / "one").read_bytes()
+    assert len(wal.scan_segment(tmp_path / "group")[0]) == len(records)
+
+
+@pytest.mark.parametrize("most", [1, 7, 20, 9999, 1 << 30])
+@pytest.mark.parametrize("parts", [1, 3, 1024, 1025, 3000])
+def test_short_writes_resume_where_they_stopped(
+    tmp_path, most: int, parts: int, monkeypatch
+) -> None:
+    # A writev that writes less than asked (a full disk, a signal) resumes after what it
+    # wrote: the file holds every part once, in order, whatever the parts and their count.
+    import os
+
+    from fededge.aggregator import wal
+
+    rng = np.random.default_rng(parts)
+    data = [rng.bytes(int(n)) for n in rng.integers(0, 12, parts)]
+    calls: list[int] = []
+    real = os.writev
+
+    def short(fd: int, buffers: list[bytes]) -> int:
+        assert len(buffers) <= 1024
+        want = b"".join(bytes(b) for b in buffers)[:most]
+        calls.append(len(want))
+        return real(fd, [want])
+
+    monkeypatch.setattr(os, "writev", short)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        wal._write_all(fd, data)
+        wal._write_all(fd, [])
+        wal._write_all(fd, [b"", b""])
+    finally:
+        os.close(fd)
+    assert (tmp_path / "f").read_bytes() == b"".join(data)
+    assert all(calls)  # no empty writev

@@ -400,3 +400,248 @@ def test_header_json_is_parsed_as_json_loads_does(text: str) -> None:
         return
     assert isinstance(want, dict)
     assert set(got.tensors) == set(want) - {"__metadata__"}
+
+
+# --- the fast path for updates as devices write them (messages._written_update) -----------
+
+
+def _same_as_the_general_path(
+    raw: bytes | bytearray, max_bytes: int = 1 << 20
+) -> Update | ProtocolError:
+    """Update.from_bytes(raw) is what the general path makes of it: the same fields, tensors
+    (names in the same order, dtype, shape, bits, read-only) or the same error."""
+    try:
+        p = decode_tensors(bytes(raw), max_bytes=max_bytes)
+        want: Update | ProtocolError = Update.from_fields(p.metadata, p.tensors)
+    except ProtocolError as e:
+        want = e
+    try:
+        got: Update | ProtocolError = Update.from_bytes(raw, max_bytes=max_bytes)
+    except ProtocolError as e:
+        got = e
+    if isinstance(want, ProtocolError):
+        assert isinstance(got, ProtocolError), got
+        assert (str(got), got.reason) == (str(want), want.reason)
+        return got
+    assert isinstance(got, Update), got
+    for f in dataclasses.fields(Update):
+        if f.name != "delta":
+            assert getattr(got, f.name) == getattr(want, f.name), f.name
+    assert list(got.delta) == list(want.delta)
+    for name, a in want.delta.items():
+        b = got.delta[name]
+        assert (b.dtype, b.shape, b.tobytes()) == (a.dtype, a.shape, a.tobytes()), name
+        assert not b.flags.writeable and type(b) is np.ndarray
+    return got
+
+
+def _with_header(raw: bytes, header: str) -> bytes:
+    """``raw`` (a safetensors payload) with its header text replaced, the data kept."""
+    (hlen,) = struct.unpack_from("<Q", raw)
+    h = header.encode()
+    return struct.pack("<Q", len(h)) + h + raw[8 + hlen :]
+
+
+def _written(delta: dict[str, np.ndarray] | None = None, **kw: object) -> bytes:
+    fields: dict[str, object] = {
+        "task": "t", "device": "dev-1", "update_id": "u.1", "base_version": 3, "num_examples": 7,
+        "delta": delta if delta is not None else {
+            "b": np.arange(3, dtype=np.float32), "k": np.ones((2, 3), np.float32)},
+        **kw,
+    }  # fmt: skip
+    return Update(**fields).to_bytes()  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("metrics", [{}, {"train_loss": 0.25},
+                                     {"train_loss": 1.5, "eval_loss": 2.0, "eval_accuracy": 0.5}])  # fmt: skip
+@pytest.mark.parametrize("wrap", [bytes, bytearray])
+def test_updates_as_devices_write_them_take_the_fast_path(metrics, wrap) -> None:
+    from fededge.protocol import messages
+
+    raw = wrap(_written(**metrics))
+    assert messages._written_update(raw, 1 << 20) is not None
+    u = _same_as_the_general_path(raw)
+    assert isinstance(u, Update) and u.train_loss == metrics.get("train_loss")
+    assert memoryview(raw).nbytes > 0 and isinstance(Update.from_bytes(memoryview(raw),
+                                                     max_bytes=1 << 20), Update)  # fmt: skip
+
+
+_ENTRY_B = '"b":{"dtype":"F32","shape":[3],"data_offsets":[0,12]}'
+_ENTRY_K = '"k":{"dtype":"F32","shape":[2,3],"data_offsets":[12,36]}'
+_META = ('{"base_version":"3","device":"dev-1","fededge":"1","kind":"update",'
+         '"num_examples":"7","task":"t","update_id":"u.1"}')  # fmt: skip
+
+
+def _header(
+    meta: str = _META, entries: tuple[str, ...] = (_ENTRY_B, _ENTRY_K), tail: str = ""
+) -> str:
+    return '{"__metadata__":' + meta + "".join("," + e for e in entries) + "}" + tail
+
+
+def _k(old: str, new: str) -> str:
+    """The header with tensor k's entry changed."""
+    return _header(entries=(_ENTRY_B, _ENTRY_K.replace(old, new)))
+
+
+def _m(old: str, new: str) -> str:
+    """The header with its metadata changed."""
+    return _header(_META.replace(old, new))
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        _header(),  # as written: the fast path
+        _header(tail="   "),
+        _header(tail="\n"),
+        _header(tail=" x"),
+        '{"__metadata__": ' + _META + "," + _ENTRY_B + "," + _ENTRY_K + "}",  # a space
+        "{" + _ENTRY_B + ',"__metadata__":' + _META + "," + _ENTRY_K + "}",  # key order
+        _header(entries=(_ENTRY_K, _ENTRY_B)),  # tensors not by name
+        _header(entries=(_ENTRY_B, _ENTRY_B)),  # a name twice
+        _header(entries=(_ENTRY_B,)),  # data in no tensor
+        _header(
+            entries=(
+                '"k":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}',
+                '"b":{"dtype":"F32","shape":[3],"data_offsets":[24,36]}',
+            )
+        ),
+        _header(entries=(_ENTRY_B, '"b":{"dtype":"F32","shape":[6],"data_offsets":[12,36]}')),
+        _header(entries=('"A":' + _ENTRY_B[4:], '"__metadata__":' + _ENTRY_K[4:])),
+        _header(entries=(_ENTRY_B, _ENTRY_K.replace("[2,3]", "[7]").replace("36]", "40]"))),
+        _header(entries=(_ENTRY_B.replace("[3]", "[9]").replace("12]", "36]"),)),
+        _header(entries=()),  # no tensors
+        _k('"k"', '"__metadata__"'),
+        _k('"k"', '"\\u006b"'),  # an escape
+        _k('"k"', '"k\\"x"'),
+        _k('"k"', '"k\x01"'),  # a control character, refused by JSON
+        _k('"k"', '"\u00e9"'),
+        _k('"k"', '"' + "k" * 257 + '"'),
+        _k('"k"', '""'),
+        _k("[12,36]", "[12,35]"),
+        _k("[12,36]", "[13,36]"),
+        _k("[12,36]", "[12,012]"),
+        _k("[12,36]", "[12,36.0]"),
+        _k("[12,36]", "[36,12]"),
+        _k("[2,3]", "[6]"),
+        _k("[2,3]", "[2,3,1,1,1,1,1,1]"),
+        _k("[2,3]", "[2,3,1,1,1,1,1,1,1]"),
+        _k("[2,3]", "[02,3]"),
+        _k("[2,3]", "[1099511627776,0]"),
+        _k("[2,3]", "[999999999999,0]"),
+        _k("[2,3]", "[2,true]"),
+        _k("[2,3]", "[2,-3]"),
+        _k("F32", "F64"),
+        _k('"dtype":"F32","shape":[2,3]', '"shape":[2,3],"dtype":"F32"'),
+        _m('"base_version":"3"', '"base_version":"0003"'),
+        _m('"base_version":"3"', '"base_version":"9007199254740992"'),
+        _m('"base_version":"3"', '"base_version":"9007199254740991"'),
+        _m('"base_version":"3"', '"base_version":"\u0663"'),
+        _m('"num_examples":"7"', '"num_examples":"0"'),
+        _m('"num_examples":"7"', '"num_examples":"1099511627776"'),
+        _m('"num_examples":"7"', '"num_examples":"12345678901234567"'),
+        _m("dev-1", "dev/1"),
+        _m("dev-1", "d" * 65),
+        _m("u.1", ""),
+        _m('"fededge":"1"', '"fededge":"2"'),
+        _m('"kind":"update"', '"kind":"model"'),
+        _m('"fededge"', '"eval_loss":"nan","fededge"'),
+        _m('"fededge"', '"eval_loss":"-inf","fededge"'),
+        _m('"fededge"', '"eval_accuracy":"1e999","fededge"'),
+        _m('"fededge"', '"eval_loss":"x","fededge"'),
+        _m('"fededge"', '"eval_loss":" 1_0 ","fededge"'),
+        _m('"fededge"', '"eval_loss":"","fededge"'),
+        _m('"fededge"', '"eval_loss":"' + "1" * 65 + '","fededge"'),
+        _m('"fededge"', '"eval_accuracy":"0.5","eval_loss":"0.25","fededge"'),
+        _m('"fededge"', '"eval_loss":"0.25","eval_accuracy":"0.5","fededge"'),
+        _m('"task"', '"eval_loss":"0.25","task"'),
+        _m('"update_id"', '"train_loss":"nan","update_id"'),
+        _m('"update_id"', '"train_loss":"-1e5","update_id"'),
+        _m('"update_id"', '"train_loss":"' + "1" * 65 + '","update_id"'),
+        _m('"update_id"', '"unclipped":"0.5","update_id"'),
+        _m('"update_id"', '"encoding":"f32","update_id"'),
+        _m('"task"', '"task":"x","task"'),
+    ],
+)
+def test_odd_headers_are_decoded_as_the_general_path_does(header: str) -> None:
+    # The fast path matches the header as Update.to_bytes writes it, character for character;
+    # everything else (valid JSON written otherwise, or refused) goes the general way.
+    raw = _with_header(_written(), header)
+    _same_as_the_general_path(raw)
+    _same_as_the_general_path(bytearray(raw))
+
+
+def test_headers_over_the_bound_are_refused_as_the_general_path_does() -> None:
+    for pad in ((1 << 20) - len(_header()), (1 << 20) - len(_header()) + 1):
+        raw = _with_header(_written(), _header(tail=" " * pad))
+        got = _same_as_the_general_path(raw, max_bytes=1 << 22)
+        assert isinstance(got, Update) == (pad <= (1 << 20) - len(_header()))
+
+
+_NAMES = st.text("abk_.", min_size=1, max_size=3) | st.just("__metadata__") | st.text(
+    st.sampled_from(["a", "k", '"', "\\", "\x01", "\u00e9", ",", ":", "{", "]", " "]), min_size=1,
+    max_size=4)  # fmt: skip
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.dictionaries(
+        _NAMES,
+        st.tuples(st.sampled_from(["<f4"] * 6 + ["<f8", "<f2", "i1"]),
+                  st.lists(st.integers(0, 3), max_size=3)),
+        min_size=1, max_size=4,
+    ),
+    st.dictionaries(st.sampled_from(["train_loss", "eval_loss", "eval_accuracy"]),
+                    st.floats(allow_nan=False, allow_infinity=False)),
+    st.booleans(),
+)  # fmt: skip
+def test_written_updates_of_any_tensors_decode_as_the_general_path(
+    tensors: dict[str, tuple[str, list[int]]], metrics: dict[str, float], in_place: bool
+) -> None:
+    delta = {name: np.zeros(shape, np.dtype(dt)) + 1 for name, (dt, shape) in tensors.items()}
+    raw = _written(delta, **metrics)  # type: ignore[arg-type]
+    _same_as_the_general_path(bytearray(raw) if in_place else raw)
+
+
+_TOKENS = st.sampled_from(['"', '\\', ",", ":", "{", "}", "[", "]", " ", "0", "7", "12", "-1",
+                           "F32", "F16", "__metadata__", "x", "\x00", "\u00e9", "\ud7ff", "1e3",
+                           "null", "true", '"a"', "shape", "data_offsets"])  # fmt: skip
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.integers(0, 400), st.integers(0, 6), st.lists(_TOKENS, max_size=4), st.booleans())
+def test_mutated_written_headers_decode_as_the_general_path(
+    at: int, cut: int, tokens: list[str], metrics: bool
+) -> None:
+    raw = _written(**({"train_loss": 0.5, "eval_loss": 1.0, "eval_accuracy": 0.5} if metrics
+                      else {}))  # fmt: skip
+    (hlen,) = struct.unpack_from("<Q", raw)
+    header = raw[8 : 8 + hlen].decode().rstrip(" ")
+    at %= len(header) + 1
+    header = header[:at] + "".join(tokens) + header[at + cut :]
+    _same_as_the_general_path(_with_header(raw, header))
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.dictionaries(st.text("abkz_.-/ 0", min_size=1, max_size=8),
+                    st.lists(st.integers(0, 3), max_size=8), min_size=1, max_size=6),
+    st.dictionaries(st.sampled_from(["train_loss", "eval_loss", "eval_accuracy"]),
+                    st.floats(allow_nan=False, allow_infinity=False)),
+)  # fmt: skip
+def test_written_f32_updates_take_the_fast_path(
+    shapes: dict[str, list[int]], metrics: dict[str, float]
+) -> None:
+    from fededge.protocol import messages
+
+    delta = {name: np.full(shape, 0.5, np.float32) for name, shape in shapes.items()}
+    raw = _written(delta, **metrics)  # type: ignore[arg-type]
+    assert messages._written_update(raw, 1 << 20) is not None
+    _same_as_the_general_path(raw)
+
+
+@pytest.mark.parametrize("n", [4096, 4097])
+def test_tensor_count_bound_holds_on_the_fast_path(n: int) -> None:
+    raw = _written({f"t{i:05d}": np.zeros(i % 2, np.float32) for i in range(n)})
+    got = _same_as_the_general_path(raw, max_bytes=1 << 22)
+    assert isinstance(got, Update) == (n <= 4096)

@@ -21,6 +21,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from fededge.aggregator.metrics import observe_counts
 from fededge.errors import ProtocolError
 from fededge.protocol import DeviceStatus, decode_json
 
@@ -137,9 +138,12 @@ class FleetTracker(Collector):
 
     def on_updates(self, updates: list[tuple[str, int]], current_version: int) -> None:
         """``on_update`` for a group of (device, base_version): one lock for the group."""
-        observe = self.staleness.observe
+        lags: dict[int, int] = {}  # staleness -> updates, observed at once (one lock each)
         for _, base_version in updates:
-            observe(max(0, current_version - base_version))
+            lag = current_version - base_version
+            lag = lag if lag > 0 else 0
+            lags[lag] = lags.get(lag, 0) + 1
+        observe_counts(self.staleness, lags)
         devices, tally = self._devices, self._updates
         with self._lock:
             for device, _ in updates:

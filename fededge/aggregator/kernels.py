@@ -13,7 +13,7 @@ any element is NaN, otherwise ``inf`` if any element is +-inf, otherwise a finit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -376,10 +376,39 @@ def l2_norm(x: NDArray[np.float32]) -> float:
     Returns ``nan`` if any element is NaN, otherwise ``inf`` if any element is +-inf, otherwise
     a finite value, so ``math.isfinite(l2_norm(x))`` is the one-pass finiteness check.
     """
+    if type(x) is np.ndarray and x.dtype is _F32 and x.ndim == 1:
+        # The aggregator's norm of every update: the compiled kernel for exactly this array
+        # type, without Numba's dispatch (the checks of _check_array hold for it).
+        flags = x.flags
+        if flags.c_contiguous and flags.aligned and x.shape[0] < GIL_FREE_MIN:
+            entry = _SMALL_NORM.get(flags.writeable)
+            if entry is not None:
+                return float(entry(x))
+            norm = float(_norm.l2_norm_small(x))  # compiles it, if not yet
+            _remember_small_norm()
+            return norm
     _check_array("x", x, _F32, 1)
     if x.shape[0] < GIL_FREE_MIN:
         return float(_norm.l2_norm_small(x))
     return float(_norm.l2_norm(x))
+
+
+# l2_norm_small's compiled entry points by writeability of the (C-contiguous, aligned, 1-D
+# float32) array: what its dispatcher calls after typing the argument, so the same code.
+_SMALL_NORM: dict[bool, Callable[[NDArray[np.float32]], float]] = {}
+
+
+def _remember_small_norm() -> None:
+    overloads = getattr(_norm.l2_norm_small, "overloads", None)  # None under NUMBA_DISABLE_JIT
+    if overloads is None:
+        return
+    from numba import types
+
+    for writeable in (True, False):
+        sig = (types.Array(types.float32, 1, "C", readonly=not writeable, aligned=True),)
+        compiled = overloads.get(sig)
+        if compiled is not None:
+            _SMALL_NORM[writeable] = compiled.entry_point
 
 
 def all_finite(x: NDArray[np.float32]) -> bool:
@@ -422,7 +451,7 @@ def warmup(*, parallel: bool = True) -> None:
         if parallel:
             accumulate(acc, update, 1.0, parallel=True)
         accumulate_many(acc, rows, w)
-        l2_norm(update)
+        l2_norm(update)  # also remembers l2_norm_small's entry point for this array type
         _norm.l2_norm(update)  # the GIL-free one, for long vectors
         finalize(update, acc, 1.0, 1.0)
         finalize(update, acc_ro, 1.0, 1.0)

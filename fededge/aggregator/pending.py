@@ -31,7 +31,7 @@ from fededge.aggregator import kernels
 from fededge.aggregator.policy import Layout
 from fededge.aggregator.rotated import Domain
 from fededge.aggregator.store import Store
-from fededge.aggregator.wal import SegmentWriter, read_segment, update_header
+from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.protocol import ModelVersion, Plan, Update
 from fededge.protocol.clipping import unclipped_fraction
@@ -440,17 +440,17 @@ class PendingVersion:
             self._writer = SegmentWriter(
                 self.store.segment_path(self.base.version, self._segment), fsync=self.store.fsync
             )
-        self._wal_bytes += sum(len(r) for r in raws)
-        rotated = self.domain.rotation is not None
-        for (update, weight, norm), raw in zip(group, raws, strict=True):
-            h = None if rotated else update_header(update.update_id, weight, norm, self._group)
-            if h is not None:
-                self._writer.append(h, raw)
-                continue
-            header = {"id": update.update_id, "weight": weight, "norm": norm, "group": self._group}
-            if rotated:  # so a replay sums in the same domain
-                header["domain"] = self.domain.name
-            self._writer.append(header, raw)
+        self._wal_bytes += sum(map(len, raws))
+        if self.domain.rotation is None:
+            self._writer.append_updates(
+                self._group,
+                [(u.update_id, w, n, raw) for (u, w, n), raw in zip(group, raws, strict=True)],
+            )
+        else:
+            for (update, weight, norm), raw in zip(group, raws, strict=True):
+                header = {"id": update.update_id, "weight": weight, "norm": norm,
+                          "group": self._group, "domain": self.domain.name}  # fmt: skip
+                self._writer.append(header, raw)  # the domain: a replay sums in the same one
         self._group += 1
 
     def checkpoint(self, *, background: bool = False) -> None:

@@ -140,7 +140,7 @@ def check_update(
             f"update norm {norm:.6g} exceeds the bound {bound:.6g}",
             reason=RejectReason.NORM_TOO_LARGE,
         )
-    weight = float(min(update.num_examples, plan.max_examples_weight, weight_cap(plan)))
+    weight = float(min(update.num_examples, _weight_cap(plan)))
     if staleness:
         weight *= (1.0 + staleness) ** (-plan.staleness_exponent)
     return weight, norm
@@ -151,6 +151,7 @@ def check_update(
 # clip (plans are immutable; the entry keeps its plan alive, so identity cannot be reused).
 _NAMES: dict[tuple[tuple[str, ...], str], frozenset[str]] = {}
 _BOUND: tuple[Plan, int, float, float] | None = None
+_CAP: tuple[Plan, int] | None = None
 
 
 def _expected_names(names: tuple[str, ...], encoding: str) -> frozenset[str]:
@@ -171,6 +172,17 @@ def _norm_bound(plan: Plan, size: int, clip: float) -> float:
     bound = norm_bound(plan, size, clip)
     _BOUND = (plan, size, clip, bound)
     return bound
+
+
+def _weight_cap(plan: Plan) -> int:
+    """``min(plan.max_examples_weight, weight_cap(plan))``, the weight no update exceeds."""
+    global _CAP
+    last = _CAP
+    if last is not None and last[0] is plan:
+        return last[1]
+    cap = min(plan.max_examples_weight, weight_cap(plan))
+    _CAP = (plan, cap)
+    return cap
 
 
 def check_bit(update: Update, plan: Plan) -> None:

@@ -8,7 +8,7 @@ import math
 import os
 import struct
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -88,6 +88,22 @@ def update_header(update_id: str, weight: float, norm: float, group: int) -> byt
     return f'{{"group":{group},"id":"{update_id}","norm":{n},"weight":{w}}}'.encode()
 
 
+def update_record_head(
+    update_id: str, weight: float, norm: float, group: int, payload: bytes
+) -> bytes | None:
+    """``record_head(update_header(update_id, weight, norm, group), payload)`` in one call
+    (the aggregator writes one per update); None where ``update_header`` is None."""
+    if type(weight) is not float or type(norm) is not float:
+        return None
+    if not (math.isfinite(weight) and math.isfinite(norm)):
+        return None
+    h = f'{{"group":{group},"id":"{update_id}","norm":{norm!r},"weight":{weight!r}}}'.encode()
+    crc = _isal_crc32
+    if crc is not None:
+        return _PACK(_MAGIC, len(h), len(payload), crc(payload, crc(h, 0))) + h
+    return _PACK(_MAGIC, len(h), len(payload), _crc32(payload, _crc32(h))) + h
+
+
 class SegmentWriter:
     """Appends records to one segment file; ``commit()`` makes everything appended durable.
 
@@ -110,6 +126,19 @@ class SegmentWriter:
         never do)."""
         # The record as two parts for the writev, head and payload: no copy of the payload.
         self._pending += (record_head(header, payload), payload)
+
+    def append_updates(
+        self, group: int, records: Iterable[tuple[str, float, float, bytes]]
+    ) -> None:
+        """``append`` the record of each (update id, weight, norm, payload) of a group, its
+        header ``{"id", "weight", "norm", "group"}`` (``update_header`` where it can)."""
+        parts = self._pending
+        for update_id, weight, norm, payload in records:
+            head = update_record_head(update_id, weight, norm, group, payload)
+            if head is None:
+                header = {"id": update_id, "weight": weight, "norm": norm, "group": group}
+                head = record_head(header, payload)
+            parts += (head, payload)
 
     def commit(self) -> None:
         """Group commit: one write and one fsync for every record appended since the last."""
@@ -134,8 +163,23 @@ class SegmentWriter:
 
 def _write_all(fd: int, parts: list[bytes]) -> None:
     """Write every part, in order, with as few ``writev`` calls as the kernel allows."""
+    total = sum(map(len, parts))
+    if not total:
+        return
+    done = 0  # bytes written
+    if len(parts) <= _IOV_MAX:  # a group's records: one writev of the parts as they are
+        done = os.writev(fd, parts)
+        if done == total:
+            return
+    # More parts than one writev takes, or a short write (disk full): by views, resumed
+    # after what is written.
     views = [memoryview(p) for p in parts if p]
     i = 0
+    while i < len(views) and done >= len(views[i]):
+        done -= len(views[i])
+        i += 1
+    if done:
+        views[i] = views[i][done:]
     while i < len(views):
         n = os.writev(fd, views[i : i + _IOV_MAX])
         while i < len(views) and n >= len(views[i]):  # a short write (disk full) resumes

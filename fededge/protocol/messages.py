@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import re
+import struct
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, TypeVar
@@ -16,7 +17,14 @@ from numpy.typing import NDArray
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
 
 from fededge.errors import ProtocolError
-from fededge.protocol.tensors import decode_parts, decode_tensors, encode_tensors
+from fededge.protocol.tensors import (
+    F32_ENTRIES,
+    MAX_HEADER_BYTES,
+    decode_parts,
+    decode_tensors,
+    encode_tensors,
+    f32_tensors,
+)
 from fededge.protocol.vocab import NAME_PATTERN, RejectReason, is_name
 
 PROTOCOL_VERSION = 1
@@ -547,7 +555,11 @@ class Update:
         return encode_tensors(self.delta, meta)
 
     @classmethod
-    def from_bytes(cls, payload: bytes, *, max_bytes: int) -> Update:
+    def from_bytes(cls, payload: bytes | bytearray | memoryview, *, max_bytes: int) -> Update:
+        if type(payload) is bytes or type(payload) is bytearray:  # (what clients hand over)
+            fast = _written_update(payload, max_bytes)
+            if fast is not None:
+                return fast
         tensors, m = decode_parts(payload, max_bytes=max_bytes)
         fast = _plain_update(m, tensors)
         return fast if fast is not None else cls.from_fields(m, tensors)
@@ -665,6 +677,68 @@ def _plain_update(meta: dict[str, str], tensors: dict[str, NDArray[np.generic]])
         eval_loss=_meta_float(meta, "eval_loss", -inf, inf) if metrics else None,
         eval_accuracy=_meta_float(meta, "eval_accuracy", -inf, inf) if metrics else None,
         extra={}, encoding="f32", block=0, rotation="none", unclipped=None,
+    )  # fmt: skip
+    return u
+
+
+_VALUE = r'[^"\\\x00-\x1f]{0,64}'  # a metric's string (longer ones are refused anyway)
+_U64 = struct.Struct("<Q")
+# The header of a plain f32 update exactly as Update.to_bytes and encode_header write it:
+# metadata keys sorted, the metrics optional, float32 tensors (tensors.F32_ENTRIES). The
+# digits of the two integers are those _plain_int accepts; the names are checked by the pattern.
+_WRITTEN_UPDATE = re.compile(
+    rf'\{{"__metadata__":\{{"base_version":"([0-9]{{1,16}})","device":"({NAME_PATTERN})",'
+    rf'(?:"eval_accuracy":"({_VALUE})",)?(?:"eval_loss":"({_VALUE})",)?'
+    rf'"fededge":"1","kind":"update","num_examples":"([0-9]{{1,16}})",'
+    rf'"task":"({NAME_PATTERN})",(?:"train_loss":"({_VALUE})",)?'
+    rf'"update_id":"({NAME_PATTERN})"\}}({F32_ENTRIES})\}} *'
+).fullmatch
+
+
+def _written_update(payload: bytes | bytearray, max_bytes: int) -> Update | None:
+    """``Update.from_bytes`` of a plain f32 update as devices write it, without parsing its
+    header as JSON: one pattern match (``_WRITTEN_UPDATE``) instead of json's scanner,
+    ``decode_parts`` and ``_plain_update``. The same Update; None for anything else, which
+    includes everything those refuse, so the general path decides and names the error.
+    """
+    size = len(payload)
+    if size > max_bytes or size < 8:
+        return None
+    (hlen,) = _U64.unpack_from(payload, 0)
+    if hlen > MAX_HEADER_BYTES or hlen > size - 8:
+        return None
+    try:
+        text = str(payload[8 : 8 + hlen], "utf-8")
+    except UnicodeDecodeError:
+        return None
+    m = _WRITTEN_UPDATE(text)
+    if m is None:
+        return None
+    base, device, eval_accuracy, eval_loss, examples, task, train_loss, uid, entries = m.groups()
+    base_version, num_examples = int(base), int(examples)
+    if base_version >= 1 << 53 or not 1 <= num_examples < 1 << 40:
+        return None
+    tensors = f32_tensors(payload, 8 + hlen, entries)
+    if tensors is None:
+        return None
+    losses: list[float | None] = [None, None, None]
+    if not (train_loss is None and eval_loss is None and eval_accuracy is None):
+        for i, raw in enumerate((train_loss, eval_loss, eval_accuracy)):
+            if raw is not None:
+                # _meta_float(.., -inf, inf) of a string of at most 64 characters
+                try:
+                    value = float(raw)
+                except ValueError:
+                    return None
+                if not math.isfinite(value):
+                    return None
+                losses[i] = value
+    u = object.__new__(Update)  # as _plain_update builds it
+    u.__dict__.update(
+        task=task, device=device, update_id=uid, base_version=base_version,
+        num_examples=num_examples, delta=tensors, train_loss=losses[0], eval_loss=losses[1],
+        eval_accuracy=losses[2], extra={}, encoding="f32", block=0, rotation="none",
+        unclipped=None,
     )  # fmt: skip
     return u
 

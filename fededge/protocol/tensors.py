@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -194,6 +195,65 @@ def _scan_header(buf: memoryview, hlen: int) -> Any:
     except Exception:  # StopIteration, ValueError, RecursionError: json.loads says what
         return _NOT_SCANNED
     return value if end == len(text) else _NOT_SCANNED
+
+
+# The float32 tensor entries of a header exactly as ``encode_header`` writes them, for the fast
+# path of ``Update.from_bytes`` (fededge/protocol/messages.py): a name of JSON string characters
+# that need no escape (no quote, backslash or U+0000-U+001F: the JSON text is the name), up to 8
+# dimensions below 10**12 (< 2**40, what _dims_ok allows), offsets as JSON integers. Whatever
+# else a header holds (other dtypes or key orders, spaces, escapes) goes through decode_parts.
+_JSON_CHARS = r'[^"\\\x00-\x1f]'
+_DIM = r"(?:0|[1-9][0-9]{0,11})"
+_OFFSET = r"(?:0|[1-9][0-9]{0,17})"
+F32_ENTRIES = (
+    rf'(?:,"{_JSON_CHARS}{{1,256}}":\{{"dtype":"F32","shape":\[(?:{_DIM}(?:,{_DIM}){{0,7}})?\],'
+    rf'"data_offsets":\[{_OFFSET},{_OFFSET}\]\}})+'
+)
+_F32_ENTRY = re.compile(
+    rf'"({_JSON_CHARS}{{1,256}})":\{{"dtype":"F32","shape":\[([0-9,]*)\],'
+    rf'"data_offsets":\[([0-9]+),([0-9]+)\]\}}'
+).findall
+_F32 = _DTYPES["F32"]
+
+
+def f32_tensors(
+    payload: bytes | bytearray, data: int, entries: str
+) -> dict[str, NDArray[np.generic]] | None:
+    """The tensors ``decode_parts`` returns for a header whose tensor entries are
+    ``entries`` (text matching ``F32_ENTRIES``, each entry after a comma), the data section
+    starting at byte ``data`` of ``payload``; None if ``decode_parts`` would refuse them or
+    order them otherwise (not sorted by name, not contiguous in that order, a name that is
+    ``__metadata__``): then ``decode_parts`` decides."""
+    tensors: dict[str, NDArray[np.generic]] = {}
+    ndata = len(payload) - data
+    pos, last = 0, ""
+    writable = type(payload) is not bytes
+    found = _F32_ENTRY(entries)
+    if len(found) > MAX_TENSORS:
+        return None
+    for name, dims, first, end in found:
+        start = int(first)
+        # Names in increasing order: unique, and already the order decode_parts sorts into;
+        # offsets contiguous from 0 in that order, which is then also the order of offsets.
+        if name <= last or start != pos or name == "__metadata__":
+            return None
+        shape = None  # 1-D: the array as frombuffer makes it
+        if dims and "," not in dims:
+            count = int(dims)
+        else:
+            shape = [int(d) for d in dims.split(",")] if dims else []
+            count = math.prod(shape)
+        pos = int(end)
+        if count * 4 != pos - start or pos > ndata:
+            return None
+        arr = np.frombuffer(payload, _F32, count, data + start)
+        if shape is not None:
+            arr = arr.reshape(shape)
+        if writable:
+            arr.flags.writeable = False
+        tensors[name] = arr
+        last = name
+    return tensors if pos == ndata else None
 
 
 def _first(entry: tuple[tuple[int, int], str, Any]) -> tuple[int, int]:
