@@ -67,7 +67,7 @@ def _stream(v5: bool, rng: random.Random) -> bytes:
     out.append(_packet(0x40, struct.pack("!H", 999)))  # PUBACK of nothing we sent
     out.append(_packet(0xD0, b""))  # PINGRESP
     out.append(_publish(b"t/\xff\xfe", b"bad utf-8 topic", 1, 300, v5))
-    out.append(_publish(b"t/big", rng.randbytes(150_000), 1, 301, v5))  # beyond read-ahead
+    out.append(_publish(b"t/big", rng.randbytes(300_000), 1, 301, v5))  # beyond read-ahead
     out.append(_publish(b"t/q2", b"qos 2", 2, 302, v5))
     if v5:
         out.append(_publish(b"t/props", b"with properties", 1, 303, v5, props=b"\x01\x01"))
@@ -118,8 +118,19 @@ class Recorder:
         """Send ``data`` in pieces and read after each; the first error, or success."""
         pos = 0
         for end in [*cuts, len(data)]:
-            self.peer.sendall(data[pos:end])
+            # Sent by a thread: a piece larger than the socket buffer is read while it is sent.
+            sender = threading.Thread(target=self.peer.sendall, args=(data[pos:end],))
+            sender.start()
             pos = end
+            while True:
+                rc = self.read()
+                if rc not in (MQTTErrorCode.MQTT_ERR_SUCCESS, MQTTErrorCode.MQTT_ERR_AGAIN):
+                    sender.join()
+                    return rc
+                if not sender.is_alive() and not _readable(self.client._sock):
+                    break
+                _readable(self.client._sock, 0.1)
+            sender.join()
             rc = self.read()
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return rc
@@ -146,11 +157,11 @@ class Recorder:
             self.client._sock.close()
 
 
-def _readable(sock: Any) -> bool:
+def _readable(sock: Any, timeout: float = 0) -> bool:
     import select
 
     try:
-        return bool(select.select([sock], [], [], 0)[0])
+        return bool(select.select([sock], [], [], timeout)[0])
     except (OSError, ValueError):
         return False
 
@@ -299,6 +310,48 @@ def test_group_acking_subscriber_gets_everything_once_in_order(
             got += [int.from_bytes(m.payload[:4], "big") for m in batch]
         assert got == list(range(n))
         assert most <= 50
+
+
+@pytest.mark.parametrize("protocol", ["3.1.1", "5"])
+def test_room_freed_by_pubacks_goes_to_queued_messages_in_order_without_a_wakeup(
+    window_broker: Mosquitto, protocol: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Publishing far beyond the window from two threads: the network thread sends the queued
+    messages as PUBACKs free room (one scan per run of PUBACKs), never overtaken by a newer
+    publish() of the same thread, and without writing a wake-up byte to itself per packet."""
+    woken_by: list[int] = []
+    base = paho.Client._packet_queue
+
+    def recording(self: paho.Client, *args: Any, **kwargs: Any) -> MQTTErrorCode:
+        woken_by.append(threading.get_ident())  # paho's own path: it writes the wake-up byte
+        return base(self, *args, **kwargs)
+
+    monkeypatch.setattr(paho.Client, "_packet_queue", recording)
+    settings = window_broker.settings(protocol=protocol)
+    topic = f"q/{uuid.uuid4().hex[:8]}"
+    sub = MqttClient(settings, f"s-{uuid.uuid4().hex[:6]}")
+    pub = MqttClient(settings, f"p-{uuid.uuid4().hex[:6]}")
+    with sub, pub:
+        sub.subscribe(f"{topic}/+", qos=1)
+        n = 1500
+
+        def send(k: int) -> None:
+            for i in range(n):
+                pub.publish(f"{topic}/{k}", f"{k}:{i}".encode(), qos=1)
+
+        threads = [threading.Thread(target=send, args=(k,)) for k in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        seen = [sub.messages.get(timeout=30).payload for _ in range(2 * n)]
+        net = pub._client._thread
+        assert net is not None and net.ident not in woken_by
+        assert pub._client._inflight_messages <= pub._client._max_inflight_messages
+    for k in range(2):  # each publisher's messages in its order: none overtook a queued one
+        assert [p for p in seen if p.startswith(f"{k}:".encode())] == [
+            f"{k}:{i}".encode() for i in range(n)
+        ]
 
 
 def test_inbox_bound_in_bytes_holds_large_messages_at_the_broker(

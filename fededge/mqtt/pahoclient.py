@@ -300,6 +300,27 @@ class PahoClient(paho.Client):
             return MQTTErrorCode.MQTT_ERR_SUCCESS
         return self._send_puback(message.mid)
 
+    def _packet_queue(
+        self,
+        command: int,
+        packet: bytes | bytearray,
+        mid: int,
+        qos: int,
+        info: paho.MQTTMessageInfo | None = None,
+    ) -> MQTTErrorCode:
+        # paho 2.2's _packet_queue writes a byte to its socket pair for every packet, to wake
+        # the network thread out of select(). Queued by the network thread itself (a PUBACK
+        # that frees room for queued receipts: one PUBLISH each) there is nothing to wake: its
+        # loop selects for writing next because want_write() is true. One system call per
+        # packet saved, and the reads of those bytes.
+        thread = self._thread
+        if thread is None or thread.ident != threading.get_ident():
+            return super()._packet_queue(command, packet, mid, qos, info)
+        self._out_packet.append({"command": command, "mid": mid, "qos": qos, "pos": 0,
+                                 "to_process": len(packet), "packet": packet, "info": info})  # fmt: skip
+        self._call_socket_register_write()
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def publish_qos1(self, topic: str, payload: bytes, retain: bool = False) -> SharedInfo:
         """``publish(topic, payload, qos=1, retain=retain)`` as paho 2.2 does it, with a
         ``SharedInfo``; ValueError for what paho refuses."""
@@ -398,37 +419,50 @@ class PahoClient(paho.Client):
         batch: list[Received] = []
         start = pos
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
-        while pos < end:
-            header = buf[pos]
-            # Remaining length: at most 4 bytes; anything odd is left to paho's path.
-            i, length, shift = pos + 1, 0, 0
-            while i < end and shift < 28:
-                b = buf[i]
-                length |= (b & 0x7F) << shift
-                shift += 7
-                i += 1
-                if not b & 0x80:
+        room = False  # PUBACKs freed room in the window for queued messages
+        # The outgoing messages stay locked from the first PUBACK until the room it frees is
+        # given to queued messages (below): a publish() from another thread meanwhile would
+        # find room and overtake them (paho frees and refills under one lock, per PUBACK).
+        with self._out_message_mutex:
+            while pos < end:
+                header = buf[pos]
+                # Remaining length: at most 4 bytes; anything odd is left to paho's path.
+                i, length, shift = pos + 1, 0, 0
+                while i < end and shift < 28:
+                    b = buf[i]
+                    length |= (b & 0x7F) << shift
+                    shift += 7
+                    i += 1
+                    if not b & 0x80:
+                        break
+                else:
                     break
-            else:
-                break
-            body_end = i + length
-            if body_end > end:
-                break  # incomplete: paho's path reads the rest
-            kind = header & 0xF0
-            if kind == 0x30 and header & 0x06 != 0x06 and header & 0x06 != 0x04:
-                r = _publish_fields(buf, header, i, body_end, v5)
-                if r is None:
+                body_end = i + length
+                if body_end > end:
+                    break  # incomplete: paho's path reads the rest
+                kind = header & 0xF0
+                if kind == 0x30 and header & 0x06 != 0x06 and header & 0x06 != 0x04:
+                    r = _publish_fields(buf, header, i, body_end, v5)
+                    if r is None:
+                        break
+                    batch.append(r)
+                elif header == 0x40 and (length == 2 or (length == 3 and v5 and buf[i + 2] in _OK)):
+                    reason = _PUBACK_OK if length == 2 else _OK[buf[i + 2]]
+                    mid = buf[i] << 8 | buf[i + 1]
+                    if room and _is_queued(self._out_messages.get(mid)):
+                        # Acknowledged before it was sent (a broker's error): paho would
+                        # have sent it at an earlier PUBACK, so give out the room first.
+                        room = False
+                        rc = self._update_inflight()
+                    room |= self._plain_puback(mid, reason)
+                    if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                        pos = body_end
+                        break
+                else:
                     break
-                batch.append(r)
-            elif header == 0x40 and (length == 2 or (length == 3 and v5 and buf[i + 2] in _OK)):
-                reason = _PUBACK_OK if length == 2 else _OK[buf[i + 2]]
-                rc = self._plain_puback(buf[i] << 8 | buf[i + 1], reason)
-                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
-                    pos = body_end
-                    break
-            else:
-                break
-            pos = body_end
+                pos = body_end
+            if room and rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
+                rc = self._update_inflight()  # one scan for the whole run of PUBACKs
         if pos == start:
             return None
         sock.consume(pos)
@@ -440,13 +474,14 @@ class PahoClient(paho.Client):
                 deliver(batch)
         return rc
 
-    def _plain_puback(self, mid: int, reason: ReasonCode) -> MQTTErrorCode:
-        # paho's _handle_pubackcomp + _do_on_publish for a PUBACK without properties or failure;
-        # paho's _update_inflight (a scan of every outgoing message) only if some wait for room.
+    def _plain_puback(self, mid: int, reason: ReasonCode) -> bool:
+        # paho's _handle_pubackcomp + _do_on_publish for a PUBACK without properties or failure.
+        # True if queued messages wait for the room it freed: the caller then runs paho's
+        # _update_inflight (a scan of every outgoing message) once for all PUBACKs it read.
         with self._out_message_mutex:
             msg = self._out_messages.get(mid)
             if msg is None:
-                return MQTTErrorCode.MQTT_ERR_SUCCESS
+                return False
             on_publish = self.on_publish
             if on_publish is not None:
                 with self._in_callback_mutex:
@@ -461,11 +496,14 @@ class PahoClient(paho.Client):
             msg.info._set_as_published()
             if msg.qos > 0:
                 self._inflight_messages -= 1
-                if self._max_inflight_messages > 0 and (
+                return self._max_inflight_messages > 0 and (
                     len(self._out_messages) > self._inflight_messages
-                ):
-                    return self._update_inflight()
-        return MQTTErrorCode.MQTT_ERR_SUCCESS
+                )
+        return False
+
+
+def _is_queued(message: paho.MQTTMessage | None) -> bool:
+    return message is not None and message.state == paho.mqtt_ms_queued
 
 
 def _paho_acts_on(packet: Any) -> bool:
