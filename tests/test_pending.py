@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fededge.aggregator.pending import PendingVersion
-from fededge.aggregator.store import Store
+from fededge.aggregator.store import Store, read_ids
 from fededge.errors import StorageError
 from fededge.protocol import ModelVersion, Update
 
@@ -24,10 +24,10 @@ def _base() -> ModelVersion:
     )
 
 
-def _update(i: int, rng: np.random.Generator) -> tuple[Update, bytes]:
+def _update(i: int, rng: np.random.Generator, device: str = "d") -> tuple[Update, bytes]:
     u = Update(
         task="t",
-        device="d",
+        device=device,
         update_id=f"u{i}",
         base_version=3,
         num_examples=i + 1,
@@ -173,11 +173,13 @@ def test_segments_covered_by_a_checkpoint_are_not_replayed(tmp_path) -> None:
 def test_checkpoint_with_many_ids_reloads(tmp_path) -> None:
     store = Store(tmp_path)
     ids = [f"{i:064d}" for i in range(20_000)]  # a header well above the 1 MiB network limit
-    store.write_checkpoint(3, 0, np.zeros(D + 10), {"count": len(ids), "ids": ids})
+    devices = [f"d{i % 7}" for i in range(20_000)]
+    state = {"count": len(ids), "ids": ids, "devices": devices}  # as before the ids file
+    store.write_checkpoint(3, 0, np.zeros(D + 10), state)
     ck = store.load_checkpoint(3)
     assert ck is not None
     _seg, acc, state = ck
-    assert state["ids"] == ids and acc.shape == (D + 10,)
+    assert state["ids"] == ids and state["devices"] == devices and acc.shape == (D + 10,)
 
 
 def test_second_instance_is_refused_before_touching_files(tmp_path) -> None:
@@ -591,3 +593,277 @@ def test_short_writes_resume_where_they_stopped(
         os.close(fd)
     assert (tmp_path / "f").read_bytes() == b"".join(data)
     assert all(calls)  # no empty writev
+
+
+# -- the ids file: checkpoints that do not grow with the version ---------------------------
+
+
+def _old_format_checkpoint(store: Store, seg: int, acc: np.ndarray, sums: dict) -> None:
+    """A checkpoint as fededge wrote it before the ids file (Store.write_checkpoint and
+    PendingVersion._checkpoint_job of that version): every id and device in its state."""
+    from fededge.fsio import atomic_write
+    from fededge.protocol.tensors import encode_header
+
+    state = {k: list(v) if isinstance(v, list) else v for k, v in sums.items()}
+    header = {"base_version": "3", "segment": str(seg), "state": json.dumps(state)}
+    acc = np.ascontiguousarray(acc, dtype=np.float64)
+    head = encode_header([("acc", acc.dtype, acc.shape)], header)
+    atomic_write(store.pending_dir / "checkpoint.safetensors", [head, acc.data.cast("B")])
+    for s, p in store.segments(3):
+        if s <= seg:
+            p.unlink()
+
+
+def _same_state(q: PendingVersion, p: PendingVersion) -> None:
+    np.testing.assert_array_equal(q.acc, p.acc)
+    assert q.sums.__dict__ == p.sums.__dict__  # ids and devices in order, every sum
+    assert q._ids == p._ids and q._per_device == p._per_device
+
+
+def _run(p: PendingVersion, rng, groups: list[int], start: int = 0) -> list[Update]:
+    done: list[Update] = []
+    i = start
+    for size in groups:
+        for _ in range(size):
+            u, raw = _update(i, rng, device=f"dev{i % 3}")
+            p.stage(u, raw, float(u.num_examples), 1.0)
+            i += 1
+        done += p.commit()
+    return done
+
+
+def test_an_old_format_checkpoint_is_recovered_and_upgraded(tmp_path) -> None:
+    """State left by the previous fededge (full id lists in the checkpoint, no ids file, later
+    WAL segments) recovers the same state; the next checkpoint moves the ids to the file."""
+    rng = np.random.default_rng(21)
+    store = Store(tmp_path)
+    p = _pending(store, every=3)
+    _run(p, rng, [1] * 7)  # logged, a background checkpoint after each third
+    p.close()
+    # Rewrite what is on disk as the old code left it: its checkpoint held every id.
+    ck = store.load_checkpoint(3)
+    assert ck is not None and store.ids_path(3).exists()
+    seg, acc, state = ck
+    del state["ids_file"]
+    assert len(state["ids"]) == 6 and len(store.segments(3)) == 1  # and u6 in the WAL
+    _old_format_checkpoint(store, seg, acc, state)
+    store.ids_path(3).unlink()
+    store.close()
+
+    store = Store(tmp_path)
+    q = _pending(store, every=3)
+    assert q.recover() == 1
+    _same_state(q, p)
+    assert q.sums.devices == [f"dev{i % 3}" for i in range(7)]
+    done = _run(q, rng, [1, 1, 3, 1], start=7)  # background and checkpoint-path checkpoints
+    q.close()
+    ck = store.load_checkpoint(3)
+    assert ck is not None and ck[2]["ids_file"][0] >= 7  # upgraded: the ids are in the file
+    store.close()
+    r = _pending(Store(tmp_path), every=3)
+    r.recover()
+    _same_state(r, q)
+    assert r.sums.ids == [f"u{i}" for i in range(7)] + [u.update_id for u in done]
+
+
+def test_a_checkpoint_holds_only_the_ids_since_the_previous_one(tmp_path) -> None:
+    """What a checkpoint encodes does not grow with the version (it did: every id, each time)."""
+    rng = np.random.default_rng(22)
+    store = Store(tmp_path)
+    p = PendingVersion(store, _base(), checkpoint_every=5, max_update_bytes=1 << 20)
+    states: list[dict] = []
+    write = store.write_checkpoint
+
+    def recording(base: int, seg: int, acc: np.ndarray, meta: dict) -> None:
+        states.append(meta)
+        write(base, seg, acc, meta)
+
+    store.write_checkpoint = recording  # type: ignore[method-assign]
+    _run(p, rng, [2, 1, 2] * 40)
+    p.close()
+    assert len(states) >= 40
+    assert all(len(s["ids"]) == len(s["devices"]) <= 6 for s in states)
+    sizes = [len(json.dumps(s)) for s in states]
+    assert max(sizes[-10:]) < 2 * min(sizes[:10])
+    assert states[-1]["ids_file"]["entries"] + len(states[-1]["ids"]) == states[-1]["count"]
+    store.close()
+    q = _pending(Store(tmp_path))
+    q.recover()
+    _same_state(q, p)
+
+
+def _snapshot(pending_dir) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in pending_dir.iterdir()}
+
+
+def test_kill_at_any_point_between_file_operations_recovers_exactly_once(
+    tmp_path, monkeypatch
+) -> None:
+    """The pending directory as a kill -9 leaves it before every write, fsync, truncate, rename
+    and unlink (and halfway through each ids append) recovers exactly the updates that were
+    acknowledged, or those plus the group being made durable, bit for bit; and goes on."""
+    import os
+    import pathlib
+    import threading
+
+    rng = np.random.default_rng(23)
+    store = Store(tmp_path / "live")
+    p = PendingVersion(store, _base(), checkpoint_every=2, max_update_bytes=1 << 20,
+                       checkpoint_overhead=0)  # fmt: skip
+    snaps: list[tuple[dict[str, bytes], tuple[int, ...]]] = []
+    may_hold: tuple[int, ...] = (0,)  # update counts a crash now may leave (set atomically)
+    lock = threading.Lock()
+
+    def snap() -> None:
+        with lock:
+            snaps.append((_snapshot(store.pending_dir), may_hold))
+
+    def hooked(real):  # type: ignore[no-untyped-def]
+        def call(*a, **k):  # type: ignore[no-untyped-def]
+            snap()
+            return real(*a, **k)
+
+        return call
+
+    real_pwrite = os.pwrite
+
+    def torn_pwrite(fd: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
+        snap()
+        n = real_pwrite(fd, data[: max(1, len(data) // 2)], offset)  # a short write...
+        snap()  # ...is what a crash mid-append leaves; flush writes the rest
+        return n
+
+    for name in ("replace", "fsync", "fdatasync", "writev", "ftruncate"):
+        monkeypatch.setattr(os, name, hooked(getattr(os, name)))
+    monkeypatch.setattr(os, "pwrite", torn_pwrite)
+    monkeypatch.setattr(pathlib.Path, "unlink", hooked(pathlib.Path.unlink))
+    refs = {0: (np.zeros(D + 10), 0.0)}  # count -> (accumulator, total weight)
+    everything: list[Update] = []
+    i = 0
+    for size in [1, 1, 3, 1, 2, 1, 4, 1, 1, 3]:  # >= 3: the checkpoint path
+        count = p.sums.count
+        may_hold = (count, count + size)
+        for _ in range(size):
+            u, raw = _update(i, rng, device=f"dev{i % 3}")
+            p.stage(u, raw, float(u.num_examples), 1.0)
+            everything.append(u)
+            i += 1
+        assert len(p.commit()) == size
+        may_hold = (p.sums.count,)
+        refs[p.sums.count] = (p.acc.copy(), p.sums.total_weight)
+        p.settle_checkpoints()  # one thread at a time writes: each snapshot is consistent
+    p.close()
+    snap()
+    monkeypatch.undo()
+    assert len(snaps) > 100
+
+    for k, (files, allowed) in enumerate(snaps):
+        root = tmp_path / f"crash{k}"
+        (root / "pending").mkdir(parents=True)
+        for name, data in files.items():
+            (root / "pending" / name).write_bytes(data)
+        q = _pending(Store(root), every=2)
+        q.recover()
+        q.store.close()  # the lock: recovery took it, r takes it again
+        n = q.sums.count
+        assert n in allowed, (k, n, allowed)
+        acc, weight = refs[n]
+        np.testing.assert_array_equal(q.acc, acc)
+        assert q.sums.total_weight == weight
+        assert q.sums.ids == [u.update_id for u in everything[:n]], k
+        assert q.sums.devices == [u.device for u in everything[:n]], k
+        # It goes on from there: a restart's checkpoints cut whatever tail the crash left.
+        more = _run(q, rng, [1, 3], start=100)
+        q.close()
+        assert q.store.ids_path(3).stat().st_size == q._ids_file.size  # no torn tail left
+        r = _pending(Store(root), every=2)
+        r.recover()
+        assert r.sums.ids == [u.update_id for u in everything[:n] + more], k
+        _same_state(r, q)
+        r.close()
+        r.store.close()
+
+
+def test_a_damaged_short_or_missing_ids_file_is_an_error_naming_it(tmp_path) -> None:
+    rng = np.random.default_rng(24)
+    store = Store(tmp_path)
+    p = _pending(store, every=1)
+    _run(p, rng, [1] * 6)
+    p.close()
+    store.close()
+    path = store.ids_path(3)
+    good = path.read_bytes()
+    counted = Store(tmp_path).load_checkpoint(3)[2]["ids_file"][1]  # type: ignore[index]
+    assert 0 < counted < len(good)  # the last append is not counted by the checkpoint
+
+    def recover_fails(match: str) -> None:
+        q = _pending(Store(tmp_path))
+        with pytest.raises(StorageError, match=match) as e:
+            q.recover()
+        q.store.close()
+        assert str(path) in str(e.value)
+
+    data = bytearray(good)
+    data[30] ^= 0x01  # bit rot inside the first record
+    path.write_bytes(bytes(data))
+    recover_fails("damaged at byte 0: CRC mismatch")
+    path.write_bytes(good[: counted - 5])
+    recover_fails(f"holds only {counted - 5} bytes")
+    path.unlink()
+    recover_fails("is missing")
+    ck = store.checkpoint_path
+    saved = ck.read_bytes()
+    _base_v, seg, acc, state = store._read_checkpoint()  # type: ignore[misc]
+    state["ids_file"]["bytes"] = 1 << 50  # a damaged count: refused, never a read of its size
+    store.write_checkpoint(3, seg, acc, state)
+    path.write_bytes(good)
+    recover_fails(f"holds only {len(good)} bytes")
+    ck.write_bytes(saved)
+    path.write_bytes(good + b"FEW1 torn append, never counted by a checkpoint" * 100)
+    q = _pending(Store(tmp_path), every=1)
+    q.recover()
+    assert q.sums.ids == [f"u{i}" for i in range(6)]
+    _run(q, rng, [1], start=6)
+    q.close()
+    assert path.stat().st_size == q._ids_file.size < len(good) + 100  # the next append cut it
+
+
+def test_a_failed_ids_append_is_raised_and_loses_nothing(tmp_path, monkeypatch) -> None:
+    import os
+
+    rng = np.random.default_rng(25)
+    store = Store(tmp_path)
+    p = _pending(store, every=1)
+    _run(p, rng, [1])
+    p.settle_checkpoints()
+
+    def full(*_a: object) -> int:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    _run(p, rng, [1], start=1)  # its checkpoint lands (holding u1 itself); the append fails
+    with pytest.raises(StorageError, match=r"writing a checkpoint failed: .*No space left"):
+        p.settle_checkpoints()
+    monkeypatch.undo()
+    _run(p, rng, [1], start=2)  # the next checkpoint holds u1 and u2; its append has both
+    p.close()
+    store.close()
+    q = _pending(Store(tmp_path))
+    q.recover()
+    _same_state(q, p)
+    # The last checkpoint counts u0 in the file and holds u1, u2; the file has all three now.
+    assert q.store.load_checkpoint(3)[2]["ids_file"][0] == 1  # type: ignore[index]
+    path = q.store.ids_path(3)
+    assert read_ids(path, 3, 3, path.stat().st_size)[0] == ["u0", "u1", "u2"]
+
+
+def test_discard_pending_removes_the_ids_files_of_other_versions(tmp_path) -> None:
+    store = Store(tmp_path)
+    for v in (2, 3):
+        store.ids_path(v).write_bytes(b"")
+        store.segment_path(v, 0).write_bytes(b"")
+    store.discard_pending(keep_base=3)
+    assert sorted(f.name for f in store.pending_dir.iterdir()) == [
+        "00000003-000000.wal", "00000003.ids"]  # fmt: skip
+    store.discard_pending()
+    assert list(store.pending_dir.iterdir()) == []

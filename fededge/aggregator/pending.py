@@ -9,6 +9,10 @@ Protocol of one group commit (see docs/decisions.md, "Durability"):
 3. every ``checkpoint_every`` records the accumulator is checkpointed and a new segment begins.
 After ``kill -9``, ``recover()`` loads the checkpoint and replays the later segments in their
 original order, so the recovered sum is bit-identical to the one that was acknowledged.
+
+A checkpoint holds the update ids and devices folded since the previous one; the earlier ones
+are appended to the version's ids file (``store.IdsFile``) after each checkpoint, so its cost
+does not grow with the version.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from numpy.typing import NDArray
 from fededge.aggregator import kernels
 from fededge.aggregator.policy import Layout
 from fededge.aggregator.rotated import Domain
-from fededge.aggregator.store import Store
+from fededge.aggregator.store import IdsFile, Store
 from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import NotReadyError, ProtocolError, StorageError
 from fededge.protocol import ModelVersion, Plan, Update
@@ -211,6 +215,10 @@ class PendingVersion:
         self.acc: NDArray[np.float64] = np.zeros(self.domain.acc_size, dtype=np.float64)
         self.sums = _Sums(domain=self.domain.name)
         self._ids: set[str] = set()
+        # The ids and devices of sums handed to checkpoints go to the ids file (on the
+        # checkpoint thread); _ids_given: how many so far.
+        self._ids_file = IdsFile(store.ids_path(base.version), base.version, fsync=store.fsync)
+        self._ids_given = 0
         self._checkpoint_every = checkpoint_every
         self._checkpoint_min_bytes = checkpoint_min_bytes
         self._wal_bytes = 0  # logged since the last checkpoint
@@ -257,10 +265,23 @@ class PendingVersion:
                     f"checkpoint holds {acc.size} parameters, the model has {self.domain.acc_size}"
                 )
             self.acc = acc
-            self.sums = _Sums(**state)
+            entries, size = state.pop("ids_file")
+            try:
+                self.sums = _Sums(**state)
+            except TypeError as e:  # a key this version does not know (a newer fededge's)
+                path = self.store.checkpoint_path
+                raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
             self._ids = set(self.sums.keys())
             self._per_device = Counter(self.sums.devices)
             self._segment = seg + 1
+            # The ids the checkpoint held itself are queued for the ids file (all of them
+            # after a checkpoint written before there were ids files: the next one upgrades).
+            ids, devices = self.sums.ids, self.sums.devices
+            self._ids_file = IdsFile(
+                self.store.ids_path(version), version, fsync=self.store.fsync,
+                entries=entries, size=size, ids=ids[entries:], devices=devices[entries:],
+            )  # fmt: skip
+            self._ids_given = len(ids)
         replayed = 0
         for seg, path in self.store.segments(version):
             if seg <= covered:
@@ -461,27 +482,41 @@ class PendingVersion:
         ingest goes on; a crash before it lands replays the segments instead. Checkpoints are
         written in order by one thread; a failed one is raised by the next commit.
         """
-        job = self._checkpoint_job(background=background)
-        if background:
-            self._checkpoints.append(job)
-        else:
+        job = self._checkpoint_job(background=background, track=background)
+        if not background:
             job.result()
 
-    def _checkpoint_job(self, *, background: bool) -> Future[None]:
-        """Queue a checkpoint of the state now (a copy if ``background``) on the one thread."""
+    def _checkpoint_job(self, *, background: bool, track: bool = False) -> Future[None]:
+        """Queue a checkpoint of the state now (a copy if ``background``) on the one thread
+        (``track``: a failure is raised by a later commit, not by waiting for the job).
+
+        The copy holds the ids and devices folded since the previous checkpoint, not the whole
+        lists (the main thread goes on appending to those): the checkpoint thread queues them
+        in the ids file, writes the checkpoint with those not in the file yet, then appends
+        them to the file (a second job, waited for by nobody; a failure is raised as a failed
+        checkpoint's). What a checkpoint encodes is the model and the updates since the last.
+        """
         self._raise_failed_checkpoint()
         if self._writer is not None:
             self._writer.close()
             self._writer = None
-        state = {k: list(v) if isinstance(v, list) else v for k, v in self.sums.__dict__.items()}
+        sums = self.sums
+        state = {k: v for k, v in sums.__dict__.items() if k not in ("ids", "devices")}
+        first, self._ids_given = self._ids_given, len(sums.ids)
+        ids, devices = sums.ids[first:], sums.devices[first:]
         acc = self._copy_of_acc() if background else self.acc
         if self._checkpointer is None:
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="fededge-checkpoint")
         job = self._checkpointer.submit(
-            self.store.write_checkpoint, self.base.version, self._segment, acc, state
-        )
+            _write_checkpoint, self.store, self._ids_file, self.base.version, self._segment, acc,
+            state, first, ids, devices,
+        )  # fmt: skip
         if background:  # its copy is free again once written (or failed)
             job.add_done_callback(lambda _job: self._spare_accs.append(acc))
+        if track:
+            self._checkpoints.append(job)
+        # After the checkpoint (which holds them): a crash in between tears only this append.
+        self._checkpoints.append(self._checkpointer.submit(self._ids_file.flush))
         self._segment += 1
         self._since_checkpoint = self._wal_bytes = 0
         return job
@@ -582,6 +617,29 @@ class PendingVersion:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+
+def _write_checkpoint(
+    store: Store,
+    ids_file: IdsFile,
+    base_version: int,
+    seg: int,
+    acc: NDArray[np.float64],
+    state: dict[str, Any],
+    first: int,
+    ids: list[str],
+    devices: list[str],
+) -> None:
+    """On the checkpoint thread: the checkpoint of ``state`` and ``acc``, whose ids and devices
+    are those durable in ``ids_file`` plus the ones queued there, ``ids`` (from ``first``) last."""
+    ids_file.add(first, ids, devices)
+    meta = {
+        **state,
+        "ids": list(ids_file.ids),  # not in the file yet: the checkpoint holds them itself
+        "devices": list(ids_file.devices),
+        "ids_file": {"entries": ids_file.entries, "bytes": ids_file.size},
+    }
+    store.write_checkpoint(base_version, seg, acc, meta)
 
 
 def server_step_tensors(

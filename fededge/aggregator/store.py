@@ -8,9 +8,19 @@ Layout under ``{state_dir}/aggregator/{task}/``::
     versions/00000042.safetensors  the model-version message, byte for byte as published
     pending/checkpoint.safetensors accumulator of the pending version after segment N
     pending/00000042-000003.wal    write-ahead log segments of the pending version
+    pending/00000042.ids           update ids and devices of the pending version (append-only)
 
 A version is complete once its ``.safetensors`` exists (written last, atomically). Everything in
 ``pending/`` that belongs to an older base version is discarded at start.
+
+The ids of the updates a checkpoint covers (needed for deduplication once the WAL segments
+are gone) are not rewritten by every checkpoint: the checkpoint's state holds only those not
+yet in the ``.ids`` file (``ids``, ``devices``) and how much of that file belongs to it
+(``ids_file``: entries and bytes, a prefix made durable before the checkpoint was written).
+Each checkpoint's ids are appended to the file after it (``IdsFile``), so a checkpoint costs
+the model plus the updates since the previous one, not the whole version. A checkpoint
+written before the ``.ids`` file existed holds every id in its state: read as one whose file
+part is empty.
 """
 
 from __future__ import annotations
@@ -25,6 +35,7 @@ from typing import IO, Any
 import numpy as np
 from numpy.typing import NDArray
 
+from fededge.aggregator.wal import encode_record, record_at
 from fededge.errors import ProtocolError, StorageError
 from fededge.fsio import atomic_write, fsync_dir
 from fededge.protocol import ModelVersion
@@ -49,6 +60,121 @@ def version_file_name(version: int) -> str:
 
 
 VERSIONS_DIR = "versions"
+CHECKPOINT = "checkpoint.safetensors"
+_IDS_JSON = json.JSONEncoder(separators=(",", ":")).encode
+
+
+class IdsFile:
+    """The append-only ``pending/{base:08d}.ids`` file: the ids and devices of the pending
+    version's updates, in fold order, as a durable prefix of the lists a checkpoint restores.
+
+    Records in the WAL's format (CRC-checked): header ``{"base", "first", "n"}``, payload the
+    JSON ``[ids, devices]`` of entries ``first`` to ``first + n``. ``entries`` and ``size`` are
+    what is durable; ``add`` queues more, ``flush`` appends them. A checkpoint records
+    (``entries``, ``size``) and holds the queued ones itself; bytes after ``size`` (an append
+    a crash tore or no checkpoint counts yet) are never read, and the next ``flush`` cuts
+    them off. Used by the checkpoint thread only (after ``PendingVersion.recover``).
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        base_version: int,
+        *,
+        fsync: bool,
+        entries: int = 0,
+        size: int = 0,
+        ids: list[str] | None = None,
+        devices: list[str] | None = None,
+    ) -> None:
+        self.path = path
+        self.base_version = base_version
+        self.entries = entries  # durable in the file, in its first ``size`` bytes
+        self.size = size
+        self._fsync = fsync
+        self.ids: list[str] = ids or []  # queued: entries ``entries`` on, not in the file yet
+        self.devices: list[str] = devices or []
+
+    def add(self, first: int, ids: list[str], devices: list[str]) -> None:
+        """Queue entries ``first`` on (the version's next ones) for the next ``flush``."""
+        if first != self.entries + len(self.ids) or len(ids) != len(devices):
+            raise StorageError(
+                f"{self.path}: {len(ids)} entries from {first} do not continue the "
+                f"{self.entries + len(self.ids)} given (a bug)"
+            )
+        self.ids += ids
+        self.devices += devices
+
+    def flush(self) -> None:
+        """Append the queued entries as one record and make them durable (fdatasync)."""
+        if not self.ids:
+            return
+        header = {"base": self.base_version, "first": self.entries, "n": len(self.ids)}
+        record = encode_record(header, _IDS_JSON([self.ids, self.devices]).encode())
+        fd = os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            os.ftruncate(fd, self.size)  # a torn or uncounted tail (crash, failed flush)
+            view, at = memoryview(record), self.size
+            while view:
+                n = os.pwrite(fd, view, at)
+                view, at = view[n:], at + n
+            if self._fsync:
+                os.fdatasync(fd)
+        finally:
+            os.close(fd)
+        if self._fsync and self.size == 0:  # the file may be new: its name must be durable
+            fsync_dir(self.path.parent)
+        self.entries += len(self.ids)
+        self.size += len(record)
+        self.ids, self.devices = [], []
+
+
+def read_ids(path: Path, base_version: int, entries: int, size: int) -> tuple[list[str], list[str]]:
+    """The first ``entries`` ids and devices of an ``IdsFile``, in its first ``size`` bytes;
+    StorageError naming the file if it is missing, short or damaged there."""
+    if entries == 0 and size == 0:
+        return [], []
+    what = f"pending ids file {path} (its checkpoint counts {entries} entries in {size} bytes)"
+    try:
+        with path.open("rb") as f:
+            have = os.fstat(f.fileno()).st_size
+            if have < size:  # checked first: a damaged count must not size a read
+                raise StorageError(f"{what} holds only {have} bytes")
+            data = f.read(size)
+    except FileNotFoundError:
+        raise StorageError(f"{what} is missing") from None
+    except OSError as e:
+        raise StorageError(f"{what} is unreadable: {e}") from None
+    if len(data) < size:
+        raise StorageError(f"{what} holds only {len(data)} bytes")
+    ids: list[str] = []
+    devices: list[str] = []
+    pos = 0
+    while pos < size:
+        try:
+            rec, end = record_at(data, pos)
+            h = rec.header
+            chunk = json.loads(rec.payload)
+        except ValueError as e:  # JSONDecodeError included
+            raise StorageError(f"{what} is damaged at byte {pos}: {e}") from None
+        if not (
+            isinstance(h, dict)
+            and h.get("base") == base_version
+            and h.get("first") == len(ids)
+            and isinstance(chunk, list)
+            and len(chunk) == 2
+            and all(isinstance(x, list) and len(x) == h.get("n") for x in chunk)
+            and all(type(x) is str for part in chunk for x in part)
+        ):
+            raise StorageError(
+                f"{what}: the record at byte {pos} does not continue its {len(ids)} entries"
+            )
+        ids += chunk[0]
+        devices += chunk[1]
+        pos = end
+    if len(ids) != entries:
+        raise StorageError(f"{what} holds {len(ids)} entries")
+    return ids, devices
 
 
 class Store:
@@ -150,53 +276,92 @@ class Store:
     def segment_path(self, base_version: int, seg: int) -> Path:
         return self.pending_dir / f"{base_version:08d}-{seg:06d}.wal"
 
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.pending_dir / CHECKPOINT
+
+    def ids_path(self, base_version: int) -> Path:
+        """The ``IdsFile`` of the version built on ``base_version``."""
+        return self.pending_dir / f"{base_version:08d}.ids"
+
     def write_checkpoint(
         self, base_version: int, seg: int, acc: NDArray[np.float64], meta: dict[str, Any]
     ) -> None:
-        """Checkpoint the accumulator after segment ``seg``; older segments become garbage."""
+        """Checkpoint the accumulator after segment ``seg``; older segments become garbage.
+
+        ``meta``: the pending version's state, whose ``ids``/``devices`` are those after the
+        ``ids_file`` part (entries, bytes) of its ``IdsFile``, durable before this is called.
+        """
         header = {"base_version": str(base_version), "segment": str(seg), "state": json.dumps(meta)}
         # The header, then the accumulator's own buffer: no copy of 8 bytes per parameter.
         acc = np.ascontiguousarray(acc, dtype=np.float64)
         head = encode_header([("acc", acc.dtype, acc.shape)], header)
-        atomic_write(
-            self.pending_dir / "checkpoint.safetensors",
-            [head, acc.data.cast("B")],
-            fsync=self.fsync,
-        )
+        atomic_write(self.checkpoint_path, [head, acc.data.cast("B")], fsync=self.fsync)
         # The unlinks need no directory fsync of their own: a segment that reappears after a
         # crash is covered by this checkpoint, and recovery deletes it unread.
         for s, p in self.segments(base_version):
             if s <= seg:
                 p.unlink()
 
-    def load_checkpoint(
-        self, base_version: int
-    ) -> tuple[int, NDArray[np.float64], dict[str, Any]] | None:
-        path = self.pending_dir / "checkpoint.safetensors"
+    def _read_checkpoint(self) -> tuple[int, int, NDArray[np.float64], dict[str, Any]] | None:
+        """(base version, segment, accumulator, state as stored) of the checkpoint, if any."""
+        path = self.checkpoint_path
         try:
-            # Our own file: its header holds the pending update ids, which may exceed the 1 MiB
-            # header limit meant for network input.
+            # Our own file: the header of a checkpoint written before the ids file existed
+            # holds every pending update id, which may exceed the 1 MiB limit of the network.
             payload = decode_tensors(path.read_bytes(), max_bytes=_MAX_FILE, max_header=_MAX_FILE)
             meta = payload.metadata
-            if int(meta["base_version"]) != base_version:
-                return None
+            state = json.loads(meta["state"])
+            if not isinstance(state, dict):
+                raise ValueError(f"state is a {type(state).__name__}")
             acc = np.array(payload.tensors["acc"], dtype=np.float64)  # writable copy
-            return int(meta["segment"]), acc, json.loads(meta["state"])
+            return int(meta["base_version"]), int(meta["segment"]), acc, state
         except FileNotFoundError:
             return None
         except (OSError, ProtocolError, KeyError, ValueError) as e:
             raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
 
+    def load_checkpoint(
+        self, base_version: int
+    ) -> tuple[int, NDArray[np.float64], dict[str, Any]] | None:
+        """(segment, accumulator, state) of the checkpoint of the version built on
+        ``base_version``; None if there is none. The state's ``ids`` and ``devices`` are the
+        whole lists (its ``IdsFile`` part read back), ``ids_file`` is ``[entries, bytes]`` of
+        that part (``[0, 0]`` for a checkpoint that holds every id itself)."""
+        ck = self._read_checkpoint()
+        if ck is None or ck[0] != base_version:
+            return None
+        _, seg, acc, state = ck
+        path = self.checkpoint_path
+        part = state.get("ids_file", {"entries": 0, "bytes": 0})
+        tail_ids, tail_devices = state.get("ids", []), state.get("devices", [])
+        if not (
+            isinstance(part, dict)
+            and all(type(part.get(k)) is int and part[k] >= 0 for k in ("entries", "bytes"))
+            and isinstance(tail_ids, list)
+            and isinstance(tail_devices, list)
+            and len(tail_ids) == len(tail_devices)
+        ):
+            raise StorageError(f"checkpoint {path} is unreadable: bad ids, devices or ids_file")
+        entries, size = part["entries"], part["bytes"]
+        ids, devices = read_ids(self.ids_path(base_version), base_version, entries, size)
+        state["ids"], state["devices"] = ids + tail_ids, devices + tail_devices
+        state["ids_file"] = [entries, size]
+        return seg, acc, state
+
     def discard_pending(self, keep_base: int | None = None) -> None:
-        """Remove WAL segments and the checkpoint of every base version but ``keep_base``."""
+        """Remove WAL segments, ids files and the checkpoint of every base version but
+        ``keep_base``."""
         for p in self.pending_dir.iterdir():
-            if p.suffix == ".wal":
+            if p.suffix in (".wal", ".ids"):
                 v = p.stem.partition("-")[0]
                 if keep_base is None or not v.isdigit() or int(v) != keep_base:
                     p.unlink()
-        ck = self.pending_dir / "checkpoint.safetensors"
-        if ck.exists() and (keep_base is None or self.load_checkpoint(keep_base) is None):
-            ck.unlink()
+        ck = self.checkpoint_path
+        if ck.exists():
+            stored = None if keep_base is None else self._read_checkpoint()
+            if stored is None or stored[0] != keep_base:
+                ck.unlink()
         if self.fsync:
             fsync_dir(self.pending_dir)
 

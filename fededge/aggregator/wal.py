@@ -238,6 +238,22 @@ def scan_segment(path: Path) -> tuple[list[Record], Damage | None]:
     return records, None
 
 
+def record_at(data: bytes, pos: int) -> tuple[Record, int]:
+    """The valid record at ``pos`` of ``data`` and where the next one starts; ValueError saying
+    what is wrong with it (a torn or damaged record, or a header that is not JSON)."""
+    bad = _check(data, pos)
+    if bad:
+        raise ValueError(bad)
+    _, hlen, plen, _ = _PREFIX.unpack_from(data, pos)
+    start = pos + _PREFIX.size
+    try:
+        header = json.loads(data[start : start + hlen])
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bad record header: {e}") from None
+    end = start + hlen + plen
+    return Record(header=header, payload=data[start + hlen : end]), end
+
+
 def _count_valid(data: bytes, pos: int) -> int:
     """Valid records anywhere from ``pos`` on (searching for the magic at every offset)."""
     n = 0
