@@ -474,7 +474,8 @@ class Link:
             far.settimeout(None)
             with self._lock:
                 if self._server is not server:
-                    near.close(), far.close()
+                    near.close()
+                    far.close()
                     return
                 self._socks += [near, far]
             for src, dst in ((near, far), (far, near)):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -506,11 +508,11 @@ def test_background_checkpoints_reuse_their_copies_and_each_holds_its_own_sum(tm
     written: list[np.ndarray] = []  # held: a new array cannot take a reused one's address
     write = store.write_checkpoint
 
-    def recording(base: int, seg: int, acc: np.ndarray, meta: dict) -> None:
+    def recording(base: int, seg: int, acc: np.ndarray, meta: dict[str, Any]) -> None:
         written.append(acc)
         write(base, seg, acc, meta)
 
-    store.write_checkpoint = recording  # type: ignore[method-assign]
+    store.write_checkpoint = recording  # type: ignore[method-assign,assignment]
     done: list[Update] = []
     for g in range(12):
         for i in range(2):
@@ -550,10 +552,10 @@ def test_a_groups_records_are_those_append_writes(tmp_path, isal: bool, monkeypa
     one = wal.SegmentWriter(tmp_path / "one", fsync=False)
     for uid, weight, norm, p in records:
         header = {"id": uid, "weight": weight, "norm": norm, "group": 42}
-        one.append(wal.update_header(uid, weight, norm, 42) or header, p)  # type: ignore[arg-type]
+        one.append(wal.update_header(uid, weight, norm, 42) or header, p)
     one.commit()
     group = wal.SegmentWriter(tmp_path / "group", fsync=False)
-    group.append_updates(42, records)  # type: ignore[arg-type]
+    group.append_updates(42, records)
     group.commit()
     one.close()
     group.close()
@@ -598,7 +600,7 @@ def test_short_writes_resume_where_they_stopped(
 # -- the ids file: checkpoints that do not grow with the version ---------------------------
 
 
-def _old_format_checkpoint(store: Store, seg: int, acc: np.ndarray, sums: dict) -> None:
+def _old_format_checkpoint(store: Store, seg: int, acc: np.ndarray, sums: dict[str, Any]) -> None:
     """A checkpoint as fededge wrote it before the ids file (Store.write_checkpoint and
     PendingVersion._checkpoint_job of that version): every id and device in its state."""
     from fededge.fsio import atomic_write
@@ -671,14 +673,14 @@ def test_a_checkpoint_holds_only_the_ids_since_the_previous_one(tmp_path) -> Non
     rng = np.random.default_rng(22)
     store = Store(tmp_path)
     p = PendingVersion(store, _base(), checkpoint_every=5, max_update_bytes=1 << 20)
-    states: list[dict] = []
+    states: list[dict[str, Any]] = []
     write = store.write_checkpoint
 
-    def recording(base: int, seg: int, acc: np.ndarray, meta: dict) -> None:
+    def recording(base: int, seg: int, acc: np.ndarray, meta: dict[str, Any]) -> None:
         states.append(meta)
         write(base, seg, acc, meta)
 
-    store.write_checkpoint = recording  # type: ignore[method-assign]
+    store.write_checkpoint = recording  # type: ignore[method-assign,assignment]
     _run(p, rng, [2, 1, 2] * 40)
     p.close()
     assert len(states) >= 40
@@ -718,8 +720,8 @@ def test_kill_at_any_point_between_file_operations_recovers_exactly_once(
         with lock:
             snaps.append((_snapshot(store.pending_dir), may_hold))
 
-    def hooked(real):  # type: ignore[no-untyped-def]
-        def call(*a, **k):  # type: ignore[no-untyped-def]
+    def hooked(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*a: Any, **k: Any) -> Any:
             snap()
             return real(*a, **k)
 
@@ -727,7 +729,7 @@ def test_kill_at_any_point_between_file_operations_recovers_exactly_once(
 
     real_pwrite = os.pwrite
 
-    def torn_pwrite(fd: int, data, offset: int) -> int:  # type: ignore[no-untyped-def]
+    def torn_pwrite(fd: int, data: bytes, offset: int) -> int:
         snap()
         n = real_pwrite(fd, data[: max(1, len(data) // 2)], offset)  # a short write...
         snap()  # ...is what a crash mid-append leaves; flush writes the rest

@@ -472,7 +472,7 @@ _META = ('{"base_version":"3","device":"dev-1","fededge":"1","kind":"update",'
          '"num_examples":"7","task":"t","update_id":"u.1"}')  # fmt: skip
 
 
-def _header(
+def _fast_header(
     meta: str = _META, entries: tuple[str, ...] = (_ENTRY_B, _ENTRY_K), tail: str = ""
 ) -> str:
     return '{"__metadata__":' + meta + "".join("," + e for e in entries) + "}" + tail
@@ -480,37 +480,37 @@ def _header(
 
 def _k(old: str, new: str) -> str:
     """The header with tensor k's entry changed."""
-    return _header(entries=(_ENTRY_B, _ENTRY_K.replace(old, new)))
+    return _fast_header(entries=(_ENTRY_B, _ENTRY_K.replace(old, new)))
 
 
 def _m(old: str, new: str) -> str:
     """The header with its metadata changed."""
-    return _header(_META.replace(old, new))
+    return _fast_header(_META.replace(old, new))
 
 
 @pytest.mark.parametrize(
     "header",
     [
-        _header(),  # as written: the fast path
-        _header(tail="   "),
-        _header(tail="\n"),
-        _header(tail=" x"),
+        _fast_header(),  # as written: the fast path
+        _fast_header(tail="   "),
+        _fast_header(tail="\n"),
+        _fast_header(tail=" x"),
         '{"__metadata__": ' + _META + "," + _ENTRY_B + "," + _ENTRY_K + "}",  # a space
         "{" + _ENTRY_B + ',"__metadata__":' + _META + "," + _ENTRY_K + "}",  # key order
-        _header(entries=(_ENTRY_K, _ENTRY_B)),  # tensors not by name
-        _header(entries=(_ENTRY_B, _ENTRY_B)),  # a name twice
-        _header(entries=(_ENTRY_B,)),  # data in no tensor
-        _header(
+        _fast_header(entries=(_ENTRY_K, _ENTRY_B)),  # tensors not by name
+        _fast_header(entries=(_ENTRY_B, _ENTRY_B)),  # a name twice
+        _fast_header(entries=(_ENTRY_B,)),  # data in no tensor
+        _fast_header(
             entries=(
                 '"k":{"dtype":"F32","shape":[2,3],"data_offsets":[0,24]}',
                 '"b":{"dtype":"F32","shape":[3],"data_offsets":[24,36]}',
             )
         ),
-        _header(entries=(_ENTRY_B, '"b":{"dtype":"F32","shape":[6],"data_offsets":[12,36]}')),
-        _header(entries=('"A":' + _ENTRY_B[4:], '"__metadata__":' + _ENTRY_K[4:])),
-        _header(entries=(_ENTRY_B, _ENTRY_K.replace("[2,3]", "[7]").replace("36]", "40]"))),
-        _header(entries=(_ENTRY_B.replace("[3]", "[9]").replace("12]", "36]"),)),
-        _header(entries=()),  # no tensors
+        _fast_header(entries=(_ENTRY_B, '"b":{"dtype":"F32","shape":[6],"data_offsets":[12,36]}')),
+        _fast_header(entries=('"A":' + _ENTRY_B[4:], '"__metadata__":' + _ENTRY_K[4:])),
+        _fast_header(entries=(_ENTRY_B, _ENTRY_K.replace("[2,3]", "[7]").replace("36]", "40]"))),
+        _fast_header(entries=(_ENTRY_B.replace("[3]", "[9]").replace("12]", "36]"),)),
+        _fast_header(entries=()),  # no tensors
         _k('"k"', '"__metadata__"'),
         _k('"k"', '"\\u006b"'),  # an escape
         _k('"k"', '"k\\"x"'),
@@ -572,10 +572,10 @@ def test_odd_headers_are_decoded_as_the_general_path_does(header: str) -> None:
 
 
 def test_headers_over_the_bound_are_refused_as_the_general_path_does() -> None:
-    for pad in ((1 << 20) - len(_header()), (1 << 20) - len(_header()) + 1):
-        raw = _with_header(_written(), _header(tail=" " * pad))
+    for pad in ((1 << 20) - len(_fast_header()), (1 << 20) - len(_fast_header()) + 1):
+        raw = _with_header(_written(), _fast_header(tail=" " * pad))
         got = _same_as_the_general_path(raw, max_bytes=1 << 22)
-        assert isinstance(got, Update) == (pad <= (1 << 20) - len(_header()))
+        assert isinstance(got, Update) == (pad <= (1 << 20) - len(_fast_header()))
 
 
 _NAMES = st.text("abk_.", min_size=1, max_size=3) | st.just("__metadata__") | st.text(
@@ -599,7 +599,7 @@ def test_written_updates_of_any_tensors_decode_as_the_general_path(
     tensors: dict[str, tuple[str, list[int]]], metrics: dict[str, float], in_place: bool
 ) -> None:
     delta = {name: np.zeros(shape, np.dtype(dt)) + 1 for name, (dt, shape) in tensors.items()}
-    raw = _written(delta, **metrics)  # type: ignore[arg-type]
+    raw = _written(delta, **metrics)
     _same_as_the_general_path(bytearray(raw) if in_place else raw)
 
 
@@ -613,8 +613,10 @@ _TOKENS = st.sampled_from(['"', '\\', ",", ":", "{", "}", "[", "]", " ", "0", "7
 def test_mutated_written_headers_decode_as_the_general_path(
     at: int, cut: int, tokens: list[str], metrics: bool
 ) -> None:
-    raw = _written(**({"train_loss": 0.5, "eval_loss": 1.0, "eval_accuracy": 0.5} if metrics
-                      else {}))  # fmt: skip
+    losses: dict[str, object] = (
+        {"train_loss": 0.5, "eval_loss": 1.0, "eval_accuracy": 0.5} if metrics else {}
+    )
+    raw = _written(None, **losses)
     (hlen,) = struct.unpack_from("<Q", raw)
     header = raw[8 : 8 + hlen].decode().rstrip(" ")
     at %= len(header) + 1
@@ -635,7 +637,7 @@ def test_written_f32_updates_take_the_fast_path(
     from fededge.protocol import messages
 
     delta = {name: np.full(shape, 0.5, np.float32) for name, shape in shapes.items()}
-    raw = _written(delta, **metrics)  # type: ignore[arg-type]
+    raw = _written(delta, **metrics)
     assert messages._written_update(raw, 1 << 20) is not None
     _same_as_the_general_path(raw)
 
