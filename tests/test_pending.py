@@ -44,9 +44,9 @@ def _update(i: int, rng: np.random.Generator, device: str = "d") -> tuple[Update
 
 def _pending(store: Store, every: int = 100) -> PendingVersion:
     # No checkpoint overhead: groups of small test updates still exercise the checkpoint path.
-    return PendingVersion(
-        store, _base(), checkpoint_every=every, max_update_bytes=1 << 20, checkpoint_overhead=0
-    )
+    # Ids appended after every checkpoint (ids_flush_min 1) exercise the ids file at once.
+    return PendingVersion(store, _base(), checkpoint_every=every, max_update_bytes=1 << 20,
+                          checkpoint_overhead=0, ids_flush_min=1)  # fmt: skip
 
 
 def _reference(updates: list[Update]) -> np.ndarray:
@@ -668,11 +668,15 @@ def test_an_old_format_checkpoint_is_recovered_and_upgraded(tmp_path) -> None:
     assert r.sums.ids == [f"u{i}" for i in range(7)] + [u.update_id for u in done]
 
 
-def test_a_checkpoint_holds_only_the_ids_since_the_previous_one(tmp_path) -> None:
-    """What a checkpoint encodes does not grow with the version (it did: every id, each time)."""
+@pytest.mark.parametrize("flush_min", [1, 7])
+def test_a_checkpoint_holds_only_the_ids_since_the_previous_one(tmp_path, flush_min) -> None:
+    """What a checkpoint encodes does not grow with the version (it did: every id, each time):
+    at most the ids since the last append to the ids file, which comes once ``flush_min``
+    are waiting (IDS_FLUSH_MIN in production)."""
     rng = np.random.default_rng(22)
     store = Store(tmp_path)
-    p = PendingVersion(store, _base(), checkpoint_every=5, max_update_bytes=1 << 20)
+    p = PendingVersion(store, _base(), checkpoint_every=5, max_update_bytes=1 << 20,
+                       ids_flush_min=flush_min)  # fmt: skip
     states: list[dict[str, Any]] = []
     write = store.write_checkpoint
 
@@ -684,7 +688,8 @@ def test_a_checkpoint_holds_only_the_ids_since_the_previous_one(tmp_path) -> Non
     _run(p, rng, [2, 1, 2] * 40)
     p.close()
     assert len(states) >= 40
-    assert all(len(s["ids"]) == len(s["devices"]) <= 6 for s in states)
+    assert all(len(s["ids"]) == len(s["devices"]) <= 6 + flush_min - 1 for s in states)
+    assert any(len(s["ids"]) > 6 for s in states) == (flush_min > 1)  # held across checkpoints
     sizes = [len(json.dumps(s)) for s in states]
     assert max(sizes[-10:]) < 2 * min(sizes[:10])
     assert states[-1]["ids_file"]["entries"] + len(states[-1]["ids"]) == states[-1]["count"]
@@ -698,8 +703,9 @@ def _snapshot(pending_dir) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in pending_dir.iterdir()}
 
 
+@pytest.mark.parametrize("flush_min", [1, 3])
 def test_kill_at_any_point_between_file_operations_recovers_exactly_once(
-    tmp_path, monkeypatch
+    tmp_path, monkeypatch, flush_min
 ) -> None:
     """The pending directory as a kill -9 leaves it before every write, fsync, truncate, rename
     and unlink (and halfway through each ids append) recovers exactly the updates that were
@@ -711,7 +717,7 @@ def test_kill_at_any_point_between_file_operations_recovers_exactly_once(
     rng = np.random.default_rng(23)
     store = Store(tmp_path / "live")
     p = PendingVersion(store, _base(), checkpoint_every=2, max_update_bytes=1 << 20,
-                       checkpoint_overhead=0)  # fmt: skip
+                       checkpoint_overhead=0, ids_flush_min=flush_min)  # fmt: skip
     snaps: list[tuple[dict[str, bytes], tuple[int, ...]]] = []
     may_hold: tuple[int, ...] = (0,)  # update counts a crash now may leave (set atomically)
     lock = threading.Lock()

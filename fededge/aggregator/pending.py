@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 # fdatasync. Without it a group of small updates (2.4k parameters: 20 x 10 KB > 19 KB of
 # accumulator) took the checkpoint path at every commit, at three times the fsync latency.
 CHECKPOINT_OVERHEAD = 1 << 20
+#: Ids a checkpoint holds itself before they are appended to the ids file (bounds its state).
+IDS_FLUSH_MIN = 4096
 
 
 class _SyncThread:
@@ -206,6 +208,7 @@ class PendingVersion:
         max_update_bytes: int,
         rotated: bool = False,
         checkpoint_overhead: int = CHECKPOINT_OVERHEAD,
+        ids_flush_min: int = IDS_FLUSH_MIN,
     ) -> None:
         self.store = store
         self._overhead = checkpoint_overhead
@@ -219,6 +222,7 @@ class PendingVersion:
         # checkpoint thread); _ids_given: how many so far.
         self._ids_file = IdsFile(store.ids_path(base.version), base.version, fsync=store.fsync)
         self._ids_given = 0
+        self._ids_flush_min = ids_flush_min
         self._checkpoint_every = checkpoint_every
         self._checkpoint_min_bytes = checkpoint_min_bytes
         self._wal_bytes = 0  # logged since the last checkpoint
@@ -516,7 +520,12 @@ class PendingVersion:
         if track:
             self._checkpoints.append(job)
         # After the checkpoint (which holds them): a crash in between tears only this append.
-        self._checkpoints.append(self._checkpointer.submit(self._ids_file.flush))
+        # Only once IDS_FLUSH_MIN are queued: on the checkpoint path (large models) there is a
+        # checkpoint per group, and an fsync more per group queued before the next group's
+        # checkpoint doubled the time to durability (1M parameters: 0.83 -> 0.59 of raw).
+        self._checkpoints.append(
+            self._checkpointer.submit(self._ids_file.flush, self._ids_flush_min)
+        )
         self._segment += 1
         self._since_checkpoint = self._wal_bytes = 0
         return job

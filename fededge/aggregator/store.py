@@ -105,9 +105,10 @@ class IdsFile:
         self.ids += ids
         self.devices += devices
 
-    def flush(self) -> None:
-        """Append the queued entries as one record and make them durable (fdatasync)."""
-        if not self.ids:
+    def flush(self, at_least: int = 1) -> None:
+        """Append the queued entries as one record and make them durable (fdatasync); only
+        once ``at_least`` are queued (until then the checkpoints hold them)."""
+        if not self.ids or len(self.ids) < at_least:
             return
         header = {"base": self.base_version, "first": self.entries, "n": len(self.ids)}
         record = encode_record(header, _IDS_JSON([self.ids, self.devices]).encode())
