@@ -14,6 +14,7 @@ import argparse
 import multiprocessing as mp
 import os
 import queue
+import shutil
 import statistics
 import sys
 import tempfile
@@ -232,16 +233,28 @@ class Row:
     floor: float  # the protocol's MQTT work alone, vs raw (floor_throughput)
 
 
+def _settle(state: Path | None = None) -> None:
+    """Between timed runs: drop a run's state and write back what the page cache holds, so
+    that no run pays for the writeback of the one before (the fsync-off run leaves hundreds of
+    MB dirty at 1M parameters; their writeback slowed whichever run came next)."""
+    if state is not None:
+        shutil.rmtree(state, ignore_errors=True)
+    os.sync()
+
+
 def one_size(port: int, tmp: Path, n: int, d: int, repeats: int) -> Row:
     """Interleaved repeats of raw, aggregator (fsync) and aggregator (no fsync) for one size."""
     raw, agg, nofs, ratios, floor = [], [], [], [], []
     size = 0
     for r in range(repeats):
+        _settle()
         secs, size = raw_throughput(port, n, d)
         raw.append(secs)
         floor.append(secs / floor_throughput(port, n, d))
         agg.append(aggregator_throughput(port, n, d, tmp / f"s{d}-{r}", True))
+        _settle(tmp / f"s{d}-{r}")
         nofs.append(aggregator_throughput(port, n, d, tmp / f"n{d}-{r}", False))
+        _settle(tmp / f"n{d}-{r}")
         ratios.append(raw[-1] / agg[-1])
         print(f"{d} params, run {r}: raw {raw[-1]:.2f}s aggregator {agg[-1]:.2f}s "
               f"(no fsync {nofs[-1]:.2f}s), ratio {ratios[-1]:.2f}, floor {floor[-1]:.2f}",

@@ -246,6 +246,7 @@ class PendingVersion:
         self._checkpointer: ThreadPoolExecutor | None = None
         self._checkpoints: list[Future[None]] = []  # background checkpoints not yet checked
         self._spare_accs: list[NDArray[np.float64]] = []  # copies written already (reused)
+        self._acc_reader: Future[None] | None = None  # a checkpoint written from self.acc
         self._per_device: Counter[str] = Counter()  # folded updates by device (from the WAL)
         # Robust aggregation (fededge/aggregator/robust.py) reads every update of the version
         # back from the WAL: while set, nothing is checkpointed (which would delete segments);
@@ -394,7 +395,9 @@ class PendingVersion:
             return True
         if self._checkpoint_path(self._staged_raw):
             self._fold(self._staged)
-            self._sync = self._checkpoint_job(background=True)
+            # Written from the accumulator itself, not a copy: nothing folds until this group
+            # is finished, and _fold waits for the write if anything tried.
+            self._sync = self._checkpoint_job(background=True, direct=True)
             self._inflight, self._inflight_folded = self._staged, True
             self._staged, self._staged_raw = [], []
             return True
@@ -490,9 +493,13 @@ class PendingVersion:
         if not background:
             job.result()
 
-    def _checkpoint_job(self, *, background: bool, track: bool = False) -> Future[None]:
+    def _checkpoint_job(
+        self, *, background: bool, track: bool = False, direct: bool = False
+    ) -> Future[None]:
         """Queue a checkpoint of the state now (a copy if ``background``) on the one thread
-        (``track``: a failure is raised by a later commit, not by waiting for the job).
+        (``track``: a failure is raised by a later commit, not by waiting for the job;
+        ``direct``: in the background, but from the accumulator itself, which ``_fold`` then
+        leaves alone until the write is done: 8 MB less to copy per 1M-parameter group).
 
         The copy holds the ids and devices folded since the previous checkpoint, not the whole
         lists (the main thread goes on appending to those): the checkpoint thread queues them
@@ -508,15 +515,18 @@ class PendingVersion:
         state = {k: v for k, v in sums.__dict__.items() if k not in ("ids", "devices")}
         first, self._ids_given = self._ids_given, len(sums.ids)
         ids, devices = sums.ids[first:], sums.devices[first:]
-        acc = self._copy_of_acc() if background else self.acc
+        copy = background and not direct
+        acc = self._copy_of_acc() if copy else self.acc
         if self._checkpointer is None:
             self._checkpointer = ThreadPoolExecutor(1, thread_name_prefix="fededge-checkpoint")
         job = self._checkpointer.submit(
             _write_checkpoint, self.store, self._ids_file, self.base.version, self._segment, acc,
             state, first, ids, devices,
         )  # fmt: skip
-        if background:  # its copy is free again once written (or failed)
+        if copy:  # its copy is free again once written (or failed)
             job.add_done_callback(lambda _job: self._spare_accs.append(acc))
+        elif background:
+            self._acc_reader = job
         if track:
             self._checkpoints.append(job)
         # After the checkpoint (which holds them): a crash in between tears only this append.
@@ -560,6 +570,9 @@ class PendingVersion:
         # so WAL replay with other group boundaries reproduces the same sum.
         # Encoded updates (f16, int8) go through fused dequantise-accumulate kernels.
         pairs = [(u, w) for u, w, _ in group]
+        reader, self._acc_reader = self._acc_reader, None
+        if reader is not None:  # a checkpoint is being written from the accumulator
+            reader.exception()  # waits; its error is raised by whoever waits for its result
         self.domain.fold(self.acc, self.layout, pairs, parallel=self._parallel)
         self.sums.add_group(group)
         ids, per_device, waiting = self._ids, self._per_device, self._waiting_keys
