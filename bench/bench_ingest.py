@@ -343,10 +343,24 @@ How the aggregator gets there (issue 14), in the order it was done:
    the buffer the socket filled (no copy); the in-flight window taken from the MQTT 5 CONNACK
    (paho ignores it). Each decides exactly as paho's own path (tests/test_mqtt_batch.py).
 4. *Bounds*: Mosquitto 2.0.11 does not hold `max_inflight_messages` towards a subscriber that
-   acknowledges in groups (1,000+ unacknowledged seen with 40), so the client's inbox bound
-   (1,000 messages, `broker.inbox_max_bytes` 256 MiB) is what holds, with a low-water mark so
-   the network thread is not woken per message when it is full. The WAL CRC-32 is computed by
-   ISA-L (`isal`, the same checksum as zlib's, ~5x faster).
+   acknowledges in groups (it holds 40 while nothing is acknowledged; 40 acknowledged at once
+   released 460 more), so the client's inbox bound (1,000 messages, `broker.inbox_max_bytes`
+   256 MiB) is what holds, with a low-water mark so the network thread is not woken per
+   message when it is full. The WAL CRC-32 is computed by ISA-L (`isal`, the same checksum as
+   zlib's, ~5x faster).
+5. *Fourth round*: plain f32 updates decoded by one pattern match (anything else takes the
+   general parser), the small-vector norm without numba's dispatcher, staleness metrics and
+   WAL records per group (main thread ~-16% per 2,410-parameter update); a 256 KiB read-ahead
+   (one PUBLISH in fifty cut at the end of a read instead of one in seven); room freed by a
+   run of PUBACKs given to queued receipts in one scan, and no wake-up byte written by the
+   network thread to itself (paho wrote one per packet: ~45% of that thread's CPU at 2,410
+   parameters); checkpoints that hold only the ids since the last append to an ids file (their
+   cost no longer grows with the version); on the checkpoint path (large models) the group's
+   checkpoint written from the accumulator itself, no 8 MB copy; freed large blocks kept
+   mapped (`fededge/memory.py`: half the page faults per 1M-parameter update).
+6. *Method*: every timed run starts with the page cache written back (`os.sync`) and the
+   previous run's state removed: the fsync-off run leaves hundreds of MB dirty at 1M
+   parameters, and their writeback slowed whichever run came next.
 
 "MQTT floor": the MQTT work the protocol requires and the raw subscriber does not do, with
 nothing else: fededge's `MqttClient` with manual acknowledgement taking each update, publishing
