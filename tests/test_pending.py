@@ -896,3 +896,46 @@ def test_discard_pending_removes_the_ids_files_of_other_versions(tmp_path) -> No
         "00000003-000000.wal", "00000003.ids"]  # fmt: skip
     store.discard_pending()
     assert list(store.pending_dir.iterdir()) == []
+
+
+def test_a_fold_waits_for_a_checkpoint_written_from_the_accumulator(tmp_path) -> None:
+    """The checkpoint path writes from the accumulator itself: a fold that came while that
+    write is running (no caller does today: it is the guard) waits for it, so the checkpoint
+    holds exactly the sum it was taken at."""
+    import threading
+
+    rng = np.random.default_rng(31)
+    store = Store(tmp_path)
+    p = _pending(store)  # overhead 0: the checkpoint path
+    release, writing = threading.Event(), threading.Event()
+    write = store.write_checkpoint
+
+    def slow(base: int, seg: int, acc: np.ndarray, meta: dict[str, Any]) -> None:
+        writing.set()
+        assert release.wait(30)
+        write(base, seg, acc, meta)
+
+    store.write_checkpoint = slow  # type: ignore[method-assign,assignment]
+    first = [_update(i, rng) for i in range(2)]
+    for u, raw in first:
+        p.stage(u, raw, float(u.num_examples), 1.0)
+    assert p.begin_commit()
+    assert writing.wait(30)
+    u2, _ = _update(2, rng)
+    folded = threading.Event()
+
+    def fold() -> None:
+        p._fold([(u2, 3.0, 1.0)])
+        folded.set()
+
+    t = threading.Thread(target=fold)
+    t.start()
+    assert not folded.wait(0.2)  # held while the checkpoint is written from the accumulator
+    release.set()
+    t.join(30)
+    assert folded.is_set()
+    _seg, acc, _state = store.load_checkpoint(3)  # type: ignore[misc]
+    np.testing.assert_allclose(acc, _reference([u for u, _ in first]), rtol=1e-12)
+    p.finish_commit()
+    p.close()
+    store.close()
