@@ -88,22 +88,6 @@ def update_header(update_id: str, weight: float, norm: float, group: int) -> byt
     return f'{{"group":{group},"id":"{update_id}","norm":{n},"weight":{w}}}'.encode()
 
 
-def update_record_head(
-    update_id: str, weight: float, norm: float, group: int, payload: bytes
-) -> bytes | None:
-    """``record_head(update_header(update_id, weight, norm, group), payload)`` in one call
-    (the aggregator writes one per update); None where ``update_header`` is None."""
-    if type(weight) is not float or type(norm) is not float:
-        return None
-    if not (math.isfinite(weight) and math.isfinite(norm)):
-        return None
-    h = f'{{"group":{group},"id":"{update_id}","norm":{norm!r},"weight":{weight!r}}}'.encode()
-    crc = _isal_crc32
-    if crc is not None:
-        return _PACK(_MAGIC, len(h), len(payload), crc(payload, crc(h, 0))) + h
-    return _PACK(_MAGIC, len(h), len(payload), _crc32(payload, _crc32(h))) + h
-
-
 class SegmentWriter:
     """Appends records to one segment file; ``commit()`` makes everything appended durable.
 
@@ -134,11 +118,10 @@ class SegmentWriter:
         header ``{"id", "weight", "norm", "group"}`` (``update_header`` where it can)."""
         parts = self._pending
         for update_id, weight, norm, payload in records:
-            head = update_record_head(update_id, weight, norm, group, payload)
-            if head is None:
+            header: bytes | dict[str, Any] | None = update_header(update_id, weight, norm, group)
+            if header is None:  # a value json must encode (not a finite float)
                 header = {"id": update_id, "weight": weight, "norm": norm, "group": group}
-                head = record_head(header, payload)
-            parts += (head, payload)
+            parts += (record_head(header, payload), payload)
 
     def commit(self) -> None:
         """Group commit: one write and one fsync for every record appended since the last."""
