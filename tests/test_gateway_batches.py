@@ -94,3 +94,10 @@ def test_site_batches_refuse_a_damaged_merged_file(tmp_path: Path) -> None:
     (tmp_path / "merged-000000000000.json").write_text('{"base": 1, "keys": [3]}')
     with pytest.raises(StorageError, match="unreadable gateway state"):
         SiteBatches(tmp_path, fsync=False)
+
+
+@pytest.mark.parametrize("name", ["state.json", "merged-000000000000.json"])
+def test_site_batches_refuse_a_state_file_they_cannot_read(tmp_path: Path, name: str) -> None:
+    (tmp_path / name).mkdir()  # read_text: IsADirectoryError, an OSError, named as the others
+    with pytest.raises(StorageError, match=f"{name}: unreadable gateway state"):
+        SiteBatches(tmp_path, fsync=False)

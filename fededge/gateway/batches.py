@@ -97,7 +97,7 @@ class SiteBatches:
             return {k: int(raw[k]) for k in STATE_KEYS}
         except FileNotFoundError:
             return dict.fromkeys(STATE_KEYS, -1)
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, or not ours
             raise StorageError(f"{path}: unreadable gateway state ({e})") from None
 
     def _merged_path(self, seq: int) -> Path:
@@ -112,7 +112,7 @@ class SiteBatches:
             if not (isinstance(keys, list) and all(isinstance(k, str) for k in keys)):
                 raise TypeError("keys must be a list of strings")
             return seq, base, keys
-        except (ValueError, KeyError, TypeError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:  # unreadable, or not ours
             raise StorageError(f"{path}: unreadable gateway state ({e})") from None
 
     def _remember(self, seq: int, base: int, keys: list[str]) -> None:
