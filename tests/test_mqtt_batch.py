@@ -24,7 +24,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersi
 from fededge.mqtt import MqttClient
 from fededge.mqtt.inbox import Inbox, Message
 from fededge.mqtt.pahoclient import PAHO_RECEIVE_PATH, PahoClient, Received
-from fededge.mqtt.readahead import read_ahead
+from fededge.mqtt.readahead import DIRECT_MIN, read_ahead
 from fededge.testing import wait_until
 from fededge.testing.broker import Mosquitto
 from fededge.testing.pytest_plugin import MosquittoFactory
@@ -68,6 +68,12 @@ def _stream(v5: bool, rng: random.Random) -> bytes:
     out.append(_packet(0xD0, b""))  # PINGRESP
     out.append(_publish(b"t/\xff\xfe", b"bad utf-8 topic", 1, 300, v5))
     out.append(_publish(b"t/big", rng.randbytes(300_000), 1, 301, v5))  # beyond read-ahead
+    # A run of large ones (each body's rest received straight into its unzeroed buffer, the
+    # read-ahead after it small), then a small one: random bytes, so stale memory would show.
+    for i in range(3):
+        size = rng.randrange(DIRECT_MIN, 3 * DIRECT_MIN)
+        out.append(_publish(f"t/big{i}".encode(), rng.randbytes(size), 1, 310 + i, v5))
+    out.append(_publish(b"t/after-big", b"small", 1, 313, v5))
     out.append(_publish(b"t/q2", b"qos 2", 2, 302, v5))
     if v5:
         out.append(_publish(b"t/props", b"with properties", 1, 303, v5, props=b"\x01\x01"))
@@ -178,7 +184,7 @@ def test_batch_path_agrees_with_pahos_on_any_cut_of_the_stream(v5: bool, seed: i
     try:
         assert plain.feed(data, cuts) == ours.feed(data, cuts) == MQTTErrorCode.MQTT_ERR_SUCCESS
         assert ours.published == plain.published
-        assert len(ours.published) == 40 + 1 + 1 + 30 + (1 if v5 else 0)  # QoS 2 waits for PUBREL
+        assert len(ours.published) == 40 + 1 + 1 + 4 + 30 + (1 if v5 else 0)  # QoS 2 waits for PUBREL
         assert ours.acked == plain.acked  # same mids, same reason codes, same order
         assert ours.state() == plain.state()
     finally:
@@ -445,3 +451,18 @@ def _tcp_pair() -> tuple[socket.socket, socket.socket]:
         reader, _ = server.accept()
     reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32768)
     return reader, writer
+
+
+def test_unfilled_bytearray_is_a_bytearray_of_the_size_asked() -> None:
+    # Large packet bodies are allocated without zeroing (every byte is received into them
+    # before they are read); small ones, where zeroing costs nothing, are plain bytearray(n).
+    from fededge.mqtt.pahoclient import UNFILLED_MIN, unfilled_bytearray
+
+    small = unfilled_bytearray(UNFILLED_MIN - 1)
+    assert type(small) is bytearray and small == bytes(UNFILLED_MIN - 1)
+    for n in (UNFILLED_MIN, 400_000, 4 * 1024 * 1024):
+        big = unfilled_bytearray(n)
+        assert type(big) is bytearray and len(big) == n
+        big[:] = b"\x01" * n  # writable, resizable like any bytearray
+        del big[:10]
+        assert len(big) == n - 10 and big[-1] == 1

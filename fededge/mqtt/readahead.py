@@ -19,6 +19,14 @@ from typing import Any
 # packet in seven cut at its end, and each cut one goes paho's slower path (bench: 14.5% of
 # PUBLISHes, 2.1% at 256 KiB, and half the reads).
 READ_AHEAD = 256 * 1024
+#: The rest of a body at least this long is received straight into its buffer: through the
+#: read-ahead it was a 256 KiB ``recv`` into a new bytes object, a slice of it and a copy of
+#: that into the body (three copies of the tail of every 100 KB-4 MB update, one now). The
+#: packets after it are read ahead again by the next ``fill``.
+DIRECT_MIN = 64 * 1024
+#: The read-ahead after such a body (the packets after it are small, or the start of the next
+#: large one, whose rest is then received straight into place).
+AFTER_DIRECT = 16 * 1024
 
 
 class ReadAheadSocket:
@@ -28,6 +36,7 @@ class ReadAheadSocket:
         self._sock = sock
         self._buf = b""
         self._pos = 0
+        self._ahead = READ_AHEAD  # the next read-ahead's size (see recv_into)
 
     def recv(self, bufsize: int) -> bytes:
         buf, pos = self._buf, self._pos
@@ -40,7 +49,7 @@ class ReadAheadSocket:
             return buf[pos:end] if pos or end < len(buf) else buf
         if bufsize >= READ_AHEAD:  # a large body: straight into paho's hands, no copy
             return self._sock.recv(bufsize)
-        data = self._sock.recv(READ_AHEAD)  # BlockingIOError and b"" (closed) pass through
+        data = self._sock.recv(self._next_read())  # BlockingIOError, b"" (closed) pass through
         if len(data) <= bufsize:
             return data
         self._buf, self._pos = data, bufsize
@@ -58,7 +67,11 @@ class ReadAheadSocket:
             else:
                 self._pos = end
             return end - pos
-        if want >= READ_AHEAD:  # a large body: straight into its place
+        if want >= DIRECT_MIN:  # the rest of a large body: straight into its place
+            # Large updates come in runs: the next read-ahead is small, so that most of the
+            # next large body is received straight into its buffer too rather than copied
+            # out of 256 KiB read ahead (the small packets between them fit in it).
+            self._ahead = AFTER_DIRECT
             return self._sock.recv_into(view)
         data = self.recv(want)
         view[: len(data)] = data
@@ -71,9 +84,13 @@ class ReadAheadSocket:
         """
         if self._pos < len(self._buf):
             return len(self._buf) - self._pos
-        data = self._sock.recv(READ_AHEAD)
+        data = self._sock.recv(self._next_read())
         self._buf, self._pos = data, 0
         return len(data)
+
+    def _next_read(self) -> int:
+        ahead, self._ahead = self._ahead, READ_AHEAD
+        return ahead
 
     def buffered(self) -> tuple[bytes, int]:
         """The read-ahead buffer and the position of its first unread byte (see ``consume``)."""
