@@ -58,6 +58,7 @@ IN_PLACE_MIN = 64 * 1024
 #: is received into before the packet is handled; a connection lost midway drops it).
 UNFILLED_MIN = 16 * 1024
 
+_bytearray_of: Callable[[None, int], object] | None
 try:
     _bytearray_of = ctypes.pythonapi.PyByteArray_FromStringAndSize
     _bytearray_of.restype = ctypes.py_object
