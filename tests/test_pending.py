@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fededge.aggregator.pending import PendingVersion
-from fededge.aggregator.store import Store, read_ids
+from fededge.aggregator.store import CHECKPOINT_SLOTS, Store, read_ids
 from fededge.errors import StorageError
 from fededge.protocol import ModelVersion, Update
 
@@ -378,14 +378,14 @@ def test_wal_records_are_unchanged_bytes(tmp_path, size: int, isal: bool, monkey
     from fededge.aggregator.wal import (
         _PREFIX,
         SegmentWriter,
-        _crc32,
+        crc32,
         encode_record,
         read_segment,
     )
 
     payload = np.random.default_rng(size).bytes(size)
-    assert _crc32(payload) == zlib.crc32(payload)
-    assert _crc32(payload, 12345) == zlib.crc32(payload, 12345)
+    assert crc32(payload) == zlib.crc32(payload)
+    assert crc32(payload, 12345) == zlib.crc32(payload, 12345)
     header = {"id": "u", "weight": 1.0, "norm": 2.0, "group": 0}
     h = json.dumps(header, separators=(",", ":"), sort_keys=True).encode()
     want = _PREFIX.pack(b"FEW1", len(h), size, zlib.crc32(payload, zlib.crc32(h))) + h + payload
@@ -632,6 +632,8 @@ def _old_format_checkpoint(store: Store, seg: int, acc: np.ndarray, sums: dict[s
     acc = np.ascontiguousarray(acc, dtype=np.float64)
     head = encode_header([("acc", acc.dtype, acc.shape)], header)
     atomic_write(store.pending_dir / "checkpoint.safetensors", [head, acc.data.cast("B")])
+    for slot in CHECKPOINT_SLOTS:  # that fededge wrote no slots
+        (store.pending_dir / slot).unlink(missing_ok=True)
     for s, p in store.segments(3):
         if s <= seg:
             p.unlink()
@@ -840,14 +842,14 @@ def test_a_damaged_short_or_missing_ids_file_is_an_error_naming_it(tmp_path) -> 
     recover_fails(f"holds only {counted - 5} bytes")
     path.unlink()
     recover_fails("is missing")
-    ck = store.checkpoint_path
-    saved = ck.read_bytes()
     _base_v, seg, acc, state = store._read_checkpoint()  # type: ignore[misc]
     state["ids_file"]["bytes"] = 1 << 50  # a damaged count: refused, never a read of its size
-    store.write_checkpoint(3, seg, acc, state)
+    store.write_checkpoint(3, seg, acc, state)  # into the other slot, as the newer one
+    damaged = store.checkpoint_path
+    store.close()
     path.write_bytes(good)
     recover_fails(f"holds only {len(good)} bytes")
-    ck.write_bytes(saved)
+    damaged.unlink()  # the slot before it is the checkpoint again
     path.write_bytes(good + b"FEW1 torn append, never counted by a checkpoint" * 100)
     q = _pending(Store(tmp_path), every=1)
     q.recover()
@@ -939,3 +941,82 @@ def test_a_fold_waits_for_a_checkpoint_written_from_the_accumulator(tmp_path) ->
     p.finish_commit()
     p.close()
     store.close()
+
+
+# -- checkpoint slots: written in place, in turn ---------------------------------------------
+
+
+def _slot_state(store: Store, seg: int) -> None:
+    store.write_checkpoint(3, seg, np.full(D, float(seg)), {"count": seg, "ids": [], "devices": []})
+
+
+def test_checkpoints_alternate_between_two_slots_and_survive_a_torn_write(
+    tmp_path, caplog
+) -> None:
+    """Each checkpoint overwrites the slot not holding the newest one; a write torn anywhere
+    (prefix or body) fails its CRC and the slot before it is read; the next write goes over
+    the torn one."""
+    store = Store(tmp_path)
+    slots = [store.pending_dir / name for name in CHECKPOINT_SLOTS]
+    _slot_state(store, 1)
+    assert store.checkpoint_path == slots[0] and not slots[1].exists()
+    _slot_state(store, 2)
+    assert store.checkpoint_path == slots[1]
+    _slot_state(store, 3)
+    assert store.checkpoint_path == slots[0]
+    assert store.load_checkpoint(3)[0] == 3  # type: ignore[index]
+    store.close()
+    good = slots[0].read_bytes()
+    n = len(good)
+    # Torn at any point: the prefix, the header, the accumulator, or a bit flipped in it.
+    for torn in (good[:10], good[:40], good[: n // 2], good[:-1], good[:-8] + b"\x01" * 8):
+        slots[0].write_bytes(torn)
+        s = Store(tmp_path)
+        with caplog.at_level("WARNING"):
+            ck = s.load_checkpoint(3)
+        assert ck is not None and ck[0] == 2 and ck[1][0] == 2.0  # the slot before it
+        assert "checkpoint-0.bin is not valid" in caplog.text
+        caplog.clear()
+        _slot_state(s, 4)  # over the torn slot, with the next sequence number
+        assert s.checkpoint_path == slots[0]
+        s.close()
+        s = Store(tmp_path)
+        assert s.load_checkpoint(3)[0] == 4  # type: ignore[index]
+        s.close()
+        slots[0].write_bytes(good)
+    # A slot of a format this fededge does not know is not read as a checkpoint.
+    other = bytearray(good)
+    other[4] = 9
+    slots[1].write_bytes(bytes(other))
+    s = Store(tmp_path)
+    assert s.load_checkpoint(3)[0] == 3  # type: ignore[index]
+    s.close()
+
+
+def test_a_torn_checkpoint_recovers_the_acknowledged_state(tmp_path) -> None:
+    """Crash while a checkpoint-path group's checkpoint is written (it was never acknowledged):
+    recovery is the state before that group, from the other slot and the WAL after it."""
+    rng = np.random.default_rng(31)
+    store = Store(tmp_path)
+    p = _pending(store, every=2)
+    _run(p, rng, [1, 1, 1])  # WAL appends, a background checkpoint after the second
+    p.settle_checkpoints()
+    before = store.checkpoint_path
+    acked = (p.acc.copy(), list(p.sums.ids))
+    wal = {path: path.read_bytes() for _, path in store.segments(3)}
+    assert wal  # u2, logged after the checkpoint before
+    p.checkpoint()  # the checkpoint the crash tears (the slot not holding the newest)
+    torn = store.checkpoint_path
+    assert torn != before
+    p.close()
+    store.close()
+    # The crash came before the write was durable: the segments it covers are still there.
+    torn.write_bytes(torn.read_bytes()[:-100])
+    for path, data in wal.items():
+        path.write_bytes(data)
+    q = _pending(Store(tmp_path), every=2)
+    q.recover()
+    assert q.sums.ids == acked[1]
+    np.testing.assert_array_equal(q.acc, acked[0])
+    q.close()
+    q.store.close()

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 # accumulator) took the checkpoint path at every commit, at three times the fsync latency.
 CHECKPOINT_OVERHEAD = 1 << 20
 #: Ids a checkpoint holds itself before they are appended to the ids file (bounds its state).
-IDS_FLUSH_MIN = 4096
+IDS_FLUSH_MIN = 512
 
 
 class _SyncThread:

@@ -6,7 +6,8 @@ Layout under ``{state_dir}/aggregator/{task}/``::
     plan.json                      the current plan, as published
     versions/00000042.json         metadata of version 42 (metrics, update ids folded into it)
     versions/00000042.safetensors  the model-version message, byte for byte as published
-    pending/checkpoint.safetensors accumulator of the pending version after segment N
+    pending/checkpoint-0.bin       the two checkpoint slots (accumulator of the pending
+    pending/checkpoint-1.bin       version after segment N), written in turn
     pending/00000042-000003.wal    write-ahead log segments of the pending version
     pending/00000042.ids           update ids and devices of the pending version (append-only)
 
@@ -21,6 +22,19 @@ Each checkpoint's ids are appended to the file after it (``IdsFile``), so a chec
 the model plus the updates since the previous one, not the whole version. A checkpoint
 written before the ``.ids`` file existed holds every id in its state: read as one whose file
 part is empty.
+
+Checkpoints are written in place, in two slots in turn, not as a new file renamed over the
+old one: a slot is a 32-byte prefix (``FECK``, format 1, a sequence number, the body's length
+and CRC-32, then the CRC-32 of those 28 bytes) and a body, which is what a checkpoint file
+held before (a tensors message: the accumulator, the state in its metadata). A write goes to
+the slot that does not hold the newest valid checkpoint, with the next sequence number, and
+is made durable by one ``fdatasync``; a write torn by a crash fails its CRC and the other
+slot, untouched, is read. The newest valid slot is the checkpoint. Quirk: creating, renaming
+and fsyncing a new file and its directory per checkpoint cost 3-4x the CPU and wall time of
+an overwrite (800 KB: 1.5 ms of CPU and 5.3 ms against 0.35 and 1.6; 8 MB: 6.1 and 31 ms
+against 3.0 and 15; ext4 on this machine), and on the checkpoint path (models of 100k
+parameters and up) there is a checkpoint per group commit. A ``checkpoint.safetensors`` of
+an earlier fededge is read when no slot holds a checkpoint, and removed by the first write.
 """
 
 from __future__ import annotations
@@ -29,13 +43,14 @@ import fcntl
 import json
 import logging
 import os
+import struct
 from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from fededge.aggregator.wal import encode_record, record_at
+from fededge.aggregator.wal import crc32, encode_record, record_at
 from fededge.errors import ProtocolError, StorageError
 from fededge.fsio import atomic_write, fsync_dir
 from fededge.protocol import ModelVersion
@@ -60,6 +75,12 @@ def version_file_name(version: int) -> str:
 
 
 VERSIONS_DIR = "versions"
+#: The checkpoint slots (module docstring) and the file of earlier fededge versions.
+CHECKPOINT_SLOTS = ("checkpoint-0.bin", "checkpoint-1.bin")
+_SLOT_MAGIC = b"FECK"
+_SLOT_FORMAT = 1
+_SLOT_PREFIX = struct.Struct("<4sIQQI")  # magic, format, sequence, body bytes, body CRC-32
+SLOT_PREFIX_BYTES = _SLOT_PREFIX.size + 4  # and the CRC-32 of those 28 bytes
 CHECKPOINT = "checkpoint.safetensors"
 _IDS_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
@@ -191,9 +212,13 @@ class Store:
         self._lock = self._take_lock()  # before touching anything another instance may own
         for stale in list(root.rglob("*.tmp")):
             stale.unlink()
+        self._slot_fds: dict[int, int] = {}
+        # (slot, sequence) of the newest valid checkpoint; None: not looked for yet.
+        self._newest: tuple[int, int] | None = None
 
     def close(self) -> None:
         """Release the state directory's lock."""
+        self._close_slots()
         self._lock.close()
 
     def _take_lock(self) -> IO[bytes]:
@@ -279,7 +304,12 @@ class Store:
 
     @property
     def checkpoint_path(self) -> Path:
-        return self.pending_dir / CHECKPOINT
+        """The file the checkpoint is read from: the newest valid slot (slot 0 if none)."""
+        newest = self._find_newest()
+        return self._slot_path(newest[0] if newest[1] else 0)
+
+    def _slot_path(self, slot: int) -> Path:
+        return self.pending_dir / CHECKPOINT_SLOTS[slot]
 
     def ids_path(self, base_version: int) -> Path:
         """The ``IdsFile`` of the version built on ``base_version``."""
@@ -297,29 +327,123 @@ class Store:
         # The header, then the accumulator's own buffer: no copy of 8 bytes per parameter.
         acc = np.ascontiguousarray(acc, dtype=np.float64)
         head = encode_header([("acc", acc.dtype, acc.shape)], header)
-        atomic_write(self.checkpoint_path, [head, acc.data.cast("B")], fsync=self.fsync)
+        body = acc.data.cast("B")
+        slot, seq = self._find_newest()
+        slot, seq = (1 - slot if seq else 0), seq + 1  # the other slot (slot 0 if none valid)
+        prefix = _SLOT_PREFIX.pack(
+            _SLOT_MAGIC, _SLOT_FORMAT, seq, len(head) + len(body), crc32(body, crc32(head))
+        )
+        prefix += crc32(prefix).to_bytes(4, "little")
+        fd = self._slot_fd(slot)
+        _pwrite_all(fd, [prefix, head, body])
+        if self.fsync:
+            os.fdatasync(fd)
+        self._newest = (slot, seq)
+        legacy = self.pending_dir / CHECKPOINT
+        if legacy.exists():  # older than this one, which is durable now
+            legacy.unlink()
         # The unlinks need no directory fsync of their own: a segment that reappears after a
         # crash is covered by this checkpoint, and recovery deletes it unread.
         for s, p in self.segments(base_version):
             if s <= seg:
                 p.unlink()
 
+    def _slot_fd(self, slot: int) -> int:
+        """The open file of a checkpoint slot (created, and its name made durable, if new)."""
+        fd = self._slot_fds.get(slot)
+        if fd is None:
+            path = self._slot_path(slot)
+            new = not path.exists()
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            self._slot_fds[slot] = fd
+            if new and self.fsync:
+                fsync_dir(self.pending_dir)
+        return fd
+
+    def _close_slots(self) -> None:
+        fds, self._slot_fds = self._slot_fds, {}
+        for fd in fds.values():
+            os.close(fd)
+
+    def _read_slot(self, slot: int) -> tuple[int, bytes] | str | None:
+        """(sequence, body) of a valid checkpoint slot; None for a missing or empty one; what
+        is wrong with a damaged one (a write torn by a crash, or worse)."""
+        path = self._slot_path(slot)
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
+        if not data:
+            return None
+        n = SLOT_PREFIX_BYTES
+        if len(data) < n:
+            return f"{len(data)} bytes, less than its {n}-byte prefix"
+        if crc32(data[: n - 4]) != int.from_bytes(data[n - 4 : n], "little"):
+            return "its prefix fails its CRC-32"
+        magic, fmt, seq, size, crc = _SLOT_PREFIX.unpack_from(data)
+        if magic != _SLOT_MAGIC or fmt != _SLOT_FORMAT:
+            return f"not a checkpoint slot fededge can read (magic {magic!r}, format {fmt})"
+        if size > len(data) - n:
+            return f"its prefix counts {size} bytes of body, the file holds {len(data) - n}"
+        body = data[n : n + size]
+        if crc32(body) != crc:
+            return "its body fails its CRC-32"
+        return seq, body
+
+    def _find_newest(self) -> tuple[int, int]:
+        """(slot, sequence) of the newest valid checkpoint slot; sequence 0 if none is."""
+        if self._newest is None:
+            best = (0, 0)
+            for slot in (0, 1):
+                got = self._read_slot(slot)
+                if isinstance(got, tuple) and got[0] > best[1]:
+                    best = (slot, got[0])
+            self._newest = best
+        return self._newest
+
     def _read_checkpoint(self) -> tuple[int, int, NDArray[np.float64], dict[str, Any]] | None:
-        """(base version, segment, accumulator, state as stored) of the checkpoint, if any."""
-        path = self.checkpoint_path
+        """(base version, segment, accumulator, state as stored) of the checkpoint, if any:
+        the newest valid slot's, else an earlier fededge's ``checkpoint.safetensors``."""
+        found: list[tuple[int, int, bytes]] = []
+        for slot in (0, 1):
+            got = self._read_slot(slot)
+            if isinstance(got, tuple):
+                found.append((got[0], slot, got[1]))
+            elif got is not None:
+                # Torn by a crash while it was written (the other slot holds the checkpoint
+                # before it, and the WAL what came since), or damaged.
+                log.warning("checkpoint slot %s is not valid: %s", self._slot_path(slot), got)
+        if found:
+            seq, slot, body = max(found)
+            self._newest = (slot, seq)
+            return self._decode_checkpoint(self._slot_path(slot), body)
+        self._newest = (0, 0)
+        path = self.pending_dir / CHECKPOINT
+        try:
+            data = path.read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
+        return self._decode_checkpoint(path, data)
+
+    @staticmethod
+    def _decode_checkpoint(
+        path: Path, data: bytes
+    ) -> tuple[int, int, NDArray[np.float64], dict[str, Any]]:
         try:
             # Our own file: the header of a checkpoint written before the ids file existed
             # holds every pending update id, which may exceed the 1 MiB limit of the network.
-            payload = decode_tensors(path.read_bytes(), max_bytes=_MAX_FILE, max_header=_MAX_FILE)
+            payload = decode_tensors(data, max_bytes=_MAX_FILE, max_header=_MAX_FILE)
             meta = payload.metadata
             state = json.loads(meta["state"])
             if not isinstance(state, dict):
                 raise ValueError(f"state is a {type(state).__name__}")
             acc = np.array(payload.tensors["acc"], dtype=np.float64)  # writable copy
             return int(meta["base_version"]), int(meta["segment"]), acc, state
-        except FileNotFoundError:
-            return None
-        except (OSError, ProtocolError, KeyError, ValueError) as e:
+        except (ProtocolError, KeyError, ValueError) as e:
             raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
 
     def load_checkpoint(
@@ -358,13 +482,31 @@ class Store:
                 v = p.stem.partition("-")[0]
                 if keep_base is None or not v.isdigit() or int(v) != keep_base:
                     p.unlink()
-        ck = self.checkpoint_path
-        if ck.exists():
+        files = [self._slot_path(0), self._slot_path(1), self.pending_dir / CHECKPOINT]
+        if any(f.exists() for f in files):
             stored = None if keep_base is None else self._read_checkpoint()
             if stored is None or stored[0] != keep_base:
-                ck.unlink()
+                self._close_slots()
+                for f in files:
+                    f.unlink(missing_ok=True)
+                self._newest = (0, 0)
         if self.fsync:
             fsync_dir(self.pending_dir)
 
     def disk_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in self.root.rglob("*") if p.is_file())
+
+
+def _pwrite_all(fd: int, parts: list[bytes | memoryview]) -> None:
+    """Write ``parts`` one after the other from the start of the file (``pwritev`` may write
+    less than asked, as ``write`` may)."""
+    views = [memoryview(p).cast("B") for p in parts]
+    offset = 0
+    while views:
+        n = os.pwritev(fd, views, offset)
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]

@@ -16,7 +16,7 @@ from typing import Any
 from fededge.errors import StorageError
 from fededge.fsio import fsync_dir
 
-_isal_crc32: Callable[[bytes, int], int] | None
+_isal_crc32: Callable[[bytes | memoryview, int], int] | None
 try:  # ISA-L's CRC-32: the same checksum as zlib's, about 5x faster on 4 MB records
     from isal.isal_zlib import crc32 as _isal_crc32
 except ImportError:  # pragma: no cover - isal comes with the aggregator extra
@@ -51,7 +51,7 @@ def encode_record(header: dict[str, Any] | bytes, payload: bytes) -> bytes:
 def record_head(header: dict[str, Any] | bytes, payload: bytes) -> bytes:
     """A record up to its payload: prefix and header (the payload follows as it is)."""
     h = header if isinstance(header, bytes) else _HEADER_JSON(header).encode()
-    return _PACK(_MAGIC, len(h), len(payload), _crc32(payload, _crc32(h))) + h
+    return _PACK(_MAGIC, len(h), len(payload), crc32(payload, crc32(h))) + h
 
 
 _PACK = _PREFIX.pack
@@ -64,7 +64,8 @@ _CRC_PIECE = 5 * 1024
 _CRC_SPLIT = 64 * 1024
 
 
-def _crc32(data: bytes, crc: int = 0) -> int:
+def crc32(data: bytes | memoryview, crc: int = 0) -> int:
+    """zlib's CRC-32 of ``data`` continuing ``crc`` (ISA-L's where installed: ~5x faster)."""
     if _isal_crc32 is not None:
         return _isal_crc32(data, crc)
     n = len(data)
@@ -305,7 +306,7 @@ def _check(data: bytes, pos: int) -> str | None:
         return "truncated record"
     h = data[start : start + hlen]
     p = data[start + hlen : start + hlen + plen]
-    if _crc32(p, _crc32(h)) != crc:
+    if crc32(p, crc32(h)) != crc:
         return "CRC mismatch"
     return None
 
