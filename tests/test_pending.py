@@ -950,9 +950,7 @@ def _slot_state(store: Store, seg: int) -> None:
     store.write_checkpoint(3, seg, np.full(D, float(seg)), {"count": seg, "ids": [], "devices": []})
 
 
-def test_checkpoints_alternate_between_two_slots_and_survive_a_torn_write(
-    tmp_path, caplog
-) -> None:
+def test_checkpoints_alternate_between_two_slots_and_survive_a_torn_write(tmp_path, caplog) -> None:
     """Each checkpoint overwrites the slot not holding the newest one; a write torn anywhere
     (prefix or body) fails its CRC and the slot before it is read; the next write goes over
     the torn one."""
