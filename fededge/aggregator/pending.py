@@ -42,10 +42,10 @@ from fededge.protocol.clipping import unclipped_fraction
 
 log = logging.getLogger(__name__)
 
-# What a checkpoint costs beyond its bytes, in bytes of WAL: it creates, fsyncs and renames a
-# file and fsyncs the directory (two fsyncs and metadata writes) where a WAL append is one
-# fdatasync. Without it a group of small updates (2.4k parameters: 20 x 10 KB > 19 KB of
-# accumulator) took the checkpoint path at every commit, at three times the fsync latency.
+# What a checkpoint costs beyond its bytes, in bytes of WAL: its state (JSON with the ids not
+# yet in the ids file), the CRC of the whole slot, and (when it was a new file renamed into
+# place, two fsyncs and metadata writes) the latency. Without it a group of small updates (2.4k
+# parameters: 20 x 10 KB > 19 KB of accumulator) took the checkpoint path at every commit.
 CHECKPOINT_OVERHEAD = 1 << 20
 #: Ids a checkpoint holds itself before they are appended to the ids file (bounds its state).
 IDS_FLUSH_MIN = 512
