@@ -731,7 +731,8 @@ def test_kill_at_any_point_between_file_operations_recovers_exactly_once(
     tmp_path, monkeypatch, flush_min
 ) -> None:
     """The pending directory as a kill -9 leaves it before every write, fsync, truncate, rename
-    and unlink (and halfway through each ids append) recovers exactly the updates that were
+    and unlink (and halfway through each ids append and checkpoint slot write) recovers exactly
+    the updates that were
     acknowledged, or those plus the group being made durable, bit for bit; and goes on."""
     import os
     import pathlib
@@ -764,9 +765,20 @@ def test_kill_at_any_point_between_file_operations_recovers_exactly_once(
         snap()  # ...is what a crash mid-append leaves; flush writes the rest
         return n
 
+    real_pwritev = os.pwritev
+
+    def torn_pwritev(fd: int, buffers: list[Any], offset: int) -> int:
+        # A checkpoint slot written halfway (prefix and part of the body): fails its CRC.
+        snap()
+        data = b"".join(bytes(b) for b in buffers)
+        n = real_pwritev(fd, [data[: max(1, len(data) // 2)]], offset)
+        snap()
+        return n
+
     for name in ("replace", "fsync", "fdatasync", "writev", "ftruncate"):
         monkeypatch.setattr(os, name, hooked(getattr(os, name)))
     monkeypatch.setattr(os, "pwrite", torn_pwrite)
+    monkeypatch.setattr(os, "pwritev", torn_pwritev)
     monkeypatch.setattr(pathlib.Path, "unlink", hooked(pathlib.Path.unlink))
     refs = {0: (np.zeros(D + 10), 0.0)}  # count -> (accumulator, total weight)
     everything: list[Update] = []
