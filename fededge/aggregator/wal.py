@@ -100,10 +100,15 @@ class SegmentWriter:
     def __init__(self, path: Path, *, fsync: bool) -> None:
         self.path = path
         self._fsync = fsync
-        self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self._fd = -1  # the file is created by the first write (on whichever thread writes)
         self._pending: list[bytes] = []
-        if fsync:
-            fsync_dir(path.parent)
+
+    def _file(self) -> int:
+        if self._fd < 0:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            if self._fsync:
+                fsync_dir(self.path.parent)
+        return self._fd
 
     def append(self, header: dict[str, Any] | bytes, payload: bytes) -> None:
         """Add a record, written by the next ``write``/``commit``. The payload is written from
@@ -131,12 +136,12 @@ class SegmentWriter:
 
     def write(self) -> None:
         """Write the records appended since the last write (not yet durable: see ``sync``)."""
-        _write_all(self._fd, self._pending)
+        _write_all(self._file(), self._pending)
         self._pending = []
 
     def sync(self) -> None:
         """Make everything written so far durable (releases the GIL while the disk works)."""
-        if self._fsync:
+        if self._fsync and self._fd >= 0:
             os.fdatasync(self._fd)
 
     def close(self) -> None:
