@@ -361,6 +361,11 @@ How the aggregator gets there (issue 14), in the order it was done:
 6. *Method*: every timed run starts with the page cache written back (`os.sync`) and the
    previous run's state removed: the fsync-off run leaves hundreds of MB dirty at 1M
    parameters, and their writeback slowed whichever run came next.
+7. *Fifth round*: large packets received in place (no zeroed buffer, the rest of a body
+   straight from the socket, a small read-ahead after it); checkpoints written over one of two
+   slots with one `fdatasync` instead of a new file renamed into place; no system call on the
+   main thread in the WAL path (each released the GIL, which the network thread then held
+   for up to a switch interval). `bench/bench_ingest_ab.py` measures such changes in pairs.
 
 "MQTT floor": the MQTT work the protocol requires and the raw subscriber does not do, with
 nothing else: fededge's `MqttClient` with manual acknowledgement taking each update, publishing

@@ -369,12 +369,7 @@ class Store:
         """(sequence, body) of a valid checkpoint slot; None for a missing or empty one; what
         is wrong with a damaged one (a write torn by a crash, or worse)."""
         path = self._slot_path(slot)
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
+        data = _read_checkpoint_file(path)
         if not data:
             return None
         n = SLOT_PREFIX_BYTES
@@ -421,13 +416,8 @@ class Store:
             return self._decode_checkpoint(self._slot_path(slot), body)
         self._newest = (0, 0)
         path = self.pending_dir / CHECKPOINT
-        try:
-            data = path.read_bytes()
-        except FileNotFoundError:
-            return None
-        except OSError as e:
-            raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
-        return self._decode_checkpoint(path, data)
+        data = _read_checkpoint_file(path)
+        return None if data is None else self._decode_checkpoint(path, data)
 
     @staticmethod
     def _decode_checkpoint(
@@ -495,6 +485,16 @@ class Store:
 
     def disk_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in self.root.rglob("*") if p.is_file())
+
+
+def _read_checkpoint_file(path: Path) -> bytes | None:
+    """The bytes of a checkpoint file; None if there is none."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
 
 
 def _pwrite_all(fd: int, parts: list[bytes | memoryview]) -> None:
