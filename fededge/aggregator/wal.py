@@ -11,7 +11,7 @@ import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from fededge.errors import StorageError
 from fededge.fsio import fsync_dir
@@ -89,6 +89,22 @@ def update_header(update_id: str, weight: float, norm: float, group: int) -> byt
     return f'{{"group":{group},"id":"{update_id}","norm":{n},"weight":{w}}}'.encode()
 
 
+class _Updates(NamedTuple):
+    """A group of update records appended by ``SegmentWriter.append_updates``, not encoded yet."""
+
+    group: int
+    records: list[tuple[str, float, float, bytes]]
+
+    def encode_into(self, parts: list[bytes]) -> None:
+        """Each record as head and payload (the payload itself: no copy)."""
+        group = self.group
+        for update_id, weight, norm, payload in self.records:
+            header: bytes | dict[str, Any] | None = update_header(update_id, weight, norm, group)
+            if header is None:  # a value json must encode (not a finite float)
+                header = {"id": update_id, "weight": weight, "norm": norm, "group": group}
+            parts += (record_head(header, payload), payload)
+
+
 class SegmentWriter:
     """Appends records to one segment file; ``commit()`` makes everything appended durable.
 
@@ -101,7 +117,9 @@ class SegmentWriter:
         self.path = path
         self._fsync = fsync
         self._fd = -1  # the file is created by the first write (on whichever thread writes)
-        self._pending: list[bytes] = []
+        # Parts to write, in order: encoded records, and groups of updates encoded by
+        # ``write`` (on the WAL sync thread in the aggregator: their CRCs, off the main thread).
+        self._pending: list[bytes | _Updates] = []
 
     def _file(self) -> int:
         if self._fd < 0:
@@ -122,12 +140,7 @@ class SegmentWriter:
     ) -> None:
         """``append`` the record of each (update id, weight, norm, payload) of a group, its
         header ``{"id", "weight", "norm", "group"}`` (``update_header`` where it can)."""
-        parts = self._pending
-        for update_id, weight, norm, payload in records:
-            header: bytes | dict[str, Any] | None = update_header(update_id, weight, norm, group)
-            if header is None:  # a value json must encode (not a finite float)
-                header = {"id": update_id, "weight": weight, "norm": norm, "group": group}
-            parts += (record_head(header, payload), payload)
+        self._pending.append(_Updates(group, list(records)))
 
     def commit(self) -> None:
         """Group commit: one write and one fsync for every record appended since the last."""
@@ -136,8 +149,14 @@ class SegmentWriter:
 
     def write(self) -> None:
         """Write the records appended since the last write (not yet durable: see ``sync``)."""
-        _write_all(self._file(), self._pending)
+        parts: list[bytes] = []
+        for part in self._pending:
+            if isinstance(part, _Updates):
+                part.encode_into(parts)
+            else:
+                parts.append(part)
         self._pending = []
+        _write_all(self._file(), parts)
 
     def sync(self) -> None:
         """Make everything written so far durable (releases the GIL while the disk works)."""
