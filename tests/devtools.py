@@ -51,10 +51,7 @@ def new_task() -> str:
 
 
 def broker_overrides(url: str) -> dict[str, Any]:
-    # The CONNACK wait is the production default (15 s): with 20 device clients and an
-    # aggregator in one test process on a loaded host, 5 s was exceeded (a CI failure of
-    # test_round_with_dropouts_publishes_the_survivors_mean). Tests of the timeout set theirs.
-    return {"url": url, "connect_timeout": 15.0, "reconnect_min_delay": 0.1,
+    return {"url": url, "connect_timeout": 5.0, "reconnect_min_delay": 0.1,
             "reconnect_max_delay": 1.0}  # fmt: skip
 
 
