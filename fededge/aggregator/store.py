@@ -40,6 +40,7 @@ an earlier fededge is read when no slot holds a checkpoint, and removed by the f
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import logging
 import os
@@ -212,7 +213,9 @@ class Store:
         self._lock = self._take_lock()  # before touching anything another instance may own
         for stale in list(root.rglob("*.tmp")):
             stale.unlink()
-        self._slot_fds: dict[int, int] = {}
+        # File objects, not bare descriptors: a Store dropped without close() (tests, errors)
+        # closes them when collected.
+        self._slot_files: dict[int, io.FileIO] = {}
         # (slot, sequence) of the newest valid checkpoint; None: not looked for yet.
         self._newest: tuple[int, int] | None = None
 
@@ -350,20 +353,21 @@ class Store:
 
     def _slot_fd(self, slot: int) -> int:
         """The open file of a checkpoint slot (created, and its name made durable, if new)."""
-        fd = self._slot_fds.get(slot)
-        if fd is None:
+        f = self._slot_files.get(slot)
+        if f is None:
             path = self._slot_path(slot)
             new = not path.exists()
+            # Not O_APPEND (Linux's pwrite appends then, whatever the offset), not truncated.
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            self._slot_fds[slot] = fd
+            f = self._slot_files[slot] = io.FileIO(fd, "r+", closefd=True)
             if new and self.fsync:
                 fsync_dir(self.pending_dir)
-        return fd
+        return f.fileno()
 
     def _close_slots(self) -> None:
-        fds, self._slot_fds = self._slot_fds, {}
-        for fd in fds.values():
-            os.close(fd)
+        files, self._slot_files = self._slot_files, {}
+        for f in files.values():
+            f.close()
 
     def _read_slot(self, slot: int) -> tuple[int, bytes] | str | None:
         """(sequence, body) of a valid checkpoint slot; None for a missing or empty one; what
