@@ -9,7 +9,6 @@ to paho, which fails the connection where paho fails it.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import socket
 import struct
@@ -468,28 +467,3 @@ def test_unfilled_bytearray_is_a_bytearray_of_the_size_asked() -> None:
         big[:] = b"\x01" * n  # writable, resizable like any bytearray
         del big[:10]
         assert len(big) == n - 10 and big[-1] == 1
-
-
-def test_wake_writes_one_byte_keeping_the_gil_and_never_raises() -> None:
-    # batched() wakes paho's network thread with one byte on its non-blocking socket pair,
-    # written by libc's write under the GIL; a full pair (a wake-up pending) or a closed one
-    # is no error, and a blocking socket goes through socket.send (never a write that blocks
-    # while holding the GIL).
-    from fededge.mqtt.client import wake
-
-    r, w = socket.socketpair()
-    with r, w:
-        r.setblocking(False)
-        w.setblocking(False)
-        wake(w)
-        assert r.recv(10) == b"0"
-        with contextlib.suppress(BlockingIOError):
-            while True:
-                w.send(b"x" * 65536)  # fill it
-        wake(w)  # full: nothing raised, nothing blocked
-        w.close()
-        wake(w)  # closed: fileno() is -1
-    r, w = socket.socketpair()
-    with r, w:
-        wake(w)  # blocking: socket.send
-        assert r.recv(10) == b"0"

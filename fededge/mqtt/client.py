@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import logging
 import socket
@@ -393,7 +392,8 @@ class MqttClient:
         finally:
             if c._sockpairW is None:  # paho made no new pair meanwhile (it does in loop_start)
                 c._sockpairW = pair
-            wake(pair)
+            with contextlib.suppress(OSError):  # BlockingIOError: a wake-up is pending anyway
+                pair.send(b"0")
 
     def ack(self, message: Message) -> None:
         """Acknowledge a QoS>0 message received with ``manual_ack``; a no-op otherwise.
@@ -415,31 +415,3 @@ class MqttClient:
             self._session.ack(message)
         except TransportError as e:
             self._log.debug("%s", e)
-
-
-def _libc_write() -> Callable[[int, bytes, int], int] | None:
-    """libc's ``write`` called through ``ctypes.PyDLL``, which keeps the GIL during the call."""
-    try:
-        write = ctypes.PyDLL(None).write
-    except (OSError, AttributeError):  # no C library to load: the socket's own send
-        return None
-    write.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t)
-    write.restype = ctypes.c_ssize_t
-    return write
-
-
-_write_keeping_gil = _libc_write()
-
-
-def wake(pair: socket.socket) -> None:
-    """Write paho's wake-up byte to its (non-blocking) socket pair, keeping the GIL.
-
-    Quirk: ``socket.send`` releases the GIL for the system call, and taking it back from a
-    busy network thread can take a switch interval (5 ms): the aggregator's main thread spent
-    ~0.5 ms per group commit here. A full pair (EAGAIN) means a wake-up is pending anyway.
-    """
-    if _write_keeping_gil is not None and not pair.getblocking():
-        _write_keeping_gil(pair.fileno(), b"0", 1)  # -1 (EAGAIN, EBADF after a close): no-op
-        return
-    with contextlib.suppress(OSError):  # BlockingIOError: a wake-up is pending anyway
-        pair.send(b"0")
