@@ -60,16 +60,39 @@ def _payloads(task: str, n: int, d: int) -> list[bytes]:
 class EventLike(Protocol):
     """A multiprocessing event, as the publisher process sees it."""
 
+    def set(self) -> None: ...
+
     def wait(self, timeout: float | None = None) -> bool: ...
 
 
-def _publisher(port: int, topic_fmt: str, task: str, n: int, d: int, go: EventLike) -> None:
+def start_publisher(port: int, task: str, n: int, d: int) -> tuple[mp.Process, EventLike]:
+    """The publisher process, started and ready: its payloads made and its connection up
+    (making 1.2 GB of payloads takes ~0.5 s, which no timed run must include). Set the
+    returned event to start publishing."""
+    ready, go = mp.Event(), mp.Event()
+    p = mp.Process(target=_publisher,
+                   args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, ready, go))  # fmt: skip
+    p.start()
+    while not ready.wait(0.5):
+        if not p.is_alive():
+            raise RuntimeError(f"publisher exited with {p.exitcode} before it was ready")
+    return p, go
+
+
+def _publisher(
+    port: int, topic_fmt: str, task: str, n: int, d: int, ready: EventLike, go: EventLike
+) -> None:
     payloads = _payloads(task, n, d)
     c = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"pub-{uuid.uuid4().hex[:6]}")
     c.max_inflight_messages_set(20)
     c.max_queued_messages_set(0)
+    connected = threading.Event()
+    c.on_connect = lambda *_: connected.set()
     c.connect("127.0.0.1", port)
     c.loop_start()
+    if not connected.wait(60):
+        raise RuntimeError("publisher: no CONNACK in 60 s")
+    ready.set()
     go.wait()
     infos = [
         c.publish(topic_fmt.format(device=f"d{i % 50}"), p, qos=1) for i, p in enumerate(payloads)
@@ -94,16 +117,14 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
 
     sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{task}")
     sub.on_message = on_message
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_: subscribed.set()
     sub.connect("127.0.0.1", port)
     sub.subscribe(f"fededge/{task}/updates/+", qos=1)
     sub.loop_start()
-    time.sleep(0.5)
-    go = mp.Event()
-    p = mp.Process(
-        target=_publisher, args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, go)
-    )
-    p.start()
-    time.sleep(1.0)
+    if not subscribed.wait(60):
+        raise RuntimeError("raw subscriber: no SUBACK in 60 s")
+    p, go = start_publisher(port, task, n, d)
     t0 = time.perf_counter()
     go.set()
     done.wait(300)
@@ -128,12 +149,7 @@ def floor_throughput(port: int, n: int, d: int) -> float:
     client.connect()
     client.subscribe(f"fededge/{task}/updates/+", qos=1)
     receipt = b'{"v":1,"kind":"receipt","task":"t","device":"d1","update_id":"u1",' + b" " * 100
-    go = mp.Event()
-    p = mp.Process(
-        target=_publisher, args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, go)
-    )
-    p.start()
-    time.sleep(1.0)
+    p, go = start_publisher(port, task, n, d)
     t0 = time.perf_counter()
     go.set()
     got = 0
@@ -185,12 +201,7 @@ def aggregator_throughput(
     publish_initial(settings, None, mv, plan)
     agg = Aggregator(settings)
     agg.start(wait_for_model=30)
-    go = mp.Event()
-    p = mp.Process(
-        target=_publisher, args=(port, f"fededge/{task}/updates/{{device}}", task, n, d, go)
-    )
-    p.start()
-    time.sleep(1.0)
+    p, go = start_publisher(port, task, n, d)
     t0 = time.perf_counter()
     go.set()
 
