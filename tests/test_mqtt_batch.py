@@ -13,6 +13,7 @@ import random
 import socket
 import struct
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -287,18 +288,23 @@ def test_in_flight_window_is_the_brokers_receive_maximum(
         assert c._client._inflight_messages == 0
 
 
+@pytest.mark.parametrize("bulk", [False, True])
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
 def test_group_acking_subscriber_gets_everything_once_in_order(
-    window_broker: Mosquitto, protocol: str
+    window_broker: Mosquitto, protocol: str, bulk: bool
 ) -> None:
     """A subscriber that takes messages in groups and acknowledges each group after
     publishing a receipt per message (the aggregator's pattern), through the batch path:
-    every message exactly once, in order, and the inbox never above its bound."""
+    every message exactly once, in order, and the inbox never above its bound; with
+    ``bulk``, receipts by ``publish_many`` and PUBACKs by ``ack_many`` (one packet per group
+    each), and every receipt arrives once, in order."""
     settings = window_broker.settings(protocol=protocol)
     topic = f"g/{uuid.uuid4().hex[:8]}"
     sub = MqttClient(settings, f"s-{uuid.uuid4().hex[:6]}", manual_ack=True, max_inbox=50)
     pub = MqttClient(settings, f"p-{uuid.uuid4().hex[:6]}")
-    with sub, pub:
+    receipts = MqttClient(settings, f"r-{uuid.uuid4().hex[:6]}")
+    with sub, pub, receipts:
+        receipts.subscribe(f"{topic}-receipts/+", qos=1)
         sub.subscribe(f"{topic}/+", qos=1)
         n = 3000
         for i in range(n):
@@ -311,12 +317,41 @@ def test_group_acking_subscriber_gets_everything_once_in_order(
             while len(batch) < 20 and sub.messages.qsize():
                 batch.append(sub.messages.get_nowait())
             with sub.batched():
-                for m in batch:
-                    sub.publish(f"{topic}-receipts/{m.mid}", b"r", qos=1)
-                    sub.ack(m)
+                if bulk:
+                    failed = sub.publish_many(
+                        [(f"{topic}-receipts/{m.mid}", m.payload[:4]) for m in batch]
+                    )
+                    assert failed == []
+                    sub.ack_many(batch)
+                else:
+                    for m in batch:
+                        sub.publish(f"{topic}-receipts/{m.mid}", m.payload[:4], qos=1)
+                        sub.ack(m)
             got += [int.from_bytes(m.payload[:4], "big") for m in batch]
         assert got == list(range(n))
         assert most <= 50
+        answered = [int.from_bytes(receipts.messages.get(timeout=30).payload, "big")
+                    for _ in range(n)]  # fmt: skip
+        assert answered == list(range(n))
+        assert receipts.messages.qsize() == 0
+
+
+def test_publish_many_reports_each_message_beyond_a_full_outgoing_queue(
+    window_broker: Mosquitto,
+) -> None:
+    """``publish_many`` publishes what the outgoing queue (``max_queued``) takes and returns
+    a TransportError for each message beyond it, without stopping at the first."""
+    c = MqttClient(window_broker.settings(), f"q-{uuid.uuid4().hex[:6]}", max_queued=10)
+    with c:
+        failed = c.publish_many([(f"q/{i}", b"x") for i in range(50)])
+        # No PUBACK is handled while the batch holds the outgoing messages' lock.
+        assert [t for t, _ in failed] == [f"q/{i}" for i in range(10, 50)]
+        assert all("outgoing queue full (10 messages)" in str(e) for _, e in failed)
+        deadline = time.monotonic() + 60
+        while c._client._out_messages:  # the ten taken are acknowledged: the queue drains
+            assert time.monotonic() < deadline, "the ten messages taken were never acknowledged"
+            time.sleep(0.01)
+        c.publish("q/last", b"x", qos=1, wait=True, timeout=30)
 
 
 @pytest.mark.parametrize("protocol", ["3.1.1", "5"])
@@ -389,11 +424,15 @@ def test_inbox_bound_in_bytes_holds_large_messages_at_the_broker(
         assert isinstance(got[0].payload, bytearray) and type(got[-1].payload) is bytes
 
 
+@pytest.mark.parametrize("window", [1000, 7])
 @pytest.mark.parametrize("v5", [False, True])
-def test_gathered_writes_send_exactly_pahos_bytes(v5: bool) -> None:
+def test_gathered_writes_send_exactly_pahos_bytes(v5: bool, window: int) -> None:
     """Outgoing packets gathered into one sendmsg (with short writes into a small TCP send
     buffer, and QoS 0 publications that go paho's way) make the same byte stream as paho's
-    one send per packet; QoS 1 publications without a Condition each get the same mids."""
+    one send per packet; QoS 1 publications without a Condition each get the same mids, and
+    so do runs of them published at once (``publish_many_qos1``, runs of PUBACKs queued by
+    ``queue_pubacks``), beyond the in-flight window too (those wait, queued, and are sent in
+    order as PUBACKs free room, retained or not: ``_update_inflight``)."""
     import select
 
     proto = MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311
@@ -401,9 +440,10 @@ def test_gathered_writes_send_exactly_pahos_bytes(v5: bool) -> None:
     ops = [(rng.random(), rng.randrange(0, 3000)) for _ in range(400)]
     streams: list[bytes] = []
     mids: list[list[int]] = []
-    for cls in (paho.Client, PahoClient):
+    states: list[list[int]] = []
+    for cls, bulk in ((paho.Client, False), (PahoClient, False), (PahoClient, True)):
         c = cls(CallbackAPIVersion.VERSION2, client_id="w", protocol=proto, manual_ack=True)
-        c.max_inflight_messages_set(1000)
+        c.max_inflight_messages_set(window)
         peer, sock = _tcp_pair()  # TCP: a full send buffer takes part of a write
         sock.setblocking(False)
         c._sock = read_ahead(sock) if cls is PahoClient else sock
@@ -412,16 +452,53 @@ def test_gathered_writes_send_exactly_pahos_bytes(v5: bool) -> None:
         reader = threading.Thread(target=_read_to_eof, args=(peer, got), daemon=True)
         reader.start()
         infos: list[paho.MQTTMessageInfo] = []
-        for i, (kind, size) in enumerate(ops):
-            payload = bytes([i % 256]) * size
-            if kind < 0.1:
-                c.publish(f"s/{i}", payload, qos=0)
-            elif kind < 0.3:
-                c.ack(1000 + i, 1)  # a PUBACK
-            elif isinstance(c, PahoClient):
-                infos.append(c.publish_qos1(f"r/{i}", payload))
+        runs: list[tuple[str, list[int]]] = []  # runs of the same operation, in order
+        for i, (kind, _) in enumerate(ops):
+            op = "qos0" if kind < 0.1 else "ack" if kind < 0.3 else "qos1"
+            if runs and runs[-1][0] == op:
+                runs[-1][1].append(i)
             else:
-                infos.append(c.publish(f"r/{i}", payload, qos=1))
+                runs.append((op, [i]))
+        for op, idx in runs:
+            if bulk and isinstance(c, PahoClient) and op != "qos0":
+                if op == "ack":
+                    assert (
+                        c.queue_pubacks([1000 + i for i in idx]) == MQTTErrorCode.MQTT_ERR_SUCCESS
+                    )
+                else:  # retained ones (every fifth) between runs: publish_qos1
+                    run: list[tuple[str, bytes]] = []
+                    for i in idx + [-1]:
+                        if i >= 0 and i % 5:
+                            run.append((f"r/{i}", bytes([i % 256]) * ops[i][1]))
+                            continue
+                        infos += c.publish_many_qos1(run)
+                        run = []
+                        if i >= 0:
+                            payload = bytes([i % 256]) * ops[i][1]
+                            infos.append(c.publish_qos1(f"r/{i}", payload, retain=True))
+                continue
+            for i in idx:
+                payload = bytes([i % 256]) * ops[i][1]
+                if op == "qos0":
+                    c.publish(f"s/{i}", payload, qos=0)
+                elif op == "ack":
+                    c.ack(1000 + i, 1)  # a PUBACK
+                elif isinstance(c, PahoClient):
+                    infos.append(c.publish_qos1(f"r/{i}", payload, retain=i % 5 == 0))
+                else:
+                    infos.append(c.publish(f"r/{i}", payload, qos=1, retain=i % 5 == 0))
+        assert all(info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS for info in infos)
+        states.append([m.state for m in c._out_messages.values()])
+        # PUBACKs for the oldest three in flight, until none is queued: the room goes to the
+        # queued ones in order (_update_inflight), packed as paho packs them.
+        while any(m.state == paho.mqtt_ms_queued for m in c._out_messages.values()):
+            with c._out_message_mutex:
+                done = [mid for mid, m in c._out_messages.items()
+                        if m.state == paho.mqtt_ms_wait_for_puback][:3]  # fmt: skip
+                for mid in done:
+                    del c._out_messages[mid]
+                    c._inflight_messages -= 1
+                assert c._update_inflight() == MQTTErrorCode.MQTT_ERR_SUCCESS
         while c._out_packet:  # what did not fit: written as the reader makes room
             select.select([], [sock], [], 5)
             assert c.loop_write() == MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -433,8 +510,11 @@ def test_gathered_writes_send_exactly_pahos_bytes(v5: bool) -> None:
         assert not any(info.is_published() for info in infos)  # no PUBACK has come
         peer.close()
         sock.close()
-    assert len(streams[0]) > 100_000 and streams[1] == streams[0]
-    assert mids[1] == mids[0]
+    assert len(streams[0]) > (100_000 if window > 100 else 10_000)
+    assert streams[1] == streams[0] and streams[2] == streams[0]
+    assert mids[1] == mids[0] and mids[2] == mids[0]
+    assert states[1] == states[0] and states[2] == states[0]
+    assert states[0].count(paho.mqtt_ms_queued) == (0 if window > 100 else len(mids[0]) - window)
 
 
 def _read_to_eof(sock: socket.socket, into: bytearray) -> None:

@@ -83,21 +83,27 @@ def carry_out(
     """Carry out the core's effects in order; a failed publication is logged unless ``strict``.
 
     Acknowledgements are sent together after the publications (each still after its receipt).
+    A run of QoS 1 publications (a group's receipts) goes out with one ``publish_many``.
     """
     acks: list[Message] = []
+    run: list[tuple[str, bytes]] = []
     for e in effects:
         if isinstance(e, Ack):
             if isinstance(e.handle, Message):
                 acks.append(e.handle)
         elif isinstance(e, Publish):
+            if e.qos == 1 and not e.retain:
+                run.append((e.topic, e.payload))
+                continue
+            _publish_run(client, run, strict)
             try:
                 client.publish(e.topic, e.payload, qos=e.qos, retain=e.retain)
             except FededgeError as err:
                 if strict:
                     raise
-                # A lost receipt: the device resends and gets a "duplicate" receipt.
                 log.warning("publication on %s failed: %s", e.topic, err)
         elif isinstance(e, NewVersion):
+            _publish_run(client, run, strict)
             client.ack_many(acks)
             acks = []
             for cb in callbacks:
@@ -105,7 +111,21 @@ def carry_out(
                     cb(e.model, e.old, e.new)
                 except Exception:  # logged with its traceback; the service goes on
                     log.exception("on_new_version callback %r failed", cb)
+    _publish_run(client, run, strict)
     client.ack_many(acks)
+
+
+def _publish_run(client: MqttClient, run: list[tuple[str, bytes]], strict: bool) -> None:
+    """Publish a run of QoS 1 messages (and empty the list); log or raise the failures."""
+    if not run:
+        return
+    failures = client.publish_many(run)
+    run.clear()
+    for topic, err in failures:
+        if strict:
+            raise err
+        # A lost receipt: the device resends and gets a "duplicate" receipt.
+        log.warning("publication on %s failed: %s", topic, err)
 
 
 class _RoundHost:

@@ -24,6 +24,7 @@ from fededge.mqtt.pahoclient import PAHO_RECEIVE_PATH, PahoClient
 from fededge.mqtt.readahead import ReadAheadSocket
 from fededge.mqtt.security import configure_auth_and_tls, describe_connect_error
 from fededge.mqtt.session import MAX_INFLIGHT, Session
+from fededge.protocol.chunks import needs_chunks
 from fededge.settings import BrokerSettings
 
 # MQTT's remaining-length field caps a packet at 256 MiB; checked here so the error is ours.
@@ -339,6 +340,38 @@ class MqttClient:
         publish_chunked(self._publish_one, topic, data, qos=qos, retain=retain,
                         limit=self.max_message_bytes, retained_counts=self._retained_chunks,
                         wait=wait, timeout=timeout)  # fmt: skip
+
+    def publish_many(self, items: list[tuple[str, bytes]]) -> list[tuple[str, TransportError]]:
+        """``publish(topic, payload, qos=1)`` for each (topic, payload), in order, without
+        waiting; the failures (an outgoing queue full) are returned, not raised, and do not
+        stop the others. Small QoS 1 messages go out through ``PahoClient.publish_many_qos1``
+        (the same packets, one lock and one queued packet for all): the aggregator answers
+        each group of updates with a receipt per update."""
+        client = self._client
+        limit = self.max_message_bytes
+        if not isinstance(client, PahoClient) or any(
+            len(p) > MAX_PAYLOAD or needs_chunks(len(p), limit) for _, p in items
+        ):
+            failed: list[tuple[str, TransportError]] = []
+            for topic, payload in items:
+                try:
+                    self.publish(topic, payload, qos=1)
+                except TransportError as e:
+                    failed.append((topic, e))
+            return failed
+        infos = client.publish_many_qos1(items)
+        failures = []
+        for (topic, _), info in zip(items, infos, strict=True):
+            if info.rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # kept: sent after the reconnect
+                info.rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+            elif info.rc == MQTTErrorCode.MQTT_ERR_QUEUE_SIZE:
+                failures.append((topic, TransportError(
+                    f"cannot publish to {topic!r}: outgoing queue full "
+                    f"({client.max_queued_messages} messages)")))  # fmt: skip
+            elif info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                failures.append((topic, TransportError(
+                    f"cannot publish to {topic!r}: {paho.error_string(info.rc)}")))  # fmt: skip
+        return failures
 
     def _publish_one(
         self, topic: str, data: bytes, *, qos: int, retain: bool, wait: bool,

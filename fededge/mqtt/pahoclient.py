@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.metadata
+import struct
 import threading
 from collections.abc import Callable
 from typing import Any, NamedTuple, cast
@@ -52,6 +53,31 @@ GATHER_PACKETS = 512
 #: From this size a PUBLISH's payload is the packet's buffer (a ``bytearray``), not a copy,
 #: in clients made with ``in_place_payloads`` (decode_publish).
 IN_PLACE_MIN = 64 * 1024
+
+
+_PUBACK = struct.Struct("!BBH")  # paho's _send_command_with_mid
+
+
+def _publish_head(topic: bytes, mid: int, size: int, v5: bool, dup: bool, retain: bool) -> bytes:
+    """A QoS 1 PUBLISH up to its payload of ``size`` bytes, as paho's ``_send_publish`` packs
+    it: fixed header, remaining length, topic, packet id and (MQTT 5) no properties."""
+    props = b"\x00" if v5 else b""
+    return (bytes([paho.PUBLISH | dup << 3 | 0x02 | retain]) + _varint(2 + len(topic) + 2 + len(props) + size)
+            + len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + props)  # fmt: skip
+
+
+def _varint(n: int) -> bytes:
+    """MQTT's Variable Byte Integer (a packet's remaining length), as paho packs it."""
+    if n > 268_435_455:
+        raise ValueError("Packet too large")
+    out = bytearray()
+    while True:
+        n, byte = divmod(n, 128)
+        if n:
+            out.append(byte | 0x80)
+        else:
+            out.append(byte)
+            return bytes(out)
 
 
 #: From this size a packet's buffer is allocated without zeroing it first (every byte of it
@@ -382,6 +408,102 @@ class PahoClient(paho.Client):
             else:
                 message.state = paho.mqtt_ms_queued
         return info
+
+    def publish_many_qos1(self, items: list[tuple[str, bytes]]) -> list[SharedInfo]:
+        """``publish_qos1(topic, payload)`` for each (topic, payload), in order: the same mids,
+        states and bytes on the wire, with one hold of the outgoing-message lock and the
+        PUBLISH packets sent now queued as one packet (the aggregator answers a group of
+        updates with a receipt each; one by one, each took ~30 Python calls through paho).
+        ValueError for what paho refuses, before anything is queued. Not connected: each goes
+        ``publish_qos1``'s way (kept, and sent after the reconnect)."""
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        encoded = [(topic.encode(), payload) for topic, payload in items]
+        for topic_bytes, payload in encoded:
+            if not topic_bytes and not v5:
+                raise ValueError("Invalid topic.")
+            self._raise_for_invalid_topic(topic_bytes)
+            if len(payload) > 268435455:
+                raise ValueError("Payload too large.")
+        if self._sock is None:
+            return [self.publish_qos1(topic, payload) for topic, payload in items]
+        infos: list[SharedInfo] = []
+        parts: list[bytes | bytearray] = []
+        with self._out_message_mutex:
+            out = self._out_messages
+            for topic_bytes, payload in encoded:
+                mid = self._mid_generate()
+                message = _qos1_message(mid, topic_bytes, payload, False)
+                info = cast(SharedInfo, message.info)
+                infos.append(info)
+                if (0 < self._max_queued_messages <= len(out)) or mid in out:
+                    info.rc = MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
+                    continue
+                out[mid] = message
+                if self._max_inflight_messages == 0 or (
+                    self._inflight_messages < self._max_inflight_messages
+                ):
+                    self._inflight_messages += 1
+                    message.state = paho.mqtt_ms_wait_for_puback
+                    parts += (_publish_head(topic_bytes, mid, len(payload), v5, False, False),
+                              payload)  # fmt: skip
+                else:
+                    message.state = paho.mqtt_ms_queued
+            if parts:
+                # One packet for all: nothing is done per packet once written (_paho_acts_on).
+                self._packet_queue(paho.PUBLISH | 0x02, b"".join(parts), infos[0].mid, 1)
+        return infos
+
+    def queue_pubacks(self, mids: list[int]) -> MQTTErrorCode:
+        """``ack(mid, 1)`` for each of ``mids`` (``manual_ack``), queued as one packet: the same
+        bytes as paho's one PUBACK packet each."""
+        if not self._manual_ack or not mids:
+            return MQTTErrorCode.MQTT_ERR_SUCCESS
+        pack = _PUBACK.pack
+        blob = b"".join([pack(paho.PUBACK, 2, mid) for mid in mids])
+        return self._packet_queue(paho.PUBACK, blob, mids[0], 1)
+
+    def _update_inflight(self) -> MQTTErrorCode:
+        # paho 2.2's _update_inflight (the caller holds the outgoing-message lock): queued
+        # messages get the room in the window, in order. Those of QoS 1 without MQTT 5
+        # properties (receipts: an aggregator answering a group has more than the broker's
+        # window) are packed here and queued as one packet; paho packs each in _send_publish
+        # (its log call, the topic decoded and encoded again: ~12 us each on the network
+        # thread) and queues it alone. Others go paho's way, in order; the bytes are paho's.
+        if self._sock is None:
+            return super()._update_inflight()
+        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
+        parts: list[bytes | bytearray] = []
+        first = 0
+        rc = MQTTErrorCode.MQTT_ERR_SUCCESS
+        for m in self._out_messages.values():
+            if self._inflight_messages >= self._max_inflight_messages:
+                break
+            if m.qos == 0 or m.state != paho.mqtt_ms_queued:
+                continue
+            if m.qos != 1 or m.properties is not None:
+                if parts:  # what is packed so far goes first
+                    self._packet_queue(paho.PUBLISH | 0x02, b"".join(parts), first, 1)
+                    parts = []
+                self._inflight_messages += 1
+                m.state = (
+                    paho.mqtt_ms_wait_for_puback if m.qos == 1 else paho.mqtt_ms_wait_for_pubrec
+                )
+                rc = self._send_publish(m.mid, m._topic, m.payload, m.qos, m.retain, m.dup,
+                                        properties=m.properties)  # fmt: skip
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return rc
+                continue
+            self._inflight_messages += 1
+            m.state = paho.mqtt_ms_wait_for_puback
+            if not parts:
+                first = m.mid
+            parts += (
+                _publish_head(m._topic, m.mid, len(m.payload), v5, m.dup, m.retain),
+                m.payload,
+            )
+        if parts:
+            self._packet_queue(paho.PUBLISH | 0x02, b"".join(parts), first, 1)
+        return rc
 
     def _packet_write(self) -> MQTTErrorCode:
         # paho 2.2's _packet_write, with runs of plain packets gathered into one sendmsg.

@@ -135,10 +135,19 @@ class Session:
             raise TransportError(f"broker {self.addr} refused publish to {what}: {failure}")
 
     def ack_many(self, messages: list[Message]) -> None:
-        """``ack`` each of ``messages``, in order, under one hold of the lock."""
+        """``ack`` each of ``messages``, in order, under one hold of the lock; the PUBACKs of
+        QoS 1 messages queued as one packet (``PahoClient.queue_pubacks``: the same bytes)."""
         with self.lock:
-            for message in messages:
-                self._ack_locked(message)
+            client = self.client
+            if not isinstance(client, PahoClient) or any(m.qos == 2 for m in messages):
+                for message in messages:
+                    self._ack_locked(message)
+                return
+            mids = [m.mid for m in messages if self._ack_due(m)]
+            rc = client.queue_pubacks(mids)
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                raise TransportError(f"cannot acknowledge {len(mids)} message(s): "
+                                     f"{paho.error_string(rc)}")  # fmt: skip
 
     def ack(self, message: Message) -> None:
         """Send the PUBACK of a QoS>0 message, if it came on the current connection.
@@ -152,16 +161,24 @@ class Session:
         with self.lock:
             self._ack_locked(message)
 
-    def _ack_locked(self, message: Message) -> None:
+    def _ack_due(self, message: Message) -> bool:
+        """Whether a PUBACK is to be sent for ``message`` now (lock held): QoS>0, not yet
+        acknowledged, and on the current connection (the id then leaves ``unacked``)."""
         if message.qos == 0 or self.client is None:
-            return
+            return False
         current = message._conn == self.conn and message.mid in self.unacked
         if current:
             self.unacked.discard(message.mid)
         if not current or not self.connected.is_set():
             self.log.debug("not acking mid %d of %s: connection changed", message.mid,
                            message.topic)  # fmt: skip
+            return False
+        return True
+
+    def _ack_locked(self, message: Message) -> None:
+        if not self._ack_due(message):
             return
+        assert self.client is not None
         rc = self.client.ack(message.mid, message.qos)
         if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             raise TransportError(f"cannot acknowledge {message.topic!r}: {paho.error_string(rc)}")
