@@ -19,6 +19,10 @@ import ctypes
 import ctypes.util
 import logging
 import platform
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
 
 log = logging.getLogger(__name__)
 
@@ -53,3 +57,28 @@ def keep_freed_memory(keep: int = KEEP_BYTES) -> bool:
         return False
     _done = ok
     return ok
+
+
+#: Page size, the alignment direct I/O (``O_DIRECT``) asks of buffers, offsets and lengths.
+PAGE = 4096
+
+
+def page_aligned_zeros(n: int, dtype: Any = np.float64) -> NDArray[Any]:
+    """``np.zeros(n, dtype)`` whose data starts on a page boundary: a checkpoint writes such an
+    accumulator to disk with direct I/O, from its own memory (fededge/aggregator/store.py).
+    numpy's allocations are only 16- or 64-byte aligned."""
+    dt = np.dtype(dtype)
+    raw = np.zeros(n * dt.itemsize + PAGE, dtype=np.uint8)
+    start = -raw.ctypes.data % PAGE
+    return raw[start : start + n * dt.itemsize].view(dt)
+
+
+def page_aligned_copy(a: NDArray[Any]) -> NDArray[Any]:
+    """A page-aligned, writable, contiguous 1-D copy of ``a``."""
+    out = page_aligned_zeros(a.size, a.dtype)
+    np.copyto(out, a.reshape(-1))
+    return out
+
+
+def is_page_aligned(a: NDArray[Any]) -> bool:
+    return a.flags.c_contiguous and a.ctypes.data % PAGE == 0

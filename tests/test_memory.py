@@ -77,3 +77,19 @@ def test_the_policy_is_idempotent() -> None:
 
     first = keep_freed_memory()
     assert keep_freed_memory() is first
+
+
+def test_page_aligned_arrays_start_on_a_page_and_equal_their_source() -> None:
+    # Accumulators are written to disk with direct I/O from their own memory: page-aligned.
+    import numpy as np
+
+    from fededge.memory import PAGE, is_page_aligned, page_aligned_copy, page_aligned_zeros
+
+    for n in (1, 511, 100_003):
+        z = page_aligned_zeros(n)
+        assert z.dtype == np.float64 and z.shape == (n,) and not z.any()
+        assert z.ctypes.data % PAGE == 0 and is_page_aligned(z) and z.flags.writeable
+        src = np.arange(n, dtype=np.float32)
+        c = page_aligned_copy(src)
+        assert c.dtype == np.float32 and c.ctypes.data % PAGE == 0 and np.array_equal(c, src)
+    assert not is_page_aligned(page_aligned_zeros(16)[1:])

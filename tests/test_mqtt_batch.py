@@ -467,7 +467,7 @@ def test_gathered_writes_send_exactly_pahos_bytes(v5: bool, window: int) -> None
                     )
                 else:  # retained ones (every fifth) between runs: publish_qos1
                     run: list[tuple[str, bytes]] = []
-                    for i in idx + [-1]:
+                    for i in [*idx, -1]:
                         if i >= 0 and i % 5:
                             run.append((f"r/{i}", bytes([i % 256]) * ops[i][1]))
                             continue

@@ -34,9 +34,10 @@ from numpy.typing import NDArray
 from fededge.aggregator import kernels
 from fededge.aggregator.policy import Layout
 from fededge.aggregator.rotated import Domain
-from fededge.aggregator.store import IdsFile, Store
+from fededge.aggregator.store import DIRECT_MIN, IdsFile, Store
 from fededge.aggregator.wal import SegmentWriter, read_segment
 from fededge.errors import NotReadyError, ProtocolError, StorageError
+from fededge.memory import is_page_aligned, page_aligned_copy, page_aligned_zeros
 from fededge.protocol import ModelVersion, Plan, Update
 from fededge.protocol.clipping import unclipped_fraction
 
@@ -49,6 +50,9 @@ log = logging.getLogger(__name__)
 CHECKPOINT_OVERHEAD = 1 << 20
 #: Ids a checkpoint holds itself before they are appended to the ids file (bounds its state).
 IDS_FLUSH_MIN = 512
+#: CPU of a checkpoint's byte written with direct I/O, against one through the page cache
+#: (8 MB with fdatasync: 0.30 ms against 1.04; ext4 on this machine's virtual disk).
+DIRECT_COST = 0.3
 
 
 class _SyncThread:
@@ -215,7 +219,7 @@ class PendingVersion:
         self.base = base
         self.layout = Layout.of(base.weights)
         self.domain = Domain(base, self.layout.size, rotated)
-        self.acc: NDArray[np.float64] = np.zeros(self.domain.acc_size, dtype=np.float64)
+        self.acc: NDArray[np.float64] = page_aligned_zeros(self.domain.acc_size)
         self.sums = _Sums(domain=self.domain.name)
         self._ids: set[str] = set()
         # The ids and devices of sums handed to checkpoints go to the ids file (on the
@@ -321,7 +325,7 @@ class PendingVersion:
         may have changed rotation between the commit and this restart)."""
         if name != self.domain.name and self.sums.count == 0 and not self.acc.any():
             self.domain = Domain(self.base, self.layout.size, name == "hadamard")
-            self.acc = np.zeros(self.domain.acc_size, dtype=np.float64)
+            self.acc = page_aligned_zeros(self.domain.acc_size)
             self.sums.domain = self.domain.name
 
     # -- ingest -----------------------------------------------------------------------------
@@ -434,7 +438,14 @@ class PendingVersion:
     def _checkpoint_path(self, raws: list[bytes]) -> bool:
         """Whether a group is cheaper to make durable by a checkpoint than by the WAL (never
         while ``keep_log``: robust aggregation reads every update back from the WAL)."""
-        return not self.keep_log and sum(len(r) for r in raws) >= self.acc.nbytes + self._overhead
+        if self.keep_log:
+            return False
+        # Written with direct I/O, a checkpoint's bytes cost less than the WAL's (no copy into
+        # the page cache, no writeback): 1M parameters then take it at every group commit.
+        cost = self.acc.nbytes
+        if self.store.direct_io and cost >= DIRECT_MIN and is_page_aligned(self.acc):
+            cost = int(cost * DIRECT_COST)
+        return sum(len(r) for r in raws) >= cost + self._overhead
 
     def _after_fold(self, n: int) -> None:
         """Count a folded group; checkpoint when due (``keep_log``: start a new segment)."""
@@ -553,7 +564,7 @@ class PendingVersion:
             if buf.shape == self.acc.shape:
                 np.copyto(buf, self.acc)
                 return buf
-        return self.acc.copy()
+        return page_aligned_copy(self.acc)  # direct I/O writes it from its own pages
 
     def settle_checkpoints(self) -> None:
         """Wait for the background checkpoints (they delete WAL segments they cover); raise

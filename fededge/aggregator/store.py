@@ -35,16 +35,26 @@ an overwrite (800 KB: 1.5 ms of CPU and 5.3 ms against 0.35 and 1.6; 8 MB: 6.1 a
 against 3.0 and 15; ext4 on this machine), and on the checkpoint path (models of 100k
 parameters and up) there is a checkpoint per group commit. A ``checkpoint.safetensors`` of
 an earlier fededge is read when no slot holds a checkpoint, and removed by the first write.
+
+An accumulator of ``DIRECT_MIN`` bytes or more, page-aligned (``fededge.memory``), is written
+with direct I/O (``O_DIRECT``) from its own memory: no copy into the page cache and no
+writeback of it (8 MB with the fdatasync: 0.3 ms of CPU against 1.0). Its header is padded
+with spaces so that the data starts on a page of the file, and its last page is padded with
+zeros after the body (the prefix counts the body: the zeros are never read). The format is the
+same; a file system that refuses ``O_DIRECT`` (EINVAL) turns it off for the store, logged once.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import io
 import json
 import logging
+import mmap
 import os
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,6 +64,7 @@ from numpy.typing import NDArray
 from fededge.aggregator.wal import crc32, encode_record, record_at
 from fededge.errors import ProtocolError, StorageError
 from fededge.fsio import atomic_write, fsync_dir
+from fededge.memory import PAGE, is_page_aligned, page_aligned_copy
 from fededge.protocol import ModelVersion
 from fededge.protocol.tensors import decode_tensors, encode_header
 
@@ -83,6 +94,8 @@ _SLOT_FORMAT = 1
 _SLOT_PREFIX = struct.Struct("<4sIQQI")  # magic, format, sequence, body bytes, body CRC-32
 SLOT_PREFIX_BYTES = _SLOT_PREFIX.size + 4  # and the CRC-32 of those 28 bytes
 CHECKPOINT = "checkpoint.safetensors"
+#: From this size an accumulator is checkpointed with direct I/O where the file system has it.
+DIRECT_MIN = 256 * 1024
 _IDS_JSON = json.JSONEncoder(separators=(",", ":")).encode
 
 
@@ -203,9 +216,13 @@ def read_ids(path: Path, base_version: int, entries: int, size: int) -> tuple[li
 class Store:
     """Durable state of one task; every write is atomic, every read is validated."""
 
-    def __init__(self, root: Path, *, fsync: bool = True) -> None:
+    def __init__(self, root: Path, *, fsync: bool = True, direct_io: bool = True) -> None:
         self.root = root
         self.fsync = fsync
+        #: Checkpoints of large accumulators go to disk with direct I/O (``O_DIRECT``): set
+        #: off for good by the first refusal (a file system without it, such as tmpfs).
+        self.direct_io = direct_io and hasattr(os, "O_DIRECT")
+        self.direct_writes = 0  # checkpoints written with it
         self.versions_dir = root / VERSIONS_DIR
         self.pending_dir = root / "pending"
         for d in (root, self.versions_dir, self.pending_dir):
@@ -216,12 +233,17 @@ class Store:
         # File objects, not bare descriptors: a Store dropped without close() (tests, errors)
         # closes them when collected.
         self._slot_files: dict[int, io.FileIO] = {}
+        self._slot_direct: dict[int, io.FileIO] = {}  # the same files opened with O_DIRECT
+        self._scratch: mmap.mmap | None = (
+            None  # page-aligned: a direct write's first and last pages
+        )
         # (slot, sequence) of the newest valid checkpoint; None: not looked for yet.
         self._newest: tuple[int, int] | None = None
 
     def close(self) -> None:
         """Release the state directory's lock."""
         self._close_slots()
+        self._scratch = None  # unmapped when collected
         self._lock.close()
 
     def _take_lock(self) -> IO[bytes]:
@@ -329,7 +351,16 @@ class Store:
         header = {"base_version": str(base_version), "segment": str(seg), "state": json.dumps(meta)}
         # The header, then the accumulator's own buffer: no copy of 8 bytes per parameter.
         acc = np.ascontiguousarray(acc, dtype=np.float64)
-        head = encode_header([("acc", acc.dtype, acc.shape)], header)
+        # Direct I/O: the accumulator goes from its own pages to the disk, without the copy
+        # into the page cache and its writeback (8 MB: 0.3 ms of CPU against 1.0 ms, with
+        # the fdatasync; measured here). It starts on a page of the file: the header is
+        # padded with spaces up to it.
+        direct = self.direct_io and acc.nbytes >= DIRECT_MIN and is_page_aligned(acc)
+        entries = [("acc", acc.dtype, acc.shape)]
+        if direct:
+            head = encode_header(entries, header, start=SLOT_PREFIX_BYTES, align=PAGE)
+        else:
+            head = encode_header(entries, header)
         body = acc.data.cast("B")
         slot, seq = self._find_newest()
         slot, seq = (1 - slot if seq else 0), seq + 1  # the other slot (slot 0 if none valid)
@@ -338,9 +369,10 @@ class Store:
         )
         prefix += crc32(prefix).to_bytes(4, "little")
         fd = self._slot_fd(slot)
-        _pwrite_all(fd, [prefix, head, body])
+        if not (direct and self._write_direct(slot, prefix + head, body)):
+            _pwrite_all(fd, [prefix, head, body])
         if self.fsync:
-            os.fdatasync(fd)
+            os.fdatasync(fd)  # the file's, whichever descriptor wrote
         self._newest = (slot, seq)
         legacy = self.pending_dir / CHECKPOINT
         if legacy.exists():  # older than this one, which is durable now
@@ -364,9 +396,48 @@ class Store:
                 fsync_dir(self.pending_dir)
         return f.fileno()
 
-    def _close_slots(self) -> None:
-        files, self._slot_files = self._slot_files, {}
-        for f in files.values():
+    def _write_direct(self, slot: int, first: bytes, body: memoryview) -> bool:
+        """Write a slot with direct I/O from offset 0: ``first`` (prefix and header, a whole
+        number of pages), then ``body`` (page-aligned memory) and zeros up to its last page's
+        end (after the body's length: never read). False, and direct I/O off for this store,
+        if the file system refuses it (EINVAL): the caller writes through the page cache."""
+        assert len(first) % PAGE == 0
+        try:
+            f = self._slot_direct.get(slot)
+            if f is None:
+                fd = os.open(self._slot_path(slot), os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+                f = self._slot_direct[slot] = io.FileIO(fd, "w", closefd=True)
+            full = len(body) - len(body) % PAGE
+            tail = len(body) - full
+            need = len(first) + (PAGE if tail else 0)
+            if self._scratch is None or len(self._scratch) < need:
+                self._scratch = mmap.mmap(-1, need + -need % (1 << 20))  # page-aligned
+            scratch = self._scratch
+            scratch[: len(first)] = first
+            if tail:
+                scratch[len(first) : len(first) + tail] = body[full:]
+                scratch[len(first) + tail : need] = bytes(PAGE - tail)
+            view = memoryview(scratch)
+            parts = [view[: len(first)], body[:full], view[len(first) : need]]
+            _pwrite_all(f.fileno(), [p for p in parts if len(p)])
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+            log.info("checkpoints in %s: no direct I/O (%s); written through the page cache",
+                     self.pending_dir, e)  # fmt: skip
+            self.direct_io = False
+            self._close_slots(direct_only=True)
+            return False
+        self.direct_writes += 1
+        return True
+
+    def _close_slots(self, *, direct_only: bool = False) -> None:
+        files = list(self._slot_direct.values())
+        self._slot_direct = {}
+        if not direct_only:
+            files += self._slot_files.values()
+            self._slot_files = {}
+        for f in files:
             f.close()
 
     def _read_slot(self, slot: int) -> tuple[int, bytes] | str | None:
@@ -435,7 +506,8 @@ class Store:
             state = json.loads(meta["state"])
             if not isinstance(state, dict):
                 raise ValueError(f"state is a {type(state).__name__}")
-            acc = np.array(payload.tensors["acc"], dtype=np.float64)  # writable copy
+            # A writable copy, page-aligned: checkpoints write it with direct I/O.
+            acc = page_aligned_copy(np.asarray(payload.tensors["acc"], dtype=np.float64))
             return int(meta["base_version"]), int(meta["segment"]), acc, state
         except (ProtocolError, KeyError, ValueError) as e:
             raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
@@ -501,7 +573,7 @@ def _read_checkpoint_file(path: Path) -> bytes | None:
         raise StorageError(f"checkpoint {path} is unreadable: {e}") from None
 
 
-def _pwrite_all(fd: int, parts: list[bytes | memoryview]) -> None:
+def _pwrite_all(fd: int, parts: Sequence[bytes | memoryview]) -> None:
     """Write ``parts`` one after the other from the start of the file (``pwritev`` may write
     less than asked, as ``write`` may)."""
     views = [memoryview(p).cast("B") for p in parts]

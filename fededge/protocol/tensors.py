@@ -54,13 +54,22 @@ def encode_tensors(
 
 
 def encode_header(
-    entries: Sequence[tuple[str, np.dtype[Any], tuple[int, ...]]], metadata: Mapping[str, str]
+    entries: Sequence[tuple[str, np.dtype[Any], tuple[int, ...]]],
+    metadata: Mapping[str, str],
+    *,
+    start: int = 0,
+    align: int = 8,
 ) -> bytes:
     """The length prefix and header of a safetensors file whose tensors follow in this order.
 
     Lets a writer stream a large array straight from its buffer after the header (the
-    aggregator's checkpoints) instead of first copying it into one bytes object.
+    aggregator's checkpoints) instead of first copying it into one bytes object. The header
+    is padded with spaces (as the format allows) so that the data starts at a multiple of
+    ``align`` (a multiple of 8) when the file is written from offset ``start``: 8 by default,
+    a page for a checkpoint written with direct I/O.
     """
+    if align % 8:
+        raise ValueError(f"align={align} is not a multiple of 8")
     header: dict[str, object] = {}
     if metadata:
         for k, v in metadata.items():
@@ -76,7 +85,7 @@ def encode_header(
         header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         pos += nbytes
     h = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-    h += b" " * (-len(h) % 8)  # the format pads the header so the data starts 8-byte aligned
+    h += b" " * (-(start + 8 + len(h)) % align)  # the data starts aligned (8 in the format)
     return struct.pack("<Q", len(h)) + h
 
 
