@@ -8,6 +8,7 @@ import os
 import queue
 import select
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -91,6 +92,49 @@ def test_round_trip(broker: Mosquitto, clients: Callable[..., MqttClient], proto
     sub.unsubscribe(f"{topic}/+")
     pub.publish(f"{topic}/a", b"after", wait=True, timeout=5)
     nothing(sub)
+
+
+def test_clients_work_with_descriptors_beyond_selects_limit(broker: Mosquitto) -> None:
+    """A process with over 1,024 files open gives its MQTT sockets descriptors select()
+    refuses (paho then reconnected forever); the client waits in poll() instead and works:
+    connect, subscribe, publish and receive, a wake-up by publish() from another thread."""
+    import resource
+
+    from fededge.mqtt.pahoclient import FD_SETSIZE, poll_select
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = FD_SETSIZE + 200
+    if soft < want:
+        if hard != resource.RLIM_INFINITY and hard < want:
+            pytest.skip(f"the open-file limit ({hard}) is below {want}")
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    held: list[int] = []
+    try:
+        while len(held) < FD_SETSIZE + 10 and (not held or held[-1] < FD_SETSIZE + 5):
+            held.append(os.dup(devnull))
+        settings = broker.settings()
+        with MqttClient(settings, _id("hi-s")) as sub, MqttClient(settings, _id("hi-p")) as pub:
+            sock = sub._client._sock
+            assert sock is not None and sock.fileno() >= FD_SETSIZE
+            topic = f"fd/{uuid.uuid4().hex}"
+            sub.subscribe(f"{topic}/+", qos=1)
+            for i in range(50):
+                pub.publish(f"{topic}/{i}", str(i).encode(), qos=1, wait=i == 49, timeout=30)
+            assert [get(sub).payload for _ in range(50)] == [str(i).encode() for i in range(50)]
+        a, b = socket.socketpair()
+        with a, b:
+            assert poll_select([a], [b], 0) == ([], [b])
+            b.send(b"x")
+            assert poll_select([a], [], 5) == ([a], [])
+            a.close()
+            with pytest.raises(ValueError):
+                poll_select([a], [], 0)
+    finally:
+        for fd in held:
+            os.close(fd)
+        os.close(devnull)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)

@@ -28,8 +28,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import importlib.metadata
+import math
+import select
 import struct
 import threading
 from collections.abc import Callable
@@ -78,6 +81,39 @@ def _varint(n: int) -> bytes:
         else:
             out.append(byte)
             return bytes(out)
+
+
+#: select()'s limit: descriptors from this on need poll() (``PahoClient._loop``).
+FD_SETSIZE = 1024
+
+
+def poll_select(rlist: list[Any], wlist: list[Any], timeout: float) -> tuple[list[Any], list[Any]]:
+    """``select.select(rlist, wlist, [], timeout)[:2]`` by ``poll()``, for any descriptor
+    number: an error or hang-up counts as readable and writable, as in select(); ValueError
+    for a closed socket (a negative or invalid descriptor), where select() raises too."""
+    masks: dict[int, int] = {}
+    objs: dict[int, Any] = {}
+    for objs_of, flag in ((rlist, select.POLLIN), (wlist, select.POLLOUT)):
+        for obj in objs_of:
+            fd = obj.fileno()
+            if fd < 0:
+                raise ValueError("file descriptor cannot be a negative integer")
+            masks[fd] = masks.get(fd, 0) | flag
+            objs[fd] = obj
+    poller = select.poll()
+    for fd, mask in masks.items():
+        poller.register(fd, mask)
+    readable: list[Any] = []
+    writable: list[Any] = []
+    broken = select.POLLERR | select.POLLHUP
+    for fd, events in poller.poll(math.ceil(max(timeout, 0.0) * 1000)):
+        if events & select.POLLNVAL:
+            raise ValueError(f"file descriptor {fd} is not open")
+        if masks[fd] & select.POLLIN and events & (select.POLLIN | broken):
+            readable.append(objs[fd])
+        if masks[fd] & select.POLLOUT and events & (select.POLLOUT | broken):
+            writable.append(objs[fd])
+    return readable, writable
 
 
 #: From this size a packet's buffer is allocated without zeroing it first (every byte of it
@@ -235,6 +271,45 @@ class PahoClient(paho.Client):
 
     def _create_socket(self) -> Any:
         return read_ahead(super()._create_socket())
+
+    def _loop(self, timeout: float = 1.0) -> MQTTErrorCode:
+        # Quirk: paho 2.2's _loop waits in select(), which refuses descriptors from 1024 on
+        # (ValueError, which paho takes for a lost connection: it reconnects, gets another
+        # descriptor as high, and never gets through). A process with many files open (a test
+        # run, an application embedding fededge) gets there. Below 1024, paho's own loop;
+        # from there on, the same steps waiting in poll().
+        sock, pair = self._sock, self._sockpairR
+        if sock is None or (
+            sock.fileno() < FD_SETSIZE and (pair is None or pair.fileno() < FD_SETSIZE)
+        ):
+            return super()._loop(timeout)
+        if timeout < 0.0:
+            raise ValueError("Invalid timeout.")
+        wlist = [sock] if self.want_write() else []
+        pending = sock.pending() if hasattr(sock, "pending") else 0  # TLS: bytes already in
+        rlist = [sock] if pair is None else [sock, pair]
+        try:
+            readable, writable = poll_select(rlist, wlist, 0.0 if pending > 0 else timeout)
+        except (TypeError, ValueError):  # closed meanwhile (as paho's select() raises then)
+            states = paho._ConnectionState  # type: ignore[attr-defined]
+            if self._state not in (states.MQTT_CS_DISCONNECTING, states.MQTT_CS_DISCONNECTED):
+                self._state = states.MQTT_CS_CONNECTION_LOST
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        except Exception:  # paho's answer to anything else
+            return MQTTErrorCode.MQTT_ERR_UNKNOWN
+        if sock in readable or pending > 0:
+            rc = self.loop_read()
+            if rc or self._sock is None:
+                return rc
+        if pair is not None and pair in readable:
+            writable.insert(0, sock)  # a publish() from another thread: write it
+            with contextlib.suppress(BlockingIOError):
+                pair.recv(10000)
+        if sock in writable:
+            rc = self.loop_write()
+            if rc or self._sock is None:
+                return rc
+        return self.loop_misc()
 
     def _sock_recv_into(self, view: memoryview) -> int:
         sock = self._sock
