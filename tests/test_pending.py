@@ -249,6 +249,44 @@ def test_repair_wal_reports_then_truncates_keeping_a_copy(tmp_path) -> None:
     assert q.recover() == 1 and q.sums.ids == ["u0"]  # the operator accepted losing u1, u2
 
 
+def test_repair_wal_reports_a_damaged_ids_file_and_never_cuts_it(tmp_path, capsys) -> None:
+    """The pending version's .ids file is checked too: a torn tail is reported as harmless, a
+    bad record inside it as CORRUPT (exit 1, with or without --yes), and the file is left as
+    it is (a checkpoint counts its bytes; without those ids updates could count twice)."""
+    from fededge.cli import main
+
+    state = tmp_path / "state"
+    root = state / "aggregator" / "t"
+    store = Store(root)
+    p = PendingVersion(store, _base(), checkpoint_every=1, max_update_bytes=1 << 20,
+                       ids_flush_min=1)  # fmt: skip
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        u, raw = _update(i, rng)
+        p.stage(u, raw, 1.0, 1.0)
+        p.commit()
+    p.settle_checkpoints()
+    p.close()
+    store.close()
+    ids = store.ids_path(3)
+    args = ["aggregator", "repair-wal", "--state-dir", str(state), "--task", "t"]
+    assert main(args) == 0
+    assert f"{ids}: ok, " in capsys.readouterr().out
+    good = ids.read_bytes()
+    with ids.open("ab") as f:
+        f.write(good[: len(good) // 8])  # an append cut short
+    assert main(args) == 0
+    assert "[torn tail]: an append cut by a crash" in capsys.readouterr().out
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0xFF  # bit rot inside a counted record
+    ids.write_bytes(bytes(data))
+    assert main(args) == 1
+    assert main([*args, "--yes"]) == 1
+    out = capsys.readouterr().out
+    assert f"{ids}: " in out and "[CORRUPT]: update ids of the pending version" in out
+    assert ids.read_bytes() == bytes(data)
+
+
 def test_torn_tail_after_a_torn_group_is_still_cut_silently(tmp_path) -> None:
     store, _, offsets = _three_records(tmp_path)
     ((_, seg),) = store.segments(3)

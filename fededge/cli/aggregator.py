@@ -185,7 +185,8 @@ def _run_aggregator(
 def repair_wal(settings: Settings, yes: bool) -> int:
     """Report damaged write-ahead-log segments of a task; with --yes, cut them at the damage.
 
-    Run it with the aggregator stopped (it takes the state directory's lock). Truncating drops
+    Damaged ``.ids`` files (the pending version's update ids) are reported, never cut. Run it
+    with the aggregator stopped (it takes the state directory's lock). Truncating drops
     every record from the bad one on: updates that were acknowledged and will not count.
     """
     from fededge.aggregator.store import Store, task_root
@@ -213,11 +214,27 @@ def repair_wal(settings: Settings, yes: bool) -> int:
                     f"{damage.records_after} records after the bad one dropped); "
                     f"copy kept as {path.name}.bad"
                 )
+        # The .ids files (the pending version's update ids, same record format) are reported,
+        # never cut: a checkpoint counts their bytes, and without those ids an update could be
+        # counted twice. A torn tail is an append a crash cut, beyond what a checkpoint counts.
+        corrupt_ids = 0
+        for path in sorted((root / "pending").glob("*.ids")):
+            records, damage = scan_segment(path)
+            if damage is None:
+                click.echo(f"{path}: ok, {len(records)} records of update ids")
+            elif damage.torn_tail:
+                click.echo(f"{damage.describe()} [torn tail]: an append cut by a crash, never "
+                           "counted; the aggregator cuts it itself")  # fmt: skip
+            else:
+                corrupt_ids += 1
+                click.echo(f"{damage.describe()} [CORRUPT]: update ids of the pending version, "
+                           "not repairable here (--yes leaves the file alone); restore the state "
+                           "directory from a backup, or reset the task (docs/operations.md)")  # fmt: skip
         if damaged and not yes:
             click.echo("run again with --yes to truncate (the records after the damage are lost)")
             return 1
         if not damaged:
             click.echo("no damaged segments")
-        return 0
+        return 1 if corrupt_ids else 0
     finally:
         store.close()
