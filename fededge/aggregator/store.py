@@ -234,9 +234,8 @@ class Store:
         # closes them when collected.
         self._slot_files: dict[int, io.FileIO] = {}
         self._slot_direct: dict[int, io.FileIO] = {}  # the same files opened with O_DIRECT
-        self._scratch: mmap.mmap | None = (
-            None  # page-aligned: a direct write's first and last pages
-        )
+        # Page-aligned memory for a direct write's first pages (prefix, header) and last one.
+        self._scratch: mmap.mmap | None = None
         # (slot, sequence) of the newest valid checkpoint; None: not looked for yet.
         self._newest: tuple[int, int] | None = None
 
