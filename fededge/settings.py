@@ -117,6 +117,9 @@ class AggregatorSettings(_Section):
         4 << 20, ge=0, description="...once the WAL since the last one holds this many bytes"
     )
     fsync: bool = Field(True, description="fsync the write-ahead log before acknowledging")
+    direct_io: bool = Field(
+        True, description="write large checkpoints with O_DIRECT (off by itself where refused)"
+    )
     group_commit_max: int = Field(500, ge=1, le=1000, description="updates per WAL group commit")
     commit_delay: float = Field(
         0.0, ge=0, le=5, description="s to wait for more updates once the inbox is empty"

@@ -280,3 +280,18 @@ def test_a_storage_error_on_an_update_stops_the_service(broker, tmp_path, monkey
         reg = agg.metrics.registry
         wait_until(lambda: reg.get_sample_value("fededge_update_bytes_total"), 20, "the update")
     dev.close()
+
+
+@pytest.mark.parametrize("direct_io", [True, False])
+def test_the_direct_io_setting_reaches_the_store(tmp_path, direct_io: bool) -> None:
+    # aggregator.direct_io = false: checkpoints always go through the page cache.
+    import os
+
+    from fededge.aggregator.service import Aggregator
+
+    s = make_settings("mqtt://127.0.0.1:1", tmp_path, direct_io=direct_io)
+    agg = Aggregator(s)  # not started: no broker needed
+    try:
+        assert agg.store.direct_io is (direct_io and hasattr(os, "O_DIRECT"))
+    finally:
+        agg.close()

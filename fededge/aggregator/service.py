@@ -168,7 +168,8 @@ class Aggregator:
         self.settings = settings
         self.cfg = settings.aggregator
         self.topics = Topics(settings.topic_prefix, settings.task)
-        self.store = Store(task_root(settings.state_dir, settings.task), fsync=self.cfg.fsync)
+        self.store = Store(task_root(settings.state_dir, settings.task), fsync=self.cfg.fsync,
+                           direct_io=self.cfg.direct_io)  # fmt: skip
         self.metrics = AggregatorMetrics()
         register_chunk_metrics(self.metrics.registry, "fededge_chunks_refused",
                                lambda: getattr(self, "client", None))  # fmt: skip
