@@ -13,7 +13,6 @@ import random
 import socket
 import struct
 import threading
-import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
@@ -343,14 +342,15 @@ def test_publish_many_reports_each_message_beyond_a_full_outgoing_queue(
     a TransportError for each message beyond it, without stopping at the first."""
     c = MqttClient(window_broker.settings(), f"q-{uuid.uuid4().hex[:6]}", max_queued=10)
     with c:
-        failed = c.publish_many([(f"q/{i}", b"x") for i in range(50)])
-        # No PUBACK is handled while the batch holds the outgoing messages' lock.
+        with c._client._out_message_mutex:  # no PUBACK is handled meanwhile
+            failed = c.publish_many([(f"q/{i}", b"x") for i in range(50)])
+            taken = [m.info for m in c._client._out_messages.values()]
         assert [t for t, _ in failed] == [f"q/{i}" for i in range(10, 50)]
         assert all("outgoing queue full (10 messages)" in str(e) for _, e in failed)
-        deadline = time.monotonic() + 60
-        while c._client._out_messages:  # the ten taken are acknowledged: the queue drains
-            assert time.monotonic() < deadline, "the ten messages taken were never acknowledged"
-            time.sleep(0.01)
+        assert len(taken) == 10
+        for info in taken:  # the ten taken are acknowledged: the queue drains
+            info.wait_for_publish(60)
+            assert info.is_published()
         c.publish("q/last", b"x", qos=1, wait=True, timeout=30)
 
 

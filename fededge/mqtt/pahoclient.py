@@ -61,28 +61,6 @@ IN_PLACE_MIN = 64 * 1024
 _PUBACK = struct.Struct("!BBH")  # paho's _send_command_with_mid
 
 
-def _publish_head(topic: bytes, mid: int, size: int, v5: bool, dup: bool, retain: bool) -> bytes:
-    """A QoS 1 PUBLISH up to its payload of ``size`` bytes, as paho's ``_send_publish`` packs
-    it: fixed header, remaining length, topic, packet id and (MQTT 5) no properties."""
-    props = b"\x00" if v5 else b""
-    return (bytes([paho.PUBLISH | dup << 3 | 0x02 | retain]) + _varint(2 + len(topic) + 2 + len(props) + size)
-            + len(topic).to_bytes(2, "big") + topic + mid.to_bytes(2, "big") + props)  # fmt: skip
-
-
-def _varint(n: int) -> bytes:
-    """MQTT's Variable Byte Integer (a packet's remaining length), as paho packs it."""
-    if n > 268_435_455:
-        raise ValueError("Packet too large")
-    out = bytearray()
-    while True:
-        n, byte = divmod(n, 128)
-        if n:
-            out.append(byte | 0x80)
-        else:
-            out.append(byte)
-            return bytes(out)
-
-
 #: select()'s limit: descriptors from this on need poll() (``PahoClient._loop``).
 FD_SETSIZE = 1024
 
@@ -455,42 +433,17 @@ class PahoClient(paho.Client):
     def publish_qos1(self, topic: str, payload: bytes, retain: bool = False) -> SharedInfo:
         """``publish(topic, payload, qos=1, retain=retain)`` as paho 2.2 does it, with a
         ``SharedInfo``; ValueError for what paho refuses."""
-        topic_bytes = topic.encode()
-        if not topic_bytes and self._protocol != MQTTProtocolVersion.MQTTv5:
-            raise ValueError("Invalid topic.")
-        self._raise_for_invalid_topic(topic_bytes)
-        if len(payload) > 268435455:
-            raise ValueError("Payload too large.")
-        mid = self._mid_generate()
-        message = _qos1_message(mid, topic_bytes, payload, retain)
-        info = cast(SharedInfo, message.info)
-        with self._out_message_mutex:
-            out = self._out_messages
-            if (0 < self._max_queued_messages <= len(out)) or mid in out:
-                info.rc = MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
-                return info
-            out[mid] = message
-            if self._max_inflight_messages == 0 or (
-                self._inflight_messages < self._max_inflight_messages
-            ):
-                self._inflight_messages += 1
-                message.state = paho.mqtt_ms_wait_for_puback
-                rc = self._send_publish(mid, topic_bytes, payload, 1, retain, False, info, None)
-                if rc == MQTTErrorCode.MQTT_ERR_NO_CONN:  # sent after the reconnect
-                    self._inflight_messages -= 1
-                    message.state = paho.mqtt_ms_publish
-                info.rc = rc
-            else:
-                message.state = paho.mqtt_ms_queued
-        return info
+        return self.publish_many_qos1([(topic, payload)], retain=retain)[0]
 
-    def publish_many_qos1(self, items: list[tuple[str, bytes]]) -> list[SharedInfo]:
-        """``publish_qos1(topic, payload)`` for each (topic, payload), in order: the same mids,
-        states and bytes on the wire, with one hold of the outgoing-message lock and the
-        PUBLISH packets sent now queued as one packet (the aggregator answers a group of
-        updates with a receipt each; one by one, each took ~30 Python calls through paho).
-        ValueError for what paho refuses, before anything is queued. Not connected: each goes
-        ``publish_qos1``'s way (kept, and sent after the reconnect)."""
+    def publish_many_qos1(
+        self, items: list[tuple[str, bytes]], *, retain: bool = False
+    ) -> list[SharedInfo]:
+        """``publish(topic, payload, qos=1, retain=retain)`` for each (topic, payload), in
+        order, as paho 2.2 does it: the same mids, states, return codes and bytes on the wire,
+        with one hold of the outgoing-message lock, and the PUBLISH packets sent now queued as
+        one packet (the aggregator answers a group of updates with a receipt each; one by one
+        through paho, each took ~30 Python calls). ValueError for what paho refuses, before
+        anything is queued. Not connected: kept, and sent after the reconnect (rc NO_CONN)."""
         v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         encoded = [(topic.encode(), payload) for topic, payload in items]
         for topic_bytes, payload in encoded:
@@ -499,34 +452,51 @@ class PahoClient(paho.Client):
             self._raise_for_invalid_topic(topic_bytes)
             if len(payload) > 268435455:
                 raise ValueError("Payload too large.")
-        if self._sock is None:
-            return [self.publish_qos1(topic, payload) for topic, payload in items]
         infos: list[SharedInfo] = []
+        sent: list[SharedInfo] = []
         parts: list[bytes | bytearray] = []
         with self._out_message_mutex:
             out = self._out_messages
             for topic_bytes, payload in encoded:
                 mid = self._mid_generate()
-                message = _qos1_message(mid, topic_bytes, payload, False)
+                message = _qos1_message(mid, topic_bytes, payload, retain)
                 info = cast(SharedInfo, message.info)
                 infos.append(info)
                 if (0 < self._max_queued_messages <= len(out)) or mid in out:
                     info.rc = MQTTErrorCode.MQTT_ERR_QUEUE_SIZE
                     continue
                 out[mid] = message
-                if self._max_inflight_messages == 0 or (
-                    self._inflight_messages < self._max_inflight_messages
+                if self._max_inflight_messages and (
+                    self._inflight_messages >= self._max_inflight_messages
                 ):
+                    message.state = paho.mqtt_ms_queued
+                elif self._sock is None:  # what paho's _send_publish answers: resent later
+                    message.state = paho.mqtt_ms_publish
+                    info.rc = MQTTErrorCode.MQTT_ERR_NO_CONN
+                else:
                     self._inflight_messages += 1
                     message.state = paho.mqtt_ms_wait_for_puback
-                    parts += (_publish_head(topic_bytes, mid, len(payload), v5, False, False),
+                    parts += (self._publish_head(topic_bytes, mid, len(payload), False, retain),
                               payload)  # fmt: skip
-                else:
-                    message.state = paho.mqtt_ms_queued
+                    sent.append(info)
             if parts:
                 # One packet for all: nothing is done per packet once written (_paho_acts_on).
-                self._packet_queue(paho.PUBLISH | 0x02, b"".join(parts), infos[0].mid, 1)
+                rc = self._packet_queue(paho.PUBLISH | 0x02, b"".join(parts), sent[0].mid, 1)
+                for info in sent:  # paho's rc of the queueing (not SUCCESS without a thread
+                    info.rc = rc  # whose write failed)
         return infos
+
+    def _publish_head(self, topic: bytes, mid: int, size: int, dup: bool, retain: bool) -> bytes:
+        """A QoS 1 PUBLISH up to its payload of ``size`` bytes, as paho's ``_send_publish``
+        packs it: fixed header, remaining length, topic, packet id, (MQTT 5) no properties."""
+        props = b"\x00" if self._protocol == MQTTProtocolVersion.MQTTv5 else b""
+        head = bytearray((paho.PUBLISH | dup << 3 | 0x02 | retain,))
+        self._pack_remaining_length(head, 2 + len(topic) + 2 + len(props) + size)
+        head += len(topic).to_bytes(2, "big")
+        head += topic
+        head += mid.to_bytes(2, "big")
+        head += props
+        return bytes(head)
 
     def queue_pubacks(self, mids: list[int]) -> MQTTErrorCode:
         """``ack(mid, 1)`` for each of ``mids`` (``manual_ack``), queued as one packet: the same
@@ -546,7 +516,6 @@ class PahoClient(paho.Client):
         # thread) and queues it alone. Others go paho's way, in order; the bytes are paho's.
         if self._sock is None:
             return super()._update_inflight()
-        v5 = self._protocol == MQTTProtocolVersion.MQTTv5
         parts: list[bytes | bytearray] = []
         first = 0
         rc = MQTTErrorCode.MQTT_ERR_SUCCESS
@@ -573,7 +542,7 @@ class PahoClient(paho.Client):
             if not parts:
                 first = m.mid
             parts += (
-                _publish_head(m._topic, m.mid, len(m.payload), v5, m.dup, m.retain),
+                self._publish_head(m._topic, m.mid, len(m.payload), m.dup, m.retain),
                 m.payload,
             )
         if parts:
