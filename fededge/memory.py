@@ -74,9 +74,10 @@ def page_aligned_zeros(n: int, dtype: Any = np.float64) -> NDArray[Any]:
 
 
 def page_aligned_copy(a: NDArray[Any]) -> NDArray[Any]:
-    """A page-aligned, writable, contiguous 1-D copy of ``a``."""
-    out = page_aligned_zeros(a.size, a.dtype)
-    np.copyto(out, a.reshape(-1))
+    """A page-aligned, writable, contiguous copy of ``a``, of its shape (a checkpoint's
+    accumulator of a wrong shape must still be refused as such)."""
+    out = page_aligned_zeros(a.size, a.dtype).reshape(a.shape)
+    np.copyto(out, a)
     return out
 
 

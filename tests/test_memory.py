@@ -93,3 +93,5 @@ def test_page_aligned_arrays_start_on_a_page_and_equal_their_source() -> None:
         c = page_aligned_copy(src)
         assert c.dtype == np.float32 and c.ctypes.data % PAGE == 0 and np.array_equal(c, src)
     assert not is_page_aligned(page_aligned_zeros(16)[1:])
+    two_d = page_aligned_copy(np.ones((3, 4)))
+    assert two_d.shape == (3, 4) and is_page_aligned(two_d) and two_d.sum() == 12
