@@ -334,7 +334,7 @@ Per size: updates of that many float32 parameters from one publisher process at 
 through a private Mosquitto on loopback with `max_inflight_messages 40` as in
 `configs/mosquitto.conf`. Baseline, measured in the same run just before each aggregator run:
 a raw paho subscriber that only counts (it acknowledges at once). The aggregator runs on its
-defaults (`group_commit_max` 500, `commit_delay` 0, fsync on, state on the local disk, receipts
+defaults (`group_commit_max` 500, `commit_delay` 5 ms, fsync on, state on the local disk, receipts
 signed if a key is configured: none here) and counts an update only when its receipt says it is
 durable and folded. Medians of {args.repeats} interleaved runs; the ratio is the median of the
 per-run ratios (range in brackets).
@@ -390,6 +390,11 @@ How the aggregator gets there (issue 14), in the order it was done:
    way); checkpoints of large accumulators written with direct I/O (no page-cache copy or
    writeback), which every 1M-parameter group now takes; `group_commit_max` 500. The clock
    starts once the publisher has made its payloads and connected.
+9. *Seventh round*: the group commit lingers while updates keep arriving (`commit_delay` 5 ms:
+   steps of 1 ms, committed at the first step that brings nothing, at `group_commit_max` or at
+   4 MiB). Groups of ~170 instead of ~25-47 at 2,410 parameters: CPU per update 0.78x there,
+   0.88x at 100k. `bench/bench_ingest_budget.py` measures how much CPU per update an
+   aggregator can spend on this machine and still reach a ratio (see its section).
 
 "MQTT floor": the MQTT work the protocol requires and the raw subscriber does not do, with
 nothing else: fededge's `MqttClient` with manual acknowledgement taking each update, publishing

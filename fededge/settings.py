@@ -122,8 +122,9 @@ class AggregatorSettings(_Section):
     )
     group_commit_max: int = Field(500, ge=1, le=1000, description="updates per WAL group commit")
     commit_delay: float = Field(
-        0.0, ge=0, le=5, description="s to wait for more updates once the inbox is empty"
-    )
+        0.005, ge=0, le=5,
+        description="s a group commit may wait for more updates while they keep arriving",
+    )  # fmt: skip
     parallel_kernels: bool = Field(False, description="use the multi-threaded accumulate kernel")
     unmask_threads: int | None = Field(
         None,

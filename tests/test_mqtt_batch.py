@@ -265,6 +265,67 @@ def test_inbox_bound_in_bytes_takes_one_large_message_when_empty() -> None:
         Inbox(10, max_bytes=0)
 
 
+class _Steps:
+    """A fake clock and sleep for ``Inbox.linger``: each sleep advances the clock by its
+    argument and then delivers the next wave of arrivals (a list of messages) to the inbox."""
+
+    def __init__(self, inbox: Inbox, waves: list[list[Message]]) -> None:
+        self.inbox, self.waves, self.now, self.sleeps = inbox, list(waves), 100.0, 0
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.sleeps += 1
+        self.now += seconds
+        if self.waves:
+            assert self.inbox.offer_many(self.waves.pop(0), lambda: True) == []
+
+    def linger(self, batch: list[Message], limit: int, delay: float, **kw: int) -> None:
+        self.inbox.linger(batch, limit, delay, clock=self.clock, sleep=self.sleep, **kw)
+
+
+def test_linger_grows_the_group_while_messages_arrive_and_stops_at_a_quiet_step() -> None:
+    inbox = Inbox(100)
+    steps = _Steps(inbox, [[_m(1), _m(2)], [_m(3)], [], [_m(4)]])
+    batch = [_m(0)]
+    steps.linger(batch, 50, 0.005)
+    # Two steps brought messages, the third nothing: the group is committed then, and the
+    # message of the fourth wave is left for the next group.
+    assert [m.mid for m in batch] == [1, 2, 3, 4] and steps.sleeps == 3
+    assert inbox.qsize() == 0
+    steps.sleep(0)
+    assert inbox.qsize() == 1
+
+
+def test_linger_stops_at_the_group_limit_the_byte_bound_and_the_delay() -> None:
+    inbox = Inbox(100)
+    # The limit: the step that fills the group ends it; the rest stays in the inbox.
+    steps = _Steps(inbox, [[_m(i) for i in range(1, 4)], [_m(i) for i in range(4, 9)]])
+    batch = [_m(0)]
+    steps.linger(batch, 6, 0.005)
+    assert len(batch) == 6 and steps.sleeps == 2 and inbox.qsize() == 3
+    # The byte bound: a group of 10 + 3 x 400 bytes has passed 1,000 and waits no more.
+    inbox = Inbox(100)
+    steps = _Steps(inbox, [[_m(1, size=400), _m(2, size=400)], [_m(3, size=400)]])
+    batch = [_m(0, size=10)]
+    steps.linger(batch, 50, 0.005, max_bytes=1000)
+    assert [m.mid for m in batch] == [1, 2, 3, 4] and steps.sleeps == 2
+    already = [_m(9, size=2000)]  # already over the bound: no wait at all
+    steps.linger(already, 50, 0.005, max_bytes=1000)
+    assert steps.sleeps == 2
+    # The delay: five steps of a fifth of it, however long messages keep coming.
+    inbox = Inbox(100)
+    steps = _Steps(inbox, [[_m(i)] for i in range(1, 20)])
+    steps.now = 0.0
+    batch = [_m(0)]
+    steps.linger(batch, 50, 5.0)  # steps of 1.0: exact in binary
+    assert steps.sleeps == 5 and len(batch) == 6 and steps.now == 5.0
+    # No delay: no wait (what the inbox holds is taken by the caller).
+    steps.linger(batch, 50, 0.0)
+    assert steps.sleeps == 5
+
+
 # --- with a broker --------------------------------------------------------------------------------
 
 

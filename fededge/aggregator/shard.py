@@ -212,9 +212,9 @@ class ShardWorker:
         try:
             if not msgs:
                 msgs.append(self.client.messages.get(timeout=timeout))
-            deadline = time.monotonic() + self.cfg.commit_delay
-            while len(msgs) < self.cfg.group_commit_max:
-                msgs.append(self.client.messages.get(timeout=max(0.0, deadline - time.monotonic())))
+            limit = self.cfg.group_commit_max
+            msgs += self.client.messages.take(limit - len(msgs))
+            self.client.messages.linger(msgs, limit, self.cfg.commit_delay)
         except queue.Empty:
             pass
         staged: list[tuple[Message, Entry, bytes]] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Callable
 
 #: Messages an inbox holds by default. QoS>0 messages are bounded well below this by the
@@ -12,6 +13,12 @@ from collections.abc import Callable
 DEFAULT_INBOX = 1000
 #: Payload bytes an inbox holds by default: 64 updates of 1M float32 parameters.
 DEFAULT_INBOX_BYTES = 256 * 1024 * 1024
+#: ``Inbox.linger`` sleeps in this many steps of its delay.
+LINGER_STEPS = 5
+#: ``Inbox.linger`` stops once a group holds this many payload bytes: per-group costs (an
+#: fsync, a few system calls and thread wake-ups, ~0.3 ms of CPU) are then under a tenth of
+#: the group's own work (folding 4 MiB of updates takes ~3 ms here).
+LINGER_BYTES = 4 * 1024 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,6 +167,39 @@ class Inbox(queue.Queue[Message]):
             for message in taken:
                 self._on_take(message)
         return taken
+
+    def linger(
+        self,
+        batch: list[Message],
+        limit: int,
+        delay: float,
+        *,
+        max_bytes: int = LINGER_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        """Let a group grow while messages keep arriving (group commit): sleep in steps of
+        ``delay / LINGER_STEPS``, appending to ``batch`` what arrived, until it holds ``limit``
+        messages or ``max_bytes`` of payload, ``delay`` has passed, or a step brings nothing.
+
+        A step that brings nothing means the load has stopped or the broker's in-flight window
+        towards this client is full (brokers that hold it, as EMQX does, send nothing more
+        until the group is acknowledged), so waiting longer would only add latency. Sleeping,
+        rather than waiting on the queue, lets the network thread fill the inbox without
+        waking this thread (and handing it the GIL) for every message that arrives.
+        """
+        if delay <= 0:
+            return
+        step = delay / LINGER_STEPS
+        deadline = clock() + delay
+        nbytes = sum(len(m.payload) for m in batch)
+        while len(batch) < limit and nbytes < max_bytes and clock() < deadline:
+            sleep(step)
+            more = self.take(limit - len(batch))
+            if not more:
+                return
+            batch += more
+            nbytes += sum(len(m.payload) for m in more)
 
     def get(self, block: bool = True, timeout: float | None = None) -> Message:
         message = super().get(block, timeout)
