@@ -23,7 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import paho.mqtt.client as paho
@@ -35,6 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from broker import Mosquitto
 
 from bench._report import machine, write_section
+
+if TYPE_CHECKING:
+    from fededge.mqtt import MqttClient
 
 MiB = 1024 * 1024
 
@@ -136,18 +139,25 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
     return got[-1] - t0, size
 
 
+def protocol_client(port: int, name: str) -> tuple[MqttClient, str]:
+    """A fededge MqttClient as the aggregator has it (persistent session, manual
+    acknowledgement), connected and subscribed to the updates of a new task; and that task."""
+    from fededge.mqtt import MqttClient
+    from fededge.settings import BrokerSettings
+
+    task = f"{name[:3]}{uuid.uuid4().hex[:6]}"
+    client = MqttClient(BrokerSettings(url=f"mqtt://127.0.0.1:{port}"), f"{name}-{task}",
+                        persistent=True, manual_ack=True)  # fmt: skip
+    client.connect()
+    client.subscribe(f"fededge/{task}/updates/+", qos=1)
+    return client, task
+
+
 def floor_throughput(port: int, n: int, d: int) -> float:
     """The protocol's MQTT work without the aggregator: fededge's MqttClient with manual
     acknowledgement takes each update, publishes a receipt-sized QoS 1 message and acks it,
     in groups like the aggregator's (what any aggregator keeping the protocol must do)."""
-    from fededge.mqtt import MqttClient
-    from fededge.settings import BrokerSettings
-
-    task = f"flr{uuid.uuid4().hex[:6]}"
-    client = MqttClient(BrokerSettings(url=f"mqtt://127.0.0.1:{port}"), f"floor-{task}",
-                        persistent=True, manual_ack=True)  # fmt: skip
-    client.connect()
-    client.subscribe(f"fededge/{task}/updates/+", qos=1)
+    client, task = protocol_client(port, "floor")
     receipt = b'{"v":1,"kind":"receipt","task":"t","device":"d1","update_id":"u1",' + b" " * 100
     p, go = start_publisher(port, task, n, d)
     t0 = time.perf_counter()

@@ -29,7 +29,6 @@ import statistics
 import sys
 import tempfile
 import time
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -44,14 +43,7 @@ from bench._report import machine, write_section
 def budget_throughput(port: int, n: int, d: int, burn_us: float) -> tuple[float, float]:
     """Seconds from the first publish until n updates are answered by the budget client, and
     that client's process CPU per update (µs) over the same interval."""
-    from fededge.mqtt import MqttClient
-    from fededge.settings import BrokerSettings
-
-    task = f"bud{uuid.uuid4().hex[:6]}"
-    client = MqttClient(BrokerSettings(url=f"mqtt://127.0.0.1:{port}"), f"budget-{task}",
-                        persistent=True, manual_ack=True)  # fmt: skip
-    client.connect()
-    client.subscribe(f"fededge/{task}/updates/+", qos=1)
+    client, task = bi.protocol_client(port, "budget")
     # A receipt of the real size (an accepted receipt is ~150 bytes).
     receipt = b'{"v":1,"kind":"receipt","task":"t","device":"d1","update_id":"u1",' + b" " * 80
     topic = f"fededge/{task}/receipts/d1"
