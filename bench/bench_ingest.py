@@ -404,7 +404,7 @@ How the aggregator gets there (issue 14), in the order it was done:
    starts once the publisher has made its payloads and connected.
 9. *Seventh round*: the group commit lingers while updates keep arriving (`commit_delay` 5 ms:
    steps of 1 ms, committed at the first step that brings nothing, at `group_commit_max` or at
-   4 MiB). Groups of ~170 instead of ~25-47 at 2,410 parameters: CPU per update 0.78x there,
+   16 MiB). Groups of ~170 instead of ~25-47 at 2,410 parameters: CPU per update 0.78x there,
    0.88x at 100k. `bench/bench_ingest_budget.py` measures how much CPU per update an
    aggregator can spend on this machine and still reach a ratio (see its section).
 
