@@ -2,7 +2,8 @@
 
 Everything the aggregator decides is in :class:`~fededge.aggregator.core.AggregatorCore`; this
 module owns what the core must not: the MQTT client, the loop, group-commit batching (a group
-is what has arrived when the inbox runs dry; under load its fsync overlaps the next batch),
+is what has arrived, grown while updates keep arriving: ``Inbox.linger``; under load its
+fsync overlaps the next batch),
 start-up and connection retries, clocks, the metrics endpoint and the ``on_new_version``
 callbacks. It carries out the core's effects in the order returned.
 """
