@@ -294,12 +294,22 @@ def one_size(port: int, tmp: Path, n: int, d: int, repeats: int) -> Row:
                statistics.median(floor))  # fmt: skip
 
 
+def broker_env(stock: bool = False) -> dict[str, str]:
+    """The broker's malloc settings: those of systemd/mosquitto-memory.conf, or none."""
+    from fededge.memory import BROKER_MALLOC_ENV
+
+    return {} if stock else dict(BROKER_MALLOC_ENV)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--sizes", default="2410:3000,100000:600,1000000:150",
                     help="params:updates, comma-separated")  # fmt: skip
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--state-dir", type=Path, default=None, help="on the disk to measure")
+    ap.add_argument("--stock-broker", action="store_true",
+                    help="Mosquitto on glibc's default malloc settings, not those of "
+                    "systemd/mosquitto-memory.conf (docs/operations.md recommends them)")  # fmt: skip
     args = ap.parse_args(argv)
     sizes = [tuple(int(x) for x in part.split(":")) for part in args.sizes.split(",")]
     load0 = os.getloadavg()
@@ -307,9 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(dir=args.state_dir) as tmp:
         # The in-flight window of configs/mosquitto.conf (40): the publisher's window (MQTT 5
         # Receive Maximum); Mosquitto does not hold it towards the aggregator (see the text).
-        broker = Mosquitto(
-            Path(tmp) / "mosquitto", max_queued_messages=100_000, max_inflight_messages=40
-        )
+        broker = Mosquitto(Path(tmp) / "mosquitto", max_queued_messages=100_000,
+                           max_inflight_messages=40, env=broker_env(args.stock_broker))  # fmt: skip
         broker.start()
         try:
             for d, n in sizes:

@@ -9,7 +9,7 @@ median wall time and the median CPU time of the aggregator process per update (f
 first publish to the last receipt: its start-up excluded), with the ratio new/baseline.
 
     python bench/bench_ingest_ab.py --baseline HEAD~3 [--sizes 100000:3000,1000000:300]
-        [--pairs 4]
+        [--pairs 4] [--env FEDEDGE_AGGREGATOR__COMMIT_DELAY=0.02]
 
 The baseline is checked out with ``git worktree`` into a temporary directory (removed after);
 both trees run on this checkout's virtual environment.
@@ -18,6 +18,7 @@ both trees run on this checkout's virtual environment.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -30,15 +31,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 # One run, in the tree at sys.argv[1]: the aggregator's wall and process CPU seconds.
 _RUN = """
-import os, sys, tempfile
+import json, os, sys, tempfile
 from pathlib import Path
 root, d, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 sys.path[:0] = [root, root + "/bench", root + "/tests"]
 import bench_ingest as bi
 from broker import Mosquitto
 tmp = Path(tempfile.mkdtemp())
+# The broker's environment (argv[4], JSON) is set for it alone: a baseline tree may predate
+# Mosquitto(env=...), and this process's malloc has read its settings already.
+saved = dict(os.environ)
+os.environ.update(json.loads(sys.argv[4]))
 b = Mosquitto(tmp / "m", max_queued_messages=100_000, max_inflight_messages=40)
 b.start()
+os.environ.clear()
+os.environ.update(saved)
 try:
     wall = bi.aggregator_throughput(b.port, n, d, tmp / "s", True)
 finally:
@@ -47,13 +54,16 @@ print("RESULT", wall, bi.LAST_CPU[0])
 """
 
 
-def one_run(tree: Path, d: int, n: int) -> tuple[float, float]:
+def one_run(tree: Path, d: int, n: int, env: dict[str, str] | None = None) -> tuple[float, float]:
+    from fededge.memory import BROKER_MALLOC_ENV  # this tree's: both trees' brokers run with it
+
     out = subprocess.run(
-        [sys.executable, "-c", _RUN, str(tree), str(d), str(n)],
+        [sys.executable, "-c", _RUN, str(tree), str(d), str(n), json.dumps(BROKER_MALLOC_ENV)],
         capture_output=True,
         text=True,
         check=False,
         cwd=tree,
+        env=None if env is None else {**os.environ, **env},
     )
     m = re.search(r"^RESULT (\S+) (\S+)$", out.stdout, re.M)
     if m is None:
@@ -67,14 +77,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--baseline", required=True, help="git revision to compare with")
     ap.add_argument("--sizes", default="100000:3000,1000000:300", help="params:updates, ...")
     ap.add_argument("--pairs", type=int, default=4)
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="set for this tree's runs only, e.g. FEDEDGE_AGGREGATOR__COMMIT_DELAY=0.02 "
+                    "(with --baseline HEAD: an A/B of a setting)")  # fmt: skip
     args = ap.parse_args(argv)
+    env = dict(e.split("=", 1) for e in args.env) or None
     sizes = [tuple(int(x) for x in part.split(":")) for part in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "baseline"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base),
                         args.baseline], check=True, capture_output=True)  # fmt: skip
         try:
-            print(f"baseline {args.baseline}; medians of {args.pairs} runs each, ABBA")
+            print(f"baseline {args.baseline}; this tree{' with ' + ' '.join(args.env) if env else ''}"
+                  f"; medians of {args.pairs} runs each, ABBA")  # fmt: skip
             print("| parameters | updates | wall: baseline | this tree | ratio "
                   "| CPU/update: baseline | this tree | ratio |")  # fmt: skip
             print("|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -83,7 +98,9 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(args.pairs):
                     order = ("base", "new") if i % 2 == 0 else ("new", "base")
                     for which in order:
-                        runs[which].append(one_run(base if which == "base" else ROOT, d, n))
+                        runs[which].append(
+                            one_run(base, d, n) if which == "base" else one_run(ROOT, d, n, env)
+                        )
                 wb, wn = (statistics.median(w for w, _ in runs[k]) for k in ("base", "new"))
                 cb, cn = (statistics.median(c for _, c in runs[k]) * 1e6 / n
                           for k in ("base", "new"))  # fmt: skip

@@ -59,6 +59,22 @@ def keep_freed_memory(keep: int = KEEP_BYTES) -> bool:
     return ok
 
 
+#: The same policy for a Mosquitto broker that carries large updates, set in its environment
+#: (glibc reads these at start; systemd/mosquitto-memory.conf is the drop-in that sets them).
+#: Quirk: with glibc's defaults a 4 MB message is served from the heap only after the first one
+#: freed raised the mmap threshold, and the heap's top is trimmed whenever more than twice that
+#: is free, so the broker faults in and zeroes its message buffers again and again, the more so
+#: the longer a subscriber holds messages before its PUBACK (the aggregator acknowledges after
+#: the fsync). Measured on the 1M-parameter ingest bench: 257,000 page faults in the broker per
+#: 600 updates to the aggregator (157,000 to a raw subscriber), its top kernel symbol
+#: ``clear_page_erms``; with these settings raw paho and the aggregator both ran faster, the
+#: aggregator more (docs/benchmarks.md). Setting both keeps glibc from adjusting either.
+BROKER_MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
+    "MALLOC_TRIM_THRESHOLD_": str(KEEP_BYTES),
+}
+
+
 #: Page size, the alignment direct I/O (``O_DIRECT``) asks of buffers, offsets and lengths.
 PAGE = 4096
 

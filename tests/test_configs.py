@@ -28,6 +28,7 @@ from fededge.testing.broker import (
     make_tls_files,
     wait_port,
 )
+from fededge.testing.pytest_plugin import MosquittoFactory
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 TOMLS = sorted(CONFIGS.glob("*.toml"))
@@ -53,6 +54,26 @@ def test_gateway_stale_floor_matches_the_central_aggregator() -> None:
     side no longer recognises (docs/operations.md 2.5, "Resends")."""
     gw = load_settings(CONFIGS / "gateway.toml").aggregator
     assert gw.versions_kept == load_settings(CONFIGS / "aggregator.toml").aggregator.versions_kept
+
+
+def test_mosquitto_memory_drop_in_sets_what_the_benches_measured(
+    mosquitto_factory: MosquittoFactory,
+) -> None:
+    """systemd/mosquitto-memory.conf sets exactly fededge.memory.BROKER_MALLOC_ENV (what
+    bench/bench_ingest.py runs its broker with), both variables, and a broker started with it
+    has them in its environment."""
+    from fededge.memory import BROKER_MALLOC_ENV
+
+    unit = (CONFIGS.parent / "systemd" / "mosquitto-memory.conf").read_text()
+    assert re.search(r"^\[Service\]$", unit, re.M)
+    env = dict(re.findall(r"^Environment=(\w+)=(\S+)$", unit, re.M))
+    assert env == BROKER_MALLOC_ENV
+    assert set(env) == {"MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"}
+    b = mosquitto_factory(env=BROKER_MALLOC_ENV)
+    assert b.proc is not None
+    seen = Path(f"/proc/{b.proc.pid}/environ").read_bytes().split(b"\0")
+    for k, v in env.items():
+        assert f"{k}={v}".encode() in seen
 
 
 def test_size_limits_agree() -> None:

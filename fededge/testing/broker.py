@@ -20,7 +20,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,8 @@ class Mosquitto:
     The port, config, persistence file and log stay the same across restarts, so clients
     can reconnect and (after a clean ``stop``) find their sessions. ``kill`` is a crash:
     Mosquitto only writes its database on shutdown or every ``autosave_interval`` seconds.
+    ``env`` is added to the broker's environment (``fededge.memory.BROKER_MALLOC_ENV``: the
+    allocator settings docs/operations.md recommends for large models).
     """
 
     def __init__(
@@ -96,6 +98,7 @@ class Mosquitto:
         max_packet_size: int = 128 * 1024 * 1024,
         autosave_interval: int | None = None,
         port: int | None = None,
+        env: Mapping[str, str] | None = None,
     ) -> None:
         binary = find_mosquitto()
         if binary is None:
@@ -143,6 +146,8 @@ class Mosquitto:
             if ln.startswith("listener ")
         ]
         self.proc: subprocess.Popen[bytes] | None = None
+        #: Added to the broker process's environment, e.g. ``BROKER_MALLOC_ENV`` (memory.py).
+        self.env = dict(env or {})
 
     @property
     def url(self) -> str:
@@ -174,6 +179,7 @@ class Mosquitto:
                 stdin=subprocess.DEVNULL,
                 stdout=err,
                 stderr=err,
+                env={**os.environ, **self.env} if self.env else None,
             )
         deadline = time.monotonic() + START_TIMEOUT
         for host, port in self.listeners:
