@@ -67,8 +67,9 @@ def keep_freed_memory(keep: int = KEEP_BYTES) -> bool:
 #: the longer a subscriber holds messages before its PUBACK (the aggregator acknowledges after
 #: the fsync). Measured on the 1M-parameter ingest bench: 257,000 page faults in the broker per
 #: 600 updates to the aggregator (157,000 to a raw subscriber), its top kernel symbol
-#: ``clear_page_erms``; with these settings raw paho and the aggregator both ran faster, the
-#: aggregator more (docs/benchmarks.md). Setting both keeps glibc from adjusting either.
+#: ``clear_page_erms``. With these settings (600 updates, alternating runs, two each) raw paho
+#: took 1.9-2.1 s instead of 2.5-2.7 and the aggregator 2.0-2.3 s instead of 3.4-3.9
+#: (docs/benchmarks.md has both full tables). Setting both keeps glibc from adjusting either.
 BROKER_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
     "MALLOC_TRIM_THRESHOLD_": str(KEEP_BYTES),
