@@ -349,15 +349,37 @@ def main(argv: list[str] | None = None) -> int:
         else "its malloc set as `systemd/mosquitto-memory.conf` sets it "
         "(`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`; `--stock-broker` measures without)"
     )
-    md = f"""## End-to-end ingest through Mosquitto
-
-Machine: {machine()}.
+    columns = (
+        "| parameters | update | updates | raw paho updates/s | aggregator updates/s (fsync) "
+        "| vs raw | vs raw, fsync off | MQTT floor vs raw | target |\n"
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+    )
+    intro = f"""Machine: {machine()}.
 Load average (1/5/15 min) {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at the start and
 {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} at the end: the 2 cores are shared with other jobs,
 so absolute rates swing by 2x between runs; the ratios pair each aggregator run with the raw run
 just before it.
-Command: `python bench/bench_ingest.py --sizes {args.sizes} --repeats {args.repeats}`.
+Command: `python bench/bench_ingest.py --sizes {args.sizes} --repeats {args.repeats}\
+{" --stock-broker" if args.stock_broker else ""}`.
+"""
+    if args.stock_broker:  # the method is the section "ingest"'s: only what differs
+        write_section(
+            "ingest-stock-broker",
+            f"""## Ingest on a stock broker
 
+{intro}
+The bench of "End-to-end ingest through Mosquitto" with the broker {broker_malloc}.
+Glibc then trims the broker's heap and faults message buffers in again; the more messages the
+broker holds, the more: the aggregator acknowledges after its fsync, a raw subscriber at once.
+
+{columns}
+{table}
+""",
+        )
+        return 0
+    md = f"""## End-to-end ingest through Mosquitto
+
+{intro}
 Per size: updates of that many float32 parameters from one publisher process at QoS 1
 through a private Mosquitto on loopback with `max_inflight_messages 40` as in
 `configs/mosquitto.conf`, {broker_malloc}. Baseline, measured in the same run just before each aggregator run:
@@ -367,8 +389,7 @@ signed if a key is configured: none here) and counts an update only when its rec
 durable and folded. Medians of {args.repeats} interleaved runs; the ratio is the median of the
 per-run ratios (range in brackets).
 
-| parameters | update | updates | raw paho updates/s | aggregator updates/s (fsync) | vs raw | vs raw, fsync off | MQTT floor vs raw | target |
-|---:|---:|---:|---:|---:|---:|---:|---:|---|
+{columns}
 {table}
 
 How the aggregator gets there (issue 14), in the order it was done:
@@ -438,20 +459,7 @@ packets per update where the raw subscriber handles two, and the PUBACK sent aft
 rather than inline. On these 2 shared cores every update's CPU in the aggregator process is
 CPU the publisher (~55 µs per update at 2,410 parameters) and Mosquitto do not get.
 """
-    if args.stock_broker:  # the method is the section "ingest"'s: only what differs
-        head = md.split("\n| parameters |", 1)[0].split("Per size:", 1)[0]
-        md = head.replace(
-            "## End-to-end ingest through Mosquitto", "## Ingest on a stock broker", 1
-        )
-        md += f"""The bench of "End-to-end ingest through Mosquitto" with the broker {broker_malloc}.
-Glibc then trims the broker's heap and faults message buffers in again; the more messages the
-broker holds, the more: the aggregator acknowledges after its fsync, a raw subscriber at once.
-
-| parameters | update | updates | raw paho updates/s | aggregator updates/s (fsync) | vs raw | vs raw, fsync off | MQTT floor vs raw | target |
-|---:|---:|---:|---:|---:|---:|---:|---:|---|
-{table}
-"""
-    write_section("ingest-stock-broker" if args.stock_broker else "ingest", md)
+    write_section("ingest", md)
     return 0
 
 

@@ -72,23 +72,32 @@ def one_run(tree: Path, d: int, n: int, env: dict[str, str] | None = None) -> tu
     return float(m.group(1)), float(m.group(2))
 
 
+def _env_pair(text: str) -> tuple[str, str]:
+    """``NAME=VALUE`` of --env; argparse reports anything else as a usage error."""
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--baseline", required=True, help="git revision to compare with")
     ap.add_argument("--sizes", default="100000:3000,1000000:300", help="params:updates, ...")
     ap.add_argument("--pairs", type=int, default=4)
-    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE", type=_env_pair,
                     help="set for this tree's runs only, e.g. FEDEDGE_AGGREGATOR__COMMIT_DELAY=0.02 "
                     "(with --baseline HEAD: an A/B of a setting)")  # fmt: skip
     args = ap.parse_args(argv)
-    env = dict(e.split("=", 1) for e in args.env) or None
+    env = dict(args.env) or None
     sizes = [tuple(int(x) for x in part.split(":")) for part in args.sizes.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "baseline"
         subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(base),
                         args.baseline], check=True, capture_output=True)  # fmt: skip
         try:
-            print(f"baseline {args.baseline}; this tree{' with ' + ' '.join(args.env) if env else ''}"
+            shown = " ".join(f"{k}={v}" for k, v in args.env)
+            print(f"baseline {args.baseline}; this tree{' with ' + shown if env else ''}"
                   f"; medians of {args.pairs} runs each, ABBA")  # fmt: skip
             print("| parameters | updates | wall: baseline | this tree | ratio "
                   "| CPU/update: baseline | this tree | ratio |")  # fmt: skip

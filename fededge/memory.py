@@ -69,7 +69,8 @@ def keep_freed_memory(keep: int = KEEP_BYTES) -> bool:
 #: 600 updates to the aggregator (157,000 to a raw subscriber), its top kernel symbol
 #: ``clear_page_erms``. With these settings (600 updates, alternating runs, two each) raw paho
 #: took 1.9-2.1 s instead of 2.5-2.7 and the aggregator 2.0-2.3 s instead of 3.4-3.9
-#: (docs/benchmarks.md has both full tables). Setting both keeps glibc from adjusting either.
+#: Whole bench runs did not confirm a change in the aggregator's ratio to raw paho
+#: (docs/benchmarks.md has both tables). Setting both keeps glibc from adjusting either.
 BROKER_MALLOC_ENV = {
     "MALLOC_MMAP_THRESHOLD_": str(MMAP_THRESHOLD),
     "MALLOC_TRIM_THRESHOLD_": str(KEEP_BYTES),
