@@ -409,3 +409,38 @@ def test_pipelined_group_written_but_not_finished_is_recovered(tmp_path: Path) -
                         AggregatorMetrics())  # fmt: skip
     h2.state.restore(h.now)
     assert h2.state.pending is not None and h2.state.pending.sums.count == 2
+
+
+def test_prepared_updates_are_decided_and_folded_as_unprepared(tmp_path: Path) -> None:
+    # The service parses and measures large updates on the network thread
+    # (codec.prepare_update, Incoming.prepared): every receipt, reason and the accumulator,
+    # bit for bit, must be those of the core doing it all itself.
+    from fededge.aggregator.codec import prepare_update
+
+    plan = Plan(min_updates_per_version=100, clip_norm=1.0, max_updates_per_device=100)
+    plain, ahead = Harness(tmp_path / "plain", plan), Harness(tmp_path / "ahead", plan)
+    rng = np.random.default_rng(7)
+
+    def delta() -> dict[str, np.ndarray]:
+        return {k: (rng.standard_normal(v.shape) * 0.1).astype(np.float32)
+                for k, v in WEIGHTS.items()}  # fmt: skip
+
+    payloads = [plain.payload(f"u{i}", delta=delta()) for i in range(6)]
+    payloads += [plain.payload(f"r{i}", **kw) for i, kw in enumerate(REJECTS.values())]
+    payloads += [payloads[0], b"junk"]  # a duplicate, and one that does not parse
+    outs: dict[bool, list[Effect]] = {False: [], True: []}
+    for h, prepared in ((plain, False), (ahead, True)):
+        for group in (payloads[:4], payloads[4:]):
+            for raw in group:
+                pre = prepare_update(raw) if prepared else None
+                msg = Incoming(h.topics.update("dev1"), raw, object(), 1, pre)
+                outs[prepared] += h.core.ingest(msg)
+            h.now += 1
+            outs[prepared] += h.core.commit(h.now)
+    assert prepare_update(b"junk") is None and prepare_update(payloads[0]) is not None
+    got = [(r.update_id, r.status, r.reason) for r in receipts(outs[True])]
+    assert got == [(r.update_id, r.status, r.reason) for r in receipts(outs[False])]
+    assert sorted({s for _, s, _ in got}) == ["accepted", "duplicate", "rejected"]
+    assert plain.core.state.pending is not None and ahead.core.state.pending is not None
+    assert plain.core.state.pending.sums.count == ahead.core.state.pending.sums.count == 6
+    assert plain.core.state.pending.acc.tobytes() == ahead.core.state.pending.acc.tobytes()

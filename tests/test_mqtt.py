@@ -605,6 +605,35 @@ def test_inbox_policy_without_a_broker() -> None:
         Inbox(1)
 
 
+def test_inbox_prepare_hook_runs_on_large_payloads_only(caplog: pytest.LogCaptureFixture) -> None:
+    from fededge.mqtt.inbox import PREPARE_MIN
+
+    inbox = Inbox(8)
+    big, small = b"x" * PREPARE_MIN, b"x" * (PREPARE_MIN - 1)
+    inbox.offer(Message("t/0", big, 1, False, 1), lambda: False)  # no hook: nothing prepared
+    seen: list[tuple[str, int]] = []
+
+    def prepare(topic: str, payload: bytes) -> object:
+        seen.append((topic, len(payload)))
+        if topic == "t/bad":
+            raise RuntimeError("a bug in the hook")
+        return ("prepared", topic)
+
+    inbox.prepare = prepare
+    inbox.offer(Message("t/1", big, 1, False, 2), lambda: False)
+    with caplog.at_level(logging.ERROR, logger="fededge.mqtt.inbox"):
+        left = inbox.offer_many([Message("t/2", small, 1, False, 3),
+                                 Message("t/3", big, 1, False, 4),
+                                 Message("t/bad", big, 1, False, 5)], lambda: False)  # fmt: skip
+    assert left == []
+    assert "prepare hook failed on a message on t/bad" in caplog.text
+    got = [inbox.get_nowait() for _ in range(5)]
+    assert [m.prepared for m in got] == [None, ("prepared", "t/1"), None, ("prepared", "t/3"), None]
+    assert seen == [("t/1", PREPARE_MIN), ("t/3", PREPARE_MIN), ("t/bad", PREPARE_MIN)]
+    assert got[4].payload == big  # a failing hook loses nothing: the message is queued as is
+    assert Message("t/1", big, 1, False, 2) == got[1]  # not part of equality
+
+
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_full_inbox_stops_reading_and_loses_nothing(
     broker: Mosquitto, clients: Callable[..., MqttClient], protocol: str

@@ -7,7 +7,8 @@ uses the fused dequantise-accumulate kernels, so no float32 copy of an update is
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.typing import NDArray
@@ -28,8 +29,45 @@ def expected_names(names: Sequence[str], encoding: str) -> set[str]:
     return set(names)
 
 
-def tensor_norm(update: Update, name: str, shape: tuple[int, ...]) -> float:
-    """The L2 norm of the decoded tensor ``name``; ProtocolError if it is malformed."""
+@dataclass(frozen=True)
+class Prepared:
+    """An update parsed, and the L2 norms of its float32 tensors, ahead of the aggregator's
+    checks (``prepare_update``)."""
+
+    update: Update
+    norms: Mapping[str, float]
+
+
+def prepare_update(payload: bytes) -> Prepared | None:
+    """Parse an update and measure its float32 tensors, as ``ingest`` and ``tensor_norm``
+    would (the same parser, the same kernel on the same arrays, so the same values); None if
+    it does not parse (``ingest`` parses it again and names what is wrong).
+
+    Run on the MQTT network thread for large payloads (``Inbox.prepare``): right after the
+    socket read a 4 MB update is still in the CPU's cache, and its norm takes ~0.1 ms there
+    against ~0.9 ms on the main thread later, which is bound by memory at 1M parameters. No
+    decision is taken here: the size limit, the plan, dtypes and shapes are all checked by
+    ``ingest`` as without it.
+    """
+    try:
+        update = Update.from_bytes(payload, max_bytes=len(payload))  # ingest checks the size
+    except ProtocolError:
+        return None
+    norms = {}
+    if update.encoding == "f32":
+        for name, arr in update.delta.items():
+            if arr.dtype == np.float32:
+                norms[name] = kernels.l2_norm(arr if arr.ndim == 1 else arr.reshape(-1))
+    return Prepared(update, norms)
+
+
+def tensor_norm(
+    update: Update, name: str, shape: tuple[int, ...], norms: Mapping[str, float] | None = None
+) -> float:
+    """The L2 norm of the decoded tensor ``name``; ProtocolError if it is malformed.
+
+    ``norms``: ``Prepared.norms`` of this update (the kernel's result for a float32 tensor,
+    taken instead of running it again; every check runs as without it)."""
     arr = update.delta[name]
     want = _DTYPE[update.encoding]
     if arr.dtype != want:
@@ -44,7 +82,8 @@ def tensor_norm(update: Update, name: str, shape: tuple[int, ...]) -> float:
         )
     flat = arr if arr.ndim == 1 else arr.reshape(-1)
     if update.encoding == "f32":
-        return kernels.l2_norm(flat)
+        known = norms.get(name) if norms else None
+        return kernels.l2_norm(flat) if known is None else known
     if update.encoding == "f16":
         return float(np.linalg.norm(flat.astype(np.float64)))  # NaN/Inf propagate
     scales = update.delta[name + SCALE_SUFFIX]

@@ -20,6 +20,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator import robust
+from fededge.aggregator.codec import Prepared
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish, ack, publish
 from fededge.aggregator.fleet import FleetTracker
 from fededge.aggregator.gauges import CoreGauges
@@ -122,7 +123,11 @@ class AggregatorCore:
                     "(max_update_bytes, or 2x the model message)",
                     reason=RejectReason.OVERSIZE,
                 )
-            update = Update.from_bytes(payload, max_bytes=limit)
+            prepared = msg.prepared  # codec.prepare_update(payload), run ahead for large ones
+            if type(prepared) is Prepared:
+                update, norms = prepared.update, prepared.norms
+            else:
+                update, norms = Update.from_bytes(payload, max_bytes=limit), None
             plan = state.plan
             if plan.secure_aggregation is not None:
                 raise ProtocolError(
@@ -163,6 +168,7 @@ class AggregatorCore:
                 plan=plan,
                 layout=pending.layout,
                 clip=clip_in_force(plan, model),
+                norms=norms,
             )
         except ProtocolError as e:
             log.warning("rejected update device=%s topic=%s reason=%s: %s",

@@ -13,12 +13,18 @@ from fededge.protocol import ModelVersion
 
 @dataclass(frozen=True)
 class Incoming:
-    """A message as the core sees it: topic, payload and the driver's handle to acknowledge."""
+    """A message as the core sees it: topic, payload and the driver's handle to acknowledge.
+
+    ``prepared``: what ``codec.prepare_update(payload)`` gave for this very payload, if the
+    driver ran it ahead (on the network thread, while the payload was in the cache); the core
+    uses it instead of parsing and measuring the update again, and decides as without it.
+    """
 
     topic: str
     payload: bytes
     handle: object = None
     qos: int = 1
+    prepared: object = None
 
 
 @dataclass(frozen=True)
@@ -56,10 +62,12 @@ Effect = Publish | Ack | NewVersion
 _new = object.__new__
 
 
-def incoming(topic: str, payload: bytes, handle: object, qos: int) -> Incoming:
-    """``Incoming(topic, payload, handle, qos)``, built faster."""
+def incoming(
+    topic: str, payload: bytes, handle: object, qos: int, prepared: object = None
+) -> Incoming:
+    """``Incoming(topic, payload, handle, qos, prepared)``, built faster."""
     m = _new(Incoming)
-    m.__dict__.update(topic=topic, payload=payload, handle=handle, qos=qos)
+    m.__dict__.update(topic=topic, payload=payload, handle=handle, qos=qos, prepared=prepared)
     return m
 
 

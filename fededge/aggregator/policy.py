@@ -71,10 +71,12 @@ def check_update(
     plan: Plan,
     layout: Layout,
     clip: float | None = None,
+    norms: Mapping[str, float] | None = None,
 ) -> tuple[float, float]:
     """Validate an update for the pending version; return (weight, L2 norm) or raise.
 
     ``clip`` is the clip in force on the current version (adaptive clipping), else the plan's.
+    ``norms``: the tensor norms ``codec.prepare_update`` measured for this update, if any.
     Raises ProtocolError with one of the reasons documented in docs/protocol.md.
     """
     if update.task != task:
@@ -124,7 +126,7 @@ def check_update(
         )
     sq = 0.0
     for name, shape in zip(layout.names, layout.shapes, strict=True):
-        n = codec.tensor_norm(update, name, shape)  # of the decoded values (issue 13)
+        n = codec.tensor_norm(update, name, shape, norms)  # of the decoded values (issue 13)
         if not math.isfinite(n):
             raise ProtocolError(
                 f"tensor {name!r} contains NaN or Inf", reason=RejectReason.NON_FINITE

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fededge.aggregator import kernels, robust
+from fededge.aggregator.codec import Prepared, prepare_update
 from fededge.aggregator.core import AggregatorCore
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish, incoming
 from fededge.aggregator.metrics import AggregatorMetrics
@@ -201,7 +202,7 @@ class Aggregator:
         self.client = self._make_client()
 
     def _make_client(self) -> MqttClient:
-        return MqttClient(
+        client = MqttClient(
             self.settings.broker,
             self._client_id,
             persistent=True,
@@ -211,6 +212,13 @@ class Aggregator:
             exclusive=True,  # another process with our id: stop, never kick it back (lease.py)
             in_place_payloads=True,  # 4 MB updates are not copied after the socket read
         )
+        client.messages.prepare = self._prepare
+        return client
+
+    def _prepare(self, topic: str, payload: bytes) -> Prepared | None:
+        """On the network thread, for large payloads (``Inbox.prepare``): an update parsed and
+        measured while it is in the cache; ``ingest`` decides as without it."""
+        return prepare_update(payload) if self.core.is_update(topic) else None
 
     # -- public API -------------------------------------------------------------------------
     def on_new_version(self, callback: NewVersionCallback) -> None:
@@ -407,7 +415,7 @@ class Aggregator:
                 controls.append(msg)
                 continue
             try:  # _guard, inline: this runs once per update
-                effects = ingest(incoming(msg.topic, msg.payload, msg, msg.qos))
+                effects = ingest(incoming(msg.topic, msg.payload, msg, msg.qos, msg.prepared))
                 if effects:  # most updates are answered by the commit
                     self._execute(effects)
             except (StorageError, OSError, LeaseError):
