@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from aggtools import Sender, init_task, make_settings, running_aggregator
 
-from fededge.protocol import Plan
+from fededge.protocol import Plan, Update
 from fededge.protocol.vocab import RejectReason
 from fededge.testing import wait_until
 
@@ -295,3 +295,43 @@ def test_the_direct_io_setting_reaches_the_store(tmp_path, direct_io: bool) -> N
         assert agg.store.direct_io is (direct_io and hasattr(os, "O_DIRECT"))
     finally:
         agg.close()
+
+
+def test_large_updates_are_prepared_on_the_network_thread(broker, tmp_path, monkeypatch) -> None:
+    # Updates of 1 MiB and more are parsed and measured on the MQTT network thread
+    # (Inbox.prepare, intake.preparer): the decisions and the sum must be those without it.
+    import threading
+
+    from fededge.aggregator import intake
+    from fededge.mqtt.inbox import PREPARE_MIN
+
+    prepared_on: list[str] = []
+    real = intake.prepare_update
+
+    def counting(payload: bytes) -> object:
+        prepared_on.append(threading.current_thread().name)
+        return real(payload)
+
+    monkeypatch.setattr(intake, "prepare_update", counting)
+    s = make_settings(broker.url, tmp_path)
+    weights = {"w": np.zeros(300_000, np.float32), "b": np.zeros(5, np.float32)}
+    plan = Plan(min_updates_per_version=2, clip_norm=1.0, max_updates_per_device=5)
+    init_task(s, weights, plan)
+    rng = np.random.default_rng(1)
+    good = [{"w": (rng.standard_normal(300_000) * 1e-4).astype(np.float32),
+             "b": np.full(5, 0.01, np.float32)} for _ in range(2)]  # fmt: skip
+    nan = {"w": good[0]["w"].copy(), "b": np.array([0, np.nan, 0, 0, 0], np.float32)}
+    big = {"w": good[0]["w"] * 1e5, "b": good[0]["b"]}
+    with running_aggregator(s):
+        dev = Sender(s)
+        bad = [dev.update(nan), dev.update(big)]
+        assert [dev.receipt(u).reason for u in bad] == ["non_finite", "norm_too_large"]
+        assert [dev.receipt(dev.update(d, n=10)).status for d in good] == ["accepted"] * 2
+        v1 = dev.model(1)
+        dev.close()
+    assert len(Update(task="t", device="d", update_id="u", base_version=0, num_examples=1,
+                      delta=good[0]).to_bytes()) >= PREPARE_MIN  # fmt: skip
+    assert len(prepared_on) >= 4 and all(n.startswith("paho") for n in prepared_on)
+    for name in weights:
+        mean = (good[0][name].astype(np.float64) + good[1][name].astype(np.float64)) / 2
+        np.testing.assert_array_equal(v1.weights[name], mean.astype(np.float32))

@@ -486,6 +486,34 @@ def test_wal_sync_thread_ends_with_close_or_its_pending_version() -> None:
     assert not thread.is_alive()
 
 
+def test_intake_takes_a_prepared_update_and_checks_it_as_any() -> None:
+    # Shard workers and gateways take Message.prepared (intake.preparer's hook) like the
+    # aggregator core: the update parsed ahead, the size limit and every check still applied.
+    from fededge.aggregator.codec import Prepared
+    from fededge.aggregator.intake import check, norms_of, parse_update, preparer
+    from fededge.errors import ProtocolError
+    from fededge.protocol import ModelVersion, Plan, Topics
+
+    delta = {"b": np.full(7, 0.01, np.float32), "w": np.full(50_000, 1e-3, np.float32)}
+    raw = Update(task="t", device="d1", update_id="u1", base_version=0, num_examples=3,
+                 delta=delta).to_bytes()  # fmt: skip
+    topics = Topics("fededge", "t")
+    pre = preparer(topics)(topics.update("d1"), bytearray(raw))  # type: ignore[arg-type]
+    assert type(pre) is Prepared and preparer(topics)(topics.plan, raw) is None
+    assert preparer(topics)(topics.update("d1"), b"junk") is None
+    assert parse_update(raw, len(raw), pre) is pre.update
+    with pytest.raises(ProtocolError) as e:
+        parse_update(raw, len(raw) - 1, pre)
+    assert e.value.reason == "oversize"
+    model = ModelVersion(task="t", version=0, weights={k: np.zeros_like(v) for k, v in delta.items()},
+                         graph_sha256="0" * 64)  # fmt: skip
+    plan = Plan(clip_norm=1.0)
+    assert norms_of(None) is None and norms_of(b"x") is None
+    assert check(pre.update, "t", "d1", model, plan, norms_of(pre)) == check(
+        parse_update(raw, len(raw)), "t", "d1", model, plan
+    )
+
+
 def test_in_place_payloads_read_like_bytes(tmp_path) -> None:
     # The aggregator's, shard workers' and gateway's clients hand large payloads over as the
     # bytearray the socket filled (fededge/mqtt/pahoclient.py, in_place_payloads): parsed,

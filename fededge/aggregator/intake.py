@@ -9,13 +9,14 @@ and the receipt bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING
 
+from fededge.aggregator.codec import Prepared, prepare_update
 from fededge.aggregator.policy import Layout, check_update
 from fededge.aggregator.versions import UPDATE_SLACK
 from fededge.errors import ProtocolError
-from fededge.protocol import ModelVersion, Plan, Receipt, Update
+from fededge.protocol import ModelVersion, Plan, Receipt, Topics, Update
 from fededge.protocol.signing import SignedKind, sign
 from fededge.protocol.vocab import RejectReason
 
@@ -29,14 +30,33 @@ def update_limit(model_bytes: int, max_update_bytes: int | None) -> int:
     return limit if max_update_bytes is None else min(limit, max_update_bytes)
 
 
-def parse_update(payload: bytes, limit: int) -> Update:
-    """Parse an update message, refusing oversize ones."""
+def preparer(topics: Topics) -> Callable[[str, bytes], Prepared | None]:
+    """The ``Inbox.prepare`` hook of a process that ingests updates (the aggregator, its shard
+    workers, site gateways): a large update parsed and measured on the network thread while it
+    is in the cache (``codec.prepare_update``); nothing for other topics."""
+
+    def prepare(topic: str, payload: bytes) -> Prepared | None:
+        return prepare_update(payload) if topics.device_of(topic, "updates") else None
+
+    return prepare
+
+
+def parse_update(payload: bytes, limit: int, prepared: object = None) -> Update:
+    """Parse an update message, refusing oversize ones (``prepared``: the message's
+    ``Message.prepared``, the update parsed ahead by ``preparer``'s hook, if any)."""
     if len(payload) > limit:
         raise ProtocolError(
             f"{len(payload)} bytes exceed the update limit of {limit} bytes",
             reason=RejectReason.OVERSIZE,
         )
+    if type(prepared) is Prepared:
+        return prepared.update
     return Update.from_bytes(payload, max_bytes=limit)
+
+
+def norms_of(prepared: object) -> Mapping[str, float] | None:
+    """The tensor norms measured ahead with a message's update, if any (for ``check``)."""
+    return prepared.norms if type(prepared) is Prepared else None
 
 
 def refuse_secure(plan: Plan, detail: str) -> None:
@@ -56,9 +76,15 @@ def check_quota(held: int, device: str, plan: Plan, where: str) -> None:
 
 
 def check(
-    update: Update, task: str, device: str, model: ModelVersion, plan: Plan
+    update: Update,
+    task: str,
+    device: str,
+    model: ModelVersion,
+    plan: Plan,
+    norms: Mapping[str, float] | None = None,
 ) -> tuple[float, float]:
-    """The aggregator's own checks (``check_update``): the update's weight and norm."""
+    """The aggregator's own checks (``check_update``): the update's weight and norm
+    (``norms``: ``norms_of`` the message, measured ahead)."""
     return check_update(
         update,
         task=task,
@@ -66,6 +92,7 @@ def check(
         current_version=model.version,
         plan=plan,
         layout=Layout.of(model.weights),
+        norms=norms,
     )
 
 

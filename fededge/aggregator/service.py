@@ -18,9 +18,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from fededge.aggregator import kernels, robust
-from fededge.aggregator.codec import Prepared, prepare_update
 from fededge.aggregator.core import AggregatorCore
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish, incoming
+from fededge.aggregator.intake import preparer
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import PendingVersion
 from fededge.aggregator.rounds import RoundDriver
@@ -212,13 +212,8 @@ class Aggregator:
             exclusive=True,  # another process with our id: stop, never kick it back (lease.py)
             in_place_payloads=True,  # 4 MB updates are not copied after the socket read
         )
-        client.messages.prepare = self._prepare
+        client.messages.prepare = preparer(self.topics)  # large updates: in the cache
         return client
-
-    def _prepare(self, topic: str, payload: bytes) -> Prepared | None:
-        """On the network thread, for large payloads (``Inbox.prepare``): an update parsed and
-        measured while it is in the cache; ``ingest`` decides as without it."""
-        return prepare_update(payload) if self.core.is_update(topic) else None
 
     # -- public API -------------------------------------------------------------------------
     def on_new_version(self, callback: NewVersionCallback) -> None:

@@ -28,7 +28,9 @@ from fededge.aggregator.intake import (
     check,
     check_quota,
     count_device,
+    norms_of,
     parse_update,
+    preparer,
     receipt_bytes,
     refuse_secure,
     update_limit,
@@ -95,6 +97,7 @@ class ShardWorker:
         self.client = MqttClient(settings.broker, f"fededge-aggregator-{settings.task}-{self.worker}",
                                  persistent=True, manual_ack=True, exclusive=True,
                                  name=self.worker, in_place_payloads=True)  # fmt: skip
+        self.client.messages.prepare = preparer(self.topics)  # large updates: in the cache
 
     # -- durable state ------------------------------------------------------------------------
     def _log_path(self, seq: int) -> Path:
@@ -275,7 +278,7 @@ class ShardWorker:
         update: Update | None = None
         limit = update_limit(self._model_bytes, self.cfg.max_update_bytes)
         try:
-            update = parse_update(msg.payload, limit)
+            update = parse_update(msg.payload, limit, msg.prepared)
             refuse_secure(
                 self.plan, "the plan asks for secure aggregation: send masked inputs in rounds"
             )
@@ -296,7 +299,9 @@ class ShardWorker:
                 )
             check_quota(count_device(device, (d for d, _ in mine)), device, self.plan,
                         "this worker's batch")  # fmt: skip
-            weight, norm = check(update, self.settings.task, device, self.model, self.plan)
+            weight, norm = check(
+                update, self.settings.task, device, self.model, self.plan, norms_of(msg.prepared)
+            )
         except ProtocolError as e:
             log.warning("rejected update device=%s reason=%s: %s", device, e.reason, e.detail)
             if update is not None and device != "?":

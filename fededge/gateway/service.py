@@ -30,7 +30,9 @@ from fededge.aggregator.intake import (
     check,
     check_quota,
     count_device,
+    norms_of,
     parse_update,
+    preparer,
     receipt_bytes,
     refuse_secure,
     update_limit,
@@ -96,6 +98,7 @@ class Gateway:
         self.client = MqttClient(settings.broker, f"fededge-gateway-{settings.task}-{gw.site}",
                                  persistent=True, manual_ack=True, exclusive=True,
                                  name="gateway", in_place_payloads=True)  # fmt: skip
+        self.client.messages.prepare = preparer(self.topics)  # large updates: in the cache
 
     # -- running ---------------------------------------------------------------------------------
     def start(self, tick: Callable[[], object] = lambda: None,
@@ -240,7 +243,7 @@ class Gateway:
         update: Update | None = None
         limit = update_limit(self._model_bytes, self.cfg.max_update_bytes)
         try:
-            update = parse_update(msg.payload, limit)
+            update = parse_update(msg.payload, limit, msg.prepared)
             refuse_secure(
                 self.plan,
                 "secure aggregation does not run through a site gateway: connect the device "
@@ -268,7 +271,9 @@ class Gateway:
             held = self.batches.device_count(device)
             held += count_device(device, (e[0].device for _, e, _ in staged))
             check_quota(held, device, self.plan, "this gateway's batch")
-            weight, norm = check(update, self.settings.task, device, self.model, self.plan)
+            weight, norm = check(
+                update, self.settings.task, device, self.model, self.plan, norms_of(msg.prepared)
+            )
         except ProtocolError as e:
             log.warning("rejected update device=%s reason=%s: %s", device, e.reason, e.detail)
             self.metrics.rejected.labels(e.reason.value).inc()
