@@ -302,11 +302,11 @@ def test_large_updates_are_prepared_on_the_network_thread(broker, tmp_path, monk
     # (Inbox.prepare, intake.preparer): the decisions and the sum must be those without it.
     import threading
 
-    from fededge.aggregator import intake
+    from fededge.aggregator import codec, intake
     from fededge.mqtt.inbox import PREPARE_MIN
 
     prepared_on: list[str] = []
-    real = intake.prepare_update
+    real = codec.prepare_update
 
     def counting(payload: bytes) -> object:
         prepared_on.append(threading.current_thread().name)
