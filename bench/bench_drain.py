@@ -35,7 +35,6 @@ from pathlib import Path
 
 import numpy as np
 import paho.mqtt.client as paho
-from paho.mqtt.enums import CallbackAPIVersion
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -60,7 +59,6 @@ def raw_drain(port: int, n: int, d: int) -> float:
     task = f"raw{uuid.uuid4().hex[:6]}"
     got = 0
     done = threading.Event()
-    subscribed = threading.Event()
 
     def on_message(_c: paho.Client, _u: object, _m: paho.MQTTMessage) -> None:
         nonlocal got
@@ -68,14 +66,7 @@ def raw_drain(port: int, n: int, d: int) -> float:
         if got == n:
             done.set()
 
-    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{task}", clean_session=False)
-    sub.on_message = on_message
-    sub.on_subscribe = lambda *_: subscribed.set()
-    sub.connect("127.0.0.1", port)
-    sub.subscribe(f"fededge/{task}/updates/+", qos=1)
-    sub.loop_start()
-    if not subscribed.wait(60):
-        raise RuntimeError("raw subscriber: no SUBACK in 60 s")
+    sub = bi.raw_subscriber(port, task, on_message, persistent=True)
     sub.disconnect()
     sub.loop_stop()
     _backlog(port, task, n, d)

@@ -21,6 +21,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -106,6 +107,28 @@ def _publisher(
     c.disconnect()
 
 
+def raw_subscriber(
+    port: int,
+    task: str,
+    on_message: Callable[[paho.Client, object, paho.MQTTMessage], None],
+    *,
+    persistent: bool = False,
+) -> paho.Client:
+    """A paho subscriber to the task's updates (QoS 1), its network loop running, once the
+    broker has answered its SUBACK (``persistent``: ``clean_session=False``)."""
+    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{task}",
+                      clean_session=not persistent)  # fmt: skip
+    sub.on_message = on_message
+    subscribed = threading.Event()
+    sub.on_subscribe = lambda *_: subscribed.set()
+    sub.connect("127.0.0.1", port)
+    sub.subscribe(f"fededge/{task}/updates/+", qos=1)
+    sub.loop_start()
+    if not subscribed.wait(60):
+        raise RuntimeError("raw subscriber: no SUBACK in 60 s")
+    return sub
+
+
 def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
     """Seconds from the first to the last of n messages at a counting paho subscriber."""
     task = f"raw{uuid.uuid4().hex[:6]}"
@@ -118,15 +141,7 @@ def raw_throughput(port: int, n: int, d: int) -> tuple[float, int]:
         if len(got) == n:
             done.set()
 
-    sub = paho.Client(CallbackAPIVersion.VERSION2, client_id=f"sub-{task}")
-    sub.on_message = on_message
-    subscribed = threading.Event()
-    sub.on_subscribe = lambda *_: subscribed.set()
-    sub.connect("127.0.0.1", port)
-    sub.subscribe(f"fededge/{task}/updates/+", qos=1)
-    sub.loop_start()
-    if not subscribed.wait(60):
-        raise RuntimeError("raw subscriber: no SUBACK in 60 s")
+    sub = raw_subscriber(port, task, on_message)
     p, go = start_publisher(port, task, n, d)
     t0 = time.perf_counter()
     go.set()
