@@ -33,7 +33,6 @@ import time
 import uuid
 from pathlib import Path
 
-import numpy as np
 import paho.mqtt.client as paho
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
@@ -86,20 +85,9 @@ def aggregator_drain(port: int, n: int, d: int, state: Path) -> tuple[float, flo
     """Seconds for a restarted aggregator to make a backlog of n updates durable and folded,
     and its CPU per update (ms) over the same interval."""
     from fededge.aggregator.service import Aggregator
-    from fededge.protocol import ModelVersion, Plan
-    from fededge.settings import load_settings
-    from fededge.tasks import publish_initial
 
-    task = f"agg{uuid.uuid4().hex[:6]}"
-    settings = load_settings(None, {
-        "broker": {"url": f"mqtt://127.0.0.1:{port}"}, "task": task, "state_dir": state,
-        "aggregator": {"metrics": False, "fsync": True, "checkpoint_every": 64},
-    })  # fmt: skip
-    mv = ModelVersion(
-        task=task, version=0, weights={"w": np.zeros(d, np.float32)}, graph_sha256="0" * 64
-    )
-    plan = Plan(min_updates_per_version=10 * n, clip_norm=1.0, max_updates_per_device=n)
-    publish_initial(settings, None, mv, plan)
+    settings = bi.aggregator_task(port, n, d, state)
+    task = settings.task
     first = Aggregator(settings)  # makes the persistent session and its subscriptions
     first.start(wait_for_model=30)
     first.close()

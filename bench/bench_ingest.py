@@ -39,6 +39,7 @@ from bench._report import machine, write_section
 
 if TYPE_CHECKING:
     from fededge.mqtt import MqttClient
+    from fededge.settings import Settings
 
 MiB = 1024 * 1024
 
@@ -195,35 +196,35 @@ def floor_throughput(port: int, n: int, d: int) -> float:
     return elapsed
 
 
-def aggregator_throughput(
-    port: int, n: int, d: int, state: Path, fsync: bool, profile: Path | None = None
-) -> float:
-    """Seconds from the first publish until n receipts say 'accepted' (durable and folded)."""
-    from fededge.aggregator.service import Aggregator
+def aggregator_task(port: int, n: int, d: int, state: Path, fsync: bool = True) -> Settings:
+    """A new task for n updates of d parameters, initialised on the broker (plan and version
+    0, as `model init`), and the aggregator's settings for it (defaults, metrics off)."""
     from fededge.protocol import ModelVersion, Plan
     from fededge.settings import load_settings
     from fededge.tasks import publish_initial
 
     task = f"agg{uuid.uuid4().hex[:6]}"
-    settings = load_settings(
-        None,
-        {
-            "broker": {"url": f"mqtt://127.0.0.1:{port}"},
-            "task": task,
-            "state_dir": state,
-            "aggregator": {
-                "metrics": False,
-                "fsync": fsync,
-                "checkpoint_every": 64,
-            },
-        },
-    )
+    settings = load_settings(None, {
+        "broker": {"url": f"mqtt://127.0.0.1:{port}"}, "task": task, "state_dir": state,
+        "aggregator": {"metrics": False, "fsync": fsync, "checkpoint_every": 64},
+    })  # fmt: skip
     mv = ModelVersion(
         task=task, version=0, weights={"w": np.zeros(d, np.float32)}, graph_sha256="0" * 64
     )
     # 50 devices send every update: the bench measures ingest, not the device quota.
     plan = Plan(min_updates_per_version=10 * n, clip_norm=1.0, max_updates_per_device=n)
     publish_initial(settings, None, mv, plan)
+    return settings
+
+
+def aggregator_throughput(
+    port: int, n: int, d: int, state: Path, fsync: bool, profile: Path | None = None
+) -> float:
+    """Seconds from the first publish until n receipts say 'accepted' (durable and folded)."""
+    from fededge.aggregator.service import Aggregator
+
+    settings = aggregator_task(port, n, d, state, fsync)
+    task = settings.task
     agg = Aggregator(settings)
     agg.start(wait_for_model=30)
     p, go = start_publisher(port, task, n, d)

@@ -68,7 +68,7 @@ def keep_freed_memory(keep: int = KEEP_BYTES) -> bool:
 #: the fsync). Measured on the 1M-parameter ingest bench: 257,000 page faults in the broker per
 #: 600 updates to the aggregator (157,000 to a raw subscriber), its top kernel symbol
 #: ``clear_page_erms``. With these settings (600 updates, alternating runs, two each) raw paho
-#: took 1.9-2.1 s instead of 2.5-2.7 and the aggregator 2.0-2.3 s instead of 3.4-3.9
+#: took 1.9-2.1 s instead of 2.5-2.7 and the aggregator 2.0-2.3 s instead of 3.4-3.9.
 #: Whole bench runs did not confirm a change in the aggregator's ratio to raw paho
 #: (docs/benchmarks.md has both tables). Setting both keeps glibc from adjusting either.
 BROKER_MALLOC_ENV = {

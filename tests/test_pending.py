@@ -498,9 +498,12 @@ def test_intake_takes_a_prepared_update_and_checks_it_as_any() -> None:
     raw = Update(task="t", device="d1", update_id="u1", base_version=0, num_examples=3,
                  delta=delta).to_bytes()  # fmt: skip
     topics = Topics("fededge", "t")
-    pre = preparer(topics)(topics.update("d1"), bytearray(raw))  # type: ignore[arg-type]
-    assert type(pre) is Prepared and preparer(topics)(topics.plan, raw) is None
-    assert preparer(topics)(topics.update("d1"), b"junk") is None
+    prepare = preparer(topics, lambda: len(raw))
+    pre = prepare(topics.update("d1"), bytearray(raw))  # type: ignore[arg-type]
+    assert type(pre) is Prepared and prepare(topics.plan, raw) is None
+    assert prepare(topics.update("d1"), b"junk") is None
+    # Over the update limit: not read at all (ingest refuses it as oversize, unparsed).
+    assert preparer(topics, lambda: len(raw) - 1)(topics.update("d1"), raw) is None
     assert parse_update(raw, len(raw), pre) is pre.update
     with pytest.raises(ProtocolError) as e:
         parse_update(raw, len(raw) - 1, pre)

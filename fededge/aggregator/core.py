@@ -20,10 +20,10 @@ import numpy as np
 from numpy.typing import NDArray
 
 from fededge.aggregator import robust
-from fededge.aggregator.codec import Prepared
 from fededge.aggregator.effects import Ack, Effect, Incoming, NewVersion, Publish, ack, publish
 from fededge.aggregator.fleet import FleetTracker
 from fededge.aggregator.gauges import CoreGauges
+from fededge.aggregator.intake import norms_of, parse_update
 from fededge.aggregator.metrics import AggregatorMetrics
 from fededge.aggregator.pending import dedup_key, server_step_tensors
 from fededge.aggregator.policy import Layout, check_update
@@ -123,11 +123,8 @@ class AggregatorCore:
                     "(max_update_bytes, or 2x the model message)",
                     reason=RejectReason.OVERSIZE,
                 )
-            prepared = msg.prepared  # codec.prepare_update(payload), run ahead for large ones
-            if type(prepared) is Prepared:
-                update, norms = prepared.update, prepared.norms
-            else:
-                update, norms = Update.from_bytes(payload, max_bytes=limit), None
+            # Parsed and measured ahead for large ones (intake.preparer), else parsed here
+            update = parse_update(payload, limit, msg.prepared)
             plan = state.plan
             if plan.secure_aggregation is not None:
                 raise ProtocolError(
@@ -168,7 +165,7 @@ class AggregatorCore:
                 plan=plan,
                 layout=pending.layout,
                 clip=clip_in_force(plan, model),
-                norms=norms,
+                norms=norms_of(msg.prepared),
             )
         except ProtocolError as e:
             log.warning("rejected update device=%s topic=%s reason=%s: %s",

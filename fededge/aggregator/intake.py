@@ -30,13 +30,16 @@ def update_limit(model_bytes: int, max_update_bytes: int | None) -> int:
     return limit if max_update_bytes is None else min(limit, max_update_bytes)
 
 
-def preparer(topics: Topics) -> Callable[[str, bytes], Prepared | None]:
+def preparer(topics: Topics, limit: Callable[[], int]) -> Callable[[str, bytes], Prepared | None]:
     """The ``Inbox.prepare`` hook of a process that ingests updates (the aggregator, its shard
     workers, site gateways): a large update parsed and measured on the network thread while it
-    is in the cache (``codec.prepare_update``); nothing for other topics."""
+    is in the cache (``codec.prepare_update``); nothing for other topics, nor for a payload over
+    ``limit()`` (the update limit, which ingest refuses unread: not worth a pass over it)."""
 
     def prepare(topic: str, payload: bytes) -> Prepared | None:
-        return prepare_update(payload) if topics.device_of(topic, "updates") else None
+        if len(payload) > limit() or topics.device_of(topic, "updates") is None:
+            return None
+        return prepare_update(payload)
 
     return prepare
 

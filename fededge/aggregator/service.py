@@ -212,7 +212,8 @@ class Aggregator:
             exclusive=True,  # another process with our id: stop, never kick it back (lease.py)
             in_place_payloads=True,  # 4 MB updates are not copied after the socket read
         )
-        client.messages.prepare = preparer(self.topics)  # large updates: in the cache
+        # Large updates parsed and measured while in the cache (the limit: an int, read racily)
+        client.messages.prepare = preparer(self.topics, lambda: self.core.state.update_limit)
         return client
 
     # -- public API -------------------------------------------------------------------------

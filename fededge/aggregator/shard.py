@@ -97,7 +97,10 @@ class ShardWorker:
         self.client = MqttClient(settings.broker, f"fededge-aggregator-{settings.task}-{self.worker}",
                                  persistent=True, manual_ack=True, exclusive=True,
                                  name=self.worker, in_place_payloads=True)  # fmt: skip
-        self.client.messages.prepare = preparer(self.topics)  # large updates: in the cache
+        # Large updates parsed and measured while in the cache (intake.preparer)
+        self.client.messages.prepare = preparer(
+            self.topics, lambda: update_limit(self._model_bytes, self.cfg.max_update_bytes)
+        )
 
     # -- durable state ------------------------------------------------------------------------
     def _log_path(self, seq: int) -> Path:

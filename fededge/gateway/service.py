@@ -98,7 +98,10 @@ class Gateway:
         self.client = MqttClient(settings.broker, f"fededge-gateway-{settings.task}-{gw.site}",
                                  persistent=True, manual_ack=True, exclusive=True,
                                  name="gateway", in_place_payloads=True)  # fmt: skip
-        self.client.messages.prepare = preparer(self.topics)  # large updates: in the cache
+        # Large updates parsed and measured while in the cache (intake.preparer)
+        self.client.messages.prepare = preparer(
+            self.topics, lambda: update_limit(self._model_bytes, self.cfg.max_update_bytes)
+        )
 
     # -- running ---------------------------------------------------------------------------------
     def start(self, tick: Callable[[], object] = lambda: None,
