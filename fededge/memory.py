@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import mmap
 import platform
 from typing import Any
 
@@ -77,18 +78,43 @@ BROKER_MALLOC_ENV = {
 }
 
 
+#: ``mmap.MADV_HUGEPAGE`` where Python and the platform have it (Linux).
+_MADV_HUGEPAGE: int | None = getattr(mmap, "MADV_HUGEPAGE", None)
+
 #: Page size, the alignment direct I/O (``O_DIRECT``) asks of buffers, offsets and lengths.
 PAGE = 4096
+
+
+#: Arrays at least this large are given transparent huge pages (x86-64's 2 MiB).
+HUGE_PAGE = 2 << 20
 
 
 def page_aligned_zeros(n: int, dtype: Any = np.float64) -> NDArray[Any]:
     """``np.zeros(n, dtype)`` whose data starts on a page boundary: a checkpoint writes such an
     accumulator to disk with direct I/O, from its own memory (fededge/aggregator/store.py).
-    numpy's allocations are only 16- or 64-byte aligned."""
+    numpy's allocations are only 16- or 64-byte aligned.
+
+    From ``HUGE_PAGE`` up, the array is a private anonymous mapping of its own, aligned to 2 MiB
+    and advised ``MADV_HUGEPAGE`` (Linux; where transparent huge pages are on ``madvise`` or
+    ``always``, as on Debian). Quirk: a direct-I/O write pins every page of its buffer; an 8 MB
+    accumulator in 4 KiB pages is 2,048 pins, in huge pages 4. Measured here, an 8 MB write plus
+    ``fdatasync``: 0.50 ms of CPU and 3.4 ms wall in 4 KiB pages, 0.15 ms and 2.3 ms in huge
+    pages (the fold over it, and socket reads into such pages, were no faster). The mapping is
+    released with the array."""
     dt = np.dtype(dtype)
-    raw = np.zeros(n * dt.itemsize + PAGE, dtype=np.uint8)
+    nbytes = n * dt.itemsize
+    if nbytes >= HUGE_PAGE and _MADV_HUGEPAGE is not None:
+        m = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        try:
+            m.madvise(_MADV_HUGEPAGE)
+        except OSError as e:  # a kernel without transparent huge pages: 4 KiB pages then
+            log.debug("no huge pages for a %d-byte array: %s", nbytes, e)
+        region = np.frombuffer(m, dtype=np.uint8)  # zeroed by the kernel; keeps m mapped
+        start = -region.ctypes.data % HUGE_PAGE
+        return region[start : start + nbytes].view(dt)
+    raw = np.zeros(nbytes + PAGE, dtype=np.uint8)
     start = -raw.ctypes.data % PAGE
-    return raw[start : start + n * dt.itemsize].view(dt)
+    return raw[start : start + nbytes].view(dt)
 
 
 def page_aligned_copy(a: NDArray[Any]) -> NDArray[Any]:
