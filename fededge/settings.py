@@ -122,7 +122,7 @@ class AggregatorSettings(_Section):
     )
     group_commit_max: int = Field(500, ge=1, le=1000, description="updates per WAL group commit")
     commit_delay: float = Field(
-        0.005, ge=0, le=5,
+        0.02, ge=0, le=5,
         description="s a group commit may wait for more updates while they keep arriving",
     )  # fmt: skip
     parallel_kernels: bool = Field(False, description="use the multi-threaded accumulate kernel")
