@@ -400,7 +400,7 @@ Per size: updates of that many float32 parameters from one publisher process at 
 through a private Mosquitto on loopback with `max_inflight_messages 40` as in
 `configs/mosquitto.conf`, {broker_malloc}. Baseline, measured in the same run just before each aggregator run:
 a raw paho subscriber that only counts (it acknowledges at once). The aggregator runs on its
-defaults (`group_commit_max` 500, `commit_delay` 5 ms, fsync on, state on the local disk, receipts
+defaults (`group_commit_max` 500, `commit_delay` 20 ms, fsync on, state on the local disk, receipts
 signed if a key is configured: none here) and counts an update only when its receipt says it is
 durable and folded. Medians of {args.repeats} interleaved runs; the ratio is the median of the
 per-run ratios (range in brackets).
@@ -472,6 +472,17 @@ How the aggregator gets there (issue 14), in the order it was done:
    from memory for its norm and again for the fold. Updates of 1 MiB or more are now parsed
    and measured on the network thread right after the socket read (`Inbox.prepare`), the norm
    in ~0.25 ms instead of ~0.9: draining +4%; live, within the noise.
+12. *Tenth round, CPU on a saturated machine*: at 1M parameters the 2 cores are busy for the
+   whole run (`perf`: 2% idle; per update ~2.8 ms of CPU in Mosquitto, ~2.9 in the publisher,
+   ~3.1 in the aggregator against ~2.1 in the raw subscriber), so the ratio follows the
+   aggregator's CPU. A group of up to 8 updates is now folded in one pass over the accumulator
+   whatever its size (a group of 3 was two passes, 7 three); accumulators of 2 MiB and more
+   live on transparent huge pages (a direct-I/O checkpoint pins 4 pages instead of 2,048);
+   `commit_delay` 20 ms (steps of 4 ms, about the gap between two 4 MB updates: groups of
+   ~5-6 instead of ~2.6, so half the checkpoints and fold passes). Paired runs, each against
+   the commit before it (wall, CPU per update): one-pass fold and huge pages 0.96x / 0.94x at
+   1M (8 pairs; 0.99x / 1.09x in 6 more); `commit_delay` 20 ms 0.90x / 0.81x at 1M, 0.97x /
+   0.92x at 100k, 0.94x / 0.95x at 2,410.
 
 "MQTT floor": the MQTT work the protocol requires and the raw subscriber does not do, with
 nothing else: fededge's `MqttClient` with manual acknowledgement taking each update, publishing
