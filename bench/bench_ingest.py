@@ -479,7 +479,7 @@ How the aggregator gets there (issue 14), in the order it was done:
    whatever its size (a group of 3 was two passes, 7 three); accumulators of 2 MiB and more
    live on transparent huge pages (a direct-I/O checkpoint pins 4 pages instead of 2,048);
    `commit_delay` 20 ms (steps of 4 ms, about the gap between two 4 MB updates: groups of
-   ~5-6 instead of ~2.6, so half the checkpoints and fold passes). Paired runs, each against
+   4.4 on average, against 2.1-2.6: half the checkpoints and fold passes). Paired runs, each against
    the commit before it (wall, CPU per update): one-pass fold and huge pages 0.96x / 0.94x at
    1M (8 pairs; 0.99x / 1.09x in 6 more); `commit_delay` 20 ms 0.90x / 0.81x at 1M, 0.97x /
    0.92x at 100k, 0.94x / 0.95x at 2,410.
